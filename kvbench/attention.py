@@ -1,0 +1,123 @@
+"""The attention function registered with transformers' AttentionInterface as "kvbench".
+
+transformers calls it once per layer with post-RoPE `query` (1, n_q, q, d); the layer's new keys/values have
+already been appended to the `KVBenchCache` by `cache.update()`. We attend over the layer's whole ragged
+cache ourselves (exact attention, causal among the new tokens), then hand the method what it needs:
+during prefill `observe_prefill`/`compress_layer`, during decoding `on_decode`.
+The engine says which cache/method/phase is active through `session(...)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvbench.cache import KVBenchCache, LayerKV
+from kvbench.method import LayerContext, Method
+
+_state = threading.local()
+
+
+@dataclass
+class Session:
+    cache: KVBenchCache
+    method: Method | None
+    phase: str                  # "prefill" (observe, then compress on the last chunk), "extend" (no compression), "decode"
+    is_last_chunk: bool = True
+    compress_s: float = 0.0     # time spent inside method hooks (seconds)
+
+
+@contextlib.contextmanager
+def session(cache: KVBenchCache, method: Method | None, phase: str, is_last_chunk: bool = True):
+    prev = getattr(_state, "s", None)
+    _state.s = Session(cache, method, phase, is_last_chunk)
+    try:
+        yield _state.s
+    finally:
+        _state.s = prev
+
+
+def _causal_mask(q_len: int, L: int, device) -> torch.Tensor | None:
+    """Boolean (q_len, L) mask: the q_len new tokens are the last q_len keys."""
+    if q_len == 1:
+        return None
+    qpos = torch.arange(L - q_len, L, device=device).view(q_len, 1)
+    return torch.arange(L, device=device).view(1, L) <= qpos
+
+
+def attend(query: torch.Tensor, layer: LayerKV, scaling: float, need_probs: bool = False):
+    """Exact attention of query (n_q, q, d) over the layer's cache. Returns (out (n_q, q, d), probs or None).
+
+    probs (decode only): per KV head, the new token's attention over that head's rows summed over the group.
+    """
+    n_q, q_len, d = query.shape
+    h = layer.n_heads
+    g = n_q // h
+    if layer.is_uniform():
+        k, v, _ = layer.dense()
+        L = k.shape[1]
+        if need_probs:
+            qg = query.view(h, g * q_len, d)
+            p = torch.softmax((qg.float() @ k.float().transpose(1, 2)) * scaling, dim=-1)
+            out = (p.to(v.dtype) @ v).view(n_q, q_len, d)
+            return out, list(p.view(h, g, q_len, L).sum(dim=(1, 2)).unbind(0))
+        mask = _causal_mask(q_len, L, query.device)
+        out = F.scaled_dot_product_attention(query.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                             attn_mask=mask, scale=scaling, enable_gqa=g > 1)[0]
+        return out, None
+    # ragged: each KV head on its own (the torch reference; the GPU path uses the Triton kernel)
+    outs, probs = [], []
+    for j in range(h):
+        k, v, _ = layer.head(j)
+        qj = query[j * g:(j + 1) * g]  # (g, q, d)
+        L = k.shape[0]
+        if need_probs:
+            p = torch.softmax((qj.float() @ k.float().T) * scaling, dim=-1)  # (g, q, L)
+            outs.append(p.to(v.dtype) @ v)
+            probs.append(p.sum(dim=(0, 1)))
+        else:
+            mask = _causal_mask(q_len, L, query.device)
+            outs.append(F.scaled_dot_product_attention(qj, k.unsqueeze(0).expand(g, L, d), v.unsqueeze(0).expand(g, L, d),
+                                                       attn_mask=mask, scale=scaling))
+    return torch.cat(outs, 0), (probs if need_probs else None)
+
+
+def kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    s: Session | None = getattr(_state, "s", None)
+    if s is None:
+        raise RuntimeError("kvbench attention called outside an engine session (use kvbench.engine)")
+    if query.shape[0] != 1:
+        raise ValueError("kvbench runs batch size 1 (one sample at a time)")
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer_idx = module.layer_idx
+    layer = s.cache.layer(layer_idx)
+    q = query[0]
+    method = s.method
+    need_probs = s.phase == "decode" and method is not None and method.needs_decode_probs
+    out, probs = attend(q, layer, scaling, need_probs)
+    if method is not None:
+        import time
+        t0 = time.perf_counter()
+        ctx = LayerContext(layer_idx, len(s.cache), q, layer, scaling, module, s.is_last_chunk, probs)
+        if s.phase in ("prefill", "extend"):
+            method.observe_prefill(ctx)  # accumulating scorers also see tokens fed after compression
+            if s.phase == "prefill" and s.is_last_chunk:
+                method.compress_layer(ctx)
+        else:
+            method.on_decode(ctx)
+        s.compress_s += time.perf_counter() - t0
+    return out.transpose(0, 1).unsqueeze(0), None  # (1, q, n_q, d) as transformers expects
+
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        AttentionInterface.register("kvbench", kvbench_attention)
+        _registered = True

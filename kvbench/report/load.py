@@ -1,0 +1,199 @@
+"""Read run directories written by the engine and flatten them into one tidy pandas table.
+
+A run directory holds `config.yaml`, `records.jsonl` and `summary.json` (see kvbench/results.py and
+/work/shared/DESIGN.md). Run directories may sit at any depth below the results directory.
+The table has one row per run (subtask == "all") plus one row per subtask when the summary's `extra`
+holds per-subtask scores (`score/<subtask>`); subtask rows take their score from `extra` (the task's
+official aggregate) and their counts, memory and latency from the run's records of that subtask.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ALL = "all"  # the `subtask` value of a whole-run row
+
+# Columns of the tidy table, in order.
+COLUMNS = [
+    "model", "task", "subtask", "method", "budget", "budget_label", "query_aware", "method_label",
+    "score", "score_ci_low", "score_ci_high", "kv_bytes", "kv_bytes_full", "kv_ratio",
+    "peak_mem_bytes", "ttft_ms", "compress_ms", "decode_ms_per_token", "decode_flops_per_token",
+    "n", "n_failed", "status", "error_type", "error", "seed", "config_hash", "run_id", "run_dir",
+]
+
+# Per-record numeric fields averaged into subtask rows (same names as the summary's means).
+RECORD_MEANS = ["kv_bytes", "kv_bytes_full", "peak_mem_bytes", "ttft_ms", "compress_ms",
+                "decode_ms_per_token", "decode_flops_per_token"]
+
+
+@dataclass
+class Run:
+    """One run directory: its summary, config and (lazily read) records."""
+    path: Path
+    summary: dict
+    config: dict
+    _records: list[dict] | None = field(default=None, repr=False)
+
+    @property
+    def records(self) -> list[dict]:
+        if self._records is None:
+            self._records = read_records(self.path / "records.jsonl")
+        return self._records
+
+
+def warn(msg: str) -> None:
+    print(f"kvbench report: {msg}", file=sys.stderr)
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records of one run; a missing file gives [] and a broken line is skipped with a warning
+    (a run killed mid-write may leave a truncated last line)."""
+    if not path.exists():
+        return []
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                warn(f"{path}:{i}: skipped a line that is not JSON")
+    return out
+
+
+def find_runs(root: Path) -> list[Run]:
+    """Every run directory (one holding summary.json) at any depth below `root`, sorted by path."""
+    runs = []
+    for sp in sorted(Path(root).rglob("summary.json")):
+        try:
+            summary = json.loads(sp.read_text())
+        except (json.JSONDecodeError, OSError) as e:
+            warn(f"{sp}: unreadable summary ({e.__class__.__name__}), skipped")
+            continue
+        config = summary.get("config") or {}
+        if not config and (sp.parent / "config.yaml").exists():
+            import yaml
+            config = yaml.safe_load((sp.parent / "config.yaml").read_text()) or {}
+        runs.append(Run(sp.parent, summary, config))
+    return runs
+
+
+def _name(summary: dict, config: dict, key: str):
+    """model/task/method name: the summary's string, else the config group's `name`."""
+    v = summary.get(key)
+    if isinstance(v, dict):
+        v = v.get("name")
+    if v is None:
+        c = config.get(key)
+        v = c.get("name") if isinstance(c, dict) else c
+    return v
+
+
+def _num(v) -> float:
+    try:
+        return float(v) if v is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def budget_label(method, budget, config: dict) -> str:
+    """Column label for a budget: the token budget, a compression ratio, or "full"."""
+    if method == "full":
+        return "full"
+    if budget is not None and not (isinstance(budget, float) and math.isnan(budget)):
+        return str(int(budget)) if float(budget).is_integer() else str(budget)
+    ratio = config.get("compression_ratio") or (config.get("method") or {}).get("compression_ratio")
+    return f"ratio {ratio}" if ratio is not None else "-"
+
+
+def bootstrap_ci(scores, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap (Efron & Tibshirani 1993) 95% CI of the mean; NaN for no samples."""
+    x = np.asarray(scores, dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def run_rows(run: Run) -> list[dict]:
+    """The whole-run row and the subtask rows of one run."""
+    s, cfg = run.summary, run.config
+    method = _name(s, cfg, "method")
+    budget = s.get("budget", cfg.get("budget"))
+    qa = s.get("query_aware", cfg.get("query_aware"))
+    base = {
+        "model": _name(s, cfg, "model"), "task": _name(s, cfg, "task"), "method": method,
+        "budget": _num(budget), "budget_label": budget_label(method, budget, cfg),
+        "query_aware": qa, "seed": cfg.get("seed"), "config_hash": s.get("config_hash"),
+        "run_id": s.get("run_id"), "run_dir": str(run.path),
+    }
+    row = dict(base, subtask=ALL, status=s.get("status", "ok"), error_type=s.get("error_type"),
+               error=s.get("error"), n=_num(s.get("n")), n_failed=_num(s.get("n_failed")))
+    for k in ["score", "score_ci_low", "score_ci_high"] + RECORD_MEANS:
+        row[k] = _num(s.get(k))
+    row["kv_ratio"] = _ratio(row["kv_bytes"], row["kv_bytes_full"])
+    if math.isnan(row["kv_ratio"]):
+        row["kv_ratio"] = _num(s.get("kv_ratio"))
+    rows = [row]
+
+    subs = {k.split("/", 1)[1]: v for k, v in (s.get("extra") or {}).items()
+            if k.startswith("score/")}
+    for sub, score in subs.items():
+        recs = [r for r in run.records if (r.get("meta") or {}).get("subtask") == sub]
+        ok = [r for r in recs if r.get("status", "ok") == "ok"]
+        sr = dict(base, subtask=sub, status=row["status"], error_type=None, error=None,
+                  score=_num(score), n=float(len(ok)) if recs else math.nan,
+                  n_failed=float(len(recs) - len(ok)) if recs else math.nan)
+        sr["score_ci_low"], sr["score_ci_high"] = bootstrap_ci([_num(r.get("score")) for r in ok])
+        for k in RECORD_MEANS:
+            vals = [_num(r.get(k)) for r in ok]
+            vals = [v for v in vals if not math.isnan(v)]
+            sr[k] = float(np.mean(vals)) if vals else math.nan
+        sr["kv_ratio"] = _ratio(sr["kv_bytes"], sr["kv_bytes_full"])
+        rows.append(sr)
+    return rows
+
+
+def method_labels(df: pd.DataFrame) -> pd.Series:
+    """Method name, with the query-aware setting appended only for methods run both ways
+    (SCBench's query-agnostic setting vs the usual query-aware one)."""
+    both = df.groupby("method")["query_aware"].nunique(dropna=False)
+    def label(r):
+        if both.get(r["method"], 1) > 1 and not pd.isna(r["query_aware"]):
+            return f"{r['method']} ({'q-aware' if r['query_aware'] else 'q-agnostic'})"
+        return r["method"]
+    return df.apply(label, axis=1) if len(df) else pd.Series([], dtype=object)
+
+
+def load_table(runs: list[Run]) -> pd.DataFrame:
+    """The tidy table of all runs (see module docstring), sorted by model, task, method, budget."""
+    rows = [r for run in runs for r in run_rows(run)]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    df["method_label"] = method_labels(df)
+    # full cache first, then methods by name; budgets numerically; the whole-run row before subtasks
+    df["_full"] = df["method"] != "full"
+    df["_sub"] = df["subtask"] != ALL
+    df = df.sort_values(["model", "task", "_full", "method_label", "budget", "_sub", "subtask"],
+                        na_position="first", kind="stable")
+    return df[COLUMNS].reset_index(drop=True)
+
+
+def is_niah_run(run: Run) -> bool:
+    """A run whose records carry both a context length and a needle depth (NIAH / RULER niah)."""
+    return any("depth" in (r.get("meta") or {}) and "length" in (r.get("meta") or {})
+               for r in run.records[:50])

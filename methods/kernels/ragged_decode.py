@@ -1,0 +1,167 @@
+"""One decode step of attention over the ragged per-head KV cache (batch 1, GQA).
+
+Split-K "flash-decoding" (Dao et al., 2023, "Flash-Decoding for long-context inference"): the keys of
+each KV head are cut into NUM_SPLITS chunks; one program per (KV head, chunk) reads each key/value row
+once for all g query heads of the group and keeps a running max / sum / weighted-value accumulator
+(online softmax, Milakov & Gimelshein 2018); a second kernel merges the chunks of each query head.
+
+With `return_probs=True` it also returns, per cached token, the softmax probability of the new query
+summed over the g query heads of its KV head (what H2O accumulates and TOVA ranks at decode time),
+computed by a second pass over the keys that reuses the merged log-sum-exp.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import (HAS_TRITON, check_layout, check_regions, check_triton_inputs, group_size, next_pow2,
+               num_programs_hint, resolve_scaling, use_triton)
+from .colsum import LOG2E, _dot_precision, ragged_colsum_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, lengths_ptr, work_ptr,
+                             stride_qh, stride_kt, stride_vt, G, D, scale_log2,
+                             NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                             BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        # grid: (n_kv, NUM_SPLITS)
+        h = tl.program_id(0)
+        split = tl.program_id(1)
+        start = tl.load(starts_ptr + h)
+        length = tl.load(lengths_ptr + h)
+        # per-head chunk, a multiple of BLOCK_N: every head's work is spread over all its splits
+        chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, length)
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        offs_n = tl.arange(0, BLOCK_N)
+        d_ok = offs_d < D
+        # the g query heads of this KV head, padded to G_PAD >= 16 rows for tl.dot
+        q = tl.load(q_ptr + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                    mask=(offs_g < G)[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
+        l_i = tl.zeros((G_PAD,), tl.float32)
+        acc = tl.zeros((G_PAD, D_PAD), tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            rows = n0 + offs_n
+            ok = rows < hi
+            k = tl.load(k_ptr + (start + rows)[:, None] * stride_kt + offs_d[None, :],
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has >= 1 valid row
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + (start + rows)[:, None] * stride_vt + offs_d[None, :],
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        # work[h*G + r, split] = (max, sum, acc[0:D_PAD]) of query head h*G + r; empty splits: -inf, 0, 0
+        base = ((h * G + offs_g) * NUM_SPLITS + split) * (D_PAD + 2)
+        g_ok = offs_g < G
+        tl.store(work_ptr + base, m_i, mask=g_ok)
+        tl.store(work_ptr + base + 1, l_i, mask=g_ok)
+        tl.store(work_ptr + base[:, None] + 2 + offs_d[None, :], acc, mask=g_ok[:, None])
+
+    @triton.jit
+    def _decode_reduce_kernel(work_ptr, out_ptr, lse_ptr, stride_oh, D,
+                              NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, D_PAD: tl.constexpr):
+        # grid: (n_q,): merge the splits of one query head
+        j = tl.program_id(0)
+        offs_s = tl.arange(0, S_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        s_ok = offs_s < NUM_SPLITS
+        base = (j * NUM_SPLITS + offs_s) * (D_PAD + 2)
+        m = tl.load(work_ptr + base, mask=s_ok, other=float("-inf"))
+        l = tl.load(work_ptr + base + 1, mask=s_ok, other=0.0)
+        acc = tl.load(work_ptr + base[:, None] + 2 + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        m_max = tl.max(m, 0)
+        m_ref = tl.where(m_max > float("-inf"), m_max, 0.0)  # an empty head has every m = -inf
+        w = tl.where(m > float("-inf"), tl.exp2(m - m_ref), 0.0)  # empty splits weigh 0
+        den = tl.sum(w * l, 0)
+        safe_den = tl.where(den > 0, den, 1.0)
+        out = tl.sum(w[:, None] * acc, 0) / safe_den  # an empty head attends to nothing: output 0
+        tl.store(out_ptr + j * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+        tl.store(lse_ptr + j, tl.where(den > 0, m_ref + tl.log2(safe_den), float("-inf")))
+
+
+def _check(q, keys, values, starts, lengths):
+    check_layout(keys, starts, lengths, values)
+    if q.dim() != 2 or q.shape[1] != keys.shape[1]:
+        raise ValueError(f"q must be (n_q, d={keys.shape[1]}), got shape {tuple(q.shape)}")
+    return group_size(q.shape[0], starts.numel())
+
+
+def ragged_decode_attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                                lengths: torch.Tensor, scaling: float | None = None, return_probs: bool = False):
+    """Torch reference: per KV head, full softmax of its g query heads over its keys, in float32.
+
+    Returns out (n_q, d) in q's dtype, and with `return_probs` also a row-aligned (T,) float32 tensor of
+    the probabilities summed over the group (rows outside every head's region are 0).
+    """
+    g = _check(q, keys, values, starts, lengths)
+    check_regions(keys, starts, lengths)
+    scaling = resolve_scaling(scaling, q.shape[1])
+    out = torch.zeros_like(q)
+    probs = torch.zeros(keys.shape[0], dtype=torch.float32, device=keys.device)
+    for h, (a, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        if n == 0:
+            continue
+        qh = q[h * g:(h + 1) * g].float()
+        p = torch.softmax(qh @ keys[a:a + n].float().T * scaling, dim=-1)  # (g, n)
+        out[h * g:(h + 1) * g] = (p @ values[a:a + n].float()).to(q.dtype)
+        probs[a:a + n] = p.sum(0)
+    return (out, probs) if return_probs else out
+
+
+def ragged_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                                   lengths: torch.Tensor, scaling: float | None = None, return_probs: bool = False,
+                                   num_splits: int | None = None, block_n: int = 64, num_warps: int = 4):
+    """Triton version of `ragged_decode_attention_ref` (same arguments and results).
+
+    No device sync: the split count comes from the buffer size, and region bounds are not re-checked
+    (the cache guarantees them; the reference checks them).
+    """
+    g = _check(q, keys, values, starts, lengths)
+    check_triton_inputs(q, keys, values, starts, lengths)
+    n_q, d = q.shape
+    n_kv = starts.numel()
+    q = q.to(keys.dtype)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if num_splits is None:
+        # about one program per SM (measured best on H100 at 1K-32K tokens), splits of >= 2 tiles
+        avg_rows = keys.shape[0] // max(n_kv, 1)
+        num_splits = max(1, min(triton.cdiv(avg_rows, 2 * block_n),
+                                triton.cdiv(num_programs_hint(q.device) // 2, n_kv)))
+    d_pad = max(16, next_pow2(d))
+    dev = q.device
+    # one allocation for the partial max, sum and accumulator (host overhead matters at decode)
+    work = torch.empty(n_q, num_splits, d_pad + 2, device=dev, dtype=torch.float32)
+    scale_log2 = resolve_scaling(scaling, d) * LOG2E
+    _decode_split_kernel[(n_kv, num_splits)](
+        q, keys, values, starts, lengths, work, q.stride(0), keys.stride(0), values.stride(0), g, d,
+        scale_log2, NUM_SPLITS=num_splits, G_PAD=max(16, next_pow2(g)), D_PAD=d_pad, BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(keys.dtype), num_warps=num_warps)
+    out = torch.empty(n_q, d, device=dev, dtype=q.dtype)
+    lse = torch.empty(n_q, device=dev, dtype=torch.float32)
+    _decode_reduce_kernel[(n_q,)](work, out, lse, out.stride(0), d, NUM_SPLITS=num_splits,
+                                  S_PAD=next_pow2(num_splits), D_PAD=d_pad, num_warps=num_warps)
+    if not return_probs:
+        return out
+    # the new token is the last position of every head: a window of w = 1 sees all the head's keys
+    probs = ragged_colsum_triton(q.unsqueeze(1), lse.unsqueeze(1), keys, starts, lengths, scale_log2,
+                                 causal=False, block_m=16, block_n=block_n, num_warps=num_warps)
+    return out, probs
+
+
+def ragged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                            lengths: torch.Tensor, scaling: float | None = None, return_probs: bool = False):
+    """Decode attention over the ragged cache: Triton on CUDA, torch reference elsewhere."""
+    if use_triton(q, keys, values, starts, lengths):
+        return ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling, return_probs)
+    return ragged_decode_attention_ref(q, keys, values, starts, lengths, scaling, return_probs)

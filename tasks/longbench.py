@@ -1,0 +1,266 @@
+"""LongBench v1 and LongBench-E (Bai et al., 2023, "LongBench: A Bilingual, Multitask Benchmark for Long
+Context Understanding"; github.com/THUDM/LongBench, data: huggingface.co/datasets/THUDM/LongBench).
+
+Prompts (dataset2prompt), generation lengths (dataset2maxlen), middle truncation of the tokenized prompt,
+the six tasks run without a chat template, the first-line cut for few-shot tasks and the per-task metrics follow
+the official `pred.py` / `eval.py` / `config/*.json`. Metrics are our own implementations (tasks/_metrics.py).
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from kvbench.task import Query, Sample, Task, register_task
+
+from . import _metrics as M
+
+# Official prompt templates (LongBench config/dataset2prompt.json), reproduced exactly, typos included.
+DATASET2PROMPT = {
+    "narrativeqa": "You are given a story, which can be either a novel or a movie script, and a question. Answer the question asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: {context}\n\nNow, answer the question based on the story asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:",
+    "qasper": "You are given a scientific article and a question. Answer the question as concisely as you can, using a single phrase or sentence if possible. If the question cannot be answered based on the information in the article, write \"unanswerable\". If the question is a yes/no question, answer \"yes\", \"no\", or \"unanswerable\". Do not provide any explanation.\n\nArticle: {context}\n\n Answer the question based on the above article as concisely as you can, using a single phrase or sentence if possible. If the question cannot be answered based on the information in the article, write \"unanswerable\". If the question is a yes/no question, answer \"yes\", \"no\", or \"unanswerable\". Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:",
+    "multifieldqa_en": "Read the following text and answer briefly.\n\n{context}\n\nNow, answer the following question based on the above text, only give me the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:",
+    "multifieldqa_zh": "阅读以下文字并用中文简短回答：\n\n{context}\n\n现在请基于上面的文章回答下面的问题，只告诉我答案，不要输出任何其他字词。\n\n问题：{input}\n回答：",
+    "hotpotqa": "Answer the question based on the given passages. Only give me the answer and do not output any other words.\n\nThe following are given passages.\n{context}\n\nAnswer the question based on the given passages. Only give me the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:",
+    "2wikimqa": "Answer the question based on the given passages. Only give me the answer and do not output any other words.\n\nThe following are given passages.\n{context}\n\nAnswer the question based on the given passages. Only give me the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:",
+    "musique": "Answer the question based on the given passages. Only give me the answer and do not output any other words.\n\nThe following are given passages.\n{context}\n\nAnswer the question based on the given passages. Only give me the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:",
+    "dureader": "请基于给定的文章回答下述问题。\n\n文章：{context}\n\n请基于上述文章回答下面的问题。\n\n问题：{input}\n回答：",
+    "gov_report": "You are given a report by a government agency. Write a one-page summary of the report.\n\nReport:\n{context}\n\nNow, write a one-page summary of the report.\n\nSummary:",
+    "qmsum": "You are given a meeting transcript and a query containing a question or instruction. Answer the query in one or more sentences.\n\nTranscript:\n{context}\n\nNow, answer the query based on the above meeting transcript in one or more sentences.\n\nQuery: {input}\nAnswer:",
+    "multi_news": "You are given several news passages. Write a one-page summary of all news. \n\nNews:\n{context}\n\nNow, write a one-page summary of all the news.\n\nSummary:",
+    "vcsum": "下面有一段会议记录，请你阅读后，写一段总结，总结会议的内容。\n会议记录：\n{context}\n\n会议总结：",
+    "trec": "Please determine the type of the question below. Here are some examples of questions.\n\n{context}\n{input}",
+    "triviaqa": "Answer the question based on the given passage. Only give me the answer and do not output any other words. The following are some examples.\n\n{context}\n\n{input}",
+    "samsum": "Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}\n\n{input}",
+    "lsht": "请判断给定新闻的类别，下面是一些例子。\n\n{context}\n{input}",
+    "passage_count": "There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. Please carefully read these paragraphs and determine how many unique paragraphs there are after removing duplicates. In other words, how many non-repeating paragraphs are there in total?\n\n{context}\n\nPlease enter the final count of unique paragraphs after removing duplicates. The output format should only contain the number, such as 1, 2, 3, and so on.\n\nThe final answer is: ",
+    "passage_retrieval_en": "Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which paragraph the abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n{input}\n\nPlease enter the number of the paragraph that the abstract is from. The answer format must be like \"Paragraph 1\", \"Paragraph 2\", etc.\n\nThe answer is: ",
+    "passage_retrieval_zh": "以下是若干段落文字，以及其中一个段落的摘要。请确定给定的摘要出自哪一段。\n\n{context}\n\n下面是一个摘要\n\n{input}\n\n请输入摘要所属段落的编号。答案格式必须是\"段落1\"，\"段落2\"等格式\n\n答案是：",
+    "lcc": "Please complete the code given below. \n{context}Next line of code:\n",
+    "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
+}
+
+# Official max new tokens (config/dataset2maxlen.json).
+DATASET2MAXLEN = {
+    "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32,
+    "2wikimqa": 32, "musique": 32, "dureader": 128, "gov_report": 512, "qmsum": 512, "multi_news": 512,
+    "vcsum": 512, "trec": 64, "triviaqa": 32, "samsum": 128, "lsht": 64, "passage_count": 32,
+    "passage_retrieval_en": 32, "passage_retrieval_zh": 32, "lcc": 64, "repobench-p": 64,
+}
+
+DATASET2METRIC = {
+    "narrativeqa": M.qa_f1, "qasper": M.qa_f1, "multifieldqa_en": M.qa_f1, "multifieldqa_zh": M.qa_f1_zh,
+    "hotpotqa": M.qa_f1, "2wikimqa": M.qa_f1, "musique": M.qa_f1, "dureader": M.rouge_l_zh,
+    "gov_report": M.rouge_l, "qmsum": M.rouge_l, "multi_news": M.rouge_l, "vcsum": M.rouge_l_zh,
+    "trec": M.classification, "triviaqa": M.qa_f1, "samsum": M.rouge_l, "lsht": M.classification,
+    "passage_count": M.count_score, "passage_retrieval_en": M.retrieval, "passage_retrieval_zh": M.retrieval_zh,
+    "lcc": M.code_sim, "repobench-p": M.code_sim,
+}
+
+# The official paper's six categories (README "main task categories").
+CATEGORIES = {
+    "single_doc_qa": ["narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"],
+    "multi_doc_qa": ["hotpotqa", "2wikimqa", "musique", "dureader"],
+    "summarization": ["gov_report", "qmsum", "multi_news", "vcsum"],
+    "few_shot": ["trec", "triviaqa", "samsum", "lsht"],
+    "synthetic": ["passage_count", "passage_retrieval_en", "passage_retrieval_zh"],
+    "code": ["lcc", "repobench-p"],
+}
+CHINESE = ["multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh"]
+ENGLISH16 = [d for d in DATASET2PROMPT if d not in CHINESE]
+LONGBENCH_E = ["qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec",
+               "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p"]
+CONFIGS = list(DATASET2PROMPT) + [f"{d}_e" for d in LONGBENCH_E]
+
+# pred.py: "chat models are better off without build prompts on these tasks".
+NO_CHAT_TEMPLATE = {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
+# eval.py: for these the prediction is cut at its first line before scoring.
+FIRST_LINE_ONLY = {"trec", "triviaqa", "samsum", "lsht"}
+E_BUCKETS = ("0-4k", "4-8k", "8k+")
+CHAT_RESERVE = 64  # tokens kept free for the chat template when the budget comes from the model's window
+
+HUB_REPO = "THUDM/LongBench"
+HUB_HINT = ("pass task.data_dir=<LongBench data.zip or its unzipped folder> "
+            "(get it from https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip)")
+
+
+def base_name(config: str) -> str:
+    """'hotpotqa_e' -> 'hotpotqa' (LongBench-E configs use the v1 prompt, length and metric)."""
+    return config[:-2] if config.endswith("_e") else config
+
+
+def length_bucket(length: int) -> str:
+    """LongBench-E length interval of a record (eval.py scorer_e)."""
+    return "0-4k" if length < 4000 else ("4-8k" if length < 8000 else "8k+")
+
+
+def truncate_middle(text: str, tokenizer, max_tokens: int | None) -> tuple[str, int]:
+    """LongBench middle truncation: if the text has more than max_tokens tokens keep the first and the last
+    max_tokens // 2 tokens and decode each half back to text. Returns (text, token count kept).
+
+    Special tokens are not added (the engine adds BOS / chat template itself) and the decode does not
+    "clean up" spaces, so an untruncated text decodes back unchanged.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens is None or len(ids) <= max_tokens:
+        return text, len(ids)
+    half = max_tokens // 2
+
+    def dec(x):
+        return tokenizer.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return dec(ids[:half]) + dec(ids[-half:]), 2 * half
+
+
+def _hub_download(repo_id: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+    return hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset")
+
+
+def _read_jsonl(lines) -> list[dict]:
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def load_rows(config: str, data_dir: str | None = None) -> list[dict]:
+    """Rows of one LongBench config from data.zip (member data/<config>.jsonl), an unzipped folder, or the hub."""
+    if data_dir is None:
+        try:
+            path = Path(_hub_download(HUB_REPO, "data.zip"))
+        except Exception as e:  # offline, no cache, hub error
+            raise ValueError(f"LongBench data not found ({type(e).__name__}): {HUB_HINT}") from None
+    else:
+        path = Path(data_dir).expanduser()
+        if not path.exists():
+            raise ValueError(f"task.data_dir={data_dir!r} does not exist: {HUB_HINT}")
+    if path.is_dir():
+        for cand in (path / f"{config}.jsonl", path / "data" / f"{config}.jsonl"):
+            if cand.is_file():
+                return _read_jsonl(cand.read_text(encoding="utf-8").splitlines())
+        if (path / "data.zip").is_file():
+            path = path / "data.zip"
+        else:
+            raise ValueError(f"no {config}.jsonl or data.zip in task.data_dir={str(path)!r}: {HUB_HINT}")
+    with zipfile.ZipFile(path) as z:
+        names = [n for n in z.namelist() if n == f"{config}.jsonl" or n.endswith(f"/{config}.jsonl")]
+        if not names:
+            raise ValueError(f"{path} has no member data/{config}.jsonl: {HUB_HINT}")
+        return _read_jsonl(z.read(sorted(names, key=len)[0]).decode("utf-8").splitlines())
+
+
+def _clean(prediction: str, dataset: str) -> str:
+    """Official pre-scoring cleanup. Code tasks keep leading spaces (the metric compares whole lines)."""
+    if dataset in FIRST_LINE_ONLY:
+        return prediction.lstrip("\n").split("\n")[0].strip()
+    if dataset in ("lcc", "repobench-p"):
+        return prediction
+    return prediction.strip()
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+@register_task("longbench")
+class LongBench(Task):
+    """LongBench v1 (21 configs) and LongBench-E (`<name>_e`, 13 configs), one query per sample.
+
+    Knobs: subsets (config names; default the 16 English tasks), data_dir (data.zip or folder; default: hub
+    download), max_length (prompt budget in tokens for middle truncation; the engine's max_context_tokens caps
+    it to the window minus the task's generation length and a chat-template reserve).
+    """
+    description = "LongBench v1 / LongBench-E with official prompts, truncation and metrics"
+
+    def __init__(self, num_samples: int | None = None, subsets: list[str] | None = None,
+                 data_dir: str | None = None, max_length: int | None = None, **knobs):
+        super().__init__(num_samples=num_samples, **knobs)
+        self.subsets = list(subsets) if subsets is not None else list(ENGLISH16)
+        for s in self.subsets:
+            if s not in CONFIGS:
+                raise ValueError(f"longbench subset {s!r} unknown; allowed: {', '.join(CONFIGS)}")
+        if max_length is not None and int(max_length) < 2:
+            raise ValueError(f"longbench max_length={max_length!r}; allowed: an integer >= 2 or null")
+        self.data_dir = data_dir
+        self.max_length = None if max_length is None else int(max_length)
+
+    def samples(self, tokenizer, max_context_tokens: int | None = None):
+        for config in self.subsets:
+            limit = self.prompt_budget(config, max_context_tokens)
+            rows = load_rows(config, self.data_dir)
+            if self.num_samples is not None:
+                rows = rows[: self.num_samples]
+            for i, row in enumerate(rows):
+                yield self.make_sample(config, i, row, tokenizer, limit)
+
+    def prompt_budget(self, config: str, max_context_tokens: int | None) -> int | None:
+        """Tokens allowed for the prompt: max_length, and at most the model's window minus this task's
+        generation length and a chat-template reserve (the official model2maxlen leaves the same room)."""
+        limits = [] if self.max_length is None else [self.max_length]
+        if max_context_tokens is not None:
+            limits.append(max_context_tokens - DATASET2MAXLEN[base_name(config)] - CHAT_RESERVE)
+        return max(2, min(limits)) if limits else None
+
+    def make_sample(self, config: str, index: int, row: dict, tokenizer, limit: int | None) -> Sample:
+        """One official prompt, truncated in the middle, split into context (up to the long context) and question."""
+        name = base_name(config)
+        before, after = DATASET2PROMPT[name].split("{context}")
+        question = after.format(input=row["input"])
+        prompt, n_tokens = truncate_middle(before + row["context"] + question, tokenizer, limit)
+        if prompt.endswith(question):
+            context = prompt[: len(prompt) - len(question)]
+        else:  # the question itself was longer than half the budget and got cut: keep the text whole
+            context, question = prompt, ""
+        meta = {"subtask": config, "dataset": name, "length": row.get("length"),
+                "language": row.get("language"), "_id": row.get("_id")}
+        query = Query(question=question, answers=list(row["answers"]), max_new_tokens=DATASET2MAXLEN[name],
+                      meta=dict(meta))
+        return Sample(id=f"{config}/{row.get('_id', index)}", context=context, queries=[query],
+                      chat_template=name not in NO_CHAT_TEMPLATE,
+                      meta={**meta, "prompt_tokens": n_tokens, "all_classes": row.get("all_classes") or []})
+
+    def postprocess(self, prediction: str, query: Query, sample: Sample) -> str:
+        return _clean(prediction, sample.meta["dataset"])
+
+    def score(self, prediction: str, query: Query, sample: Sample) -> float:
+        name = sample.meta["dataset"]
+        pred = _clean(prediction, name)  # idempotent: safe whether or not postprocess ran first
+        return M.best_of(DATASET2METRIC[name], pred, query.answers, all_classes=sample.meta.get("all_classes") or [])
+
+    def aggregate(self, records: list[dict]) -> dict[str, float]:
+        """Per-config means; LongBench-E length buckets; English / Chinese task means; the six category means
+        and their average (over the v1 configs present)."""
+        per: dict[str, list[float]] = {}
+        buckets: dict[str, dict[str, list[float]]] = {}
+        for r in records:
+            if r.get("status", "ok") != "ok":
+                continue
+            meta = r.get("meta", {})
+            sub = meta.get("subtask")
+            if sub is None:
+                continue
+            per.setdefault(sub, []).append(r["score"])
+            if sub.endswith("_e") and meta.get("length") is not None:
+                buckets.setdefault(sub, {}).setdefault(length_bucket(meta["length"]), []).append(r["score"])
+        out = {f"score/{k}": _mean(v) for k, v in sorted(per.items())}
+        task_mean = {k: _mean(v) for k, v in per.items()}
+        for sub, b in sorted(buckets.items()):
+            for name in E_BUCKETS:
+                if name in b:
+                    out[f"score/{sub}/{name}"] = _mean(b[name])
+        for name in E_BUCKETS:  # LongBench-E overall per interval: mean of the task means in that interval
+            vals = [_mean(b[name]) for b in buckets.values() if name in b]
+            if vals:
+                out[f"score/longbench_e/{name}"] = _mean(vals)
+        v1 = {k: v for k, v in task_mean.items() if not k.endswith("_e")}
+        en = [v1[d] for d in ENGLISH16 if d in v1]
+        zh = [v1[d] for d in CHINESE if d in v1]
+        if en:
+            out["score/avg_en"] = _mean(en)  # the usual "16 English tasks" average when all 16 ran
+        if zh:
+            out["score/avg_zh"] = _mean(zh)
+        cats = {}
+        for cat, names in CATEGORIES.items():
+            vals = [v1[d] for d in names if d in v1]
+            if vals:
+                cats[cat] = out[f"score/cat/{cat}"] = _mean(vals)
+        if cats:
+            out["score/category_avg"] = _mean(list(cats.values()))
+        return out

@@ -1,0 +1,328 @@
+"""KV-cache kernels: torch references against naive float64 loops and hand-worked examples; Triton kernels
+against the torch references (Triton interpreter on CPU, compiled kernels where CUDA is present).
+
+The Triton interpreter is chosen when triton is imported (TRITON_INTERPRET=1 must be set before that), so
+this module sets it before its imports if triton is not loaded yet. If another test module already loaded
+triton without it, the Triton tests here are skipped in-process and rerun in one fresh subprocess.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+_SET_INTERPRET = (not torch.cuda.is_available() and "triton" not in sys.modules
+                  and "TRITON_INTERPRET" not in os.environ)
+if _SET_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    from kvbench.methods import kernels as K
+    from kvbench.methods.kernels import ragged_decode as _rd
+finally:
+    if _SET_INTERPRET:  # the choice is made at import; don't leak the variable into other tests
+        del os.environ["TRITON_INTERPRET"]
+
+
+def _triton_mode() -> str:
+    if not K.HAS_TRITON:
+        return "none"
+    if torch.cuda.is_available():
+        return "cuda"
+    if type(_rd._decode_split_kernel).__name__ == "InterpretedFunction":
+        return "interpret"
+    return "subprocess"
+
+
+MODE = _triton_mode()
+DEV = "cuda" if MODE == "cuda" else "cpu"
+needs_triton = pytest.mark.skipif(MODE not in ("cuda", "interpret"),
+                                  reason=f"Triton kernels not runnable in this process (mode={MODE})")
+
+
+@pytest.fixture
+def interpret_env(monkeypatch):
+    """Keep TRITON_INTERPRET=1 visible while interpreted kernels run (checked by the launch wrappers)."""
+    if MODE == "interpret":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+# ---------------------------------------------------------------- inputs
+
+def ragged_cache(lengths, d, gap=3, dtype=torch.float32, seed=0):
+    """Flat-packed cache with unused rows between (and before) the heads' regions."""
+    gen = torch.Generator().manual_seed(seed)
+    starts, row = [], gap
+    for n in lengths:
+        starts.append(row)
+        row += n + gap
+    keys = torch.randn(row, d, generator=gen, dtype=torch.float64).to(dtype)
+    values = torch.randn(row, d, generator=gen, dtype=torch.float64).to(dtype)
+    return keys, values, torch.tensor(starts, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64)
+
+
+def randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
+
+
+def to(dev, *ts):
+    return [t.to(dev) for t in ts]
+
+
+# ---------------------------------------------------------------- naive float64 oracles
+
+def naive_softmax(x):
+    e = torch.exp(x - x.max())
+    return e / e.sum()
+
+
+def naive_decode(q, keys, values, starts, lengths, scaling):
+    n_q, g = q.shape[0], q.shape[0] // len(starts)
+    out = torch.zeros(n_q, q.shape[1], dtype=torch.float64)
+    probs = torch.zeros(keys.shape[0], dtype=torch.float64)
+    for j in range(n_q):
+        a, n = int(starts[j // g]), int(lengths[j // g])
+        p = naive_softmax(keys[a:a + n].double() @ q[j].double() * scaling)
+        out[j] = p @ values[a:a + n].double()
+        probs[a:a + n] += p
+    return out, probs
+
+
+def naive_window(q_win, keys, starts, lengths, scaling, kernel_size, pooling):
+    n_q, w, _ = q_win.shape
+    g = n_q // len(starts)
+    out = torch.zeros(keys.shape[0], dtype=torch.float64)
+    for h in range(len(starts)):
+        a, n = int(starts[h]), int(lengths[h])
+        k = keys[a:a + n].double()
+        acc = torch.zeros(n, dtype=torch.float64)
+        for j in range(h * g, (h + 1) * g):
+            for i in range(w):
+                seen = n - w + i + 1  # the window's row i is the token at position n - w + i
+                acc[:seen] += naive_softmax(k[:seen] @ q_win[j, i].double() * scaling)
+        mean = acc / (g * w)
+        prefix, pad = n - w, kernel_size // 2
+        for p in range(n):
+            if p >= prefix:
+                out[a + p] = mean[p]
+                continue
+            vals = [float(mean[x]) for x in range(p - pad, p + pad + 1) if 0 <= x < prefix]
+            out[a + p] = max(vals) if pooling == "max" else sum(vals) / kernel_size
+    return out
+
+
+def naive_colsum(q, keys, scaling, causal):
+    n_q, m, _ = q.shape
+    n_kv, n, _ = keys.shape
+    g = n_q // n_kv
+    out = torch.zeros(n_kv, n, dtype=torch.float64)
+    for j in range(n_q):
+        for i in range(m):
+            seen = n - m + i + 1 if causal else n
+            out[j // g, :seen] += naive_softmax(keys[j // g, :seen].double() @ q[j, i].double() * scaling)
+    return out
+
+
+def naive_compact(keys, values, starts, lengths, keep_idx, counts):
+    rows, pos = [], 0
+    for h, c in enumerate(counts.tolist()):
+        for i in keep_idx[pos:pos + c].tolist():
+            rows.append(int(starts[h]) + i)
+        pos += c
+    new_starts = [sum(counts.tolist()[:h]) for h in range(len(counts))]
+    return keys[rows], values[rows], torch.tensor(new_starts), counts
+
+
+# ---------------------------------------------------------------- references vs naive loops
+
+LENGTHS = [1, 7, 33, 100]
+
+
+@pytest.mark.parametrize("g", [1, 4, 8])
+@pytest.mark.parametrize("d", [64, 128])
+def test_decode_ref_matches_naive(g, d):
+    keys, values, starts, lengths = ragged_cache(LENGTHS, d)
+    q = randn(len(LENGTHS) * g, d)
+    out, probs = K.ragged_decode_attention_ref(q, keys, values, starts, lengths, return_probs=True)
+    n_out, n_probs = naive_decode(q, keys, values, starts, lengths, 1 / math.sqrt(d))
+    assert (out.double() - n_out).abs().max() < 1e-5
+    assert (probs.double() - n_probs).abs().max() < 1e-5
+    assert probs[:starts[0]].abs().max() == 0  # unused rows stay 0
+
+
+@pytest.mark.parametrize("g,pooling,kernel_size,w", [(1, "max", 5, 1), (4, "max", 7, 7), (4, "avg", 5, 7),
+                                                      (8, "avg", 1, 3)])
+def test_window_ref_matches_naive(g, pooling, kernel_size, w):
+    lengths = [max(n, w) for n in LENGTHS]
+    keys, _, starts, lengths = ragged_cache(lengths, 64)
+    q = randn(len(lengths) * g, w, 64)
+    got = K.window_scores_ref(q, keys, starts, lengths, kernel_size=kernel_size, pooling=pooling)
+    want = naive_window(q, keys, starts, lengths, 1 / 8, kernel_size, pooling)
+    assert (got.double() - want).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("g,m", [(1, 37), (4, 37), (8, 11)])
+def test_colsum_ref_matches_naive(causal, g, m):
+    keys = randn(2, 37, 64, seed=2)
+    q = randn(2 * g, m, 64)
+    got = K.attention_colsum_ref(q, keys, causal=causal, chunk_rows=5)  # several chunks, one partial
+    want = naive_colsum(q, keys, 1 / 8, causal)
+    assert (got.double() - want).abs().max() < 1e-5
+
+
+def test_compact_ref_matches_naive():
+    keys, values, starts, lengths = ragged_cache(LENGTHS, 16)
+    counts = torch.tensor([1, 0, 10, 57])
+    gen = torch.Generator().manual_seed(3)
+    keep = torch.cat([torch.randperm(n, generator=gen)[:c] for n, c in zip(LENGTHS, counts.tolist())])
+    got = K.compact_ref(keys, values, starts, lengths, keep, counts)
+    want = naive_compact(keys, values, starts, lengths, keep, counts)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- hand-worked examples (every implementation)
+
+def _impls(name):
+    impls = [getattr(K, name + "_ref")]
+    if MODE in ("cuda", "interpret"):
+        impls.append(getattr(K, name + "_triton"))
+    return impls
+
+
+@pytest.mark.parametrize("impl", _impls("ragged_decode_attention"), ids=lambda f: f.__name__)
+def test_decode_zero_query_is_mean_of_values(impl, interpret_env):
+    # q = 0: every visible key scores 0, so attention is uniform: out = mean of the head's values,
+    # each token's probability is 1/L per query head, g/L summed over the group
+    keys, values, starts, lengths = ragged_cache([1, 7, 0, 4], 16)
+    q = torch.zeros(8, 16)
+    out, probs = impl(*to(DEV, q, keys, values, starts, lengths), return_probs=True)
+    out, probs = out.cpu(), probs.cpu()
+    for h, (a, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        want = values[a:a + n].mean(0) if n else torch.zeros(16)  # an empty head attends to nothing
+        assert (out[2 * h:2 * h + 2] - want).abs().max() < 1e-6
+        assert torch.allclose(probs[a:a + n], torch.full((n,), 2 / max(n, 1)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", _impls("window_scores"), ids=lambda f: f.__name__)
+def test_window_scores_hand_worked(impl, interpret_env):
+    # one head, L = 4, window w = 2, q = 0 (uniform over what each row sees):
+    # row 0 (position 2) sees keys 0..2 at 1/3, row 1 (position 3) sees keys 0..3 at 1/4
+    # mean over the 2 rows: [7/24, 7/24, 7/24, 1/8]; prefix = keys 0, 1
+    # max-pool k=3 over the prefix: [7/24, 7/24]; avg-pool k=3 (zero padding counted): [14/72, 14/72]
+    keys = torch.randn(4, 16)
+    args = to(DEV, torch.zeros(1, 2, 16), keys, torch.tensor([0]), torch.tensor([4]))
+    got_max = impl(*args, kernel_size=3, pooling="max").cpu()
+    got_avg = impl(*args, kernel_size=3, pooling="avg").cpu()
+    assert (got_max - torch.tensor([7 / 24, 7 / 24, 7 / 24, 1 / 8])).abs().max() < 1e-6
+    assert (got_avg - torch.tensor([7 / 36, 7 / 36, 7 / 24, 1 / 8])).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("impl", _impls("attention_colsum"), ids=lambda f: f.__name__)
+def test_colsum_hand_worked(impl, interpret_env):
+    # q = 0, causal, n = 3: row 0 -> [1, 0, 0], row 1 -> [1/2, 1/2, 0], row 2 -> [1/3, 1/3, 1/3];
+    # column sums [11/6, 5/6, 1/3], times g = 2 query heads
+    got = impl(*to(DEV, torch.zeros(2, 3, 16), torch.randn(1, 3, 16))).cpu()
+    assert (got - 2 * torch.tensor([[11 / 6, 5 / 6, 1 / 3]])).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- Triton vs torch reference
+
+@needs_triton
+@pytest.mark.parametrize("g,d,num_splits,block_n", [(1, 64, None, 64), (4, 128, 3, 16), (8, 64, 5, 16),
+                                                    (4, 96, 2, 32)])
+def test_decode_triton_matches_ref(g, d, num_splits, block_n, interpret_env):
+    keys, values, starts, lengths = ragged_cache(LENGTHS, d, seed=g)
+    q = randn(len(LENGTHS) * g, d, seed=d)
+    args = to(DEV, q, keys, values, starts, lengths)
+    out, probs = K.ragged_decode_attention_triton(*args, return_probs=True, num_splits=num_splits,
+                                                  block_n=block_n)
+    r_out, r_probs = K.ragged_decode_attention_ref(q, keys, values, starts, lengths, return_probs=True)
+    assert (out.cpu() - r_out).abs().max() < 1e-4  # fp32: max abs error 1e-4
+    assert (probs.cpu() - r_probs).abs().max() < 1e-4
+    plain = K.ragged_decode_attention_triton(*args, num_splits=num_splits, block_n=block_n)
+    assert torch.equal(plain, out)
+
+
+@needs_triton
+@pytest.mark.parametrize("g,w,pooling,kernel_size,num_splits", [(1, 1, "max", 5, None), (4, 7, "max", 7, 3),
+                                                                 (8, 7, "avg", 5, 4)])
+def test_window_triton_matches_ref(g, w, pooling, kernel_size, num_splits, interpret_env):
+    lengths = [max(n, w) for n in LENGTHS]  # w=1 keeps the lengths [1, 7, 33, 100]
+    keys, _, starts, lengths = ragged_cache(lengths, 64, seed=g)
+    q = randn(len(lengths) * g, w, 64, seed=w)
+    got = K.window_scores_triton(*to(DEV, q, keys, starts, lengths), kernel_size=kernel_size, pooling=pooling,
+                                 block_m=16, block_n=16, num_splits=num_splits)  # splits: key chunks of pass 1
+    want = K.window_scores_ref(q, keys, starts, lengths, kernel_size=kernel_size, pooling=pooling)
+    assert (got.cpu() - want).abs().max() < 1e-5  # fp32: max abs error 1e-5 (scores are <= 1)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("g,m", [(1, 37), (4, 37), (8, 20)])
+def test_colsum_triton_matches_ref(causal, g, m, interpret_env):
+    keys = randn(2, 37, 64, seed=g)
+    q = randn(2 * g, m, 64, seed=m)
+    got = K.attention_colsum_triton(*to(DEV, q, keys), causal=causal, block_m=16, block_n=16)
+    want = K.attention_colsum_ref(q, keys, causal=causal)
+    assert (got.cpu() - want).abs().max() < 1e-4  # fp32: max abs error 1e-4 (sums up to m * g)
+
+
+@needs_triton
+def test_compact_triton_matches_ref(interpret_env):
+    keys, values, starts, lengths = ragged_cache(LENGTHS, 96)
+    counts = torch.tensor([1, 0, 33, 41])
+    gen = torch.Generator().manual_seed(4)
+    keep = torch.cat([torch.sort(torch.randperm(n, generator=gen)[:c]).values
+                      for n, c in zip(LENGTHS, counts.tolist())])
+    got = K.compact_triton(*to(DEV, keys, values, starts, lengths, keep, counts), block_r=16)
+    want = K.compact_ref(keys, values, starts, lengths, keep, counts)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+
+
+def test_triton_suite_in_fresh_interpreter_process():
+    """Triton was imported (compiled mode) before this module on a machine without CUDA: rerun here."""
+    if MODE != "subprocess":
+        pytest.skip(f"Triton tests ran in-process (mode={MODE})")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "triton or hand_worked or zero_query"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- dispatch and input validation
+
+def test_dispatchers_use_reference_on_cpu():
+    keys, values, starts, lengths = ragged_cache(LENGTHS, 16)
+    q = randn(8, 16)
+    assert torch.equal(K.ragged_decode_attention(q, keys, values, starts, lengths),
+                       K.ragged_decode_attention_ref(q, keys, values, starts, lengths))
+
+
+def test_bad_inputs_raise_value_error():
+    keys, values, starts, lengths = ragged_cache([8, 9], 16)
+    q_win = randn(2, 4, 16)
+    with pytest.raises(ValueError, match="pooling"):
+        K.window_scores(q_win, keys, starts, lengths, pooling="sum")
+    with pytest.raises(ValueError, match="kernel_size"):
+        K.window_scores(q_win, keys, starts, lengths, kernel_size=4)
+    with pytest.raises(ValueError, match="window"):
+        K.window_scores(randn(2, 9, 16), keys, starts, lengths)
+    with pytest.raises(ValueError, match="multiple"):
+        K.ragged_decode_attention(randn(3, 16), keys, values, starts, lengths)
+    with pytest.raises(ValueError, match="int64"):
+        K.ragged_decode_attention(randn(2, 16), keys, values, starts.int(), lengths)
+    with pytest.raises(ValueError, match="outside"):
+        K.ragged_decode_attention(randn(2, 16), keys, values, starts, lengths + 100)
+    with pytest.raises(ValueError, match="keep_idx_flat"):
+        K.compact(keys, values, starts, lengths, torch.tensor([0, 9]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="keep_counts"):
+        K.compact(keys, values, starts, lengths, torch.tensor([0, 1]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="m <= n"):
+        K.attention_colsum(randn(2, 5, 16), randn(1, 4, 16))
