@@ -108,7 +108,6 @@ def main() -> None:
         dense = keys.view(N_KV, n, D)
         report("attention_colsum", n, lambda: K.attention_colsum_ref(q_all, dense),
                lambda: K.attention_colsum_triton(q_all, dense), max(3, args.reps // 4))
-        del q_all
 
         # compaction keeping every other token of each head
         keep = torch.arange(0, n, 2, device="cuda").repeat(N_KV)

@@ -9,7 +9,6 @@ Methods never import tasks.
 from __future__ import annotations
 
 import importlib
-import math
 import pkgutil
 from dataclasses import dataclass, fields
 from typing import Callable, ClassVar
@@ -94,7 +93,8 @@ class Method:
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores along the last dim, ties broken towards earlier tokens, sorted."""
     k = min(k, scores.shape[-1])
-    idx = torch.topk(scores.float(), k, dim=-1, sorted=False).indices
+    # a stable descending sort makes ties (frequent after max-pooling) deterministic: earlier token wins
+    idx = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.sort(idx, dim=-1).values
 
 
@@ -195,5 +195,3 @@ def build_method(name: str, budget=None, compression_ratio=None, **knobs) -> Met
         raise ValueError(f"method.{bad[0]} is not a knob of {name}; allowed: {', '.join(sorted(allowed))}")
     return cls(budget=budget, compression_ratio=compression_ratio, **knobs)
 
-
-_ = math  # (math used by subclasses through this module's namespace is not required)

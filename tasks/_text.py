@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import bisect
 import importlib.util
 import json
 import re
@@ -72,8 +71,8 @@ def sentence_starts(text: str) -> list[int]:
         if m.end() >= len(text):
             break
         if text[m.start()] == ".":
-            word = text[:m.start()].rsplit(None, 1)[-1] if text[:m.start()].strip() else ""
-            word = word.lstrip("\"'“‘([").lower()
+            before = text[max(0, m.start() - 30):m.start()].split()  # the word ending at the period
+            word = before[-1].lstrip("\"'“‘([").lower() if before else ""
             if word in _ABBREV or (len(word) == 1 and word.isalpha()):
                 continue
         if text[m.end()].islower():

@@ -171,8 +171,8 @@ def gen_niah(rng: random.Random, length: int, haystack, k, v, num_k, num_v, num_
         values.append([_random_value(rng, v) for _ in range(num_v)])
         needles += [NEEDLE.format(type_needle_v=v, key=keys[-1], value=x) for x in values[-1]]
     rng.shuffle(needles)
-    queries = [keys[i] for i in rng.sample(range(num_k), num_q)]
-    answers = [x for q in queries for x in values[keys.index(q)]]
+    asked = rng.sample(range(num_k), num_q)
+    queries, answers = [keys[i] for i in asked], [x for i in asked for x in values[i]]
     query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
     template, prefix, type_v = *KINDS["niah"][:2], v
     if num_q * num_v == 1:  # RULER's singular wording, by RULER's replacements

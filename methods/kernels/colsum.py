@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import (HAS_TRITON, check_layout, check_triton_inputs, group_size, next_pow2, num_programs_hint,
+from . import (HAS_TRITON, check_triton_inputs, group_size, next_pow2, num_programs_hint,
                resolve_scaling, use_triton)
 
 LOG2E = 1.4426950408889634

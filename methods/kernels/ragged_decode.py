@@ -130,7 +130,8 @@ def ragged_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: 
     check_triton_inputs(q, keys, values, starts, lengths)
     n_q, d = q.shape
     n_kv = starts.numel()
-    q = q.to(keys.dtype)
+    out_dtype = q.dtype
+    q = q.to(keys.dtype)  # tl.dot needs both operands in one dtype
     if q.stride(-1) != 1:
         q = q.contiguous()
     if num_splits is None:
@@ -147,7 +148,7 @@ def ragged_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: 
         q, keys, values, starts, lengths, work, q.stride(0), keys.stride(0), values.stride(0), g, d,
         scale_log2, NUM_SPLITS=num_splits, G_PAD=max(16, next_pow2(g)), D_PAD=d_pad, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(keys.dtype), num_warps=num_warps)
-    out = torch.empty(n_q, d, device=dev, dtype=q.dtype)
+    out = torch.empty(n_q, d, device=dev, dtype=out_dtype)
     lse = torch.empty(n_q, device=dev, dtype=torch.float32)
     _decode_reduce_kernel[(n_q,)](work, out, lse, out.stride(0), d, NUM_SPLITS=num_splits,
                                   S_PAD=next_pow2(num_splits), D_PAD=d_pad, num_warps=num_warps)
