@@ -122,6 +122,8 @@ def _hydra_job(cfg) -> None:
     from omegaconf import OmegaConf
     from kvbench.runner import execute
     c = OmegaConf.to_container(cfg, resolve=True)
+    if c["method"]["name"] == "full":  # the full cache has no budget: one run serves every budget of a sweep
+        c["budget"], c["compression_ratio"] = None, None
     summary = execute(c)
     _RUN_SUMMARIES.append(summary)
     if c.get("logger") == "wandb" and summary.get("_dir"):
