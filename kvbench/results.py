@@ -1,11 +1,23 @@
-"""Run directories, records, summaries, config hash, resume.
+"""Run directories, records, summaries, run identity, resume.
 
-`results/<sweep>/<config-hash>/` holds `config.yaml`, `records.jsonl` (appended and flushed per sample, so
-a killed run resumes at the next unscored sample) and `summary.json` (written atomically; its presence
-means the run is finished and a rerun is skipped unless forced).
+`results/<sweep>/<run-hash>/` holds
+- `config.yaml`: the resolved config of the run;
+- `records.jsonl`: one JSON line per (sample, query), all lines of a sample written in one `write`, flushed
+  and fsynced, so a run killed at any moment loses at most the sample it was computing and resumes at the
+  next unscored sample (a torn last line is dropped on load);
+- `summary.json`: written atomically (temp file + fsync + rename); a run whose summary says it is complete
+  is skipped unless `force=true`;
+- `.lock`: an advisory `flock` held while a process executes the run, so two jobs of the same config (two
+  sweeps on one results dir) never append to the same records. The kernel drops the lock when the process
+  dies, SIGKILL included, so there are no stale locks.
+
+Run identity = hash of the resolved config minus the keys that only say where/how results are written,
+plus SCHEMA_VERSION and the task's data version. The git commit is recorded but is not part of the
+identity: unrelated commits must not invalidate finished runs.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -16,26 +28,47 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+# Bump when a change in the code changes what a run measures or how its records/summary read (metric
+# definitions, record fields, engine semantics): every run gets a new identity and is recomputed.
+SCHEMA_VERSION = 1
+
 # Keys that change where/how results are written but not what is measured.
 NON_IDENTITY_KEYS = {"results_dir", "sweep", "force", "logger", "progress", "hydra"}
 
+# Record fields that depend on the machine's load, not on the config (excluded from determinism checks).
 TIMING_FIELDS = ("ttft_ms", "prefill_ms", "compress_ms", "decode_ms_per_token", "peak_mem_bytes")
+# Summary fields that are timings or describe the environment of the process rather than the results.
+SUMMARY_VOLATILE_FIELDS = TIMING_FIELDS + ("started_at", "finished_at", "wall_s", "versions", "git_commit")
+
+# Sample failures that recur identically on every attempt; other failed samples (OOM, crashes) are retried
+# when the run is resumed.
+PERMANENT_ERRORS = {"ContextTooLong"}
 
 
-def config_hash(cfg: dict) -> str:
+def identity(cfg: dict, data_version: str | None = None) -> dict:
     ident = {k: v for k, v in cfg.items() if k not in NON_IDENTITY_KEYS}
-    blob = json.dumps(ident, sort_keys=True, default=str)
+    ident["_schema_version"] = SCHEMA_VERSION
+    ident["_task_data_version"] = data_version
+    return ident
+
+
+def config_hash(cfg: dict, data_version: str | None = None) -> str:
+    blob = json.dumps(identity(cfg, data_version), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def git_commit() -> str | None:
@@ -51,7 +84,7 @@ def versions() -> dict:
     import torch
     import transformers
     v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-         "kvbench": _kvbench_version()}
+         "kvbench": _kvbench_version(), "schema": SCHEMA_VERSION}
     if torch.cuda.is_available():
         v["cuda"] = torch.version.cuda
         v["gpu"] = torch.cuda.get_device_name(0)
@@ -71,23 +104,51 @@ def _kvbench_version() -> str:
         return "unknown"
 
 
+class RunBusy(RuntimeError):
+    """Another live process holds the run's lock."""
+
+
 class RunDir:
-    def __init__(self, root: Path, sweep: str, cfg: dict):
+    def __init__(self, root: Path, sweep: str, cfg: dict, data_version: str | None = None):
         self.cfg = cfg
-        self.hash = config_hash(cfg)
+        self.hash = config_hash(cfg, data_version)
         self.path = Path(root) / sweep / self.hash
         self.records_path = self.path / "records.jsonl"
         self.summary_path = self.path / "summary.json"
+        self._lock_fd: int | None = None
+
+    def read_summary(self) -> dict | None:
+        try:
+            return json.loads(self.summary_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
 
     def finished(self) -> bool:
         return self.summary_path.exists()
 
+    # -- lock ----------------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the run's lock without waiting; RunBusy if another process holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunBusy(f"run {self.hash} is being executed by another process ({self.path})") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    # -- files ---------------------------------------------------------------------------------------
     def start(self, force: bool = False) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         if force:
             for p in (self.records_path, self.summary_path):
-                if p.exists():
-                    p.unlink()
+                p.unlink(missing_ok=True)
         import yaml
         atomic_write(self.path / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
 
@@ -103,9 +164,21 @@ class RunDir:
                 clean.append(line if line.endswith("\n") else line + "\n")
             except json.JSONDecodeError:
                 break
-        if len(clean) != len(lines) or (lines and not lines[-1].endswith("\n")):
+        if clean != lines:
             atomic_write(self.records_path, "".join(clean))
         return good
+
+    def resume_records(self) -> list[dict]:
+        """Records to keep when a run resumes: every record of a sample, unless one of its queries failed
+        with a retryable error (then the whole sample is dropped from the file and computed again)."""
+        records = self.load_records()
+        retry = {r["sample_id"] for r in records
+                 if r.get("status") != "ok" and r.get("error_type") not in PERMANENT_ERRORS}
+        if not retry:
+            return records
+        keep = [r for r in records if r["sample_id"] not in retry]
+        atomic_write(self.records_path, "".join(json.dumps(r, default=str) + "\n" for r in keep))
+        return keep
 
     def append(self, records: list[dict]) -> None:
         """All records of one sample in one write, flushed and fsynced."""
@@ -116,6 +189,14 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.summary_path, json.dumps(summary, indent=2, default=str))
+
+
+def needs_work(summary: dict | None, records: list[dict]) -> bool:
+    """A run is complete when its summary exists, the run itself did not crash, and no record failed with a
+    retryable error (a run whose every sample is too long for the model is complete, and failed)."""
+    if summary is None or summary.get("run_error", True):
+        return True
+    return any(r.get("status") != "ok" and r.get("error_type") not in PERMANENT_ERRORS for r in records)
 
 
 def bootstrap_ci(values: list[float], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
@@ -136,22 +217,42 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def first_line(text: str) -> str:
+    return (str(text).strip().splitlines() or [""])[0][:500]
+
+
 def summarize(cfg: dict, run_hash: str, records: list[dict], extra: dict, started: str, wall_s: float,
               status: str | None = None, error: BaseException | None = None) -> dict:
+    """One summary per run. status: ok (every record ok), partial (some failed), failed (none ok, or the run
+    itself raised `error`). error_type/error: the run's error, else the first failed record's."""
     ok = [r for r in records if r.get("status") == "ok"]
+    bad = [r for r in records if r.get("status") != "ok"]
     scores = [r["score"] for r in ok if r.get("score") is not None]
     lo, hi = bootstrap_ci(scores)
     kv, kv_full = _mean(r["kv_bytes"] for r in ok), _mean(r["kv_bytes_full"] for r in ok)
-    n_failed = len(records) - len(ok)
     if status is None:
-        status = "ok" if ok and n_failed == 0 else ("failed" if not ok else "partial")
+        status = "ok" if ok and not bad else ("failed" if not ok else "partial")
+    failures: dict[str, int] = {}
+    for r in bad:
+        failures[r.get("error_type") or "unknown"] = failures.get(r.get("error_type") or "unknown", 0) + 1
+    if error is not None:
+        err_type, err = type(error).__name__, first_line(error)
+    elif bad:
+        err_type, err = bad[0].get("error_type"), f"sample {bad[0].get('sample_id')}: {bad[0].get('error')}"
+    else:
+        err_type, err = None, None
+    budget = cfg.get("budget")
+    note = None
+    method = cfg.get("method", {}).get("name")
+    if ok and method != "full" and budget is not None and all(r["context_tokens"] <= budget for r in ok):
+        note = f"budget={budget} >= every context ({max(r['context_tokens'] for r in ok)} tokens): no compression"
     return {
         "run_id": run_hash, "config_hash": run_hash, "config": cfg,
         "model": cfg.get("model", {}).get("name"), "task": cfg.get("task", {}).get("name"),
-        "method": cfg.get("method", {}).get("name"), "budget": cfg.get("budget"),
+        "method": method, "budget": budget,
         "query_aware": cfg.get("query_aware"), "status": status,
-        "error_type": type(error).__name__ if error else None, "error": str(error).splitlines()[0] if error else None,
-        "n": len(ok), "n_failed": n_failed, "score": _mean(scores), "score_ci_low": lo, "score_ci_high": hi,
+        "error_type": err_type, "error": err, "run_error": error is not None, "failures": failures, "note": note,
+        "n": len(ok), "n_failed": len(bad), "score": _mean(scores), "score_ci_low": lo, "score_ci_high": hi,
         "kv_bytes": kv, "kv_bytes_full": kv_full, "kv_ratio": (kv / kv_full) if kv and kv_full else None,
         "kept_tokens": _mean(r["kept_tokens"] for r in ok), "context_tokens": _mean(r["context_tokens"] for r in ok),
         "peak_mem_bytes": _mean(r["peak_mem_bytes"] for r in ok), "ttft_ms": _mean(r["ttft_ms"] for r in ok),

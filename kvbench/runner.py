@@ -1,13 +1,33 @@
-"""One run = one (model, task, method, budget) config: samples → engine → scores → records → summary.
+"""One run = one (model, task, method, budget, ...) config: samples → engine → scores → records → summary.
 
-A failing sample (OOM, too long, a crash in a method) is recorded as failed and the run goes on; a failing
-run is recorded as failed and never kills a sweep.
+- Identity: the run directory is `results/<sweep>/<run-hash>/` (see kvbench/results.py). A complete run is
+  skipped; an interrupted one resumes at its next unscored sample (records are fsynced per sample); a
+  sample that failed with a retryable error (OOM, a crash) is computed again on resume; `force=true`
+  starts the run from scratch.
+- Failures: a failing sample (CUDA OOM, a prompt longer than the model's context, a crash in a method or
+  a metric) is recorded as failed records and the run goes on; a failing run (model that won't load, a
+  task that yields nothing) is recorded as a failed summary and `execute` returns normally, so one run
+  never stops a Hydra sweep.
+- Determinism: every sample starts from the same seeds (run seed + sample id), so a sample's records do
+  not depend on which samples ran before it in this process — a resumed run equals an uninterrupted one.
+  Timings excepted, the same config on the same machine gives identical records (greedy decoding;
+  on GPU, kernels with atomics may still differ in the last bits).
+
+Fault injection, for tests only: KVBENCH_FAULT="<kind>:<sample_id>[:<key>=<value>]" makes the runner fail
+when it reaches that sample (in runs whose config has <key> == <value>, dotted keys e.g. method.name):
+kind `oom` raises torch.cuda.OutOfMemoryError, `error` raises RuntimeError (a crash in a method), `kill`
+sends SIGKILL to the process itself (a node failure or preemption, mid-run). Several faults: separate
+them with ';'.
 """
 from __future__ import annotations
 
 import gc
+import os
+import random
+import signal
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -15,17 +35,21 @@ import torch
 from kvbench.engine import Engine
 from kvbench.method import build_method
 from kvbench.models import load_model
-from kvbench.results import RunDir, now, summarize
+from kvbench.results import RunBusy, RunDir, needs_work, now, summarize
 from kvbench.task import load_all_tasks
 
-_MODEL_CACHE: dict[tuple, object] = {}  # sweeps with the basic launcher reuse the loaded model
+_MODEL_CACHE: dict[tuple, object] = {}  # sweeps with an in-process launcher (basic, joblib workers) reuse the model
+
+FAULT_ENV = "KVBENCH_FAULT"
 
 
 def get_model(mcfg: dict, device: str, dtype: str, seed: int):
-    key = (mcfg.get("name"), mcfg.get("path"), mcfg.get("shape"), device, dtype, mcfg.get("max_context"))
+    key = (mcfg.get("name"), mcfg.get("path"), mcfg.get("shape"), device, dtype, mcfg.get("max_context"), seed)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         _MODEL_CACHE[key] = load_model(name=mcfg["name"], path=mcfg.get("path"), shape=mcfg.get("shape"),
                                        device=device, dtype=dtype, seed=seed, max_context=mcfg.get("max_context"))
     return _MODEL_CACHE[key]
@@ -48,10 +72,65 @@ def method_from_cfg(cfg: dict):
                         compression_ratio=cfg.get("compression_ratio"), **mcfg)
 
 
+def task_data_version(cfg: dict) -> str | None:
+    """A task class may set `data_version` (bump it when its samples or prompts change); part of the run hash."""
+    cls = load_all_tasks().get(cfg.get("task", {}).get("name"))
+    v = getattr(cls, "data_version", None)
+    return None if v is None else str(v)
+
+
+def run_dir(cfg: dict) -> RunDir:
+    return RunDir(Path(cfg.get("results_dir", "results")), cfg.get("sweep", "default"), cfg, task_data_version(cfg))
+
+
 def failed_records(sample, exc: BaseException) -> list[dict]:
     return [{"sample_id": sample.id, "query_idx": qi, "status": "failed", "error_type": type(exc).__name__,
              "error": (str(exc).splitlines() or [""])[0][:500], "score": None, "meta": {**sample.meta, **q.meta}}
             for qi, q in enumerate(sample.queries)]
+
+
+def seed_everything(seed: int, sample_id: str = "") -> None:
+    s = (int(seed) * 1_000_003 + zlib.crc32(sample_id.encode())) % 2**32
+    random.seed(s)
+    torch.manual_seed(s)  # CPU and every CUDA device
+    try:
+        import numpy as np
+        np.random.seed(s)
+    except ImportError:
+        pass
+
+
+def _cfg_get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def inject_fault(cfg: dict, sample_id: str) -> None:
+    """Test-only fault injection (see the module docstring); a no-op unless KVBENCH_FAULT is set."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for fault in filter(None, (f.strip() for f in spec.split(";"))):
+        kind, _, rest = fault.partition(":")
+        sid, _, cond = rest.partition(":")
+        if sid != sample_id:
+            continue
+        if cond:
+            key, _, want = cond.partition("=")
+            if str(_cfg_get(cfg, key)) != want:
+                continue
+        if kind == "oom":
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_ENV} at {sample_id})")
+        if kind == "error":
+            raise RuntimeError(f"injected crash ({FAULT_ENV} at {sample_id})")
+        if kind == "kill":
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise ValueError(f"{FAULT_ENV}={spec!r}: unknown fault kind {kind!r}; allowed: oom, error, kill")
 
 
 def _progress(it, total, desc):
@@ -62,53 +141,80 @@ def _progress(it, total, desc):
         return it
 
 
+def _log(msg: str) -> None:
+    print(f"[kvbench] {msg}", file=sys.stderr, flush=True)
+
+
 def execute(cfg: dict) -> dict:
-    """Run (or resume, or skip) one config; returns its summary."""
-    rd = RunDir(Path(cfg.get("results_dir", "results")), cfg.get("sweep", "default"), cfg)
-    if rd.finished() and not cfg.get("force", False):
-        import json
-        summ = json.loads(rd.summary_path.read_text())
-        if summ.get("status") != "failed":
-            print(f"[kvbench] skip finished run {rd.hash} ({rd.path})", file=sys.stderr)
-            summ["_skipped"] = True
-            return summ
-    rd.start(force=bool(cfg.get("force", False)))
-    started, t0 = now(), time.perf_counter()
-    records = rd.load_records()
-    task = None
+    """Run, resume or skip one config; returns its summary (never raises for a failure of the run)."""
+    rd = run_dir(cfg)
+    force = bool(cfg.get("force", False))
+    if not force and rd.finished() and not needs_work(rd.read_summary(), rd.load_records()):
+        _log(f"skip finished run {rd.hash} ({rd.path})")
+        return {**rd.read_summary(), "_skipped": True, "_dir": str(rd.path)}
     try:
-        torch.manual_seed(int(cfg.get("seed", 42)))
+        rd.lock()
+    except RunBusy as e:
+        _log(f"skip: {e}")
+        return {"run_id": rd.hash, "config_hash": rd.hash, "status": "busy", "_dir": str(rd.path)}
+    try:
+        return _execute_locked(cfg, rd, force)
+    finally:
+        rd.unlock()
+
+
+def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
+    # Another process may have completed the run while we waited for the lock.
+    if not force and rd.finished() and not needs_work(rd.read_summary(), rd.load_records()):
+        return {**rd.read_summary(), "_skipped": True, "_dir": str(rd.path)}
+    rd.start(force=force)
+    rd.summary_path.unlink(missing_ok=True)  # a stale summary must not mark a half-redone run complete
+    records = rd.resume_records()
+    started, t0 = now(), time.perf_counter()
+    seed = int(cfg.get("seed", 42))
+    try:
+        seed_everything(seed)
         method = method_from_cfg(cfg)
         task = build_task(cfg["task"])
-        lm = get_model(cfg["model"], cfg.get("device", "auto"), cfg.get("dtype", "auto"), int(cfg.get("seed", 42)))
+        lm = get_model(cfg["model"], cfg.get("device", "auto"), cfg.get("dtype", "auto"), seed)
         engine = Engine(lm, method, query_aware=bool(cfg.get("query_aware", False)),
                         prefill_chunk=int(cfg.get("prefill_chunk", 0)))
-        done = {r["sample_id"] for r in records}
+        seed_everything(seed)
         samples = list(task.samples(lm.tokenizer, max_context_tokens=lm.max_context))
         if not samples:
             raise ValueError(f"task {cfg['task']['name']} produced no samples with this config")
-        for sample in _progress(samples, len(samples), f"{cfg['method']['name']}@{cfg.get('budget')}"):
-            if sample.id in done:
-                continue
+        done = {r["sample_id"] for r in records}
+        if done:
+            _log(f"resume run {rd.hash}: {len(done)} of {len(samples)} samples already recorded")
+        todo = [s for s in samples if s.id not in done]
+        for sample in _progress(todo, len(todo), f"{cfg['method']['name']}@{cfg.get('budget')}"):
+            seed_everything(seed, sample.id)
             try:
+                inject_fault(cfg, sample.id)
                 recs = engine.run_sample(sample)
                 for r, q in zip(recs, sample.queries):
                     pred = task.postprocess(r["prediction"], q, sample)
                     r["score"] = float(task.score(pred, q, sample))
-            except (Exception, torch.cuda.OutOfMemoryError) as e:  # a bad sample never kills the run
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            except Exception as e:  # a bad sample never kills the run (torch.cuda.OutOfMemoryError included)
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                _log(f"run {rd.hash}: sample {sample.id} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
                 recs = failed_records(sample, e)
             rd.append(recs)
             records.extend(recs)
+        by_id = {s.id: i for i, s in enumerate(samples)}  # records in task order, however they were resumed
+        records.sort(key=lambda r: (by_id.get(r["sample_id"], len(by_id)), r.get("query_idx", 0)))
         extra = task.aggregate(records)
         summary = summarize(cfg, rd.hash, records, extra, started, time.perf_counter() - t0)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # the run failed as a whole: record it, let the sweep go on
-        if isinstance(e, SystemExit):
-            raise
+        _log(f"run {rd.hash} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
         summary = summarize(cfg, rd.hash, records, {}, started, time.perf_counter() - t0, status="failed", error=e)
     rd.write_summary(summary)
+    if summary.get("note"):
+        _log(f"run {rd.hash}: {summary['note']}")
     summary["_dir"] = str(rd.path)
     return summary

@@ -1,0 +1,390 @@
+"""Wave-2 KV-cache methods on a tiny random Llama (2 layers, 4 query heads, 2 KV heads, d=16).
+
+For each method: (1) after prefill every layer/head holds what its allocator promised and the cache's bytes
+equal kept tokens × bytes per token; (2) the kept tokens equal a slow reference written here with loops over
+heads/rows and explicit causal softmaxes on the layer's captured queries/keys; (3) decode-time methods never
+exceed their budget over 64 generated tokens.
+"""
+import math
+
+import pytest
+import torch
+
+from kvbench.cache import KVBenchCache
+from kvbench.engine import Engine
+from kvbench.method import build_method
+from kvbench.methods.cake import allocate
+
+N, BUDGET, GEN = 160, 48, 64
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from kvbench.models import load_model
+    torch.set_num_threads(1)
+    return load_model("synthetic", shape="tiny", device="cpu", dtype="float32")
+
+
+def ids(seed=0, n=N):
+    return torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(lm, method, n=N, seed=0, decode=0, on_step=None):
+    """Prefill (compressing) random ids; capture each layer's queries and uncompressed K/V/positions."""
+    captured = {}
+    orig = method.compress_layer
+
+    def spy(ctx):
+        k, v, p = ctx.layer.dense()
+        captured[ctx.layer_idx] = (ctx.query.detach().clone(), k.clone(), v.clone(), p.clone(), ctx.scaling)
+        orig(ctx)
+
+    method.compress_layer = spy
+    eng = Engine(lm, method, query_aware=True)
+    eng.stop_ids = set()  # random weights: never stop early
+    cache = eng.new_cache()
+    pre = eng.prefill(cache, ids(seed, n), method, compress=True)
+    after = [[cache.layer(l).head(h)[2].clone() for h in range(cache.layer(l).n_heads)] for l in range(len(cache))]
+    check_bytes(cache)
+    if decode:
+        eng.decode(cache, method, pre.logits, decode, on_step=on_step)
+    return cache, captured, after
+
+
+def check_bytes(cache: KVBenchCache):
+    layer = cache.layer(0)
+    per_token = 2 * layer.keys.shape[1] * layer.keys.element_size()
+    kept = sum(sum(l) for l in cache.head_lengths())
+    assert cache.nbytes() == kept * per_token
+
+
+def kept_sets(after, layer):
+    return [sorted(p.tolist()) for p in after[layer]]
+
+
+# -- slow references -------------------------------------------------------------------------------
+def ref_attention(q, k, scaling, rows):
+    """(n_q, len(rows), L): causal softmax of the query at each absolute position in `rows`, head by head."""
+    n_q, T, _ = q.shape
+    n_kv, L, _ = k.shape
+    g = n_q // n_kv
+    out = torch.zeros(n_q, len(rows), L)
+    for hq in range(n_q):
+        for a, pos in enumerate(rows):
+            qi = q[hq, pos - (L - T)]
+            logits = (k[hq // g, : pos + 1] @ qi) * scaling
+            out[hq, a, : pos + 1] = torch.softmax(logits, dim=0)
+    return out
+
+
+def ref_avg_pool(x, kernel):
+    r = kernel // 2
+    return torch.tensor([x[max(0, j - r): j + r + 1].mean() for j in range(len(x))])
+
+
+def top(scores, k):
+    """Indices of the k largest scores (the reference ranks with a plain sort)."""
+    return sorted(sorted(range(len(scores)), key=lambda j: -float(scores[j]))[:k])
+
+
+def group_mean(a, n_kv):
+    """(n_q, ...) -> (n_kv, ...) mean over each KV head's query group."""
+    return a.reshape(n_kv, a.shape[0] // n_kv, *a.shape[1:]).mean(1)
+
+
+# -- baselines ------------------------------------------------------------------------------------------
+def test_recent_keeps_last_tokens_and_rolls(lm):
+    m = build_method("recent", budget=BUDGET)
+    seen = []
+    cache, _, after = run(lm, m, decode=GEN, on_step=lambda c: seen.append(max(max(x) for x in c.head_lengths())))
+    for l in range(2):
+        assert kept_sets(after, l) == [list(range(N - BUDGET, N))] * 2
+    assert max(seen) <= BUDGET
+    final = sorted(cache.layer(0).head(0)[2].tolist())
+    assert final == list(range(N + GEN - 1 - BUDGET, N + GEN - 1))
+
+
+def test_random_is_seeded(lm):
+    a = run(lm, build_method("random", budget=BUDGET, seed=1))[2]
+    b = run(lm, build_method("random", budget=BUDGET, seed=1))[2]
+    c = run(lm, build_method("random", budget=BUDGET, seed=2))[2]
+    assert all(len(p) == BUDGET for layer in a for p in layer)
+    assert kept_sets(a, 0) == kept_sets(b, 0) and kept_sets(a, 0) != kept_sets(c, 0)
+    assert kept_sets(a, 0)[0] != kept_sets(a, 0)[1]  # heads draw independently
+
+
+def test_knorm_keeps_lowest_key_norms(lm):
+    _, cap, after = run(lm, build_method("knorm", budget=BUDGET))
+    for l in range(2):
+        k = cap[l][1]
+        for h in range(2):
+            norms = [math.sqrt(sum(float(x) ** 2 for x in k[h, j])) for j in range(N)]
+            assert sorted(after[l][h].tolist()) == top([-x for x in norms], BUDGET)
+
+
+# -- TOVA -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("per_head", [True, False])
+def test_tova_last_query_and_decode_budget(lm, per_head):
+    seen = []
+    m = build_method("tova", budget=BUDGET, per_head=per_head)
+    _, cap, after = run(lm, m, decode=GEN, on_step=lambda c: seen.append(max(max(x) for x in c.head_lengths())))
+    for l in range(2):
+        q, k, _, _, s = cap[l]
+        p = ref_attention(q, k, s, [N - 1])[:, 0]            # (n_q, L)
+        per = group_mean(p, 2)
+        for h in range(2):
+            sc = per[h] if per_head else p.mean(0)
+            assert sorted(after[l][h].tolist()) == top(sc, BUDGET)
+    assert seen and max(seen) == BUDGET
+
+
+# -- Ada-KV ---------------------------------------------------------------------------------------------
+def ref_snap(q, k, s, w, kernel):
+    L = k.shape[1]
+    p = ref_attention(q, k, s, list(range(L - w, L)))      # (n_q, w, L)
+    votes = group_mean(p.mean(1), 2)                        # (n_kv, L)
+    out = []
+    for h in range(2):
+        pooled = ref_avg_pool(votes[h, : L - w], kernel).tolist()
+        out.append(pooled + [float("inf")] * w)
+    return out
+
+
+def test_adakv_global_topk_with_safeguard(lm):
+    w, alpha = 8, 0.2
+    m = build_method("adakv", budget=BUDGET, scorer="snapkv", window_size=w, kernel_size=5, pooling="avg",
+                     alpha_safeguard=alpha)
+    _, cap, after = run(lm, m)
+    for l in range(2):
+        q, k, _, _, s = cap[l]
+        sc = ref_snap(q, k, s, w, 5)
+        guard = w + int(alpha * (BUDGET - w))
+        pool = []
+        for h in range(2):
+            g = set(top(sc[h], guard))
+            pool += [(float("inf") if j in g else sc[h][j], h, j) for j in range(N)]
+        chosen = sorted(pool, key=lambda t: -t[0])[: BUDGET * 2]
+        lens = [len(p) for p in after[l]]
+        assert sum(lens) == BUDGET * 2 and min(lens) >= guard
+        for h in range(2):
+            assert sorted(after[l][h].tolist()) == sorted(j for _, hh, j in chosen if hh == h)
+
+
+def test_adakv_bad_scorer():
+    with pytest.raises(ValueError, match="scorer"):
+        build_method("adakv", budget=BUDGET, scorer="nope")
+
+
+# -- CAKE -----------------------------------------------------------------------------------------------
+def test_allocate_hand_examples():
+    assert allocate([1, 3], 8, [10, 10]) == [2, 6]
+    assert allocate([1, 3], 8, [10, 5]) == [3, 5]          # capped layer's excess goes to the other
+    assert allocate([1, 1, 1], 10, [10, 10, 10]) == [4, 3, 3]
+    assert allocate([1, 1], 30, [4, 6]) == [4, 6]          # more than fits
+
+
+def test_cake_layer_budgets_and_indicator(lm):
+    w, gamma = 8, 200.0
+    seen = []
+    m = build_method("cake", budget=BUDGET, window_size=w, gamma=gamma)
+    cache, cap, after = run(lm, m, decode=GEN, on_step=lambda c: seen.append(c.head_lengths()))
+    lens = [len(after[l][0]) for l in range(2)]
+    assert sum(lens) == BUDGET * 2 and all(len(p) == lens[l] for l in range(2) for p in after[l])
+    prefs = []
+    for l in range(2):
+        q, k, _, _, s = cap[l]
+        p = ref_attention(q, k, s, list(range(N - w, N)))    # (n_q, w, L)
+        pre = p[:, :, : N - w]
+        ent = -sum(float(x * math.log(x + 1e-10)) for x in pre.flatten())
+        var = float(pre.var(dim=1).sum())
+        prefs.append(ent * var)
+        ind = group_mean(torch.stack([ref_avg_pool(p[hq].mean(0)[: N - w] + gamma * p[hq].var(0)[: N - w], 5)
+                                      for hq in range(4)]), 2)
+        for h in range(2):
+            assert sorted(after[l][h].tolist()) == top(ind[h], lens[l] - w) + list(range(N - w, N))
+    total = 2 * (BUDGET - w)
+    assert abs((lens[0] - w) - total * prefs[0] / sum(prefs)) <= 1
+    assert all(max(layer[h] for h in range(2)) <= lens[l] for step in seen for l, layer in enumerate(step))
+
+
+# -- WindowKV -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("select", ["max", "average"])
+def test_windowkv_windows_shared_in_group(lm, select):
+    size, w = 8, 8
+    m = build_method("windowkv", budget=BUDGET, review_window_size=size, suffix_size=w, shared_layers=2,
+                     window_select=select)
+    _, cap, after = run(lm, m)
+    q, k, _, _, s = cap[0]
+    p = ref_attention(q, k, s, list(range(N - w, N))).sum(1)[:, : N - w]   # (n_q, prefix)
+    n_win = (N - w) // size
+    scores = []
+    for i in range(n_win):
+        vals = sorted(p[:, i * size:(i + 1) * size].flatten().tolist(), reverse=True)
+        scores.append(sum(vals) / len(vals) if select == "average" else sum(vals[: size // 2]) / (size // 2))
+    keep = n_win - math.ceil((N - BUDGET) / size)
+    wins = top(scores, keep)
+    expect = [t for i in wins for t in range(i * size, (i + 1) * size)] + list(range(N - w, N))
+    for l in range(2):  # layer 1 reuses layer 0's windows
+        assert kept_sets(after, l) == [expect, expect]
+
+
+# -- CompressKV -----------------------------------------------------------------------------------------
+def test_compresskv_retrieval_heads_and_error_budgets(lm):
+    w, first_k = 8, 2
+    m = build_method("compresskv", budget=BUDGET, window_size=w, first_k=first_k, min_tokens=16)
+    _, cap, after = run(lm, m)
+    lens = [len(after[l][0]) for l in range(2)]
+    assert sum(lens) == 2 * BUDGET and 16 <= min(lens)
+    errs = []
+    for l in range(2):
+        q, k, v, _, s = cap[l]
+        p = ref_attention(q, k, s, list(range(N - w, N)))                # (n_q, w, L)
+        mass = [float(p[hq, :, 4: N - w].sum()) for hq in range(4)]
+        heads = top(mass, first_k)
+        sc = torch.stack([ref_avg_pool(p[hq].sum(0)[: N - w], 5) for hq in heads]).mean(0).tolist()
+        sc += [float("inf")] * w
+        uni = top(sc, BUDGET)
+        err = 0.0
+        for hq in range(4):
+            kept_p = torch.zeros(N)
+            kept_p[uni] = 1
+            for a in range(w):
+                full = p[hq, a] @ v[hq // 2]
+                pk = p[hq, a] * kept_p
+                err += float(((full - (pk / pk.sum()) @ v[hq // 2]) ** 2).sum())
+        errs.append(math.sqrt(err))
+        assert kept_sets(after, l) == [top(sc, lens[l])] * 2
+    # the layer with the larger eviction error gets the larger budget
+    assert (lens[0] - lens[1]) * (errs[0] - errs[1]) >= 0
+
+
+# -- CORM -----------------------------------------------------------------------------------------------
+def ref_corm(q, k, s, w):
+    p = ref_attention(q, k, s, list(range(N - w, N)))                   # (n_q, w, L)
+    vis = torch.arange(N - w + 1, N + 1).view(1, w, 1)
+    rel = (p * vis).reshape(2, 2, w, N).amax(dim=(1, 2))
+    rel[:, N - w:] = float("inf")
+    return rel
+
+
+def test_corm_budget_and_budget_free(lm):
+    w = 16
+    _, cap, after = run(lm, build_method("corm", budget=BUDGET, window_size=w))
+    for l in range(2):
+        rel = ref_corm(*cap[l][:2], cap[l][4], w)
+        assert kept_sets(after, l) == [top(rel[h], BUDGET) for h in range(2)]
+    cache, cap, after = run(lm, build_method("corm", window_size=w, alpha=1.0))
+    for l in range(2):
+        rel = ref_corm(*cap[l][:2], cap[l][4], w)
+        assert kept_sets(after, l) == [[j for j in range(N) if rel[h, j] >= 1.0] for h in range(2)]
+    assert len(set(len(p) for layer in after for p in layer)) > 1   # ragged: real per-head budgets
+
+
+# -- LaCache --------------------------------------------------------------------------------------------
+def ref_ladder(n_layers, layer, span, overlap, n_sink, recent, positions, drops, state):
+    """Drop `drops` tokens one at a time from the sorted `positions` list (the ladder walk)."""
+    before = 1 + max(0, math.ceil((n_layers - span) / (span - overlap)))
+    after = min(math.ceil(span / (span - overlap)), before)
+    off = layer % (before - after + 1)
+    droppable = [o for o in range(before) if not (off <= o < off + after)]
+    for _ in range(drops):
+        cur, done = state
+        if cur + before - done > len(positions) - recent:
+            cur, done = n_sink, 0
+        positions.pop(cur + droppable[done] - done)
+        done += 1
+        if done == len(droppable):
+            cur, done = cur + after, 0
+        state[:] = [cur, done]
+
+
+def test_lacache_ladder_and_iterative_compaction(lm):
+    knobs = dict(span=1, overlap=0, n_sink=4, recent=8)
+    seen = []
+    cache, _, after = run(lm, build_method("lacache", budget=BUDGET, **knobs), decode=GEN,
+                          on_step=lambda c: seen.append(max(max(x) for x in c.head_lengths())))
+    assert max(seen) == BUDGET
+    for l in range(2):
+        pos, st = list(range(N)), [4, 0]
+        ref_ladder(2, l, 1, 0, 4, 8, pos, N - BUDGET, st)
+        assert kept_sets(after, l) == [pos, pos]
+        for t in range(N, N + GEN - 1):  # each decode step appends one token, then compacts one
+            pos.append(t)
+            ref_ladder(2, l, 1, 0, 4, 8, pos, 1, st)
+        assert sorted(cache.layer(l).head(1)[2].tolist()) == pos
+    assert kept_sets(after, 0) != kept_sets(after, 1)  # the ladder: layers keep different tokens
+
+
+# -- D2O ------------------------------------------------------------------------------------------------
+def test_d2o_density_budgets_merge_and_decode(lm):
+    w, ratio = 8, 0.5
+    seen = []
+    m = build_method("d2o", budget=BUDGET, window_size=w, recent_ratio=ratio)
+    _, cap, after = run(lm, m, decode=GEN, on_step=lambda c: seen.append(c.head_lengths()))
+    lens = [len(after[l][0]) for l in range(2)]
+    assert sum(lens) == 2 * BUDGET
+    dens = []
+    for l in range(2):
+        q, k, v, _, s = cap[l]
+        p = ref_attention(q, k, s, list(range(N)))                    # every prompt query
+        wp = p[:, N - w:]
+        ent = -(wp * torch.log(wp.clamp_min(1e-30))).sum(-1)
+        dens.append(float((ent.exp() / torch.arange(N - w + 1, N + 1)).mean()))
+        acc = p.sum(1).reshape(2, 2, N).sum(1)                         # accumulated, summed over the group
+        b = lens[l]
+        recent = round(b * ratio)
+        layer = cache_layer = None
+        for h in range(2):
+            kept = sorted(list(range(N - recent, N)) + top(acc[h, : N - recent], b - recent))
+            assert sorted(after[l][h].tolist()) == kept
+    assert abs(lens[0] - 2 * BUDGET * dens[0] / sum(dens)) <= 1
+    assert all(layer[h] <= lens[l] for step in seen for l, layer in enumerate(step) for h in range(2))
+
+
+def test_d2o_merge_rule(lm):
+    """Keys of kept tokens after prefill: nearest-neighbour merge with the EMA threshold (first = mean sim)."""
+    m = build_method("d2o", budget=BUDGET, window_size=8)
+    captured = {}
+    orig = m.after_prefill
+
+    def spy(cache):
+        captured.update({l: cache.layer(l).dense()[0].clone() for l in range(len(cache))})
+        orig(cache)
+
+    m.after_prefill = spy
+    cache, _, after = run(lm, m)
+    l, h = 0, 1
+    k0 = captured[l][h]
+    kept = sorted(after[l][h].tolist())
+    ev = [j for j in range(N) if j not in kept]
+    best = []
+    for j in ev:
+        sims = [float(k0[j] @ k0[c] / (k0[j].norm() * k0[c].norm())) for c in kept]
+        best.append((max(range(len(kept)), key=lambda i: sims[i]), max(sims)))
+    tau = sum(sv for _, sv in best) / len(best)
+    for i, c in enumerate(kept):
+        ins = [(j, sv) for j, (t, sv) in zip(ev, best) if t == i and sv >= tau]
+        den = math.e + sum(math.exp(sv) for _, sv in ins)
+        expect = (math.e * k0[c] + sum(math.exp(sv) * k0[j] for j, sv in ins)) / den
+        row = (cache.layer(l).head(h)[2] == c).nonzero()[0, 0]
+        assert torch.allclose(cache.layer(l).head(h)[0][row], expect, atol=1e-5)
+
+
+# -- EMS ------------------------------------------------------------------------------------------------
+def test_ems_global_local_and_merge(lm):
+    w = 8
+    cache, cap, after = run(lm, build_method("ems", budget=BUDGET, window_size=w, merge_ratio=0.5))
+    for l in range(2):
+        q, k, _, _, s = cap[l]
+        p = ref_attention(q, k, s, list(range(N)))
+        acc = p.sum(1).reshape(2, 2, N).sum(1)
+        glob = acc / torch.tensor([min(N - j, N) for j in range(N)], dtype=torch.float)
+        loc = p[:, N - w:].sum(1).reshape(2, 2, N).sum(1)
+        sc = torch.maximum(glob / glob.sum(1, keepdim=True), loc / loc.sum(1, keepdim=True))
+        sc[:, N - w:] = float("inf")
+        assert kept_sets(after, l) == [top(sc[h], BUDGET) for h in range(2)]
+    # merging changed some kept keys (their original rows are in the captured keys)
+    k_orig = cap[0][1][0]
+    kk, _, pos = cache.layer(0).head(0)
+    changed = sum(not torch.allclose(kk[i], k_orig[int(pos[i])]) for i in range(len(pos)))
+    assert 0 < changed < BUDGET
