@@ -6,9 +6,9 @@ and exit code 2 instead of a traceback.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -28,104 +28,265 @@ def group_options(group: str) -> list[str]:
 
 
 # -- validation -------------------------------------------------------------------------------------
-def _split_override(arg: str) -> tuple[str, str] | None:
-    if "=" not in arg or arg.startswith("-"):
-        return None
-    key, val = arg.split("=", 1)
-    return key.lstrip("+~"), val
+# Launchers shipped in conf/hydra/launcher/ (plus Hydra's in-process `basic`) and the plugin each needs.
+LAUNCHER_PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+                    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+                    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher")}
+GROUPS = ("method", "task", "model")
+# Our conf/hydra/launcher/*.yaml share the plugins' names on purpose; Hydra merges them onto the plugins'
+# schemas and says so in a deprecation warning, noise for kvbench users. Set at import, so that it also
+# holds in launcher workers, which import this module to unpickle the job function.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*' is validated against ConfigStore schema")
+DEVICE_RE = r"auto|cpu|mps|cuda(:\d+)?"
 
 
-def _sweep_values(val: str, multirun: bool) -> list[str]:
-    if multirun and "," in val and not val.startswith("["):
-        return [v.strip() for v in val.split(",")]
-    return [val]
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _parse(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    try:  # a config loader lets glob() sweeps list group options
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra._internal.utils import create_config_search_path
+        loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
+    except Exception:
+        loader = None
+    parser = OverridesParser.create(config_loader=loader)
+    for arg in overrides:  # one at a time, so the message names the bad one
+        try:
+            parser.parse_overrides([arg])
+        except Exception as e:
+            raise BadInput(f"cannot parse {arg!r}: {_first_line(e)}") from None
+    return parser.parse_overrides(overrides)
+
+
+def _check_launcher(value: str) -> None:
+    allowed = sorted({"basic", *LAUNCHER_PLUGINS, *group_options("hydra/launcher")})
+    if value not in allowed:
+        raise BadInput(f"unknown hydra/launcher {value!r}; allowed: {', '.join(allowed)}")
+    if value in LAUNCHER_PLUGINS:
+        import importlib.util
+        module, package = LAUNCHER_PLUGINS[value]
+        if importlib.util.find_spec(module) is None:
+            raise BadInput(f"hydra/launcher={value} needs the package {package}: pip install 'kvbench[sweep]'")
 
 
 def validate_overrides(args: list[str], multirun: bool) -> list[list[str]]:
-    """Check group names and budgets; return override lists to compose (first value of each sweep)."""
-    firsts = []
-    for arg in args:
-        kv = _split_override(arg)
-        if kv is None:
+    """Check the command line's overrides; return one override list per job (the sweep, expanded).
+
+    Group names are checked against conf/<group>/*.yaml and launchers against the installed plugins;
+    `hydra...` overrides are left to Hydra and are not part of the returned job lists."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    parsed = _parse([a for a in args if not a.startswith("-")])
+    job_overrides = []
+    for o in parsed:
+        key = o.key_or_group
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() and o.is_discrete_sweep() else None
+        if o.is_sweep_override() and not multirun:
+            raise BadInput(f"{o.input_line!r} sweeps over several values; add -m to run a sweep")
+        if o.is_sweep_override() and values is None:
+            raise BadInput(f"{o.input_line!r}: only lists of values, range() and glob() can be swept here")
+        if values is None:
+            values = [o.get_value_element_as_str()]
+        if key == "hydra/launcher":
+            for v in values:
+                _check_launcher(v)
+        if key.startswith("hydra"):
             continue
-        key, val = kv
-        values = _sweep_values(val, multirun)
-        if "," in val and not multirun and key in ("method", "task", "model", "budget") and not val.startswith("["):
-            raise BadInput(f"{key}={val!r} lists several values; add -m to sweep over them")
-        if key in ("method", "task", "model"):
+        if o.is_delete():
+            raise BadInput(f"{o.input_line!r}: deleting keys is not supported; set a value instead")
+        if key in GROUPS:
             allowed = group_options(key)
             for v in values:
                 if v not in allowed:
                     raise BadInput(f"unknown {key} {v!r}; allowed: {', '.join(allowed)}")
-        if key == "budget":
-            for v in values:
-                if v in ("null", "None"):
-                    continue
-                try:
-                    b = int(v)
-                except ValueError:
-                    raise BadInput(f"budget={v!r} is not an integer; allowed: a positive integer (tokens per head per layer)")
-                if b <= 0:
-                    raise BadInput(f"budget={b} must be > 0; allowed: a positive integer (tokens per head per layer)")
-        if key == "model.path" and val not in ("null", "None"):
-            for v in values:
-                if not Path(v).expanduser().exists():
-                    raise BadInput(f"model.path={v!r} does not exist")
-        firsts.append(f"{arg.split('=', 1)[0]}={values[0]}")
-    return [firsts]
+        job_overrides.append(o)
+    jobs = BasicSweeper.split_arguments(job_overrides, None)[0] if job_overrides else [[]]
+    return jobs
 
 
-def compose(overrides: list[str]) -> dict:
+def _hydra_compose(overrides: list[str]):
+    """Hydra's compose of conf/config.yaml (a DictConfig, interpolations unresolved)."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            cfg = hcompose(config_name="config", overrides=overrides)
+            return hcompose(config_name="config", overrides=overrides)
     except Exception as e:  # hydra's messages are multi-line; keep the informative first line
-        raise BadInput(str(e).strip().splitlines()[0]) from None
+        raise BadInput(_first_line(e)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _to_dict(cfg, strict: bool = True) -> dict:
+    from omegaconf import OmegaConf
     try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=strict)
     except Exception as e:
-        raise BadInput(str(e).strip().splitlines()[0]) from None
+        msg = _first_line(e)
+        if "Missing mandatory value" in msg:  # `???` in a model yaml: e.g. model=gguf without model.path
+            msg = f"{getattr(e, 'full_key', None) or msg} is required; set it on the command line"
+        raise BadInput(msg) from None
+
+
+def compose(overrides: list[str], strict: bool = True) -> dict:
+    """The resolved config for these overrides (strict: a `???` value left unset is an error)."""
+    return _to_dict(_hydra_compose(overrides), strict)
+
+
+def _node(cfg: dict, dotted: str):
+    """(found, value) of a dotted key in a nested dict."""
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _type_name(v) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(v), type(v).__name__)
+
+
+def _same_kind(default, value) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    for t in (str, list, dict):
+        if isinstance(default, t):
+            return isinstance(value, t)
+    return True
+
+
+_GROUP_CONFIGS: dict[tuple, object] = {}
+
+
+def compose_job(job: list[str]) -> dict:
+    """One job's resolved config, as Hydra will compose it for the job. Every overridden key must exist in
+    the shipped config (`+method.<knob>` may add a method knob, which the method checks) and keep the type
+    of its shipped default (a null default accepts anything).
+
+    A full Hydra compose takes ~0.3 s; a sweep only varies a few groups, so we compose each combination of
+    group choices once and apply the job's value overrides with Hydra's own override code."""
+    import copy
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    groups = tuple(a for a in job if a.split("=", 1)[0].lstrip("+") in GROUPS)
+    if groups not in _GROUP_CONFIGS:
+        _GROUP_CONFIGS[groups] = _hydra_compose(list(groups))
+    base = _to_dict(_GROUP_CONFIGS[groups], strict=False)
+    values = [a for a in job if a not in groups]
+    for arg in values:
+        raw = arg.split("=", 1)[0]
+        key = raw.lstrip("+")
+        found, default = _node(base, key)
+        if not found:
+            if raw.startswith("+") and key.startswith("method.") and key.count(".") == 1:
+                continue  # a method knob not listed in the yaml: build_method checks it against the method
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            pfound, pnode = _node(base, parent) if parent else (True, base)
+            allowed = ", ".join(sorted(pnode)) if pfound and isinstance(pnode, dict) else ", ".join(sorted(base))
+            raise BadInput(f"unknown key {key!r}; allowed{' in ' + parent if parent and pfound else ''}: {allowed}")
+    try:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        dc = copy.deepcopy(_GROUP_CONFIGS[groups])
+        ConfigLoaderImpl._apply_overrides_to_config(OverridesParser.create().parse_overrides(values), dc)
+    except Exception:  # anything unusual: let a full compose give Hydra's own answer (or error)
+        dc = _hydra_compose(job)
+    cfg = _to_dict(dc)
+    for arg in values:
+        key = arg.split("=", 1)[0].lstrip("+")
+        found, default = _node(base, key)
+        if not found or key == "budget":  # validate_config gives budget its own message
+            continue
+        _, value = _node(cfg, key)
+        if value is None:
+            if default is None or key.startswith(("task.", "model.")):
+                continue  # tasks and models check their own nullable knobs
+            raise BadInput(f"{key}=null; allowed: {_type_name(default)} (default {default!r})")
+        if default is not None and default != "???" and not _same_kind(default, value):
+            raise BadInput(f"{key}={value!r} has the wrong type; allowed: {_type_name(default)} (default {default!r})")
+    return cfg
 
 
 def validate_config(cfg: dict) -> None:
-    """Build the method and task once (cheap) so their knob errors surface before any model is loaded."""
-    from kvbench.runner import build_task, method_from_cfg
-    try:
-        method_from_cfg(cfg)
-        build_task(cfg["task"])
-    except (ValueError, TypeError) as e:
-        raise BadInput(str(e).splitlines()[0]) from None
+    """Check a job's values, then build its method and task once (cheap) so their knob errors surface
+    before any model is loaded. A budget larger than the context is allowed (the run reports "no
+    compression")."""
+    check_values(cfg)
+    check_components(cfg)
+
+
+def check_values(cfg: dict) -> None:
+    """The checks that need no torch import (so most bad input is refused in well under a second)."""
+    import re
     b = cfg.get("budget")
     if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b <= 0):
-        raise BadInput(f"budget={b!r}; allowed: a positive integer (tokens per head per layer)")
+        raise BadInput(f"budget={b!r}; allowed: a positive integer (kept tokens per head per layer) or null")
+    r = cfg.get("compression_ratio")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1):
+        raise BadInput(f"compression_ratio={r!r}; allowed: a number in [0, 1) or null")
     if cfg.get("logger") not in ("none", "wandb"):
         raise BadInput(f"logger={cfg.get('logger')!r}; allowed: none, wandb")
     if cfg.get("dtype") not in ("auto", "float32", "bfloat16", "float16"):
         raise BadInput(f"dtype={cfg.get('dtype')!r}; allowed: auto, float32, bfloat16, float16")
-    mp = cfg["model"].get("path")
-    if mp and not Path(mp).expanduser().exists():
-        raise BadInput(f"model.path={mp!r} does not exist")
+    if not re.fullmatch(DEVICE_RE, str(cfg.get("device"))):
+        raise BadInput(f"device={cfg.get('device')!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    for key in ("seed", "prefill_chunk"):
+        v = cfg.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise BadInput(f"{key}={v!r}; allowed: an integer >= 0")
+    m = cfg["model"]
+    mc = m.get("max_context")
+    if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc <= 0):
+        raise BadInput(f"model.max_context={mc!r}; allowed: a positive integer or null")
+    for key, p in (("model.path", m.get("path")), ("model.name", m.get("name"))):
+        # model.name is a hub id unless it looks like a local path (hub ids never start with / . ~)
+        local = key == "model.path" or str(p).endswith(".gguf") or str(p).startswith(("/", ".", "~"))
+        if p and local and not Path(str(p)).expanduser().exists():
+            raise BadInput(f"{key}={p!r} does not exist")
+
+
+def check_components(cfg: dict) -> None:
+    """Build the method and the task (imports torch and every method/task module)."""
+    from kvbench.models import SYNTHETIC_SHAPES
+    from kvbench.runner import build_task, method_from_cfg
+    m = cfg["model"]
+    if m.get("name") == "synthetic" and m.get("shape") not in SYNTHETIC_SHAPES:
+        raise BadInput(f"model.shape={m.get('shape')!r}; allowed: {', '.join(SYNTHETIC_SHAPES)}")
+    try:
+        method_from_cfg(cfg)
+        build_task(cfg["task"])
+    except (ValueError, TypeError) as e:
+        raise BadInput(_first_line(e)) from None
+
+
+def plan_jobs(args: list[str], multirun: bool) -> list[dict]:
+    """Every job's resolved config, validated (cheap checks of every job first); BadInput at the first bad one."""
+    cfgs = [compose_job(job) for job in validate_overrides(args, multirun)]
+    for cfg in cfgs:
+        check_values(cfg)
+    for cfg in cfgs:
+        check_components(cfg)
+    from kvbench.runner import normalize_config
+    return [normalize_config(cfg) for cfg in cfgs]
 
 
 # -- run --------------------------------------------------------------------------------------------
-_RUN_SUMMARIES: list[dict] = []
 
 
 def _hydra_job(cfg) -> None:
     from omegaconf import OmegaConf
     from kvbench.runner import execute
-    c = OmegaConf.to_container(cfg, resolve=True)
-    if c["method"]["name"] == "full":  # the full cache has no budget: one run serves every budget of a sweep
-        c["budget"], c["compression_ratio"] = None, None
+    from kvbench.runner import normalize_config
+    c = normalize_config(OmegaConf.to_container(cfg, resolve=True))
     summary = execute(c)
-    _RUN_SUMMARIES.append(summary)
     if c.get("logger") == "wandb" and summary.get("_dir"):
         try:
             from kvbench.report.wandb_logger import log_run
@@ -159,38 +320,67 @@ def fmt_table(summaries: list[dict]) -> str:
 
 
 def cmd_run(args: list[str]) -> int:
+    """Validate every job of the run/sweep (exit 2 on bad input), launch them through Hydra, then print the
+    table of every job's summary as written on disk (the same for in-process and out-of-process launchers).
+    Exit code: 0 when every run is complete and ok, 1 when any run failed, is partial or left no summary."""
+    flags = [a for a in args if a.startswith("-") and a not in ("-m", "--multirun")]
     multirun = "-m" in args or "--multirun" in args
-    try:
-        for overrides in validate_overrides(args, multirun):
-            validate_config(compose(overrides))
-    except BadInput as e:
-        print(f"kvbench: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if not flags:  # Hydra's own flags (--cfg, --info, --help, -cd ...) go straight to Hydra
+        try:
+            planned = plan_jobs(args, multirun)
+        except BadInput as e:
+            print(f"kvbench: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     import hydra
     _RUN_SUMMARIES.clear()
     app = hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(_hydra_job)
     sys.argv = ["kvbench run"] + args
+    code = 0
     try:
         app()
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return int(e.code) if isinstance(e.code, int) else 1
-    summaries = _RUN_SUMMARIES
-    if not summaries:  # an out-of-process launcher (submitit, joblib): read what the jobs wrote
-        summaries = _summaries_from_sweep(args)
-    if summaries:
-        print(fmt_table(summaries))
-        failed = sum(1 for s in summaries if s.get("status") == "failed")
-        if failed:
-            print(f"[kvbench] {failed} of {len(summaries)} runs failed (see their summary.json)", file=sys.stderr)
-            return 1
-    return 0
+    except SystemExit as e:  # e.g. an out-of-process job that died (SIGKILL, node failure): Hydra stops
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except ValueError as e:  # Hydra refuses a combination of its flags (e.g. -m with --cfg)
+        print(f"kvbench: error: {_first_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if flags:
+        return code
+    summaries = _collect(planned)
+    print(fmt_table(summaries))
+    for s in summaries:
+        if s.get("note"):
+            print(f"[kvbench] {s.get('method')}@{s.get('budget')} on {s.get('task')}: {s['note']}", file=sys.stderr)
+    bad = {st: sum(1 for s in summaries if s.get("status") == st) for st in ("failed", "partial", "missing")}
+    if any(bad.values()):
+        what = ", ".join(f"{n} {st}" for st, n in bad.items() if n)
+        print(f"[kvbench] {len(summaries)} runs: {what} (see their summary.json; the same command reruns "
+              f"what failed and resumes what is missing)", file=sys.stderr)
+        return 1
+    return code
+
+
+def _collect(planned: list[dict]) -> list[dict]:
+    """The summary each planned job wrote, read back from its run directory (one per distinct run);
+    a job that left none (killed, or its launcher failed) gets a `missing` row."""
+    from kvbench.runner import run_dir
+    out, seen = [], set()
+    for cfg in planned:
+        rd = run_dir(cfg)
+        if rd.hash in seen:
+            continue
+        seen.add(rd.hash)
+        s = rd.read_summary()
+        if s is None:
+            s = {"run_id": rd.hash, "config_hash": rd.hash, "task": cfg["task"]["name"],
+                 "method": cfg["method"]["name"], "budget": cfg.get("budget"), "query_aware": cfg.get("query_aware"),
+                 "status": "missing", "error": f"no summary in {rd.path}: the job did not finish"}
+        out.append(s)
+    return out
 
 
 def _summaries_from_sweep(args: list[str]) -> list[dict]:
-    cfg = compose(validate_overrides(args, True)[0])
-    root = Path(cfg["results_dir"]) / cfg["sweep"]
-    return [json.loads(p.read_text()) for p in sorted(root.glob("*/summary.json"))]
+    """The summaries of every job of this command line, read from disk."""
+    return _collect(plan_jobs(args, "-m" in args or "--multirun" in args))
 
 
 # -- list -------------------------------------------------------------------------------------------
@@ -248,5 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def entry() -> None:
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `kvbench list | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

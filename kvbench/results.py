@@ -152,8 +152,9 @@ class RunDir:
         import yaml
         atomic_write(self.path / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
 
-    def load_records(self) -> list[dict]:
-        """Records written so far; a torn last line (killed mid-write) is dropped and the file repaired."""
+    def load_records(self, repair: bool = True) -> list[dict]:
+        """Records written so far; a torn last line (killed mid-write) is dropped and, with repair (only
+        under the run's lock: another process may be appending), the file is rewritten without it."""
         if not self.records_path.exists():
             return []
         good, lines = [], self.records_path.read_text().splitlines(keepends=True)
@@ -164,7 +165,7 @@ class RunDir:
                 clean.append(line if line.endswith("\n") else line + "\n")
             except json.JSONDecodeError:
                 break
-        if clean != lines:
+        if repair and clean != lines:
             atomic_write(self.records_path, "".join(clean))
         return good
 

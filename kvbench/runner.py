@@ -41,6 +41,7 @@ from kvbench.task import load_all_tasks
 _MODEL_CACHE: dict[tuple, object] = {}  # sweeps with an in-process launcher (basic, joblib workers) reuse the model
 
 FAULT_ENV = "KVBENCH_FAULT"
+_FORCED: set[str] = set()  # runs already rerun with force=true by this process
 
 
 def get_model(mcfg: dict, device: str, dtype: str, seed: int):
@@ -70,6 +71,15 @@ def method_from_cfg(cfg: dict):
     mcfg.pop("paper", None)
     return build_method(name, budget=cfg.get("budget") if name != "full" else None,
                         compression_ratio=cfg.get("compression_ratio"), **mcfg)
+
+
+def normalize_config(cfg: dict) -> dict:
+    """The config as it identifies the run: the full cache has no budget, so one run serves every budget
+    of a sweep (same normalization as cli._hydra_job; the parent uses it to find each job's run dir)."""
+    if cfg.get("method", {}).get("name") == "full" and (cfg.get("budget") is not None
+                                                        or cfg.get("compression_ratio") is not None):
+        cfg = {**cfg, "budget": None, "compression_ratio": None}
+    return cfg
 
 
 def task_data_version(cfg: dict) -> str | None:
@@ -147,9 +157,13 @@ def _log(msg: str) -> None:
 
 def execute(cfg: dict) -> dict:
     """Run, resume or skip one config; returns its summary (never raises for a failure of the run)."""
+    cfg = normalize_config(cfg)
     rd = run_dir(cfg)
-    force = bool(cfg.get("force", False))
-    if not force and rd.finished() and not needs_work(rd.read_summary(), rd.load_records()):
+    # force=true reruns a run once per process: the full cache appears once per budget of a sweep
+    force = bool(cfg.get("force", False)) and rd.hash not in _FORCED
+    if force:
+        _FORCED.add(rd.hash)
+    if not force and rd.finished() and not needs_work(rd.read_summary(), rd.load_records(repair=False)):
         _log(f"skip finished run {rd.hash} ({rd.path})")
         return {**rd.read_summary(), "_skipped": True, "_dir": str(rd.path)}
     try:

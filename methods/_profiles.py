@@ -186,6 +186,23 @@ def streaming_length(n: int, n_heads: int, n_retrieval: int, target: int, minimu
     return max(min(minimum, n), min(n, s))
 
 
+def fit_retrieval(scores: torch.Tensor, retrieval: torch.Tensor, n: int, target: int, floor: int) -> torch.Tensor:
+    """Demote retrieval heads, lowest score first, until every streaming head can keep at least `floor`
+    tokens with the mean over all heads at `target` (or no retrieval head is left)."""
+    N = retrieval.numel()
+    mask = retrieval.clone().reshape(-1)
+    flat = scores.reshape(-1).float()
+
+    def fits(R: int) -> bool:
+        return n <= target if R == N else (N * target - R * n) / (N - R) >= floor
+    order = sorted((i for i in range(N) if mask[i]), key=lambda i: (float(flat[i]), -i))
+    for i in order:
+        if fits(int(mask.sum())):
+            break
+        mask[i] = False
+    return mask.view(retrieval.shape)
+
+
 def sink_recent_indices(n: int, n_sink: int, n_recent: int, device=None) -> torch.Tensor:
     """Local indices of the first n_sink and last n_recent of n rows (a freshly prefilled head, rows in
     position order), sorted, without duplicates."""

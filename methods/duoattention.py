@@ -21,9 +21,11 @@ What we simplified (documented knobs, `kvbench profile method=duoattention`):
 
 Budget rule (the benchmark's `budget` = mean kept tokens per head per layer): retrieval heads keep all n
 tokens; every streaming head keeps s = ⌊(N·budget − R·n)/(N − R)⌋ tokens (N KV heads in the model, R of
-them retrieval heads), so the mean over all heads of all layers is the budget. If the retrieval heads alone
-exceed it, s falls to its minimum of 2 (one sink, one recent) and the mean is above the budget (lower the
-retrieval share with `sparsity`); the stored bytes are measured either way. The s tokens are split between
+them retrieval heads), so the mean over all heads of all layers is the budget. Where the profile's retrieval
+heads would leave the streaming heads fewer than `min_stream_frac`·budget tokens (long contexts, small
+budgets), retrieval heads are demoted to streaming heads, lowest gate first, until that floor holds; with
+`min_stream_frac=0` the profile's retrieval set is kept as is, s falls to 2 (one sink, one recent) when it
+must, and the mean may exceed the budget. The stored bytes are measured either way. The s tokens are split between
 sinks and recent tokens in the paper's 128:256 proportion (`sink_size` sinks once s ≥ sink_size +
 recent_size). Without a budget or ratio, streaming heads keep `sink_size + recent_size` (the paper's setting).
 """
@@ -96,7 +98,7 @@ def train_gates(model, samples: list[tuple[list[int], slice]], steps: int, sink:
                 opt.step()
                 with torch.no_grad():
                     gates.clamp_(0.0, 1.0)
-                losses.append(float(loss))
+                losses.append(loss.item())
     return gates.detach().cpu(), losses
 
 
@@ -105,6 +107,7 @@ def train_gates(model, samples: list[tuple[list[int], slice]], steps: int, sink:
 class DuoAttention(Method):
     sparsity: float | None = 0.5   # share of KV heads that become streaming heads (null: use threshold)
     threshold: float = 0.5         # with sparsity=null: gate > threshold ⇒ retrieval head
+    min_stream_frac: float = 0.5   # with a budget: streaming heads keep at least this share of it (see docstring)
     sink_size: int = 128           # paper's streaming pattern (also the no-budget setting)
     recent_size: int = 256
     train_steps: int = 40          # profiling (see the module docstring for the paper's values)
@@ -125,6 +128,8 @@ class DuoAttention(Method):
         super().__post_init__()
         if self.sparsity is not None and not 0.0 <= float(self.sparsity) <= 1.0:
             raise ValueError(f"method.sparsity={self.sparsity!r}; allowed: a share in [0, 1] or null")
+        if not 0.0 <= float(self.min_stream_frac) <= 1.0:
+            raise ValueError(f"method.min_stream_frac={self.min_stream_frac!r}; allowed: a share in [0, 1]")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"method.threshold={self.threshold!r}; allowed: a gate value in [0, 1]")
         for k in ("sink_size", "recent_size", "train_steps", "train_len", "train_samples", "train_sink",
@@ -192,6 +197,9 @@ class DuoAttention(Method):
             s = min(n, self.sink_size + self.recent_size)
         else:
             s = _profiles.streaming_length(n, retrieval.numel(), int(retrieval.sum()), self.target(n), 2)
+        return self._split(s)
+
+    def _split(self, s: int) -> tuple[int, int]:
         if s >= self.sink_size + self.recent_size:
             sinks = self.sink_size
         else:
@@ -199,11 +207,19 @@ class DuoAttention(Method):
             sinks = min(sinks, s - 1) if s > 1 else min(sinks, s)
         return s, sinks
 
+    def plan_heads(self, gates: torch.Tensor, n: int) -> torch.Tensor:
+        """Retrieval mask after the budget's demotions (see the module docstring)."""
+        retrieval = self.retrieval_mask(gates)
+        if (self.budget is None and self.compression_ratio is None) or self.min_stream_frac == 0:
+            return retrieval
+        t = self.target(n)
+        return _profiles.fit_retrieval(gates, retrieval, n, t, max(2, int(self.min_stream_frac * t)))
+
     def compress_layer(self, ctx: LayerContext) -> None:
-        retrieval = self.retrieval_mask(self._gates(ctx))
         layer = ctx.layer
         lens = layer.head_lengths
         n = max(lens)
+        retrieval = self.plan_heads(self._gates(ctx), n)
         s, sinks = self.streaming_plan(n, retrieval)
         self._n_sink = sinks
         row = retrieval[ctx.layer_idx]

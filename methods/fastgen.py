@@ -183,12 +183,13 @@ class FastGen(Method):
             sweep.append({"threshold": t, "mean_kept": sum(kept) / len(kept)})
         ok = [s for s in sweep if s["mean_kept"] <= self.budget]
         best = max(ok, key=lambda s: s["threshold"]) if ok else sweep[0]
-        return {"threshold": best["threshold"], "mean_kept": best["mean_kept"], "sweep": sweep,
+        return {"threshold": best["threshold"], "mean_kept": best["mean_kept"], "within_budget": bool(ok), "sweep": sweep,
                 "calib_tokens": [len(p) for p in prompts]}, sum(len(p) for p in prompts)
 
     def summary(self, entry: dict) -> str:
         d = entry["data"]
-        return (f"budget {self.budget}: threshold T={d['threshold']} keeps {d['mean_kept']:.1f} tokens per head "
+        note = "" if d["within_budget"] else " (no T in the sweep fits the budget: lowest T taken)"
+        return (f"budget {self.budget}: threshold T={d['threshold']} keeps {d['mean_kept']:.1f} tokens per head{note} "
                 f"on average over {len(d['calib_tokens'])} calibration prompts of ~{max(d['calib_tokens'])} tokens")
 
     # -- compression --------------------------------------------------------------------------------

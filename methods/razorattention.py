@@ -21,7 +21,10 @@ What we simplified:
 Budget rule: as DuoAttention's — retrieval heads keep all n tokens, every other head keeps
 s = ⌊(N·budget − R·n)/(N − R)⌋ rows *including* its compensation row (so stored rows average to the budget),
 of which `n_sink` are sinks (fewer when s is tiny), 1 is the compensation token and the rest are the most
-recent tokens; minimum s = 3 (sink, compensation, newest token). Without a budget or ratio, non-retrieval
+recent tokens. Where the protected heads would leave the others fewer than `min_stream_frac`·budget rows,
+protected heads are demoted, lowest max(induction, echo) score first, until that floor holds
+(`min_stream_frac=0`: never demote; s falls to 3 — sink, compensation, newest token — and the mean may exceed
+the budget). Without a budget or ratio, non-retrieval
 heads keep `n_sink + recent_size` tokens plus the compensation row.
 """
 from __future__ import annotations
@@ -102,6 +105,7 @@ def head_scores(model, sequences: list[list[int]], period: int) -> tuple[torch.T
 class RazorAttention(Method):
     induction_frac: float = 0.14   # share of KV heads protected for their induction score
     echo_frac: float = 0.01        # share protected for their echo score
+    min_stream_frac: float = 0.5  # with a budget: other heads keep at least this share of it (see docstring)
     n_sink: int = 4
     recent_size: int = 256         # no-budget setting: recent tokens of non-retrieval heads
     probe_len: int = 256           # random tokens per copy
@@ -114,7 +118,7 @@ class RazorAttention(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        for k in ("induction_frac", "echo_frac"):
+        for k in ("induction_frac", "echo_frac", "min_stream_frac"):
             if not 0.0 <= float(getattr(self, k)) <= 1.0:
                 raise ValueError(f"method.{k}={getattr(self, k)!r}; allowed: a share in [0, 1]")
         for k in ("n_sink", "recent_size", "probe_len", "probe_samples"):
@@ -183,10 +187,17 @@ class RazorAttention(Method):
 
     def compress_layer(self, ctx: LayerContext) -> None:
         layer = ctx.layer
-        retrieval = self.retrieval_mask(self._resolve(ctx), layer.n_heads)[ctx.layer_idx]
         lens = layer.head_lengths
         n = max(lens)
+        entry = self._resolve(ctx)
+        retrieval = self.retrieval_mask(entry, layer.n_heads)
+        if (self.budget is not None or self.compression_ratio is not None) and self.min_stream_frac > 0:
+            t = self.target(n)
+            echo, ind = self.kv_scores(entry, layer.n_heads)
+            retrieval = _profiles.fit_retrieval(torch.maximum(echo, ind), retrieval, n, t,
+                                                max(3, int(self.min_stream_frac * t)))
         s, sinks = self.plan(n, retrieval)
+        retrieval = retrieval[ctx.layer_idx]
         dev = layer.keys.device
         keep, comp_k, comp_v, has_comp = [], [], [], []
         for h, L in enumerate(lens):

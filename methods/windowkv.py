@@ -10,7 +10,7 @@ salient detail); the lowest windows are dropped until the layer fits its budget.
 (intra-group index sharing). Group budgets decrease arithmetically with depth (first = 2B − last,
 last = B · shared_layers / beta), averaging B.
 Simplification: the paper picks "max" or "average" per task with a trained BERT classifier; here it is a knob
-(`window_select`). A layer keeps whole windows, so it may keep up to one window fewer than its budget.
+(`window_select`). A layer keeps whole windows, so it may keep up to one window fewer than its budget, never more.
 """
 from dataclasses import dataclass, field
 
@@ -84,11 +84,16 @@ class WindowKV(ScoredEviction):
             keys = ctx.layer.dense()[0]
             attn = window_attention(ctx.query, keys, w, ctx.scaling)[..., :n_prefix].sum(dim=2).flatten(0, 1)
             scores = window_scores(attn, size, self.window_select)
-            drop = -(-(n_prefix - prefix_budget) // size)
-            keep = max(0, n_win - drop)
-            # rank windows: highest first, earlier first on ties
+            # best windows first (earlier on ties) while they fit: the official "drop the ceil(excess / size)
+            # lowest windows", except that a short last window can never push the layer past its budget
             order = sorted(range(n_win), key=lambda i: (-float(scores[i]), i))
-            self.shared[group] = sorted(order[:keep])
+            chosen, used = [], 0
+            for i in order:
+                n_i = min(size, n_prefix - i * size)
+                if used + n_i <= prefix_budget:
+                    chosen.append(i)
+                    used += n_i
+            self.shared[group] = sorted(chosen)
         return [i for i in self.shared[group] if i < n_win]
 
     def compress_layer(self, ctx: LayerContext) -> None:

@@ -273,10 +273,11 @@ def test_corm_budget_and_budget_free(lm):
     for l in range(2):
         rel = ref_corm(*cap[l][:2], cap[l][4], w)
         assert kept_sets(after, l) == [top(rel[h], BUDGET) for h in range(2)]
-    cache, cap, after = run(lm, build_method("corm", window_size=w, alpha=1.0))
+    # random weights attend almost uniformly (every key gets ~1.0-1.08 × uniform): a threshold in that range
+    cache, cap, after = run(lm, build_method("corm", window_size=w, alpha=1.05))
     for l in range(2):
         rel = ref_corm(*cap[l][:2], cap[l][4], w)
-        assert kept_sets(after, l) == [[j for j in range(N) if rel[h, j] >= 1.0] for h in range(2)]
+        assert kept_sets(after, l) == [[j for j in range(N) if rel[h, j] >= 1.05] for h in range(2)]
     assert len(set(len(p) for layer in after for p in layer)) > 1   # ragged: real per-head budgets
 
 
@@ -333,7 +334,6 @@ def test_d2o_density_budgets_merge_and_decode(lm):
         acc = p.sum(1).reshape(2, 2, N).sum(1)                         # accumulated, summed over the group
         b = lens[l]
         recent = round(b * ratio)
-        layer = cache_layer = None
         for h in range(2):
             kept = sorted(list(range(N - recent, N)) + top(acc[h, : N - recent], b - recent))
             assert sorted(after[l][h].tolist()) == kept
@@ -388,3 +388,66 @@ def test_ems_global_local_and_merge(lm):
     kk, _, pos = cache.layer(0).head(0)
     changed = sum(not torch.allclose(kk[i], k_orig[int(pos[i])]) for i in range(len(pos)))
     assert 0 < changed < BUDGET
+
+
+# -- hand-worked allocator / threshold checks -----------------------------------------------------------
+def test_adakv_allocation_hand_example():
+    from kvbench.methods.adakv import adaptive_head_budgets
+    s = torch.tensor([[10., 9., 8., 7., 6., 5.], [.1, .2, .3, .4, .5, .6]])
+    # budget 3 per head, 6 in all; alpha 0: a plain global top-6 gives everything to head 0
+    assert adaptive_head_budgets(s, 3, 0.0) == [6, 0]
+    # alpha 0.34: each head is guaranteed int(0.34 * 3) = 1 slot, the other 4 go to head 0's 9, 8, 7, 6
+    assert adaptive_head_budgets(s, 3, 0.34) == [5, 1]
+    # +inf (an observation window) is always kept and counted: free = 3 - 1 = 2, guard = 1 + int(0.5 * 2) = 2
+    s[1, 5] = float("inf")
+    assert adaptive_head_budgets(s, 3, 0.5) == [4, 2]
+
+
+def test_adakv_on_model_is_head_adaptive(lm):
+    m = build_method("adakv", budget=BUDGET, scorer="knorm", alpha_safeguard=0.0)
+    _, cap, after = run(lm, m)
+    for l in range(2):
+        k = cap[l][1]
+        sc = [(-float(k[h, j].norm()), h, j) for h in range(2) for j in range(N)]
+        chosen = sorted(sc, key=lambda t: -t[0])[: 2 * BUDGET]
+        for h in range(2):
+            assert sorted(after[l][h].tolist()) == sorted(j for _, hh, j in chosen if hh == h)
+
+
+def test_cake_preference_formula(lm):
+    w, tau1, tau2 = 8, 1.0, 2.0
+    m = build_method("cake", budget=BUDGET, window_size=w, tau1=tau1, tau2=tau2)
+    _, cap, _ = run(lm, m)
+    for l in range(2):
+        q, k, _, _, s = cap[l]
+        pre = ref_attention(q, k, s, list(range(N - w, N)))[:, :, : N - w]
+        ent = -sum(float(x * math.log(x + 1e-10)) for x in pre.flatten())
+        var = float(pre.var(dim=1).sum())
+        assert m.state["layers"][l][1] == pytest.approx(ent ** (1 / tau1) * var ** (1 / tau2), rel=1e-4)
+
+
+def test_d2o_ema_threshold_steps():
+    m = build_method("d2o", budget=4, ema_beta=0.7)
+    k = torch.tensor([[1., 0.], [0., 1.], [1., 1.], [1., .1], [-1., 1.]])
+    v = torch.arange(10.).view(5, 2)
+    kept = torch.tensor([0, 1])
+    # first eviction of rows 2 and 3: sims cos45 = .7071 and .9950, tau starts at their mean (.8511)
+    nk, _ = m._merge_step("x", k, v, kept, torch.tensor([2, 3]))
+    s2, s3 = 1 / math.sqrt(2), 1 / math.sqrt(1.01)
+    tau0 = (s2 + s3) / 2
+    assert m.tau["x"] == pytest.approx(0.7 * tau0 + 0.3 * tau0)
+    e = math.exp(s3)  # only row 3 (sim .995 >= tau) merges, into row 0
+    assert torch.allclose(nk[0], (math.e * k[0] + e * k[3]) / (math.e + e)) and torch.equal(nk[1], k[1])
+    # next step: row 4 (nearest row 1, sim .7071 < tau) is dropped unmerged; tau moves towards .7071
+    nk, _ = m._merge_step("x", k, v, kept, torch.tensor([4]))
+    assert torch.equal(nk, k[kept])
+    assert m.tau["x"] == pytest.approx(0.7 * s2 + 0.3 * tau0)
+
+
+def test_windowkv_never_exceeds_budget(lm):
+    # 2 groups of 1 layer: prefix budgets decay from first = 2·43 − last to last = 43 · 1 // 14 = 3, i.e. 83 and 3;
+    # whole windows of 8 only: 10 windows (80 tokens) and none, plus the 8-token suffix
+    m = build_method("windowkv", budget=51, review_window_size=8, suffix_size=8, shared_layers=1, beta=14)
+    _, _, after = run(lm, m)
+    assert [len(after[l][0]) for l in range(2)] == [88, 8]
+    assert all(len(after[l][1]) == len(after[l][0]) for l in range(2))
