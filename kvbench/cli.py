@@ -332,7 +332,6 @@ def cmd_run(args: list[str]) -> int:
             print(f"kvbench: error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
     import hydra
-    _RUN_SUMMARIES.clear()
     app = hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(_hydra_job)
     sys.argv = ["kvbench run"] + args
     code = 0

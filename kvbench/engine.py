@@ -42,8 +42,6 @@ class Engine:
         self.lm = lm
         self.model = lm.model
         self.method = method
-        if method is not None and hasattr(method, "prepare"):
-            method.prepare(lm)  # methods that need the model itself (token ids, stored head profiles)
         self.query_aware = query_aware
         self.prefill_chunk = prefill_chunk
         self.prompts = PromptBuilder(lm.tokenizer, use_chat_template)

@@ -191,6 +191,8 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
         method = method_from_cfg(cfg)
         task = build_task(cfg["task"])
         lm = get_model(cfg["model"], cfg.get("device", "auto"), cfg.get("dtype", "auto"), seed)
+        if hasattr(method, "prepare"):  # methods that need the model itself: token ids, stored head profiles
+            method.prepare(lm)
         engine = Engine(lm, method, query_aware=bool(cfg.get("query_aware", False)),
                         prefill_chunk=int(cfg.get("prefill_chunk", 0)))
         seed_everything(seed)
