@@ -5,6 +5,13 @@ already been appended to the `KVBenchCache` by `cache.update()`. We attend over 
 cache ourselves (exact attention, causal among the new tokens), then hand the method what it needs:
 during prefill `observe_prefill`/`compress_layer`, during decoding `on_decode`.
 The engine says which cache/method/phase is active through `session(...)`.
+
+GPU path: a decode step (one new token) runs the Triton split-K kernel `ragged_decode_attention`
+(methods/kernels/ragged_decode.py) over the ragged or uniform cache; it reads each head's length from device
+memory, so it never syncs with the host and can be captured in a CUDA graph (kvbench/fast_decode.py). A
+fresh prefill (queries = all keys) uses SDPA with `is_causal=True` (flash attention) instead of an explicit
+mask. The CPU path is the torch reference below, unchanged. `DECODE_KERNEL` picks the decode path:
+"auto" (Triton on CUDA), "ref" (torch reference everywhere) or "triton" (also CPU under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -19,6 +26,9 @@ from kvbench.cache import KVBenchCache, LayerKV
 from kvbench.method import LayerContext, Method
 
 _state = threading.local()
+
+DECODE_KERNELS = ("auto", "ref", "triton")
+DECODE_KERNEL = "auto"
 
 
 @dataclass
@@ -56,9 +66,16 @@ def attend(query: torch.Tensor, layer: LayerKV, scaling: float, need_probs: bool
     n_q, q_len, d = query.shape
     h = layer.n_heads
     g = n_q // h
+    if q_len == 1 and _decode_kernel(query) == "triton":
+        return _attend_decode_triton(query, layer, scaling, need_probs)
     if layer.is_uniform():
         k, v, _ = layer.dense()
         L = k.shape[1]
+        if query.is_cuda and q_len == L and q_len > 1 and not need_probs:
+            # a fresh prefill: causal over a square score matrix, so flash attention needs no mask tensor
+            out = F.scaled_dot_product_attention(query.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                                 is_causal=True, scale=scaling, enable_gqa=g > 1)[0]
+            return out, None
         if need_probs:
             qg = query.view(h, g * q_len, d)
             p = torch.softmax((qg.float() @ k.float().transpose(1, 2)) * scaling, dim=-1)
@@ -83,6 +100,30 @@ def attend(query: torch.Tensor, layer: LayerKV, scaling: float, need_probs: bool
             outs.append(F.scaled_dot_product_attention(qj, k.unsqueeze(0).expand(g, L, d), v.unsqueeze(0).expand(g, L, d),
                                                        attn_mask=mask, scale=scaling))
     return torch.cat(outs, 0), (probs if need_probs else None)
+
+
+def _decode_kernel(query: torch.Tensor) -> str:
+    if DECODE_KERNEL not in DECODE_KERNELS:
+        raise ValueError(f"DECODE_KERNEL={DECODE_KERNEL!r}; allowed: {', '.join(DECODE_KERNELS)}")
+    if DECODE_KERNEL != "auto":
+        return DECODE_KERNEL
+    from kvbench.methods.kernels import use_triton
+    return "triton" if use_triton(query) else "ref"
+
+
+def _attend_decode_triton(query: torch.Tensor, layer: LayerKV, scaling: float, need_probs: bool):
+    """One new token over the whole cache with the Triton kernel (same results as the reference above).
+
+    Only device tensors are read (keys, values, starts, lengths), never the host copies of the lengths,
+    so this is safe inside a CUDA graph; the per-head split of `probs` uses the host copies (eager only)."""
+    from kvbench.methods.kernels import ragged_decode_attention_triton
+    res = ragged_decode_attention_triton(query[:, 0], layer.keys, layer.values, layer.starts, layer.lengths,
+                                         scaling, return_probs=need_probs)
+    if not need_probs:
+        return res.unsqueeze(1), None
+    out, flat = res
+    probs = [flat[s:s + n] for s, n in zip(layer._starts, layer._lens)]
+    return out.unsqueeze(1), probs
 
 
 def kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

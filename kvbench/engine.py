@@ -19,7 +19,7 @@ import torch
 from kvbench.attention import session
 from kvbench.cache import KVBenchCache
 from kvbench.method import Method
-from kvbench.metrics import PeakMemory, Timer, decode_flops_per_token
+from kvbench.metrics import PeakMemory, Timer, attention_flops, linear_flops_per_token
 from kvbench.models import LoadedModel
 from kvbench.prompts import PromptBuilder
 from kvbench.task import Query, Sample
@@ -52,6 +52,11 @@ class Engine:
         if lm.tokenizer.eos_token_id is not None:
             eos.append(lm.tokenizer.eos_token_id)
         self.stop_ids = set(eos)
+        cfg = self.model.config
+        n_q = cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
+        self._group, self._head_dim = n_q // n_kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
+        self._linear_flops = linear_flops_per_token(self.model)  # once: it walks every module
 
     # -- the loop's pieces ---------------------------------------------------------------------------
     def new_cache(self) -> KVBenchCache:
@@ -103,7 +108,7 @@ class Engine:
             if nxt in self.stop_ids or len(out) == max_new_tokens:
                 break
             lens = [[L + 1 for L in layer] for layer in cache.head_lengths()]  # + the token being decoded
-            flops.append(decode_flops_per_token(self.model, lens))
+            flops.append(self._linear_flops + attention_flops(lens, self._group, self._head_dim))
             with Timer(self.device) as t:
                 logits, _ = self._forward(cache, [nxt], method, "decode")
                 nxt = int(logits.argmax())

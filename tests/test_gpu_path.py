@@ -1,0 +1,166 @@
+"""The GPU fast path against the engine's reference path.
+
+CPU parts: the in-place static decode step (kvbench/fast_decode.py, run eagerly) gives the engine loop's
+tokens and leaves the same cache; the Triton decode dispatch of the attention function gives the torch
+reference's output (run in a subprocess under TRITON_INTERPRET=1, which must be set before triton is
+imported); the benchmark's roofline arithmetic. GPU parts (skipped without CUDA): the CUDA-graph decoder
+gives the eager engine's tokens on a small synthetic model.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvbench.engine import Engine
+from kvbench.fast_decode import FastDecoder, supports
+from kvbench.method import build_method
+from kvbench.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _NoTokenizer:  # the engine reads only these two attributes; prompts here are raw token ids
+    eos_token_id = None
+    chat_template = None
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    lm = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
+    lm.tokenizer = _NoTokenizer()
+    return lm
+
+
+def random_ids(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 40000, (n,), generator=g).tolist()
+
+
+def prefilled(lm, name, n=120, budget=40, **knobs):
+    method = build_method(name, budget=None if name == "full" else budget, **knobs)
+    eng = Engine(lm, method, query_aware=True)
+    eng.stop_ids = set()  # random weights: never stop early, decode the full length
+    cache = eng.new_cache()
+    pre = eng.prefill(cache, random_ids(n), method, compress=True)
+    return eng, cache, method, pre
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv", "adakv"])
+def test_fast_decode_matches_engine_loop(tiny, name):
+    """Same greedy tokens, same cache afterwards (rows, positions, lengths) as Engine.decode."""
+    eng, c1, m1, pre = prefilled(tiny, name)
+    _, c2, m2, _ = prefilled(tiny, name)
+    if name == "adakv":
+        assert len(set(c2.head_lengths()[0])) > 1, "adakv should leave a ragged cache here"
+    assert supports(m2)
+    ids_ref, _, _ = eng.decode(c1, m1, pre.logits, 12)
+    fd = FastDecoder(tiny.model, c2, 12, use_graph=False)
+    ids_fast, step_ms = fd.decode(int(pre.logits.argmax()), 12)
+    assert ids_fast == ids_ref and len(step_ms) == 11
+    assert c2.seen_tokens == c1.seen_tokens == 120 + 11
+    assert c2.head_lengths() == c1.head_lengths()
+    for a, b in zip(c1.kv, c2.kv):
+        for h in range(a.n_heads):
+            ka, va, pa = a.head(h)
+            kb, vb, pb = b.head(h)
+            torch.testing.assert_close(kb, ka)
+            torch.testing.assert_close(vb, va)
+            assert torch.equal(pa, pb)
+
+
+def test_fast_decode_refuses_decode_time_methods_and_overflow(tiny):
+    assert not supports(build_method("streaming_llm", budget=32))  # it evicts while decoding
+    assert not supports(build_method("h2o", budget=32))
+    _, cache, _, pre = prefilled(tiny, "snapkv")
+    fd = FastDecoder(tiny.model, cache, 4, use_graph=False)
+    with pytest.raises(ValueError, match="capacity"):
+        fd.decode(int(pre.logits.argmax()), 5)
+    with pytest.raises(ValueError, match="use_graph"):
+        FastDecoder(tiny.model, cache, 4, use_graph=True)
+
+
+def test_decode_kernel_setting_is_checked(tiny):
+    from kvbench import attention
+    _, cache, _, _ = prefilled(tiny, "full")
+    q = torch.randn(4, 1, 16)
+    old = attention.DECODE_KERNEL
+    attention.DECODE_KERNEL = "cuda"
+    try:
+        with pytest.raises(ValueError, match="allowed: auto, ref, triton"):
+            attention.attend(q, cache.layer(0), 0.25)
+    finally:
+        attention.DECODE_KERNEL = old
+
+
+_DISPATCH = textwrap.dedent("""
+    import torch
+    from kvbench import attention
+    from kvbench.cache import LayerKV
+    g = torch.Generator().manual_seed(0)
+    n_kv, grp, d = 2, 3, 16
+    for lens in ([7, 7], [5, 19]):            # uniform, then ragged (per-head budgets)
+        k = torch.randn(sum(lens) + 6, d, generator=g)   # spare rows: capacity as after reserve()
+        v = torch.randn(sum(lens) + 6, d, generator=g)
+        starts = torch.tensor([0, lens[0] + 3]); lengths = torch.tensor(lens)
+        layer = LayerKV(k, v, torch.zeros(k.shape[0], dtype=torch.long), starts, lengths, lengths + 3)
+        q = torch.randn(n_kv * grp, 1, d, generator=g)
+        for need in (False, True):
+            attention.DECODE_KERNEL = "ref"
+            o_ref, p_ref = attention.attend(q, layer, 0.3, need)
+            attention.DECODE_KERNEL = "triton"
+            o_tri, p_tri = attention.attend(q, layer, 0.3, need)
+            torch.testing.assert_close(o_tri, o_ref, atol=1e-4, rtol=1e-4)
+            if need:
+                for a, b in zip(p_tri, p_ref):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+                    assert abs(float(a.sum()) - grp) < 1e-4   # each query head's probabilities sum to 1
+    print("DISPATCH_OK")
+""")
+
+
+def test_triton_decode_dispatch_matches_reference():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _DISPATCH], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert "DISPATCH_OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_roofline_arithmetic():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_speed
+    finally:
+        sys.path.pop(0)
+    # 2 layers x 4 KV heads x d 8, bf16: one token of every head = 2 * 2 * 4 * 8 * 2 bytes = 256
+    assert gpu_speed.kv_bytes_per_token(n_layers=2, n_kv=4, head_dim=8, elem=2) == 256
+    # 1 GB of weights + 0.5 GB of KV at 1.5 TB/s: 1 ms
+    assert gpu_speed.roofline_ms(1e9, 5e8, 1.5e12) == pytest.approx(1.0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3, bias=False))
+    # the embedding table is read one row per token: 4 floats, not 40; the Linear's 12 are read in full
+    assert gpu_speed.decode_weight_bytes(model) == (4 + 12) * 4
+    assert gpu_speed.median([3.0, 1.0, 2.0, 10.0]) == 2.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["full", "adakv"])
+def test_cuda_graph_decode_matches_eager(name):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_speed
+    finally:
+        sys.path.pop(0)
+    lm = gpu_speed.build_model("tiny", device="cuda", dtype="float32")  # works without the embedded tokenizer
+    lm.tokenizer = _NoTokenizer()
+    eng, c1, m1, pre = prefilled(lm, name)
+    _, c2, _, _ = prefilled(lm, name)
+    ids_ref, _, _ = eng.decode(c1, m1, pre.logits, 16)
+    fd = FastDecoder(lm.model, c2, 16)
+    ids_fast, _ = fd.decode(int(pre.logits.argmax()), 16)
+    assert fd.graph_error is None
+    assert ids_fast == ids_ref
+    assert c2.head_lengths() == c1.head_lengths()
