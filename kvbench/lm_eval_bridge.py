@@ -17,6 +17,12 @@ model scores a log-likelihood in one forward pass of context+continuation, which
   a longer context), so for documents within the model's window prefill-time methods (SnapKV, PyramidKV...)
   have nothing to compress and the result is the full-cache perplexity, while decode-time methods
   (StreamingLLM, H2O, TOVA...) evict as the document streams through the cache token by token.
+Note: lm-eval's context usually ends with the question ("...\nAnswer:"), and the first continuation token is
+predicted by the prefill's exact attention, so a one-token continuation (most multiple-choice letters/words)
+scores the same under every prefill-time method. model_arg `split_last_line=true` holds the context's last
+line back: the text before it is compressed, the last line is fed on top uncompressed (the query_aware=false
+split of task=lm_eval), so every continuation token reads the compressed cache; it applies to generate_until
+too (there the default compresses the whole prompt).
 Batch size is 1 (kvbench runs one sequence at a time); other batch sizes are accepted and ignored.
 
 Usage (lm-eval has no plugin discovery for models, so the model must be registered in-process):
@@ -29,7 +35,7 @@ arguments.) From Python: `import kvbench.lm_eval_bridge as b; b.register()` and 
 `lm_eval.simple_evaluate(model="kvbench", model_args="...", tasks=[...])`, or pass a `KVBenchLM` instance.
 model_args: model (kvbench model name, hub id or local dir), shape (model=synthetic), path, device, dtype,
 max_length (context window), method (default full), budget, compression_ratio, prefill_chunk, seed,
-add_bos_token, and any knob of the method (e.g. window_size=16 for snapkv).
+add_bos_token, split_last_line (see the note above), and any knob of the method (e.g. window_size=16 for snapkv).
 """
 from __future__ import annotations
 
@@ -116,7 +122,7 @@ class KVBenchLM(TemplateLM):
     def __init__(self, model: str = "smollm2-135m", method: str = "full", budget: int | None = None,
                  compression_ratio: float | None = None, shape: str | None = None, path: str | None = None,
                  device: str | None = None, dtype: str = "auto", max_length: int | None = None,
-                 prefill_chunk: int = 0, seed: int = 0, add_bos_token: bool = False,
+                 prefill_chunk: int = 0, seed: int = 0, add_bos_token: bool = False, split_last_line: bool = False,
                  batch_size=1, max_batch_size=None, lm=None, **method_knobs):
         super().__init__()
         from kvbench.models import load_model
@@ -131,6 +137,7 @@ class KVBenchLM(TemplateLM):
             self.method.prepare(self.lm)
         self.engine = Engine(self.lm, self.method, query_aware=True, prefill_chunk=int(prefill_chunk))
         self.add_bos_token = bool(add_bos_token)
+        self.split_last_line = bool(split_last_line)
         self._memo = None  # (ctx_ids tuple, cache, method, logits): the last compressed context
 
     # lm-eval's tokenization hooks
@@ -160,13 +167,26 @@ class KVBenchLM(TemplateLM):
         return self.tokenizer(string, add_special_tokens=special)["input_ids"]
 
     # scoring
-    def _compressed(self, ctx_ids: list[int]):
-        """A private copy of the compressed context (compressed once per distinct context)."""
+    def _split(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """split_last_line: (context, question) at the last token holding a newline; else (ids, [])."""
+        if self.split_last_line:
+            for k in range(len(ids) - 1, 0, -1):
+                if "\n" in self.tokenizer.decode([ids[k]]):
+                    return ids[:k], ids[k:]
+        return ids, []
+
+    def _compressed(self, ids: list[int]):
+        """A private copy of the compressed prompt and the logits after its last token. The context part is
+        compressed once per distinct context; with split_last_line the last line is fed on top, uncompressed."""
+        ctx_ids, q_ids = self._split(list(ids))
         key = tuple(ctx_ids)
         if self._memo is None or self._memo[0] != key:
             self._memo = (key, *prefill_context(self.engine, ctx_ids, self.method))
         _, cache, m, logits = self._memo
-        return cache.clone(), (m.fork() if m is not None else None), logits
+        cache, m = cache.clone(), (m.fork() if m is not None else None)
+        if q_ids:
+            logits = self.engine.prefill(cache, q_ids, m, compress=False).logits
+        return cache, m, logits
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         out = []
@@ -205,7 +225,7 @@ class KVBenchLM(TemplateLM):
             max_gen = int(kw.get("max_gen_toks", 256))
             ids = self.tok_encode(context)
             ids = ids[-max(1, self.max_length - max_gen):]  # keep room for the generation (left truncation)
-            cache, m, logits = prefill_context(self.engine, ids, self.method)
+            cache, m, logits = self._compressed(ids)
             out.append(greedy_until(self.engine, cache, m, logits, max_gen, until))
         return out
 

@@ -136,6 +136,41 @@ def test_shared_context_is_compressed_once_and_reused(lm, monkeypatch):
     assert abs(alone[0][0] - lls[1][0]) < 1e-6
 
 
+def test_split_last_line_compresses_before_the_question(lm, ref_model):
+    """The first continuation token is predicted by the prefill's exact attention, so a one-token answer
+    scores the same under SnapKV; split_last_line feeds the question line on top of the compressed context."""
+    ctx, cont = text(150, 5) + "\nAnswer:", " apple"
+    cont_ids = lm.tokenizer(cont, add_special_tokens=False)["input_ids"]
+    assert len(cont_ids) == 1
+    full = KVBenchLM(lm=lm, method="full").loglikelihood([ll_request(ctx, cont)])[0][0]
+    kw = dict(method="snapkv", budget=24, window_size=8)
+    plain = KVBenchLM(lm=lm, **kw).loglikelihood([ll_request(ctx, cont)])[0][0]
+    split = KVBenchLM(lm=lm, split_last_line=True, **kw).loglikelihood([ll_request(ctx, cont)])[0][0]
+    assert abs(plain - full) < 1e-4 and abs(split - full) > 1e-3
+    # reference: engine compresses the text before the last line; HF runs "\nAnswer:" on the kept KV
+    before = lm.tokenizer(ctx[: ctx.rindex("\n")], add_special_tokens=False)["input_ids"]
+    question = lm.tokenizer("\nAnswer:", add_special_tokens=False)["input_ids"]
+    cache, _, _ = prefill_context(Engine(lm, None), before, build_method("snapkv", budget=24, window_size=8))
+    dc = DynamicCache()
+    for i, layer in enumerate(cache.kv):
+        k, v, _ = layer.dense()
+        dc.update(k[None], v[None], i)
+    n, q = len(before), len(question)
+    with torch.no_grad():
+        logits = ref_model(input_ids=torch.tensor([question]), past_key_values=dc,
+                           position_ids=torch.arange(n, n + q)[None], cache_position=torch.arange(24, 24 + q)).logits
+    ref = float(torch.log_softmax(logits[0, -1].float(), -1)[cont_ids[0]])
+    assert abs(split - ref) < 1e-4
+    # generation with the same split equals Engine.run_sample with query_aware=false
+    engine = Engine(lm, build_method("snapkv", budget=24, window_size=8), query_aware=False)
+    sample = Sample(id="s", context=ctx[: ctx.rindex("\n")], chat_template=False,
+                    queries=[Query(question="\nAnswer:", answers=[], max_new_tokens=10)])
+    expected = engine.run_sample(sample)[0]["prediction"]
+    got = KVBenchLM(lm=lm, split_last_line=True, **kw).generate_until(
+        [Instance("generate_until", {}, (ctx, {"until": [], "max_gen_toks": 10}), 0)])
+    assert got == [expected]
+
+
 @torch.no_grad()
 def hf_masked_loglikelihood(model, ids, mask):
     """Sum of log p(ids[t+1] | ids[..t]) with a boolean (n-1, n-1) attention mask (eager attention)."""
