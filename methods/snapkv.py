@@ -11,6 +11,21 @@ import torch
 from kvbench.method import LayerContext, ScoredEviction, pool1d, register_method, window_attention
 
 
+# On CUDA the fused Triton kernel scores the window without materialising (g, w, L) probabilities.
+USE_KERNEL = "auto"  # "auto" (CUDA only) | "always" (tests: the kernel module's torch reference on CPU) | "never"
+
+
+def _kernel_scores(ctx: LayerContext, w: int, kernel_size: int, pooling: str) -> torch.Tensor:
+    from kvbench.methods.kernels import window_scores, window_scores_ref
+    layer = ctx.layer
+    fn = window_scores if layer.keys.is_cuda else window_scores_ref
+    flat = fn(ctx.query[:, -w:], layer.keys, layer.starts, layer.lengths, ctx.scaling, kernel_size, pooling)
+    h, C, L = layer.n_heads, layer.keys.shape[0] // layer.n_heads, layer.head_lengths[0]
+    scores = flat.view(h, C)[:, :L].clone()
+    scores[:, L - w:] = float("inf")
+    return scores
+
+
 def snap_scores(ctx: LayerContext, window: int, kernel_size: int, pooling: str) -> torch.Tensor:
     """(n_kv, L) scores; the window's own tokens get +inf (always kept)."""
     keys = ctx.layer.dense()[0] if ctx.layer.is_uniform() else None
@@ -18,6 +33,10 @@ def snap_scores(ctx: LayerContext, window: int, kernel_size: int, pooling: str) 
         raise ValueError("snapkv scores a freshly prefilled (uniform) layer")
     L = keys.shape[1]
     w = min(window, L, ctx.query.shape[1])
+    use = USE_KERNEL == "always" or (USE_KERNEL == "auto" and keys.is_cuda)
+    # the kernel pools max (and avg with zero padding, like SnapKV's code); odd kernels only
+    if use and pooling == "max" and kernel_size % 2 == 1 and L > w:
+        return _kernel_scores(ctx, w, kernel_size, pooling)
     probs = window_attention(ctx.query, keys, w, ctx.scaling)       # (h, g, w, L)
     votes = probs.mean(dim=(1, 2))                                  # (h, L)
     scores = votes.clone()

@@ -282,3 +282,14 @@ def test_ragged_attention_equals_dense(tiny):
                                                  scale=0.25)[0, 0]
             assert torch.allclose(out[j], ref, atol=1e-5)
         assert probs[h].shape == (len(keep[h]),) and abs(float(probs[h].sum()) - 2.0) < 1e-4
+
+
+def test_snapkv_kernel_path_keeps_the_same_tokens(tiny, monkeypatch):
+    """The fused window-score kernel's path (its torch reference on CPU) keeps exactly what the plain path keeps."""
+    import kvbench.methods.snapkv as snap
+    kept = {}
+    for mode in ("never", "always"):
+        monkeypatch.setattr(snap, "USE_KERNEL", mode)
+        _, cache, _, _ = prefill(tiny, "snapkv", n=150, budget=48, seed=7)
+        kept[mode] = [[sorted(cache.layer(li).head(h)[2].tolist()) for h in range(2)] for li in range(len(cache))]
+    assert kept["never"] == kept["always"]
