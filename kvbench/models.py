@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,13 @@ class LoadedModel:
     max_context: int
 
 
+def _quiet_transformers() -> None:
+    """Weight-loading progress bars are noise in a benchmark's output (KVBENCH_VERBOSE=1 keeps them)."""
+    if not os.environ.get("KVBENCH_VERBOSE"):
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
 
@@ -96,6 +104,9 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    _quiet_transformers()
+    print(f"[kvbench] first use of {gguf.name}: dequantizing once into {out} (later loads take ~1 s)",
+          file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model carries a quantizer that blocks save_pretrained; the weights are already dense.
@@ -145,6 +156,7 @@ def load_model(name: str = "smollm2-135m", path: str | None = None, shape: str |
                device: str = "auto", dtype: str = "auto", attn: str = "kvbench", seed: int = 0,
                max_context: int | None = None, **_ignored) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
+    _quiet_transformers()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if name == "synthetic":
