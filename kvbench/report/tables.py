@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import pandas as pd
+import re
 
 from .load import ALL
 
@@ -82,7 +83,7 @@ def paper_tables(df: pd.DataFrame) -> list[PaperTable]:
             rows.append((label, [_mean_score(mg[mg["budget_label"] == b]) for b in budgets], False))
         out.append(PaperTable(f"{task}: score ×100 by KV budget (tokens per head){suffix}", budgets, rows))
 
-        subs = [s for s in g["subtask"].unique() if s != ALL]
+        subs = sorted((s for s in g["subtask"].unique() if s != ALL), key=_natural_key)
         if not subs:
             continue
         for b in budgets:
@@ -199,3 +200,8 @@ def write_tables(df: pd.DataFrame, out_dir) -> list[PaperTable]:
     tex = ["% kvbench results; needs \\usepackage{booktabs}", ""] + [to_latex(t) for t in tables]
     (out_dir / "table.tex").write_text("\n".join(tex))
     return tables
+
+
+def _natural_key(name: str):
+    """"depth=25" before "depth=100": numbers inside subtask names compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(name))]
