@@ -12,6 +12,7 @@ compressed cache is shorter than the positions it covers.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,9 @@ class Engine:
         n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
         self._group, self._head_dim = n_q // n_kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
         self._linear_flops = linear_flops_per_token(self.model)  # once: it walks every module
+        # On CUDA, methods without decode-time hooks decode through kvbench.fast_decode (in-place appends, Triton
+        # decode attention, one CUDA graph per token): same greedy tokens, without the per-layer host overhead.
+        self.fast_decode = os.environ.get("KVBENCH_FAST_DECODE", "1") != "0"
 
     # -- the loop's pieces ---------------------------------------------------------------------------
     def new_cache(self) -> KVBenchCache:
@@ -98,6 +102,17 @@ class Engine:
     def decode(self, cache: KVBenchCache, method: Method | None, first_logits: torch.Tensor, max_new_tokens: int,
                on_step=None) -> tuple[list[int], list[float], list[int]]:
         """Greedy decoding. Returns (token ids, per-step ms after the first token, per-step FLOPs)."""
+        if self.fast_decode and on_step is None and self.device.type == "cuda" and max_new_tokens > 1:
+            from kvbench import fast_decode
+            if fast_decode.supports(method):
+                lens0 = cache.head_lengths()
+                fd = fast_decode.FastDecoder(self.model, cache, max_new_tokens)
+                out, step_ms = fd.decode(int(first_logits.argmax()), max_new_tokens, self.stop_ids)
+                # step i decodes with every head one token longer than before it (+1: the token itself)
+                flops = [self._linear_flops + attention_flops([[L + i + 1 for L in layer] for layer in lens0],
+                                                              self._group, self._head_dim)
+                         for i in range(len(step_ms))]
+                return out, step_ms, flops
         cache.reserve(max_new_tokens)
         out: list[int] = []
         step_ms: list[float] = []

@@ -158,9 +158,14 @@ def test_cuda_graph_decode_matches_eager(name):
     lm.tokenizer = _NoTokenizer()
     eng, c1, m1, pre = prefilled(lm, name)
     _, c2, _, _ = prefilled(lm, name)
-    ids_ref, _, _ = eng.decode(c1, m1, pre.logits, 16)
+    _, c3, m3, _ = prefilled(lm, name)
+    eng.fast_decode = False
+    ids_ref, _, flops_ref = eng.decode(c1, m1, pre.logits, 16)
     fd = FastDecoder(lm.model, c2, 16)
     ids_fast, _ = fd.decode(int(pre.logits.argmax()), 16)
     assert fd.graph_error is None
     assert ids_fast == ids_ref
     assert c2.head_lengths() == c1.head_lengths()
+    eng.fast_decode = True  # the engine's own CUDA path: same tokens, same FLOPs, same cache
+    ids_eng, _, flops_eng = eng.decode(c3, m3, pre.logits, 16)
+    assert ids_eng == ids_ref and flops_eng == flops_ref and c3.head_lengths() == c1.head_lengths()
