@@ -20,7 +20,7 @@ import torch
 from kvbench.attention import session
 from kvbench.cache import KVBenchCache
 from kvbench.method import Method
-from kvbench.metrics import PeakMemory, Timer, attention_flops, linear_flops_per_token
+from kvbench.metrics import PeakMemory, Timer, attention_flops, attention_shape, linear_flops_per_token
 from kvbench.models import LoadedModel
 from kvbench.prompts import PromptBuilder
 from kvbench.task import Query, Sample
@@ -53,10 +53,9 @@ class Engine:
         if lm.tokenizer.eos_token_id is not None:
             eos.append(lm.tokenizer.eos_token_id)
         self.stop_ids = set(eos)
-        cfg = self.model.config
-        n_q = cfg.num_attention_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
-        self._group, self._head_dim = n_q // n_kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
+        n_kv, self._group, self._head_dim = attention_shape(self.model.config)
+        # K and V of one token in every layer and KV head: what an uncompressed cache stores per token
+        self._full_bytes_per_token = 2 * self.n_layers * n_kv * self._head_dim * lm.dtype.itemsize
         self._linear_flops = linear_flops_per_token(self.model)  # once: it walks every module
         # On CUDA, methods without decode-time hooks decode through kvbench.fast_decode (in-place appends, Triton
         # decode attention, one CUDA graph per token): same greedy tokens, without the per-layer host overhead.
@@ -133,13 +132,6 @@ class Engine:
         return out, step_ms, flops
 
     # -- one sample ----------------------------------------------------------------------------------
-    def _full_bytes_per_token(self) -> int:
-        cfg = self.model.config
-        n_q = cfg.num_attention_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
-        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
-        return 2 * self.n_layers * n_kv * d * torch.tensor([], dtype=self.lm.dtype).element_size()
-
     def _check_length(self, n_prompt: int, q: Query):
         if n_prompt + q.max_new_tokens > self.lm.max_context:
             raise ContextTooLong(f"prompt of {n_prompt} tokens + {q.max_new_tokens} new tokens exceeds the "
@@ -187,7 +179,7 @@ class Engine:
             records.append(_record(sample, qi, q, text, ids, step_ms, flops,
                                    ttft_ms=(0.0 if reused else pre.ms) + q_ms, prefill_ms=pre.ms,
                                    compress_ms=pre.compress_ms, kv_bytes=kv_bytes,
-                                   kv_bytes_full=n_ctx * self._full_bytes_per_token(), peak=mem.peak,
+                                   kv_bytes_full=n_ctx * self._full_bytes_per_token, peak=mem.peak,
                                    n_ctx=n_ctx, kept=kept, reused=reused, query_aware=self.query_aware))
         return records
 
@@ -230,7 +222,7 @@ class Engine:
             records.append(_record(sample, qi, q, text, ids, step_ms, flops,
                                    ttft_ms=(pre.ms if qi == 0 else 0.0) + q_ms,
                                    prefill_ms=pre.ms, compress_ms=pre.compress_ms, kv_bytes=kv_bytes,
-                                   kv_bytes_full=n_ctx * self._full_bytes_per_token(), peak=mem.peak, n_ctx=n_ctx,
+                                   kv_bytes_full=n_ctx * self._full_bytes_per_token, peak=mem.peak, n_ctx=n_ctx,
                                    kept=kept, reused=qi > 0, query_aware=self.query_aware,
                                    extra_meta={"turn": qi, "cache_tokens_before_answer": cache.seen_tokens}))
             if qi < len(sample.queries) - 1:

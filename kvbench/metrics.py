@@ -1,7 +1,6 @@
 """Timers, memory and analytic decoding FLOPs."""
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -91,15 +90,15 @@ def attention_flops(head_lengths: list[list[int]], group: int, head_dim: int) ->
     return sum(4 * head_dim * L * group for layer in head_lengths for L in layer)
 
 
+def attention_shape(config) -> tuple[int, int, int]:
+    """(n_kv heads, query heads per KV head, head_dim) of a transformers config."""
+    n_q = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_q
+    return n_kv, n_q // n_kv, getattr(config, "head_dim", None) or config.hidden_size // n_q
+
+
 def decode_flops_per_token(model: torch.nn.Module, head_lengths: list[list[int]]) -> int:
     """Analytic matmul FLOPs of one decode step with a cache of the given per-layer/per-head lengths
     (lengths include the token being decoded)."""
-    cfg = model.config
-    n_q = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
-    return linear_flops_per_token(model) + attention_flops(head_lengths, n_q // n_kv, d)
-
-
-def env_threads() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+    _, group, d = attention_shape(model.config)
+    return linear_flops_per_token(model) + attention_flops(head_lengths, group, d)
