@@ -5,8 +5,10 @@ accuracy is meaningless) prefills random prompts (8K and 32K tokens by default) 
 budget (kept tokens per KV head per layer, default 1024), then decodes greedily. Per (length, method):
   prefill ms    median TTFT: prefill + compression (the engine's `prefill(compress=True)`)
   overhead %    (TTFT(method) - TTFT(full)) / TTFT(full), same length
-  decode ms/tok median step time after warm-up, host readback of the token included; `graph` =
-                kvbench/fast_decode.py (CUDA graph), `eager` = the engine loop (methods evicting at decode time)
+  decode ms/tok median step time after warm-up, host readback of the token included, of kvbench's fastest
+                path: `compiled` = kvbench/fast_decode.py with torch.compile (Inductor) captured in a CUDA graph,
+                `graph` = the same without compiling (also printed), `eager` = the engine loop (methods that
+                evict while decoding); the compile itself (~1 min, once per process) is a warm-up, not timed
   roofline ms   (weight bytes read per step + mean KV bytes) / measured copy bandwidth, where the bandwidth is
                 (bytes read + bytes written) / time of a large device-to-device copy, and the weight bytes count
                 every parameter except the input embedding table (a step reads one row of it)
@@ -119,7 +121,7 @@ def build_model(shape: str, device: str = "cuda", dtype: str = "bfloat16"):
 
 # -- kvbench -------------------------------------------------------------------------------------------
 def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: int, bw: float, wbytes: int,
-                full_ttft: float | None) -> dict:
+                full_ttft: float | None, compile_decode: bool = True) -> dict:
     from kvbench.engine import Engine
     from kvbench.fast_decode import FastDecoder, supports
     from kvbench.method import build_method
@@ -151,7 +153,8 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
                alloc_over_kept=held / (kept * row_bytes))
     row["overhead_pct"] = None if full_ttft is None else 100.0 * (row["ttft_ms"] - full_ttft) / full_ttft
     first = int(pre.logits.argmax())
-    # eager engine loop on a copy (every method), then the graph path on the original (where it applies)
+    # eager engine loop on a copy (every method); where it applies, the CUDA-graph path on a copy, then the
+    # compiled CUDA-graph path (kvbench's fastest) on the original
     c_eager = cache.clone()
     _, eager_ms, _ = eng.decode(c_eager, m, pre.logits, steps)
     del c_eager
@@ -159,12 +162,19 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
     row["path"] = "eager"
     row["decode_ms"] = row["eager_ms"]
     if supports(m):
-        fd = FastDecoder(lm.model, cache, steps)
-        _, g_ms = fd.decode(first, steps)
-        row["graph_error"] = fd.graph_error
-        if fd.graph_error is None:
-            row["graph_ms"] = median(g_ms[2:])
-            row["path"], row["decode_ms"] = ("graph" if fd.use_graph else "static"), row["graph_ms"]
+        for path, comp in (("graph", False), ("compiled", True)):
+            if path == "compiled" and not compile_decode:
+                continue
+            c = cache.clone() if path == "graph" and compile_decode else cache
+            fd = FastDecoder(lm.model, c, steps, compile=comp)
+            t0 = time.perf_counter()
+            _, g_ms = fd.decode(first, steps)
+            row[f"{path}_first_s"] = time.perf_counter() - t0 - sum(g_ms[1:]) / 1e3  # warm-up (compile) + capture
+            del c
+            row[f"{path}_error"] = fd.graph_error
+            if fd.graph_error is None:
+                row[f"{path}_ms"] = median(g_ms[2:])
+                row["path"], row["decode_ms"] = path, row[f"{path}_ms"]
     mean_kv = kv + per_tok * steps / 2  # every step adds one token to every head: the mean over the steps
     row["roofline_ms"] = roofline_ms(wbytes, mean_kv, bw)
     row["decode_over_roofline"] = row["decode_ms"] / row["roofline_ms"]
@@ -191,7 +201,7 @@ def kvpress_press(name: str, ratio: float):
 
 @torch.inference_mode()
 def run_kvpress(lm, name: str, ids: list[int], budget: int, steps: int, reps: int, bw: float, wbytes: int,
-                full_ttft: float | None) -> dict:
+                full_ttft: float | None, compile_decode: bool = True) -> dict:
     """kvpress's usage: `with press(model): model(context, past_key_values=DynamicCache())`, then a plain
     greedy loop with explicit positions (as its pipeline does)."""
     import contextlib
@@ -243,13 +253,38 @@ def fmt(row: dict) -> str:
         v = row.get(k)
         return none if v is None else format(v, spec)
     return (f"{row['n']:>7} {row['method']:<22} {f('ttft_ms', '9.1f')} {f('overhead_pct', '+8.2f')} "
-            f"{f('decode_ms', '8.2f')} {row.get('path', '-'):>5} {f('eager_ms', '8.2f')} {f('roofline_ms', '8.2f')} "
+            f"{f('decode_ms', '8.2f')} {row.get('path', '-'):>8} {f('eager_ms', '8.2f')} {f('graph_ms', '8.2f')} "
+            f"{f('roofline_ms', '8.2f')} "
             f"{f('decode_over_roofline', '6.2f')} {row['kv_bytes'] / 2**20:9.1f} {f('alloc_over_kept', '6.3f')} "
             f"{f('peak_gib', '7.2f')}")
 
 
-HEADER = (f"{'n':>7} {'method':<22} {'prefill':>9} {'ovh %':>8} {'dec ms':>8} {'path':>5} {'eager':>8} "
-          f"{'roof ms':>8} {'x roof':>6} {'KV MB':>9} {'alloc/kept':>6} {'peak GiB':>7}")
+def ratio_table(rows: list[dict]) -> str:
+    """kvpress / kvbench per (length, method) and metric: > 1 means kvbench is faster or smaller."""
+    ours = {(r["n"], r["method"]): r for r in rows if not r["method"].startswith("kvpress:")}
+    lines = ["kvpress / kvbench (same inputs, same process; > 1: kvbench faster / smaller)",
+             f"{'n':>7} {'method':<14} {'prefill':>8} {'ovh pts':>8} {'decode':>8} {'x roof':>8} {'KV bytes':>9} "
+             f"{'peak':>7}"]
+    for r in rows:
+        if not r["method"].startswith("kvpress:"):
+            continue
+        name = r["method"].split(":", 1)[1]
+        o = ours.get((r["n"], name))
+        if o is None:
+            continue
+
+        def ratio(k):
+            a, b = r.get(k), o.get(k)
+            return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+        ovh = ("-" if r.get("overhead_pct") is None or o.get("overhead_pct") is None
+               else f"{r['overhead_pct'] - o['overhead_pct']:+.2f}")
+        lines.append(f"{r['n']:>7} {name:<14} {ratio('ttft_ms'):>8} {ovh:>8} {ratio('decode_ms'):>8} "
+                     f"{ratio('decode_over_roofline'):>8} {ratio('kv_bytes'):>9} {ratio('peak_gib'):>7}")
+    return "\n".join(lines)
+
+
+HEADER = (f"{'n':>7} {'method':<22} {'prefill':>9} {'ovh %':>8} {'dec ms':>8} {'path':>8} {'eager':>8} "
+          f"{'graph':>8} {'roof ms':>8} {'x roof':>6} {'KV MB':>9} {'alloc/kept':>6} {'peak GiB':>7}")
 
 
 def main() -> None:
@@ -261,6 +296,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="decoded tokens per configuration")
     ap.add_argument("--reps", type=int, default=3, help="timed prefills per configuration (after one warm-up)")
     ap.add_argument("--with-kvpress", action="store_true", help="also run kvpress (pip install kvpress)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode path")
     ap.add_argument("--deadline-s", type=float, default=0, help="skip configurations started after this many s")
     ap.add_argument("--json", default="", help="also write every row to this file (JSON lines)")
     args = ap.parse_args()
@@ -279,6 +315,7 @@ def main() -> None:
           f"{bw / 1e12:.2f} TB/s (read+write)  budget {args.budget}  steps {args.steps}  reps {args.reps}", flush=True)
     print(HEADER, flush=True)
     out = open(args.json, "w") if args.json else None
+    rows: list[dict] = []
     # kvpress is imported only after every kvbench row: its import patches every registered attention
     # function (the "kvbench" one included) with a wrapper that breaks our signature
     runners = [("kvbench", run_kvbench)] + ([("kvpress", run_kvpress)] if args.with_kvpress else [])
@@ -300,7 +337,8 @@ def main() -> None:
                     print(f"{n:>7} {tag}:{name:<14} skipped: --deadline-s {args.deadline_s:.0f} reached", flush=True)
                     continue
                 try:
-                    row = run(lm, name, ids, args.budget, args.steps, args.reps, bw, wbytes, full_ttft)
+                    row = run(lm, name, ids, args.budget, args.steps, args.reps, bw, wbytes, full_ttft,
+                              not args.no_compile)
                 except Exception as e:  # noqa: BLE001 - one failing configuration must not hide the others
                     torch.cuda.empty_cache()
                     print(f"{n:>7} {tag}:{name:<14} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}",
@@ -311,10 +349,13 @@ def main() -> None:
                 if name == "full":
                     full_ttft = row["ttft_ms"]
                 print(fmt(row), flush=True)
+                rows.append(row)
                 if out:
                     out.write(json.dumps(row) + "\n")
                     out.flush()
                 torch.cuda.empty_cache()
+    if args.with_kvpress:
+        print(ratio_table(rows), flush=True)
     print(f"total {time.time() - t_start:.0f} s", flush=True)
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,18 @@ class Session:
     method: Method | None
     phase: str                  # "prefill" (observe, then compress on the last chunk), "extend" (no compression), "decode"
     is_last_chunk: bool = True
-    compress_s: float = 0.0     # time spent inside method hooks (seconds)
+    compress_s: float = 0.0     # time spent inside method hooks (seconds), see hook_seconds()
+    events: list = field(default_factory=list)  # CUDA: (start, end) events around each prefill hook
+
+    def hook_seconds(self) -> float:
+        """Time spent in the method's hooks so far. On the GPU a prefill hook is timed by CUDA events on the
+        stream (what it adds to the GPU's timeline, host stalls included), never by syncing: a sync per
+        layer would itself stall the GPU and inflate the TTFT it is meant to explain. Waits for the events."""
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.compress_s += sum(a.elapsed_time(b) for a, b in self.events) * 1e-3
+            self.events.clear()
+        return self.compress_s
 
 
 @contextlib.contextmanager
@@ -48,6 +60,21 @@ def session(cache: KVBenchCache, method: Method | None, phase: str, is_last_chun
         yield _state.s
     finally:
         _state.s = prev
+
+
+_INPLACE: tuple | None = None  # (layers, position tensor) while kvbench.fast_decode steps
+
+
+@contextlib.contextmanager
+def inplace_decode(layers: list[LayerKV], pos: torch.Tensor):
+    """While active, every attention call is one in-place decode step (kvbench/fast_decode.py): a plain
+    module global rather than the thread-local session, so torch.compile can trace through it."""
+    global _INPLACE
+    prev, _INPLACE = _INPLACE, (layers, pos)
+    try:
+        yield
+    finally:
+        _INPLACE = prev
 
 
 def _causal_mask(q_len: int, L: int, device) -> torch.Tensor | None:
@@ -127,12 +154,16 @@ def _attend_decode_triton(query: torch.Tensor, layer: LayerKV, scaling: float, n
 
 
 def kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if _INPLACE is not None:
+        from kvbench.fast_decode import inplace_attention
+        layers, pos = _INPLACE
+        return inplace_attention(module, query, key, value, layers[module.layer_idx], pos, scaling)
     s: Session | None = getattr(_state, "s", None)
     if s is None:
         raise RuntimeError("kvbench attention called outside an engine session (use kvbench.engine)")
     if query.shape[0] != 1:
         raise ValueError("kvbench runs batch size 1 (one sample at a time)")
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     layer_idx = module.layer_idx
     layer = s.cache.layer(layer_idx)
     q = query[0]
@@ -140,12 +171,12 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     need_probs = s.phase == "decode" and method is not None and method.needs_decode_probs
     out, probs = attend(q, layer, scaling, need_probs)
     if method is not None:
-        import time
-        # on the GPU the clock must not absorb queued attention work: sync around the prefill hooks
-        # (measured on an H100 at 32K without it: compress_ms 541 ms vs a true TTFT overhead of 66 ms)
-        sync = q.is_cuda and s.phase != "decode"
-        if sync:
-            torch.cuda.synchronize()
+        # a host clock around a prefill hook on the GPU would absorb queued attention work (measured on an
+        # H100 at 32K: 541 ms vs a true TTFT overhead of 66 ms), and syncing around it stalls the GPU: events
+        events = q.is_cuda and s.phase != "decode"
+        if events:
+            e0 = torch.cuda.Event(enable_timing=True)
+            e0.record()
         t0 = time.perf_counter()
         ctx = LayerContext(layer_idx, len(s.cache), q, layer, scaling, module, s.is_last_chunk, probs)
         if s.phase in ("prefill", "extend"):
@@ -154,9 +185,12 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
                 method.compress_layer(ctx)
         else:
             method.on_decode(ctx)
-        if sync:
-            torch.cuda.synchronize()
-        s.compress_s += time.perf_counter() - t0
+        if events:
+            e1 = torch.cuda.Event(enable_timing=True)
+            e1.record()
+            s.events.append((e0, e1))
+        else:
+            s.compress_s += time.perf_counter() - t0
     return out.transpose(0, 1).unsqueeze(0), None  # (1, q, n_q, d) as transformers expects
 
 

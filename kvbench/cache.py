@@ -15,23 +15,32 @@ from transformers.cache_utils import Cache
 
 class LayerKV:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                 starts: torch.Tensor, lengths: torch.Tensor, caps: torch.Tensor):
+                 starts: torch.Tensor, lengths: torch.Tensor, caps: torch.Tensor,
+                 host: tuple[list[int], list[int], list[int]] | None = None):
         self.keys, self.values, self.positions = keys, values, positions
         self.starts, self.lengths, self.caps = starts, lengths, caps
-        self._lens = lengths.tolist()  # host copy: avoids a device sync per layer per step
-        self._caps = caps.tolist()
-        self._starts = starts.tolist()
+        # host copies of (starts, lengths, caps): every host-side decision reads these, so the GPU is never
+        # waited on per layer; callers that know them pass `host` (reading the device tensors would sync)
+        if host is None:
+            host = (starts.tolist(), lengths.tolist(), caps.tolist())
+        self._starts, self._lens, self._caps = (list(x) for x in host)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> "LayerKV":
         """k, v: (n_kv, n, d); positions: (n,)."""
         h, n, d = k.shape
-        dev = k.device
+        return cls._packed(k.reshape(h * n, d).contiguous(), v.reshape(h * n, d).contiguous(),
+                           positions.to(k.device, torch.long).reshape(-1).repeat(h), h, n)
+
+    @classmethod
+    def _packed(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, h: int, n: int) -> "LayerKV":
+        """h heads of n rows each, back to back, no spare capacity (no device sync)."""
+        dev = keys.device
         starts = torch.arange(h, device=dev, dtype=torch.long) * n
         lengths = torch.full((h,), n, device=dev, dtype=torch.long)
-        return cls(k.reshape(h * n, d).contiguous(), v.reshape(h * n, d).contiguous(),
-                   positions.to(dev, torch.long).repeat(h), starts, lengths, lengths.clone())
+        return cls(keys, values, positions, starts, lengths, lengths.clone(),
+                   host=([i * n for i in range(h)], [n] * h, [n] * h))
 
     # -- shape facts ---------------------------------------------------------------------------------
     @property
@@ -92,19 +101,54 @@ class LayerKV:
         v[dst_i] = self.values[src_i]
         p[dst_i] = self.positions[src_i]
         self.keys, self.values, self.positions = k, v, p  # the old buffers are freed here
-        self.starts = torch.tensor(new_starts, device=dev, dtype=torch.long)
-        self.lengths = torch.tensor(new_lens, device=dev, dtype=torch.long)
-        self.caps = torch.tensor(new_caps, device=dev, dtype=torch.long)
+        # one host-to-device copy for the three (a pageable copy waits for the stream)
+        meta = torch.tensor([new_starts, new_lens, list(new_caps)], dtype=torch.long).to(dev, non_blocking=True)
+        self.starts, self.lengths, self.caps = meta[0], meta[1], meta[2]
         self._lens, self._caps, self._starts = new_lens, list(new_caps), new_starts
 
     def keep(self, indices) -> None:
         """Keep, per head, the rows at these local indices (a (h, k) tensor or a list of 1-D tensors).
         The result is tightly packed: no spare capacity, so nbytes() == allocated_bytes()."""
+        if isinstance(indices, torch.Tensor) and indices.dim() == 2 and self.is_uniform():
+            return self._keep_uniform(indices)
         per_head = list(indices.unbind(0)) if isinstance(indices, torch.Tensor) else list(indices)
         if len(per_head) != self.n_heads:
             raise ValueError(f"keep(): got indices for {len(per_head)} heads, the layer has {self.n_heads}")
         per_head = [torch.sort(i.long())[0] for i in per_head]  # keep original order (cheaper to reason about)
         self._repack([int(i.numel()) for i in per_head], per_head)
+
+    def _keep_uniform(self, indices: torch.Tensor) -> None:
+        """Same number k of kept rows in every head: one batched gather, no host loop, no device sync
+        (this runs once per layer inside the prefill, where a sync would stall the GPU)."""
+        h, k = indices.shape
+        if h != self.n_heads:
+            raise ValueError(f"keep(): got indices for {h} heads, the layer has {self.n_heads}")
+        if k > self._lens[0]:
+            raise ValueError(f"keep(): {k} indices per head, the heads hold {self._lens[0]} rows")
+        idx = torch.sort(indices.long(), dim=-1).values
+        rows = (self.starts.view(h, 1) + idx).reshape(-1)
+        new = LayerKV._packed(self.keys.index_select(0, rows), self.values.index_select(0, rows),
+                              self.positions.index_select(0, rows), h, k)
+        self.__dict__.update(new.__dict__)  # the old buffers are freed here
+
+    def keep_ragged(self, flat_idx: torch.Tensor, counts: list[int]) -> None:
+        """Keep counts[h] rows of head h: `flat_idx` holds their local indices, head 0's first (each head's
+        in the order to store). One batched gather into a tightly packed buffer, no host loop."""
+        if len(counts) != self.n_heads:
+            raise ValueError(f"keep_ragged(): got counts for {len(counts)} heads, the layer has {self.n_heads}")
+        if any(c > n for c, n in zip(counts, self._lens)):
+            raise ValueError(f"keep_ragged(): counts {counts} exceed the head lengths {self._lens}")
+        dev = self.keys.device
+        meta = torch.tensor([self._starts, counts], dtype=torch.long).to(dev, non_blocking=True)
+        rows = torch.repeat_interleave(meta[0], meta[1], output_size=sum(counts)) + flat_idx.to(dev).long()
+        new_starts = [0]
+        for c in counts[:-1]:
+            new_starts.append(new_starts[-1] + c)
+        keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+        positions = self.positions.index_select(0, rows)
+        meta = torch.tensor([new_starts, counts, counts], dtype=torch.long).to(dev, non_blocking=True)
+        self.__dict__.update(LayerKV(keys, values, positions, meta[0], meta[1], meta[2],
+                                     host=(new_starts, list(counts), list(counts))).__dict__)
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more tokens per head (one reallocation instead of one per step)."""
@@ -140,7 +184,7 @@ class LayerKV:
 
     def clone(self) -> "LayerKV":
         return LayerKV(self.keys.clone(), self.values.clone(), self.positions.clone(), self.starts.clone(),
-                       self.lengths.clone(), self.caps.clone())
+                       self.lengths.clone(), self.caps.clone(), host=(self._starts, self._lens, self._caps))
 
 
 class KVBenchCache(Cache):
@@ -210,6 +254,39 @@ class KVBenchCache(Cache):
 
     def head_lengths(self) -> list[list[int]]:
         return [l.head_lengths if l is not None else [] for l in self.kv]
+
+    def _keep_uniform(self, indices: torch.Tensor) -> None:
+        """Same number k of kept rows in every head: one batched gather, no host loop, no device sync
+        (this runs once per layer inside the prefill, where a sync would stall the GPU)."""
+        h, k = indices.shape
+        if h != self.n_heads:
+            raise ValueError(f"keep(): got indices for {h} heads, the layer has {self.n_heads}")
+        if k > self._lens[0]:
+            raise ValueError(f"keep(): {k} indices per head, the heads hold {self._lens[0]} rows")
+        idx = torch.sort(indices.long(), dim=-1).values
+        rows = (self.starts.view(h, 1) + idx).reshape(-1)
+        new = LayerKV._packed(self.keys.index_select(0, rows), self.values.index_select(0, rows),
+                              self.positions.index_select(0, rows), h, k)
+        self.__dict__.update(new.__dict__)  # the old buffers are freed here
+
+    def keep_ragged(self, flat_idx: torch.Tensor, counts: list[int]) -> None:
+        """Keep counts[h] rows of head h: `flat_idx` holds their local indices, head 0's first (each head's
+        in the order to store). One batched gather into a tightly packed buffer, no host loop."""
+        if len(counts) != self.n_heads:
+            raise ValueError(f"keep_ragged(): got counts for {len(counts)} heads, the layer has {self.n_heads}")
+        if any(c > n for c, n in zip(counts, self._lens)):
+            raise ValueError(f"keep_ragged(): counts {counts} exceed the head lengths {self._lens}")
+        dev = self.keys.device
+        meta = torch.tensor([self._starts, counts], dtype=torch.long).to(dev, non_blocking=True)
+        rows = torch.repeat_interleave(meta[0], meta[1], output_size=sum(counts)) + flat_idx.to(dev).long()
+        new_starts = [0]
+        for c in counts[:-1]:
+            new_starts.append(new_starts[-1] + c)
+        keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+        positions = self.positions.index_select(0, rows)
+        meta = torch.tensor([new_starts, counts, counts], dtype=torch.long).to(dev, non_blocking=True)
+        self.__dict__.update(LayerKV(keys, values, positions, meta[0], meta[1], meta[2],
+                                     host=(new_starts, list(counts), list(counts))).__dict__)
 
     def reserve(self, extra: int) -> None:
         for l in self.kv:

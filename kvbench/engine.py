@@ -76,7 +76,7 @@ class Engine:
             out = self.model(input_ids=ids, position_ids=pos.view(1, -1), cache_position=pos,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.seen_tokens += n
-        return out.logits[0, -1], s.compress_s
+        return out.logits[0, -1], s.hook_seconds()
 
     def prefill(self, cache: KVBenchCache, ids: list[int], method: Method | None, compress: bool) -> Prefilled:
         """Feed `ids` on top of the cache. compress=True: the method observes every chunk and compresses

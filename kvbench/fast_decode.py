@@ -4,21 +4,29 @@ At batch 1 a decode step of an 8B model is memory-bound: it should cost about (w
 memory bandwidth (~5 ms on an H100). The eager engine loop adds host work per layer (Python, hundreds of
 kernel launches, syncs), which at this size costs as much as the step itself. This path removes it:
 1. every head gets capacity for all new tokens up front (`KVBenchCache.reserve`), so no buffer moves;
-2. a step writes the new key/value rows at `starts + lengths` and bumps `lengths` in place, on the device;
-3. attention is the Triton split-K kernel (kvbench/attention.py), which reads the lengths from device memory;
-4. so the whole step, the greedy argmax and the position increment included, is captured once with
+2. one custom op per layer (`kvbench::append_decode_attention`) writes the new key/value rows at
+   `starts + lengths`, bumps `lengths` in place on the device, and runs the Triton split-K decode kernel,
+   which reads the lengths from device memory (no host sync);
+3. so the whole step, the greedy argmax and the position increment included, is captured once with
    `torch.cuda.graph` and replayed for every later token (PyTorch's CUDA graphs; the same trick as
-   transformers' static cache + "reduce-overhead" compile, without compiling).
+   transformers' static cache + "reduce-overhead" compile).
+4. `compile=True` additionally runs the step through `torch.compile` (Inductor) before capturing it: the
+   dozens of small element-wise kernels per layer (RMSNorm, RoPE, SiLU·up, residual adds) fuse into a few,
+   which is what is left between a graph of eager kernels and the bandwidth limit. The custom op is opaque
+   to the compiler (declared mutations of the cache tensors, applied in place), so the cache layout and the
+   Triton kernel are the same as without compiling.
 Only methods without decode-time hooks qualify (`supports`): full, snapkv, pyramidkv, adakv, ...; methods
 that evict while decoding (H2O, StreamingLLM, TOVA) keep the eager engine loop. On CPU this runs the same
 in-place step eagerly (use_graph=False), which is what the tests compare with the engine loop.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 
+from kvbench import attention
 from kvbench.attention import session
 from kvbench.cache import KVBenchCache
 from kvbench.method import Method
@@ -29,26 +37,47 @@ def supports(method: Method | None) -> bool:
     return method is None or (type(method).on_decode is Method.on_decode and not method.needs_decode_probs)
 
 
-class _InPlaceCache(KVBenchCache):
-    """Shares the layers of a reserved KVBenchCache; `update` appends one token without reallocating and
-    without host syncs (the host copies of the lengths are refreshed by `FastDecoder.finish`)."""
+@torch.library.custom_op("kvbench::append_decode_attention",
+                         mutates_args=("keys", "values", "positions", "lengths"))
+def append_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor,
+                            keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                            starts: torch.Tensor, lengths: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Append one token (k_new, v_new: (h, d); pos: (1,)) to every KV head's reserved spare row, then attend
+    with q (n_q, d) over each head's rows. Returns (n_q, d). Capacity is the caller's promise (reserve)."""
+    from kvbench.methods import kernels
+    if attention._decode_kernel(q) == "triton":
+        kernels.ragged_append_triton(k_new, v_new, pos, keys, values, positions, starts, lengths)
+        return kernels.ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling)
+    kernels.ragged_append_ref(k_new, v_new, pos, keys, values, positions, starts, lengths)
+    return kernels.ragged_decode_attention_ref(q, keys, values, starts, lengths, scaling)
 
-    def __init__(self, base: KVBenchCache, pos: torch.Tensor):
+
+@append_decode_attention.register_fake
+def _(q, k_new, v_new, pos, keys, values, positions, starts, lengths, scaling):
+    return torch.empty_like(q)
+
+
+def inplace_attention(module, query, key, value, layer, pos, scaling):
+    """The attention function's fast path (kvbench/attention.py routes here while a FastDecoder runs)."""
+    if query.shape[0] != 1 or query.shape[2] != 1:
+        raise ValueError(f"fast decode feeds one token at batch 1, got query shape {tuple(query.shape)}")
+    out = append_decode_attention(query[0, :, 0], key[0, :, 0], value[0, :, 0], pos.view(1), layer.keys,
+                                  layer.values, layer.positions, layer.starts, layer.lengths, scaling)
+    return out.view(1, 1, *out.shape), None  # (1, q=1, n_q, d) as transformers expects
+
+
+class _InPlaceCache(KVBenchCache):
+    """Shares the layers of a reserved KVBenchCache. `update` stores nothing: the attention function's fast
+    path appends (inside the custom op). `seen_tokens` stays at its value from before decoding: it only
+    sizes transformers' mask, which kvbench's attention does not use, and a constant keeps one compiled
+    graph valid for every step (the host copies are refreshed by `FastDecoder.finish`)."""
+
+    def __init__(self, base: KVBenchCache):
         super().__init__(len(base.kv))
         self.kv = base.kv
         self.seen_tokens = base.seen_tokens
-        self._pos = pos  # (1, 1) original position of the token being decoded
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        if key_states.shape[0] != 1 or key_states.shape[2] != 1:
-            raise ValueError(f"fast decode feeds one token at batch 1, got key shape {tuple(key_states.shape)}")
-        layer = self.kv[layer_idx]
-        rows = layer.starts + layer.lengths  # (h,): the first free row of every head
-        layer.keys.index_copy_(0, rows, key_states[0, :, 0].to(layer.keys.dtype))
-        layer.values.index_copy_(0, rows, value_states[0, :, 0].to(layer.values.dtype))
-        layer.positions.index_copy_(0, rows, self._pos.view(1).expand(layer.n_heads))
-        layer.lengths.add_(1)
-        layer._lens = [n + 1 for n in layer._lens]  # host mirror for the CPU reference (stale under a graph)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length, layer_idx=0):
@@ -57,23 +86,55 @@ class _InPlaceCache(KVBenchCache):
         return self.seen_tokens + q, 0
 
 
+def _step(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache: KVBenchCache) -> torch.Tensor:
+    """One greedy step: logits of the token in `ids`, then `ids` <- argmax and `pos` += 1, on the device."""
+    out = model(input_ids=ids, position_ids=pos, cache_position=pos[0], past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    ids.copy_(out.logits[:, -1:].argmax(-1))  # greedy, on the device: no sync inside the step
+    pos.add_(1)
+    return out.logits[0, -1]
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_step(backend: str):
+    """`_step` through torch.compile, one per backend per process (its guards decide when to recompile:
+    other model, other cache buffer sizes; after the second size, shapes are compiled as dynamic)."""
+    if backend not in _COMPILED:
+        # coordinate-descent tuning makes Inductor lower the batch-1 matmuls (GEMVs) to its own reduction
+        # kernels, tuned per shape, instead of cuBLAS (measured on an H100, Llama-3.1-8B shape: cuBLAS's
+        # GEMVs alone took 1.19x the copy roofline); it is what gpt-fast compiles with
+        options = {"coordinate_descent_tuning": True} if backend == "inductor" else None
+        _COMPILED[backend] = torch.compile(_step, backend=backend, dynamic=None, options=options)
+    return _COMPILED[backend]
+
+
+def default_compile() -> bool:
+    """KVBENCH_COMPILE_DECODE=1|0 (default 0): the engine's GPU decode path compiles its step."""
+    v = os.environ.get("KVBENCH_COMPILE_DECODE", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"KVBENCH_COMPILE_DECODE={v!r}; allowed: 0, 1")
+    return v == "1"
+
+
 class FastDecoder:
     """Greedy decoding of up to `max_new_tokens` on top of a prefilled (and compressed) cache.
 
     `decode(first_token, max_new_tokens, stop_ids)` has the engine's semantics (`Engine.decode`): the first
     token comes from the prefill logits, every later one costs one forward. `use_graph` defaults to True on
-    CUDA. Call `finish()` afterwards (decode does) so the cache's host-side lengths and `seen_tokens` match.
+    CUDA. `compile`: False, True (Inductor) or a torch.compile backend name (tests use "aot_eager").
+    Call `finish()` afterwards (decode does) so the cache's host-side lengths and `seen_tokens` match.
     """
 
     def __init__(self, model: torch.nn.Module, cache: KVBenchCache, max_new_tokens: int,
-                 use_graph: bool | None = None, warmup_steps: int = 1):
+                 use_graph: bool | None = None, warmup_steps: int = 1, compile: bool | str = False):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; allowed: >= 1")
         dev = next(model.parameters()).device
         self.use_graph = dev.type == "cuda" if use_graph is None else bool(use_graph)
         if self.use_graph and dev.type != "cuda":
             raise ValueError(f"use_graph=True needs a CUDA model, got device {dev}; allowed: use_graph=False on CPU")
-        from kvbench import attention
         if self.use_graph and attention.DECODE_KERNEL == "ref":
             raise ValueError("use_graph=True needs the Triton decode kernel; allowed: attention.DECODE_KERNEL "
                              "'auto' or 'triton' (the torch reference reads host-side lengths)")
@@ -83,20 +144,18 @@ class FastDecoder:
         self.model, self.base, self.capacity = model, cache, max_new_tokens
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1, 1), cache.seen_tokens, dtype=torch.long, device=dev)
-        self.cache = _InPlaceCache(cache, self.pos)
+        self.cache = _InPlaceCache(cache)
         self.warmup_steps = warmup_steps
+        self.step_fn = compiled_step("inductor" if compile is True else compile) if compile else _step
+        self.compiled = bool(compile)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
         self.logits: torch.Tensor | None = None
         self.steps = 0
 
     def _step(self) -> None:
-        with session(self.cache, None, "decode"):
-            out = self.model(input_ids=self.ids, position_ids=self.pos, cache_position=self.pos[0],
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.logits = out.logits[0, -1]
-        self.ids.copy_(out.logits[:, -1:].argmax(-1))  # greedy, on the device: no sync inside the step
-        self.pos.add_(1)
+        with session(self.cache, None, "decode"), attention.inplace_decode(self.base.kv, self.pos):
+            self.logits = self.step_fn(self.model, self.ids, self.pos, self.cache)
 
     def _run_one(self) -> None:
         if self.steps >= self.capacity:
@@ -106,7 +165,7 @@ class FastDecoder:
             return self._step()
         if self.graph is not None:
             return self.graph.replay()
-        if self.steps <= self.warmup_steps:  # real steps on a side stream: Triton compiles, cuBLAS initialises
+        if self.steps <= self.warmup_steps:  # real steps on a side stream: compile, Triton, cuBLAS initialise
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -149,7 +208,7 @@ class FastDecoder:
     def finish(self) -> None:
         """Bring the cache's host-side bookkeeping up to date and release the graph."""
         for layer in self.base.kv:
-            layer._lens = layer.lengths.tolist()
+            layer._lens = layer.lengths.tolist()  # the device lengths moved on; the host copies did not
         self.base.seen_tokens = int(self.pos)
         self.cache.seen_tokens = self.base.seen_tokens
         self.graph = None

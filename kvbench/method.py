@@ -98,6 +98,18 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(idx, dim=-1).values
 
 
+def ragged_topk_indices(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Head h's `counts[h]` largest scores of (n_kv, L) `scores`, as local indices sorted within each head,
+    heads back to back: (sum(counts),). Same choice as `topk_indices` row by row, in a few batched ops."""
+    h, L = scores.shape
+    kmax = min(max(counts, default=0), L)
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :kmax]
+    cnt = torch.tensor(counts, device=scores.device).clamp(max=L)
+    first = torch.arange(kmax, device=scores.device).view(1, -1) < cnt.view(-1, 1)
+    order = torch.sort(torch.where(first, order, L), dim=-1).values  # dropped ones (= L) sort last
+    return order[first]
+
+
 @dataclass
 class ScoredEviction(Method):
     """Scorer × allocator: score every cached token of a layer, keep the top of each head's budget.
@@ -125,6 +137,8 @@ class ScoredEviction(Method):
         per_head = self.head_budgets(scores, budget)
         if ctx.layer.is_uniform() and len(set(per_head)) == 1:
             ctx.layer.keep(topk_indices(scores, per_head[0]))
+        elif ctx.layer.is_uniform():  # per-head budgets over a fresh prefill (AdaKV): batched, no head loop
+            ctx.layer.keep_ragged(ragged_topk_indices(scores, per_head), per_head)
         else:
             ctx.layer.keep([topk_indices(scores[h, :lens[h]], per_head[h]) for h in range(scores.shape[0])])
 

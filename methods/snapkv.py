@@ -16,10 +16,15 @@ USE_KERNEL = "auto"  # "auto" (CUDA only) | "always" (tests: the kernel module's
 
 
 def _kernel_scores(ctx: LayerContext, w: int, kernel_size: int, pooling: str) -> torch.Tensor:
-    from kvbench.methods.kernels import window_scores, window_scores_ref
+    from kvbench.methods.kernels import use_triton, window_scores_ref, window_scores_triton
     layer = ctx.layer
-    fn = window_scores if layer.keys.is_cuda else window_scores_ref
-    flat = fn(ctx.query[:, -w:], layer.keys, layer.starts, layer.lengths, ctx.scaling, kernel_size, pooling)
+    q_win = ctx.query[:, -w:]
+    if use_triton(q_win, layer.keys):
+        # the cache's host copy of the lengths: no device sync inside the prefill
+        flat = window_scores_triton(q_win, layer.keys, layer.starts, layer.lengths, ctx.scaling, kernel_size,
+                                    pooling, host_lengths=layer.head_lengths)
+    else:
+        flat = window_scores_ref(q_win, layer.keys, layer.starts, layer.lengths, ctx.scaling, kernel_size, pooling)
     h, C, L = layer.n_heads, layer.keys.shape[0] // layer.n_heads, layer.head_lengths[0]
     scores = flat.view(h, C)[:, :L].clone()
     scores[:, L - w:] = float("inf")

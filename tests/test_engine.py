@@ -293,3 +293,34 @@ def test_snapkv_kernel_path_keeps_the_same_tokens(tiny, monkeypatch):
         _, cache, _, _ = prefill(tiny, "snapkv", n=150, budget=48, seed=7)
         kept[mode] = [[sorted(cache.layer(li).head(h)[2].tolist()) for h in range(2)] for li in range(len(cache))]
     assert kept["never"] == kept["always"]
+
+
+def test_batched_keeps_equal_the_per_head_path():
+    """LayerKV's batched keeps (uniform k, ragged counts) store what the per-head loop stores, and the
+    batched ragged top-k picks what topk_indices picks head by head (ties: the earlier token)."""
+    from kvbench.cache import LayerKV
+    from kvbench.method import ragged_topk_indices, topk_indices
+    g = torch.Generator().manual_seed(0)
+    h, n, d = 3, 12, 4
+    k, v = torch.randn(h, n, d, generator=g), torch.randn(h, n, d, generator=g)
+    scores = torch.randint(0, 4, (h, n), generator=g).float()  # many ties
+    scores[1, -2:] = float("inf")
+    counts = [5, 0, 12]
+    flat = ragged_topk_indices(scores, counts)
+    per_head = [topk_indices(scores[i], c) for i, c in enumerate(counts)]
+    assert torch.equal(flat, torch.cat(per_head))
+    a, b = LayerKV.from_dense(k, v, torch.arange(n)), LayerKV.from_dense(k, v, torch.arange(n))
+    a.keep_ragged(flat, counts)
+    b.keep(per_head)
+    uni = LayerKV.from_dense(k, v, torch.arange(n))
+    uni.keep(topk_indices(scores, 4))  # uniform: the batched gather
+    ref = LayerKV.from_dense(k, v, torch.arange(n))
+    ref.keep(list(topk_indices(scores, 4).unbind(0)))  # the same through the per-head loop
+    for x, y in ((a, b), (uni, ref)):
+        assert x.head_lengths == y.head_lengths and x._starts == y._starts
+        assert x.starts.tolist() == y.starts.tolist() and x.lengths.tolist() == y.lengths.tolist()
+        assert x.caps.tolist() == y.caps.tolist() and x.allocated_bytes() == x.nbytes()
+        for i in range(h):
+            for t1, t2 in zip(x.head(i), y.head(i)):
+                assert torch.equal(t1, t2)
+    assert a.head_lengths == counts and torch.equal(a.head(2)[2], torch.arange(n))

@@ -72,6 +72,36 @@ def test_fast_decode_matches_engine_loop(tiny, name):
             assert torch.equal(pa, pb)
 
 
+def _same_cache(c1, c2):
+    assert c2.seen_tokens == c1.seen_tokens and c2.head_lengths() == c1.head_lengths()
+    for a, b in zip(c1.kv, c2.kv):
+        for h in range(a.n_heads):
+            ka, va, pa = a.head(h)
+            kb, vb, pb = b.head(h)
+            torch.testing.assert_close(kb, ka)
+            torch.testing.assert_close(vb, va)
+            assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_fast_decode_matches_engine_loop(tiny, backend):
+    """The torch.compile'd step (what the GPU captures in its graph) decodes the engine loop's tokens and
+    leaves the same cache: the custom op's in-place appends survive functionalization. aot_eager traces
+    and functionalizes without generating code; inductor also generates it (C++ on CPU: needs a compiler)."""
+    import shutil
+    if backend == "inductor" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("Inductor on CPU needs a C++ compiler")
+    cases = [("adakv", 120), ("snapkv", 97)] if backend == "aot_eager" else [("adakv", 120)]
+    for name, n in cases:  # aot_eager: a second cache of another size (recompiled or dynamic, same result)
+        eng, c1, m1, pre = prefilled(tiny, name, n=n)
+        _, c2, _, _ = prefilled(tiny, name, n=n)
+        ids_ref, _, _ = eng.decode(c1, m1, pre.logits, 10)
+        fd = FastDecoder(tiny.model, c2, 10, use_graph=False, compile=backend)
+        ids, _ = fd.decode(int(pre.logits.argmax()), 10)
+        assert ids == ids_ref
+        _same_cache(c1, c2)
+
+
 def test_fast_decode_refuses_decode_time_methods_and_overflow(tiny):
     assert not supports(build_method("streaming_llm", budget=32))  # it evicts while decoding
     assert not supports(build_method("h2o", budget=32))
@@ -144,6 +174,12 @@ def test_roofline_arithmetic():
     # the embedding table is read one row per token: 4 floats, not 40; the Linear's 12 are read in full
     assert gpu_speed.decode_weight_bytes(model) == (4 + 12) * 4
     assert gpu_speed.median([3.0, 1.0, 2.0, 10.0]) == 2.5
+    rows = [dict(n=8, method="snapkv", ttft_ms=10.0, overhead_pct=1.0, decode_ms=5.0, decode_over_roofline=1.1,
+                 kv_bytes=100, peak_gib=1.0),
+            dict(n=8, method="kvpress:snapkv", ttft_ms=12.0, overhead_pct=4.0, decode_ms=50.0,
+                 decode_over_roofline=11.0, kv_bytes=400, peak_gib=2.0)]
+    last = gpu_speed.ratio_table(rows).splitlines()[-1].split()
+    assert last == ["8", "snapkv", "1.20", "+3.00", "10.00", "10.00", "4.00", "2.00"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -187,6 +187,33 @@ def test_compact_ref_matches_naive():
 
 # ---------------------------------------------------------------- hand-worked examples (every implementation)
 
+@pytest.mark.parametrize("impl", [K.ragged_append_ref] + ([K.ragged_append_triton] if MODE in ("cuda", "interpret")
+                                                          else []), ids=lambda f: f.__name__)
+def test_append_writes_first_spare_row_of_every_head(impl, interpret_env):
+    # heads of 2, 0 and 1 rows at starts 0, 4, 6 (capacity 4, 2, 2): the new rows land at 2, 4 and 7
+    keys = torch.arange(8 * 16, dtype=torch.float32).view(8, 16)
+    values, positions = -keys, torch.arange(8) * 10
+    starts, lengths = torch.tensor([0, 4, 6]), torch.tensor([2, 0, 1])
+    k_new, v_new = torch.full((3, 16), 0.5), torch.full((3, 16), -0.5)
+    k0, v0, p0 = keys.clone(), values.clone(), positions.clone()
+    args = to(DEV, k_new, v_new, torch.tensor([99]), keys, values, positions, starts, lengths)
+    impl(*args)
+    keys, values, positions, lengths = (t.cpu() for t in (args[3], args[4], args[5], args[7]))
+    assert lengths.tolist() == [3, 1, 2]
+    for row in range(8):
+        new = row in (2, 4, 7)
+        assert torch.equal(keys[row], torch.full((16,), 0.5) if new else k0[row])
+        assert torch.equal(values[row], torch.full((16,), -0.5) if new else v0[row])
+        assert int(positions[row]) == (99 if new else int(p0[row]))
+
+
+def test_append_ref_refuses_a_full_head():
+    keys, values, starts, lengths = ragged_cache([3, 2], 16, gap=0)
+    with pytest.raises(ValueError, match="head 0 is full"):
+        K.ragged_append_ref(torch.zeros(2, 16), torch.zeros(2, 16), torch.tensor([5]), keys, values,
+                            torch.zeros(keys.shape[0], dtype=torch.long), starts, lengths, caps=lengths.clone())
+
+
 def _impls(name):
     impls = [getattr(K, name + "_ref")]
     if MODE in ("cuda", "interpret"):
@@ -273,6 +300,25 @@ def test_colsum_triton_matches_ref(causal, g, m, interpret_env):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_triton_matches_ref(dtype, interpret_env):
+    """Odd d, an empty head, one-row heads, float32 and bfloat16 caches (new rows in the cache's dtype, as
+    the model produces them: the interpreter's float32 -> bfloat16 cast truncates where CUDA rounds)."""
+    for step in range(3):  # three appends in a row: each lands after the previous one
+        if step == 0:
+            keys, values, starts, lengths = ragged_cache([1, 0, 5, 1], 40, gap=4, dtype=dtype)
+            positions = torch.arange(keys.shape[0])
+            ref = [t.clone() for t in (keys, values, positions, lengths)]
+            tri = to(DEV, keys, values, positions, lengths)
+        k_new, v_new = randn(4, 40, seed=10 + step).to(dtype), randn(4, 40, seed=20 + step).to(dtype)
+        pos = torch.tensor([1000 + step])
+        K.ragged_append_ref(k_new, v_new, pos, ref[0], ref[1], ref[2], starts, ref[3])
+        K.ragged_append_triton(*to(DEV, k_new, v_new, pos), tri[0], tri[1], tri[2], starts.to(DEV), tri[3])
+        for a, b in zip(tri, ref):
+            assert torch.equal(a.cpu(), b)
+
+
+@needs_triton
 def test_compact_triton_matches_ref(interpret_env):
     keys, values, starts, lengths = ragged_cache(LENGTHS, 96)
     counts = torch.tensor([1, 0, 33, 41])
@@ -291,7 +337,7 @@ def test_triton_suite_in_fresh_interpreter_process():
         pytest.skip(f"Triton tests ran in-process (mode={MODE})")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "triton or hand_worked or zero_query"],
+                          "-k", "triton or hand_worked or zero_query or spare_row"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 

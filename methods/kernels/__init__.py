@@ -99,6 +99,7 @@ def per_head(flat: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) ->
     return [flat[a:a + b] for a, b in zip(starts.tolist(), lengths.tolist())]
 
 
+from .append import ragged_append, ragged_append_ref, ragged_append_triton  # noqa: E402
 from .colsum import attention_colsum, attention_colsum_ref, attention_colsum_triton  # noqa: E402
 from .compact import compact, compact_ref, compact_triton  # noqa: E402
 from .ragged_decode import (ragged_decode_attention, ragged_decode_attention_ref,  # noqa: E402
@@ -107,6 +108,7 @@ from .window_scores import window_scores, window_scores_ref, window_scores_trito
 
 __all__ = [
     "HAS_TRITON", "per_head",
+    "ragged_append", "ragged_append_ref", "ragged_append_triton",
     "attention_colsum", "attention_colsum_ref", "attention_colsum_triton",
     "compact", "compact_ref", "compact_triton",
     "ragged_decode_attention", "ragged_decode_attention_ref", "ragged_decode_attention_triton",

@@ -57,7 +57,9 @@ if HAS_TRITON:
             tl.store(out_ptr + start + pos, res, mask=pos < length)
 
 
-def _check(q_win, keys, starts, lengths, kernel_size, pooling):
+def _check(q_win, keys, starts, lengths, kernel_size, pooling, host_lengths=None):
+    """Returns (g, longest head). `host_lengths` (a trusted host copy of `lengths`, e.g. the cache's) skips
+    the value checks, which read the device tensors and so wait for the GPU."""
     check_layout(keys, starts, lengths)
     if q_win.dim() != 3 or q_win.shape[2] != keys.shape[1]:
         raise ValueError(f"q_win must be (n_q, w, d={keys.shape[1]}), got shape {tuple(q_win.shape)}")
@@ -66,8 +68,9 @@ def _check(q_win, keys, starts, lengths, kernel_size, pooling):
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size={kernel_size}; allowed: odd integers >= 1 (padding kernel_size // 2 keeps the length)")
     g = group_size(q_win.shape[0], starts.numel())
-    check_regions(keys, starts, lengths)
-    w, lens = q_win.shape[1], lengths.tolist()
+    if host_lengths is None:
+        check_regions(keys, starts, lengths)
+    w, lens = q_win.shape[1], (lengths.tolist() if host_lengths is None else list(host_lengths))
     short = [n for n in lens if n < w]
     if short:
         raise ValueError(f"head length {short[0]} < window {w}; allowed: every head holds >= w tokens")
@@ -96,10 +99,10 @@ def window_scores_ref(q_win: torch.Tensor, keys: torch.Tensor, starts: torch.Ten
 def window_scores_triton(q_win: torch.Tensor, keys: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
                          scaling: float | None = None, kernel_size: int = 5, pooling: str = "max",
                          block_m: int = 32, block_n: int = 64, num_warps: int = 4,
-                         num_splits: int | None = None) -> torch.Tensor:
+                         num_splits: int | None = None, host_lengths: list[int] | None = None) -> torch.Tensor:
     """Triton version of `window_scores_ref` (same arguments and result); `num_splits` overrides pass 1's
-    split-K count (default: sized to fill the device)."""
-    g, max_len = _check(q_win, keys, starts, lengths, kernel_size, pooling)
+    split-K count (default: sized to fill the device); `host_lengths`: see `_check` (no device sync)."""
+    g, max_len = _check(q_win, keys, starts, lengths, kernel_size, pooling, host_lengths)
     check_triton_inputs(q_win, keys, starts, lengths)
     n_q, w, d = q_win.shape
     q_win = q_win.to(keys.dtype)
