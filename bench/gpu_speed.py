@@ -156,6 +156,7 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
     # eager engine loop on a copy (every method); where it applies, the CUDA-graph path on a copy, then the
     # compiled CUDA-graph path (kvbench's fastest) on the original
     c_eager = cache.clone()
+    eng.fast_decode = False  # the engine's own loop, per-layer hooks and all
     _, eager_ms, _ = eng.decode(c_eager, m, pre.logits, steps)
     del c_eager
     row["eager_ms"] = median(eager_ms[2:])
@@ -166,7 +167,7 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
             if path == "compiled" and not compile_decode:
                 continue
             c = cache.clone() if path == "graph" and compile_decode else cache
-            fd = FastDecoder(lm.model, c, steps, compile=comp)
+            fd = FastDecoder(lm.model, c, steps, compile=comp, ring=m.decode_ring())
             t0 = time.perf_counter()
             _, g_ms = fd.decode(first, steps)
             row[f"{path}_first_s"] = time.perf_counter() - t0 - sum(g_ms[1:]) / 1e3  # warm-up (compile) + capture

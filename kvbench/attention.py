@@ -62,15 +62,15 @@ def session(cache: KVBenchCache, method: Method | None, phase: str, is_last_chun
         _state.s = prev
 
 
-_INPLACE: tuple | None = None  # (layers, position tensor) while kvbench.fast_decode steps
+_INPLACE: tuple | None = None  # kvbench.fast_decode's state while it steps
 
 
 @contextlib.contextmanager
-def inplace_decode(layers: list[LayerKV], pos: torch.Tensor):
+def inplace_decode(state: tuple):
     """While active, every attention call is one in-place decode step (kvbench/fast_decode.py): a plain
     module global rather than the thread-local session, so torch.compile can trace through it."""
     global _INPLACE
-    prev, _INPLACE = _INPLACE, (layers, pos)
+    prev, _INPLACE = _INPLACE, state
     try:
         yield
     finally:
@@ -157,8 +157,7 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if _INPLACE is not None:
         from kvbench.fast_decode import inplace_attention
-        layers, pos = _INPLACE
-        return inplace_attention(module, query, key, value, layers[module.layer_idx], pos, scaling)
+        return inplace_attention(module, query, key, value, _INPLACE, scaling)
     s: Session | None = getattr(_state, "s", None)
     if s is None:
         raise RuntimeError("kvbench attention called outside an engine session (use kvbench.engine)")

@@ -13,6 +13,15 @@ import torch
 from transformers.cache_utils import Cache
 
 
+def long_tensor(data, device: torch.device) -> torch.Tensor:
+    """Host ints -> an int64 tensor on `device`. To a GPU through pinned memory: a copy from pageable host
+    memory waits for the stream (a hidden sync per layer inside the prefill); a pinned one is queued."""
+    t = torch.tensor(data, dtype=torch.long)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class LayerKV:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                  starts: torch.Tensor, lengths: torch.Tensor, caps: torch.Tensor,
@@ -101,8 +110,7 @@ class LayerKV:
         v[dst_i] = self.values[src_i]
         p[dst_i] = self.positions[src_i]
         self.keys, self.values, self.positions = k, v, p  # the old buffers are freed here
-        # one host-to-device copy for the three (a pageable copy waits for the stream)
-        meta = torch.tensor([new_starts, new_lens, list(new_caps)], dtype=torch.long).to(dev, non_blocking=True)
+        meta = long_tensor([new_starts, new_lens, list(new_caps)], dev)  # one copy for the three
         self.starts, self.lengths, self.caps = meta[0], meta[1], meta[2]
         self._lens, self._caps, self._starts = new_lens, list(new_caps), new_starts
 
@@ -139,14 +147,14 @@ class LayerKV:
         if any(c > n for c, n in zip(counts, self._lens)):
             raise ValueError(f"keep_ragged(): counts {counts} exceed the head lengths {self._lens}")
         dev = self.keys.device
-        meta = torch.tensor([self._starts, counts], dtype=torch.long).to(dev, non_blocking=True)
+        meta = long_tensor([self._starts, counts], dev)
         rows = torch.repeat_interleave(meta[0], meta[1], output_size=sum(counts)) + flat_idx.to(dev).long()
         new_starts = [0]
         for c in counts[:-1]:
             new_starts.append(new_starts[-1] + c)
         keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
         positions = self.positions.index_select(0, rows)
-        meta = torch.tensor([new_starts, counts, counts], dtype=torch.long).to(dev, non_blocking=True)
+        meta = long_tensor([new_starts, counts, counts], dev)
         self.__dict__.update(LayerKV(keys, values, positions, meta[0], meta[1], meta[2],
                                      host=(new_starts, list(counts), list(counts))).__dict__)
 
@@ -277,14 +285,14 @@ class KVBenchCache(Cache):
         if any(c > n for c, n in zip(counts, self._lens)):
             raise ValueError(f"keep_ragged(): counts {counts} exceed the head lengths {self._lens}")
         dev = self.keys.device
-        meta = torch.tensor([self._starts, counts], dtype=torch.long).to(dev, non_blocking=True)
+        meta = long_tensor([self._starts, counts], dev)
         rows = torch.repeat_interleave(meta[0], meta[1], output_size=sum(counts)) + flat_idx.to(dev).long()
         new_starts = [0]
         for c in counts[:-1]:
             new_starts.append(new_starts[-1] + c)
         keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
         positions = self.positions.index_select(0, rows)
-        meta = torch.tensor([new_starts, counts, counts], dtype=torch.long).to(dev, non_blocking=True)
+        meta = long_tensor([new_starts, counts, counts], dev)
         self.__dict__.update(LayerKV(keys, values, positions, meta[0], meta[1], meta[2],
                                      host=(new_starts, list(counts), list(counts))).__dict__)
 

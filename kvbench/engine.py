@@ -60,6 +60,8 @@ class Engine:
         # On CUDA, methods without decode-time hooks decode through kvbench.fast_decode (in-place appends, Triton
         # decode attention, one CUDA graph per token): same greedy tokens, without the per-layer host overhead.
         self.fast_decode = os.environ.get("KVBENCH_FAST_DECODE", "1") != "0"
+        from kvbench.fast_decode import default_compile
+        self.compile_decode = default_compile()  # KVBENCH_COMPILE_DECODE=1: torch.compile the step first
 
     # -- the loop's pieces ---------------------------------------------------------------------------
     def new_cache(self) -> KVBenchCache:
@@ -103,12 +105,16 @@ class Engine:
         """Greedy decoding. Returns (token ids, per-step ms after the first token, per-step FLOPs)."""
         if self.fast_decode and on_step is None and self.device.type == "cuda" and max_new_tokens > 1:
             from kvbench import fast_decode
-            if fast_decode.supports(method):
+            ring = method.decode_ring() if method is not None else None
+            if fast_decode.supports(method) and fast_decode.ring_fits(cache, ring):
                 lens0 = cache.head_lengths()
-                fd = fast_decode.FastDecoder(self.model, cache, max_new_tokens)
+                fd = fast_decode.FastDecoder(self.model, cache, max_new_tokens, compile=self.compile_decode,
+                                             ring=ring)
                 out, step_ms = fd.decode(int(first_logits.argmax()), max_new_tokens, self.stop_ids)
-                # step i decodes with every head one token longer than before it (+1: the token itself)
-                flops = [self._linear_flops + attention_flops([[L + i + 1 for L in layer] for layer in lens0],
+                # step i decodes with every head one token longer than before it (+1: the token itself),
+                # a rolling window at most cap + 1 (the engine loop evicts after the step's attention)
+                top = ring[1] + 1 if ring is not None else float("inf")
+                flops = [self._linear_flops + attention_flops([[min(L + i + 1, top) for L in layer] for layer in lens0],
                                                               self._group, self._head_dim)
                          for i in range(len(step_ms))]
                 return out, step_ms, flops

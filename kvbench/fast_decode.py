@@ -33,36 +33,65 @@ from kvbench.method import Method
 
 
 def supports(method: Method | None) -> bool:
-    """True when the method does nothing at decode time (its hooks would not run inside a graph)."""
-    return method is None or (type(method).on_decode is Method.on_decode and not method.needs_decode_probs)
+    """True when the method does nothing at decode time (its hooks would not run inside a graph), or only
+    rolls a window (`Method.decode_ring`: run here as a ring buffer on the device)."""
+    if method is None:
+        return True
+    if method.needs_decode_probs:
+        return False
+    return type(method).on_decode is Method.on_decode or method.decode_ring() is not None
+
+
+def ring_fits(cache: KVBenchCache, ring: tuple[int, int] | None) -> bool:
+    """A rolling window runs on the device only if no head already holds more than its cap."""
+    return ring is None or all(max(l.head_lengths, default=0) <= ring[1] for l in cache.kv if l is not None)
+
+
+def _sort_rows_by_position(cache: KVBenchCache) -> None:
+    """The ring overwrites the oldest non-sink row by walking rows in order: make each head's rows ascending
+    in position (already so after prefill/compression; decode-time `remove` can shuffle them). One sync."""
+    flags = []
+    for layer in cache.kv:
+        heads = [layer.head(h)[2] for h in range(layer.n_heads)]
+        flags.append(torch.stack([(p[1:] >= p[:-1]).all() for p in heads]).all())
+    for layer, ok in zip(cache.kv, torch.stack(flags).tolist()):
+        if not ok:
+            layer._repack(list(layer._caps), [torch.argsort(layer.head(h)[2]) for h in range(layer.n_heads)])
 
 
 @torch.library.custom_op("kvbench::append_decode_attention",
-                         mutates_args=("keys", "values", "positions", "lengths"))
+                         mutates_args=("keys", "values", "positions", "lengths", "ring_next"))
 def append_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor,
                             keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                            starts: torch.Tensor, lengths: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Append one token (k_new, v_new: (h, d); pos: (1,)) to every KV head's reserved spare row, then attend
-    with q (n_q, d) over each head's rows. Returns (n_q, d). Capacity is the caller's promise (reserve)."""
+                            starts: torch.Tensor, lengths: torch.Tensor, ring_next: torch.Tensor,
+                            ring_rows: int, n_sink: int, scaling: float) -> torch.Tensor:
+    """Append one token (k_new, v_new: (h, d); pos: (1,)) to every KV head's reserved spare row (or, with
+    ring_rows > 0, over its oldest non-sink row once it holds ring_rows: see methods/kernels/append.py), then
+    attend with q (n_q, d) over each head's rows. Returns (n_q, d). Capacity is the caller's promise."""
     from kvbench.methods import kernels
+    args = (k_new, v_new, pos, keys, values, positions, starts, lengths)
     if attention._decode_kernel(q) == "triton":
-        kernels.ragged_append_triton(k_new, v_new, pos, keys, values, positions, starts, lengths)
+        kernels.ragged_append_triton(*args, ring_next=ring_next, ring_rows=ring_rows, n_sink=n_sink)
         return kernels.ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling)
-    kernels.ragged_append_ref(k_new, v_new, pos, keys, values, positions, starts, lengths)
+    kernels.ragged_append_ref(*args, ring_next=ring_next, ring_rows=ring_rows, n_sink=n_sink)
     return kernels.ragged_decode_attention_ref(q, keys, values, starts, lengths, scaling)
 
 
 @append_decode_attention.register_fake
-def _(q, k_new, v_new, pos, keys, values, positions, starts, lengths, scaling):
+def _(q, k_new, v_new, pos, keys, values, positions, starts, lengths, ring_next, ring_rows, n_sink, scaling):
     return torch.empty_like(q)
 
 
-def inplace_attention(module, query, key, value, layer, pos, scaling):
+def inplace_attention(module, query, key, value, state, scaling):
     """The attention function's fast path (kvbench/attention.py routes here while a FastDecoder runs)."""
     if query.shape[0] != 1 or query.shape[2] != 1:
         raise ValueError(f"fast decode feeds one token at batch 1, got query shape {tuple(query.shape)}")
+    layers, pos, ring_next, ring_rows, n_sink = state
+    i = module.layer_idx
+    layer = layers[i]
     out = append_decode_attention(query[0, :, 0], key[0, :, 0], value[0, :, 0], pos.view(1), layer.keys,
-                                  layer.values, layer.positions, layer.starts, layer.lengths, scaling)
+                                  layer.values, layer.positions, layer.starts, layer.lengths, ring_next[i],
+                                  ring_rows, n_sink, scaling)
     return out.view(1, 1, *out.shape), None  # (1, q=1, n_q, d) as transformers expects
 
 
@@ -128,7 +157,8 @@ class FastDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, cache: KVBenchCache, max_new_tokens: int,
-                 use_graph: bool | None = None, warmup_steps: int = 1, compile: bool | str = False):
+                 use_graph: bool | None = None, warmup_steps: int = 1, compile: bool | str = False,
+                 ring: tuple[int, int] | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; allowed: >= 1")
         dev = next(model.parameters()).device
@@ -140,7 +170,20 @@ class FastDecoder:
                              "'auto' or 'triton' (the torch reference reads host-side lengths)")
         if any(layer is None for layer in cache.kv):
             raise ValueError("fast decode needs a prefilled cache (every layer holds tokens)")
-        cache.reserve(max_new_tokens)  # capacity for every new token: the buffers never move while decoding
+        n_sink, ring_rows = 0, 0
+        if ring is not None:  # a rolling window (Method.decode_ring): a head never exceeds cap + 1 rows
+            n_sink, cap = ring
+            if not ring_fits(cache, ring):
+                raise ValueError(f"a head holds more than the window's cap {cap}; allowed: heads of <= cap rows "
+                                 "(use the engine loop)")
+            ring_rows = cap + 1  # the window plus the token being decoded, as the engine loop attends
+            _sort_rows_by_position(cache)
+            for layer in cache.kv:
+                layer.reserve(max(0, max(min(max_new_tokens, ring_rows - n) for n in layer.head_lengths)))
+        else:
+            cache.reserve(max_new_tokens)  # capacity for every new token: the buffers never move while decoding
+        self.ring_rows, self.n_sink = ring_rows, n_sink
+        self.ring_next = [torch.full((layer.n_heads,), n_sink, dtype=torch.long, device=dev) for layer in cache.kv]
         self.model, self.base, self.capacity = model, cache, max_new_tokens
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1, 1), cache.seen_tokens, dtype=torch.long, device=dev)
@@ -154,7 +197,8 @@ class FastDecoder:
         self.steps = 0
 
     def _step(self) -> None:
-        with session(self.cache, None, "decode"), attention.inplace_decode(self.base.kv, self.pos):
+        state = (self.base.kv, self.pos, self.ring_next, self.ring_rows, self.n_sink)
+        with session(self.cache, None, "decode"), attention.inplace_decode(state):
             self.logits = self.step_fn(self.model, self.ids, self.pos, self.cache)
 
     def _run_one(self) -> None:

@@ -72,6 +72,12 @@ class Method:
     def on_decode(self, ctx: LayerContext) -> None:
         """After each decode step's attention (decode-time eviction)."""
 
+    def decode_ring(self) -> tuple[int, int] | None:
+        """(n_sink, cap) when `on_decode` is exactly a rolling window: after a step's attention every head
+        over `cap` rows drops its oldest token whose position is >= n_sink (StreamingLLM, recent). The
+        CUDA-graph decode path then runs it as a ring buffer on the device. None: no such promise."""
+        return None
+
     def fork(self) -> "Method":
         """A copy whose per-sample state can diverge (one query of a shared context)."""
         import copy
@@ -100,14 +106,19 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def ragged_topk_indices(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Head h's `counts[h]` largest scores of (n_kv, L) `scores`, as local indices sorted within each head,
-    heads back to back: (sum(counts),). Same choice as `topk_indices` row by row, in a few batched ops."""
+    heads back to back: (sum(counts),). Same choice as `topk_indices` row by row, in a few batched ops
+    whose output sizes are known on the host (no device sync)."""
+    from kvbench.cache import long_tensor
     h, L = scores.shape
-    kmax = min(max(counts, default=0), L)
+    counts = [min(c, L) for c in counts]
+    kmax, total, dev = max(counts, default=0), sum(counts), scores.device
     order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :kmax]
-    cnt = torch.tensor(counts, device=scores.device).clamp(max=L)
-    first = torch.arange(kmax, device=scores.device).view(1, -1) < cnt.view(-1, 1)
+    cnt = long_tensor(counts, dev)
+    first = torch.arange(kmax, device=dev).view(1, -1) < cnt.view(-1, 1)
     order = torch.sort(torch.where(first, order, L), dim=-1).values  # dropped ones (= L) sort last
-    return order[first]
+    head = torch.repeat_interleave(torch.arange(h, device=dev), cnt, output_size=total)
+    offset = torch.cumsum(cnt, 0) - cnt
+    return order[head, torch.arange(total, device=dev) - offset[head]]
 
 
 @dataclass

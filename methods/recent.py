@@ -32,6 +32,9 @@ class Recent(ScoredEviction):
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return head_positions(ctx).float()  # newer = higher
 
+    def decode_ring(self) -> tuple[int, int] | None:
+        return (0, self.budget) if self.evict_during_decode and self.budget is not None else None
+
     def on_decode(self, ctx: LayerContext) -> None:
         if not self.evict_during_decode or self.budget is None:
             return

@@ -37,6 +37,9 @@ class StreamingLLM(ScoredEviction):
             pos = pos.to(ctx.layer.keys.device)
         return torch.where(pos < self.n_sink, torch.full_like(pos, float("inf")), pos)
 
+    def decode_ring(self) -> tuple[int, int] | None:
+        return (self.n_sink, self.budget) if self.evict_during_decode and self.budget is not None else None
+
     def on_decode(self, ctx: LayerContext) -> None:
         if not self.evict_during_decode:
             return

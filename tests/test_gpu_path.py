@@ -18,6 +18,7 @@ import torch
 from kvbench.engine import Engine
 from kvbench.fast_decode import FastDecoder, supports
 from kvbench.method import build_method
+from kvbench.metrics import attention_flops
 from kvbench.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,36 @@ def test_fast_decode_matches_engine_loop(tiny, name):
             assert torch.equal(pa, pb)
 
 
+@pytest.mark.parametrize("name,knobs", [("streaming_llm", {"n_sink": 4}), ("recent", {})])
+def test_rolling_window_fast_decode_matches_engine_loop(tiny, name, knobs):
+    """StreamingLLM / recent evict while decoding; the fast path runs that as a device ring buffer. Budget 12
+    (StreamingLLM: 4 sinks + 8 recent), 30 steps: the ring wraps three times. Same tokens as the engine loop,
+    and per head the same kept positions with the same keys/values (row order may differ)."""
+    eng, c1, m1, pre = prefilled(tiny, name, budget=12, **knobs)
+    _, c2, m2, _ = prefilled(tiny, name, budget=12, **knobs)
+    assert supports(m2) and m2.decode_ring() == (knobs.get("n_sink", 0), 12)
+    ids_ref, _, flops_ref = eng.decode(c1, m1, pre.logits, 30)
+    fd = FastDecoder(tiny.model, c2, 30, use_graph=False, ring=m2.decode_ring())
+    ids_fast, _ = fd.decode(int(pre.logits.argmax()), 30)
+    assert ids_fast == ids_ref
+    assert c2.seen_tokens == c1.seen_tokens
+    # the engine loop ends a step with cap rows; the ring holds cap + 1 (the window plus the newest token)
+    for a, b in zip(c1.kv, c2.kv):
+        for h in range(a.n_heads):
+            ka, va, pa = a.head(h)
+            kb, vb, pb = b.head(h)
+            assert pb.numel() == 13 and pa.numel() == 12
+            oa, ob = torch.argsort(pa), torch.argsort(pb)[1 if name == "recent" else 0:]
+            if name == "streaming_llm":  # drop the oldest non-sink row of the ring: the engine evicted it
+                ob = torch.cat([ob[:4], ob[5:]])
+            assert torch.equal(pa[oa], pb[ob])
+            torch.testing.assert_close(kb[ob], ka[oa])
+            torch.testing.assert_close(vb[ob], va[oa])
+    # the engine's CPU loop vs its FLOPs formula for the ring (min(L + i + 1, cap + 1) per head)
+    assert flops_ref[-1] == eng._linear_flops + attention_flops([[13] * a.n_heads for a in c1.kv], eng._group,
+                                                                eng._head_dim)
+
+
 def _same_cache(c1, c2):
     assert c2.seen_tokens == c1.seen_tokens and c2.head_lengths() == c1.head_lengths()
     for a, b in zip(c1.kv, c2.kv):
@@ -103,8 +134,9 @@ def test_compiled_fast_decode_matches_engine_loop(tiny, backend):
 
 
 def test_fast_decode_refuses_decode_time_methods_and_overflow(tiny):
-    assert not supports(build_method("streaming_llm", budget=32))  # it evicts while decoding
-    assert not supports(build_method("h2o", budget=32))
+    assert not supports(build_method("h2o", budget=32))  # it scores and evicts while decoding
+    assert not supports(build_method("tova", budget=32))
+    assert supports(build_method("streaming_llm", budget=32))  # a rolling window: the device ring buffer
     _, cache, _, pre = prefilled(tiny, "snapkv")
     fd = FastDecoder(tiny.model, cache, 4, use_graph=False)
     with pytest.raises(ValueError, match="capacity"):
@@ -183,8 +215,9 @@ def test_roofline_arithmetic():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["full", "adakv"])
-def test_cuda_graph_decode_matches_eager(name):
+@pytest.mark.parametrize("name,compile", [("full", False), ("adakv", False), ("streaming_llm", False),
+                                          ("adakv", True), ("streaming_llm", True)])
+def test_cuda_graph_decode_matches_eager(name, compile):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import gpu_speed
@@ -192,16 +225,18 @@ def test_cuda_graph_decode_matches_eager(name):
         sys.path.pop(0)
     lm = gpu_speed.build_model("tiny", device="cuda", dtype="float32")  # works without the embedded tokenizer
     lm.tokenizer = _NoTokenizer()
-    eng, c1, m1, pre = prefilled(lm, name)
-    _, c2, _, _ = prefilled(lm, name)
-    _, c3, m3, _ = prefilled(lm, name)
+    budget = 20 if name == "streaming_llm" else 40  # the window rolls: ring of 4 sinks + 17 rows, 24 steps
+    eng, c1, m1, pre = prefilled(lm, name, budget=budget)
+    _, c2, m2, _ = prefilled(lm, name, budget=budget)
+    _, c3, m3, _ = prefilled(lm, name, budget=budget)
     eng.fast_decode = False
-    ids_ref, _, flops_ref = eng.decode(c1, m1, pre.logits, 16)
-    fd = FastDecoder(lm.model, c2, 16)
-    ids_fast, _ = fd.decode(int(pre.logits.argmax()), 16)
-    assert fd.graph_error is None
+    ids_ref, _, flops_ref = eng.decode(c1, m1, pre.logits, 24)
+    fd = FastDecoder(lm.model, c2, 24, compile=compile, ring=m2.decode_ring())
+    ids_fast, _ = fd.decode(int(pre.logits.argmax()), 24)
+    assert fd.graph_error is None and fd.graph is None  # captured, replayed, released
     assert ids_fast == ids_ref
-    assert c2.head_lengths() == c1.head_lengths()
-    eng.fast_decode = True  # the engine's own CUDA path: same tokens, same FLOPs, same cache
-    ids_eng, _, flops_eng = eng.decode(c3, m3, pre.logits, 16)
-    assert ids_eng == ids_ref and flops_eng == flops_ref and c3.head_lengths() == c1.head_lengths()
+    ring = name == "streaming_llm"  # the ring holds one row more than the engine loop between steps
+    assert [[n - ring for n in layer] for layer in c2.head_lengths()] == c1.head_lengths()
+    eng.fast_decode, eng.compile_decode = True, compile  # the engine's own CUDA path: same tokens, FLOPs, cache
+    ids_eng, _, flops_eng = eng.decode(c3, m3, pre.logits, 24)
+    assert ids_eng == ids_ref and flops_eng == flops_ref and c3.head_lengths() == c2.head_lengths()

@@ -207,6 +207,25 @@ def test_append_writes_first_spare_row_of_every_head(impl, interpret_env):
         assert int(positions[row]) == (99 if new else int(p0[row]))
 
 
+@pytest.mark.parametrize("impl", [K.ragged_append_ref] + ([K.ragged_append_triton] if MODE in ("cuda", "interpret")
+                                                          else []), ids=lambda f: f.__name__)
+def test_append_ring_overwrites_the_oldest_non_sink_row(impl, interpret_env):
+    # ring of 4 rows, 1 sink. Head 0 starts with positions [0, 5] (capacity 4), head 1 empty (capacity 4).
+    # Appending positions 10..14: head 0 -> rows 2, 3, then full: rows 1, 2, 3 (the pointer wraps to 1);
+    # head 1 -> rows 0..3, then row 1. Positions after: [0, 12, 13, 14] and [10, 14, 12, 13].
+    keys = torch.zeros(8, 16)
+    positions = torch.tensor([0, 5, -1, -1, -1, -1, -1, -1])
+    starts, lengths, ring_next = torch.tensor([0, 4]), torch.tensor([2, 0]), torch.tensor([1, 1])
+    args = to(DEV, keys, keys.clone(), positions, starts, lengths, ring_next)
+    for p in range(10, 15):
+        new = torch.full((2, 16), float(p))
+        impl(*to(DEV, new, new, torch.tensor([p])), *args[:5], ring_next=args[5], ring_rows=4, n_sink=1)
+    keys, _, positions, _, lengths, ring_next = (t.cpu() for t in args)
+    assert positions.tolist() == [0, 12, 13, 14, 10, 14, 12, 13]
+    assert keys[:, 0].tolist() == [0, 12, 13, 14, 10, 14, 12, 13]
+    assert lengths.tolist() == [4, 4] and ring_next.tolist() == [1, 2]
+
+
 def test_append_ref_refuses_a_full_head():
     keys, values, starts, lengths = ragged_cache([3, 2], 16, gap=0)
     with pytest.raises(ValueError, match="head 0 is full"):
@@ -319,6 +338,26 @@ def test_append_triton_matches_ref(dtype, interpret_env):
 
 
 @needs_triton
+def test_append_ring_triton_matches_ref(interpret_env):
+    """Rolling window: heads of 1, 0, 5 and 2 rows, ring of 4 rows with 2 sinks, 9 appends (wraps twice)."""
+    keys, values, starts, lengths = ragged_cache([1, 0, 5, 2], 24, gap=5)
+    lengths = torch.minimum(lengths, torch.tensor(4))  # a head never holds more than the ring
+    positions = torch.arange(keys.shape[0])
+    ring = torch.full((4,), 2)
+    ref = [t.clone() for t in (keys, values, positions, lengths, ring)]
+    tri = to(DEV, keys, values, positions, lengths, ring)
+    for step in range(9):
+        k_new, v_new = randn(4, 24, seed=30 + step), randn(4, 24, seed=40 + step)
+        pos = torch.tensor([500 + step])
+        K.ragged_append_ref(k_new, v_new, pos, ref[0], ref[1], ref[2], starts, ref[3], ring_next=ref[4],
+                            ring_rows=4, n_sink=2)
+        K.ragged_append_triton(*to(DEV, k_new, v_new, pos), tri[0], tri[1], tri[2], starts.to(DEV), tri[3],
+                               ring_next=tri[4], ring_rows=4, n_sink=2)
+        for a, b in zip(tri, ref):
+            assert torch.equal(a.cpu(), b)
+
+
+@needs_triton
 def test_compact_triton_matches_ref(interpret_env):
     keys, values, starts, lengths = ragged_cache(LENGTHS, 96)
     counts = torch.tensor([1, 0, 33, 41])
@@ -337,7 +376,7 @@ def test_triton_suite_in_fresh_interpreter_process():
         pytest.skip(f"Triton tests ran in-process (mode={MODE})")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "triton or hand_worked or zero_query or spare_row"],
+                          "-k", "triton or hand_worked or zero_query or spare_row or ring"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
