@@ -7,8 +7,8 @@ budget (kept tokens per KV head per layer, default 1024), then decodes greedily.
   overhead %    (TTFT(method) - TTFT(full)) / TTFT(full), same length
   decode ms/tok median step time after warm-up, host readback of the token included, of kvbench's fastest
                 path: `compiled` = kvbench/fast_decode.py with torch.compile (Inductor) captured in a CUDA graph,
-                `graph` = the same without compiling (also printed), `eager` = the engine loop (methods that
-                evict while decoding); the compile itself (~1 min, once per process) is a warm-up, not timed
+                `graph` = the same without compiling (also printed), `eager` = the engine's per-layer loop
+                (also printed: what methods that score while decoding use); the compile itself (~1 min, once per process) is a warm-up, not timed
   roofline ms   (weight bytes read per step + mean KV bytes) / measured copy bandwidth, where the bandwidth is
                 (bytes read + bytes written) / time of a large device-to-device copy, and the weight bytes count
                 every parameter except the input embedding table (a step reads one row of it)

@@ -62,6 +62,7 @@ class Engine:
         self.fast_decode = os.environ.get("KVBENCH_FAST_DECODE", "1") != "0"
         from kvbench.fast_decode import default_compile
         self.compile_decode = default_compile()  # KVBENCH_COMPILE_DECODE=1: torch.compile the step first
+        self.last_setup_steps = 0  # leading decode steps of the last decode() that compiled / captured a graph
 
     # -- the loop's pieces ---------------------------------------------------------------------------
     def new_cache(self) -> KVBenchCache:
@@ -111,6 +112,7 @@ class Engine:
                 fd = fast_decode.FastDecoder(self.model, cache, max_new_tokens, compile=self.compile_decode,
                                              ring=ring)
                 out, step_ms = fd.decode(int(first_logits.argmax()), max_new_tokens, self.stop_ids)
+                self.last_setup_steps = fd.setup_steps
                 # step i decodes with every head one token longer than before it (+1: the token itself),
                 # a rolling window at most cap + 1 (the engine loop evicts after the step's attention)
                 top = ring[1] + 1 if ring is not None else float("inf")
@@ -118,6 +120,7 @@ class Engine:
                                                               self._group, self._head_dim)
                          for i in range(len(step_ms))]
                 return out, step_ms, flops
+        self.last_setup_steps = 0
         cache.reserve(max_new_tokens)
         out: list[int] = []
         step_ms: list[float] = []
@@ -186,7 +189,8 @@ class Engine:
                                    ttft_ms=(0.0 if reused else pre.ms) + q_ms, prefill_ms=pre.ms,
                                    compress_ms=pre.compress_ms, kv_bytes=kv_bytes,
                                    kv_bytes_full=n_ctx * self._full_bytes_per_token, peak=mem.peak,
-                                   n_ctx=n_ctx, kept=kept, reused=reused, query_aware=self.query_aware))
+                                   n_ctx=n_ctx, kept=kept, reused=reused, query_aware=self.query_aware,
+                                   setup_steps=self.last_setup_steps))
         return records
 
     def _run_multi_turn(self, sample: Sample, method) -> list[dict]:
@@ -230,6 +234,7 @@ class Engine:
                                    prefill_ms=pre.ms, compress_ms=pre.compress_ms, kv_bytes=kv_bytes,
                                    kv_bytes_full=n_ctx * self._full_bytes_per_token, peak=mem.peak, n_ctx=n_ctx,
                                    kept=kept, reused=qi > 0, query_aware=self.query_aware,
+                                   setup_steps=self.last_setup_steps,
                                    extra_meta={"turn": qi, "cache_tokens_before_answer": cache.seen_tokens}))
             if qi < len(sample.queries) - 1:
                 gold = q.answers[0] if q.answers else ""
@@ -248,16 +253,21 @@ def _mean_len(cache: KVBenchCache) -> float:
 
 def _record(sample: Sample, qi: int, q: Query, text: str, ids: list[int], step_ms: list[float], flops: list[int],
             *, ttft_ms, prefill_ms, compress_ms, kv_bytes, kv_bytes_full, peak, n_ctx, kept, reused, query_aware,
-            extra_meta=None) -> dict:
+            setup_steps=0, extra_meta=None) -> dict:
     meta = copy.deepcopy(sample.meta)
     meta.update(q.meta)
     if extra_meta:
         meta.update(extra_meta)
+    # the GPU fast path's first steps also compile / capture its CUDA graph: a one-time cost, reported apart
+    # (decode_setup_ms) so decode_ms_per_token is the steady per-token latency (all steps if none are left)
+    w = min(setup_steps, len(step_ms))
+    steady = step_ms[w:] or step_ms
     return {
         "sample_id": sample.id, "query_idx": qi, "status": "ok", "error_type": None, "error": None,
         "score": None, "prediction": text, "answers": q.answers, "new_tokens": len(ids),
         "ttft_ms": ttft_ms, "prefill_ms": prefill_ms, "compress_ms": compress_ms,
-        "decode_ms_per_token": (sum(step_ms) / len(step_ms)) if step_ms else None,
+        "decode_ms_per_token": (sum(steady) / len(steady)) if steady else None,
+        "decode_setup_ms": sum(step_ms[:w]),
         "kv_bytes": kv_bytes, "kv_bytes_full": kv_bytes_full, "peak_mem_bytes": peak,
         "decode_flops_per_token": (sum(flops) / len(flops)) if flops else None,
         "context_tokens": n_ctx, "kept_tokens": kept, "context_reused": reused, "query_aware": query_aware,

@@ -15,8 +15,9 @@ kernel launches, syncs), which at this size costs as much as the step itself. Th
    which is what is left between a graph of eager kernels and the bandwidth limit. The custom op is opaque
    to the compiler (declared mutations of the cache tensors, applied in place), so the cache layout and the
    Triton kernel are the same as without compiling.
-Only methods without decode-time hooks qualify (`supports`): full, snapkv, pyramidkv, adakv, ...; methods
-that evict while decoding (H2O, StreamingLLM, TOVA) keep the eager engine loop. On CPU this runs the same
+Qualify (`supports`): methods without decode-time hooks (full, snapkv, pyramidkv, adakv, ...) and methods
+whose decode-time eviction is a rolling window (StreamingLLM, recent: `Method.decode_ring`, run as a ring
+buffer by the append kernel); methods that score while decoding (H2O, TOVA) keep the eager engine loop. On CPU this runs the same
 in-place step eagerly (use_graph=False), which is what the tests compare with the engine loop.
 """
 from __future__ import annotations
@@ -195,6 +196,7 @@ class FastDecoder:
         self.graph_error: str | None = None
         self.logits: torch.Tensor | None = None
         self.steps = 0
+        self.setup_steps = 0  # leading steps that also compiled, warmed up or captured (one-time costs)
 
     def _step(self) -> None:
         state = (self.base.kv, self.pos, self.ring_next, self.ring_rows, self.n_sink)
@@ -205,6 +207,8 @@ class FastDecoder:
         if self.steps >= self.capacity:
             raise ValueError(f"fast decode: step {self.steps + 1} exceeds the reserved capacity {self.capacity}")
         self.steps += 1
+        if self.graph is None and (self.use_graph or (self.compiled and self.steps == 1)):
+            self.setup_steps += 1
         if not self.use_graph:
             return self._step()
         if self.graph is not None:

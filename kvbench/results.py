@@ -36,7 +36,7 @@ SCHEMA_VERSION = 1
 NON_IDENTITY_KEYS = {"results_dir", "sweep", "force", "logger", "progress", "hydra"}
 
 # Record fields that depend on the machine's load, not on the config (excluded from determinism checks).
-TIMING_FIELDS = ("ttft_ms", "prefill_ms", "compress_ms", "decode_ms_per_token", "peak_mem_bytes")
+TIMING_FIELDS = ("ttft_ms", "prefill_ms", "compress_ms", "decode_ms_per_token", "decode_setup_ms", "peak_mem_bytes")
 # Summary fields that are timings or describe the environment of the process rather than the results.
 SUMMARY_VOLATILE_FIELDS = TIMING_FIELDS + ("started_at", "finished_at", "wall_s", "versions", "git_commit")
 
@@ -259,6 +259,7 @@ def summarize(cfg: dict, run_hash: str, records: list[dict], extra: dict, starte
         "peak_mem_bytes": _mean(r["peak_mem_bytes"] for r in ok), "ttft_ms": _mean(r["ttft_ms"] for r in ok),
         "compress_ms": _mean(r["compress_ms"] for r in ok),
         "decode_ms_per_token": _mean(r["decode_ms_per_token"] for r in ok),
+        "decode_setup_ms": _mean(r.get("decode_setup_ms") for r in ok),
         "decode_flops_per_token": _mean(r["decode_flops_per_token"] for r in ok),
         "extra": extra, "versions": versions(), "git_commit": git_commit(),
         "started_at": started, "finished_at": now(), "wall_s": wall_s,
