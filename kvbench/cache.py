@@ -13,6 +13,15 @@ import torch
 from transformers.cache_utils import Cache
 
 
+def exclusive_cumsum(xs: list[int]) -> list[int]:
+    """Where each head starts when heads of these sizes sit back to back."""
+    out, acc = [], 0
+    for x in xs:
+        out.append(acc)
+        acc += x
+    return out
+
+
 def long_tensor(data, device: torch.device) -> torch.Tensor:
     """Host ints -> an int64 tensor on `device`. To a GPU through pinned memory: a copy from pageable host
     memory waits for the stream (a hidden sync per layer inside the prefill); a pinned one is queued."""
@@ -40,16 +49,30 @@ class LayerKV:
         """k, v: (n_kv, n, d); positions: (n,)."""
         h, n, d = k.shape
         return cls._packed(k.reshape(h * n, d).contiguous(), v.reshape(h * n, d).contiguous(),
-                           positions.to(k.device, torch.long).reshape(-1).repeat(h), h, n)
+                           positions.to(k.device, torch.long).reshape(-1).repeat(h), [n] * h)
 
     @classmethod
-    def _packed(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, h: int, n: int) -> "LayerKV":
-        """h heads of n rows each, back to back, no spare capacity (no device sync)."""
-        dev = keys.device
-        starts = torch.arange(h, device=dev, dtype=torch.long) * n
-        lengths = torch.full((h,), n, device=dev, dtype=torch.long)
-        return cls(keys, values, positions, starts, lengths, lengths.clone(),
-                   host=([i * n for i in range(h)], [n] * h, [n] * h))
+    def _packed(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                counts: list[int]) -> "LayerKV":
+        """Heads of counts[h] rows each, back to back, no spare capacity, without a device sync (equal
+        counts: the metadata is built on the device; otherwise one pinned host-to-device copy)."""
+        dev, h = keys.device, len(counts)
+        starts_h = exclusive_cumsum(counts)
+        if len(set(counts)) <= 1:
+            n = counts[0] if counts else 0
+            starts = torch.arange(h, device=dev, dtype=torch.long) * n
+            lengths = torch.full((h,), n, device=dev, dtype=torch.long)
+            caps = lengths.clone()
+        else:
+            starts, lengths, caps = long_tensor([starts_h, counts, counts], dev)
+        return cls(keys, values, positions, starts, lengths, caps, host=(starts_h, list(counts), list(counts)))
+
+    def _take_rows(self, rows: torch.Tensor, counts: list[int]) -> None:
+        """Replace the storage by these rows (head h's counts[h] rows, heads back to back): one gather per
+        tensor into a tight buffer; the old buffers are freed."""
+        new = LayerKV._packed(self.keys.index_select(0, rows), self.values.index_select(0, rows),
+                              self.positions.index_select(0, rows), counts)
+        self.__dict__.update(new.__dict__)
 
     # -- shape facts ---------------------------------------------------------------------------------
     @property
@@ -91,9 +114,7 @@ class LayerKV:
         """Copy (optionally a subset of) each head's rows into a fresh buffer with the given capacities."""
         dev = self.keys.device
         src, dst = [], []
-        new_starts = [0]
-        for c in new_caps[:-1]:
-            new_starts.append(new_starts[-1] + c)
+        new_starts = exclusive_cumsum(new_caps)
         new_lens = []
         for h in range(self.n_heads):
             s = self._starts[h]
@@ -134,10 +155,7 @@ class LayerKV:
         if k > self._lens[0]:
             raise ValueError(f"keep(): {k} indices per head, the heads hold {self._lens[0]} rows")
         idx = torch.sort(indices.long(), dim=-1).values
-        rows = (self.starts.view(h, 1) + idx).reshape(-1)
-        new = LayerKV._packed(self.keys.index_select(0, rows), self.values.index_select(0, rows),
-                              self.positions.index_select(0, rows), h, k)
-        self.__dict__.update(new.__dict__)  # the old buffers are freed here
+        self._take_rows((self.starts.view(h, 1) + idx).reshape(-1), [k] * h)
 
     def keep_ragged(self, flat_idx: torch.Tensor, counts: list[int]) -> None:
         """Keep counts[h] rows of head h: `flat_idx` holds their local indices, head 0's first (each head's
@@ -147,16 +165,9 @@ class LayerKV:
         if any(c > n for c, n in zip(counts, self._lens)):
             raise ValueError(f"keep_ragged(): counts {counts} exceed the head lengths {self._lens}")
         dev = self.keys.device
-        meta = long_tensor([self._starts, counts], dev)
-        rows = torch.repeat_interleave(meta[0], meta[1], output_size=sum(counts)) + flat_idx.to(dev).long()
-        new_starts = [0]
-        for c in counts[:-1]:
-            new_starts.append(new_starts[-1] + c)
-        keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
-        positions = self.positions.index_select(0, rows)
-        meta = long_tensor([new_starts, counts, counts], dev)
-        self.__dict__.update(LayerKV(keys, values, positions, meta[0], meta[1], meta[2],
-                                     host=(new_starts, list(counts), list(counts))).__dict__)
+        starts, cnt = long_tensor([self._starts, counts], dev)
+        rows = torch.repeat_interleave(starts, cnt, output_size=sum(counts)) + flat_idx.to(dev).long()
+        self._take_rows(rows, counts)
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more tokens per head (one reallocation instead of one per step)."""
@@ -262,39 +273,6 @@ class KVBenchCache(Cache):
 
     def head_lengths(self) -> list[list[int]]:
         return [l.head_lengths if l is not None else [] for l in self.kv]
-
-    def _keep_uniform(self, indices: torch.Tensor) -> None:
-        """Same number k of kept rows in every head: one batched gather, no host loop, no device sync
-        (this runs once per layer inside the prefill, where a sync would stall the GPU)."""
-        h, k = indices.shape
-        if h != self.n_heads:
-            raise ValueError(f"keep(): got indices for {h} heads, the layer has {self.n_heads}")
-        if k > self._lens[0]:
-            raise ValueError(f"keep(): {k} indices per head, the heads hold {self._lens[0]} rows")
-        idx = torch.sort(indices.long(), dim=-1).values
-        rows = (self.starts.view(h, 1) + idx).reshape(-1)
-        new = LayerKV._packed(self.keys.index_select(0, rows), self.values.index_select(0, rows),
-                              self.positions.index_select(0, rows), h, k)
-        self.__dict__.update(new.__dict__)  # the old buffers are freed here
-
-    def keep_ragged(self, flat_idx: torch.Tensor, counts: list[int]) -> None:
-        """Keep counts[h] rows of head h: `flat_idx` holds their local indices, head 0's first (each head's
-        in the order to store). One batched gather into a tightly packed buffer, no host loop."""
-        if len(counts) != self.n_heads:
-            raise ValueError(f"keep_ragged(): got counts for {len(counts)} heads, the layer has {self.n_heads}")
-        if any(c > n for c, n in zip(counts, self._lens)):
-            raise ValueError(f"keep_ragged(): counts {counts} exceed the head lengths {self._lens}")
-        dev = self.keys.device
-        meta = long_tensor([self._starts, counts], dev)
-        rows = torch.repeat_interleave(meta[0], meta[1], output_size=sum(counts)) + flat_idx.to(dev).long()
-        new_starts = [0]
-        for c in counts[:-1]:
-            new_starts.append(new_starts[-1] + c)
-        keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
-        positions = self.positions.index_select(0, rows)
-        meta = long_tensor([new_starts, counts, counts], dev)
-        self.__dict__.update(LayerKV(keys, values, positions, meta[0], meta[1], meta[2],
-                                     host=(new_starts, list(counts), list(counts))).__dict__)
 
     def reserve(self, extra: int) -> None:
         for l in self.kv:

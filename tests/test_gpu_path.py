@@ -50,6 +50,17 @@ def prefilled(lm, name, n=120, budget=40, **knobs):
     return eng, cache, method, pre
 
 
+def _same_cache(c1, c2):
+    assert c2.seen_tokens == c1.seen_tokens and c2.head_lengths() == c1.head_lengths()
+    for a, b in zip(c1.kv, c2.kv):
+        for h in range(a.n_heads):
+            ka, va, pa = a.head(h)
+            kb, vb, pb = b.head(h)
+            torch.testing.assert_close(kb, ka)
+            torch.testing.assert_close(vb, va)
+            assert torch.equal(pa, pb)
+
+
 @pytest.mark.parametrize("name", ["full", "snapkv", "adakv"])
 def test_fast_decode_matches_engine_loop(tiny, name):
     """Same greedy tokens, same cache afterwards (rows, positions, lengths) as Engine.decode."""
@@ -63,14 +74,7 @@ def test_fast_decode_matches_engine_loop(tiny, name):
     ids_fast, step_ms = fd.decode(int(pre.logits.argmax()), 12)
     assert ids_fast == ids_ref and len(step_ms) == 11
     assert c2.seen_tokens == c1.seen_tokens == 120 + 11
-    assert c2.head_lengths() == c1.head_lengths()
-    for a, b in zip(c1.kv, c2.kv):
-        for h in range(a.n_heads):
-            ka, va, pa = a.head(h)
-            kb, vb, pb = b.head(h)
-            torch.testing.assert_close(kb, ka)
-            torch.testing.assert_close(vb, va)
-            assert torch.equal(pa, pb)
+    _same_cache(c1, c2)
 
 
 @pytest.mark.parametrize("name,knobs", [("streaming_llm", {"n_sink": 4}), ("recent", {})])
@@ -101,17 +105,6 @@ def test_rolling_window_fast_decode_matches_engine_loop(tiny, name, knobs):
     # the engine's CPU loop vs its FLOPs formula for the ring (min(L + i + 1, cap + 1) per head)
     assert flops_ref[-1] == eng._linear_flops + attention_flops([[13] * a.n_heads for a in c1.kv], eng._group,
                                                                 eng._head_dim)
-
-
-def _same_cache(c1, c2):
-    assert c2.seen_tokens == c1.seen_tokens and c2.head_lengths() == c1.head_lengths()
-    for a, b in zip(c1.kv, c2.kv):
-        for h in range(a.n_heads):
-            ka, va, pa = a.head(h)
-            kb, vb, pb = b.head(h)
-            torch.testing.assert_close(kb, ka)
-            torch.testing.assert_close(vb, va)
-            assert torch.equal(pa, pb)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
