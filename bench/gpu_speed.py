@@ -15,27 +15,37 @@ budget (kept tokens per KV head per layer, default 1024), then decodes greedily.
   KV MB         bytes of K+V the cache stores after compression; `alloc/kept` = memory the allocator holds
                 for the cache (K, V and the int64 positions) / (kept tokens x bytes per token)
   peak GiB      max GPU memory allocated during prefill+decode, above the weights
-With --with-kvpress the same model runs kvpress's presses (SnapKV, StreamingLLM, PyramidKV, AdaKV) through
-transformers' DynamicCache and SDPA, decoding with the plain eager loop kvpress uses.
+With --with-kvpress the same model (same seed, same random weights) runs kvpress's presses (SnapKV,
+StreamingLLM, PyramidKV, AdaKV) through transformers' DynamicCache and SDPA, decoding with the greedy loop of
+kvpress's own pipeline.
+
+Each framework runs in its own fresh Python process (`--framework kvbench|kvpress`, spawned by this script, each
+writing JSON rows that this process turns into the tables): the kvpress process never imports kvbench's attention,
+kernels or torch.compile, and the kvbench process never imports kvpress. kvpress's decode is timed on a second
+pass over the same key lengths (`decode_cold_ms`: the first pass; see `run_kvpress`). bench/kvpress_alone.py
+cross-checks the kvpress process against kvpress used alone.
 
     python bench/gpu_speed.py [--lengths 8192 32768] [--budget 1024] [--steps 32] [--reps 3]
                               [--methods full snapkv streaming_llm pyramidkv adakv] [--with-kvpress]
-                              [--deadline-s 500] [--json out.json]
+                              [--deadline-s 500] [--json out.json] [--framework kvbench|kvpress]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-try:
-    import kvbench  # noqa: F401
-except ImportError:  # a plain checkout: run from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("kvbench") is None:  # a plain checkout (find_spec imports nothing of kvbench)
+    sys.path.insert(0, str(ROOT))
 
 METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv")
 
@@ -184,7 +194,7 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
     return row
 
 
-# -- kvpress -------------------------------------------------------------------------------------------
+# -- kvpress (its own process: nothing of kvbench's attention, kernels or compiler is imported here) ------
 def kvpress_press(name: str, ratio: float):
     import kvpress
     if name == "full":
@@ -200,16 +210,57 @@ def kvpress_press(name: str, ratio: float):
     raise ValueError(f"no kvpress press for method={name!r}; allowed: {', '.join(METHODS)}")
 
 
-@torch.inference_mode()
-def run_kvpress(lm, name: str, ids: list[int], budget: int, steps: int, reps: int, bw: float, wbytes: int,
+def build_plain_model(shape: str, device: str = "cuda"):
+    """The synthetic model as transformers builds it (same config, seed and init order as kvbench's
+    `load_model("synthetic")`, so the same weights), with transformers' SDPA attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from kvbench.models import SYNTHETIC_SHAPES  # a dict of config fields: registers and compiles nothing
+    if shape not in SYNTHETIC_SHAPES:
+        raise ValueError(f"shape={shape!r}; allowed: {', '.join(SYNTHETIC_SHAPES)}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**SYNTHETIC_SHAPES[shape]), dtype=torch.bfloat16)
+    model.eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _ms_since(t0: float) -> float:
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def kvpress_decode(model, cache, token: torch.Tensor, n: int, steps: int) -> list[float]:
+    """The greedy loop of kvpress's pipeline (`generate_answer`): one forward per token with position_ids,
+    `.item()` of each. Returns the wall ms of each of the steps - 1 forwards."""
+    step_ms = []
+    for i in range(steps - 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        pos = torch.tensor([[n + i]], device=model.device)
+        o = model(input_ids=token.view(1, 1), past_key_values=cache, position_ids=pos)
+        token = o.logits[0, -1].argmax()
+        token.item()
+        step_ms.append((time.perf_counter() - t0) * 1e3)
+    return step_ms
+
+
+@torch.no_grad()
+def run_kvpress(model, name: str, ids: list[int], budget: int, steps: int, reps: int, bw: float, wbytes: int,
                 full_ttft: float | None, compile_decode: bool = True) -> dict:
-    """kvpress's usage: `with press(model): model(context, past_key_values=DynamicCache())`, then a plain
-    greedy loop with explicit positions (as its pipeline does)."""
+    """kvpress's usage: `with press(model): model(context, past_key_values=DynamicCache())`, then the greedy
+    loop of its pipeline (`kvpress_decode`). The decode is timed twice over the same key lengths: after the
+    warm-up prefill (`decode_cold_ms`) and after the last one (`decode_ms`: kvpress at its best). Measured on
+    an H200 (torch 2.11, transformers 5.17, 8B shape): the first pass over new key lengths cost 2.8x the second
+    in a fresh process without kvbench (8K full: 68.6 then 24.6 ms/token), and PyramidKV, whose 32 layers
+    each hold a different length, 1.6 s/token at 32K on a first pass (41.7 ms on a second, kvpress_alone.py).
+    Most likely PyTorch's cuDNN attention, which SDPA prefers on sm90, planning each new shape once per process
+    (not yet confirmed: bench/kvpress_alone.py --no-cudnn-sdpa). In one process with kvbench, kvpress's decode over
+    lengths it had already seen also went from ~25 to ~50 ms/token after a kvbench prefill (cause not found;
+    gc.collect/gc.disable did not change it): hence one fresh process per framework."""
     import contextlib
     from transformers import DynamicCache
-    from kvbench.metrics import Timer
-    model, dev = lm.model, lm.device
-    model.set_attn_implementation("sdpa")
+    dev = model.device
     n = len(ids)
     press = kvpress_press(name, max(0.0, 1.0 - budget / n))
     x = torch.tensor([ids], device=dev)
@@ -217,34 +268,29 @@ def run_kvpress(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     ttfts = []
-    for _ in range(reps + 1):
+    for _ in range(reps + 1):  # the first is warm-up
         cache = out = None
         torch.cuda.empty_cache()
         cache = DynamicCache()
-        with Timer(dev) as t, (press(model) if press is not None else contextlib.nullcontext()):
-            # explicit cache_position: kvpress's hooks read it (recent transformers no longer pass it on)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with press(model) if press is not None else contextlib.nullcontext():
+            # explicit cache_position: kvpress's hooks read it (transformers >= 5.3 no longer passes it on)
             out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1,
                         position_ids=torch.arange(n, device=dev).view(1, -1), cache_position=torch.arange(n, device=dev))
-        ttfts.append(t.ms)
+        ttfts.append(_ms_since(t0))
+        if len(ttfts) == 1:  # decode the warm-up prefill's cache too: the first pass over these key lengths
+            cold = median(kvpress_decode(model, cache, out.logits[0, -1].argmax(), n, steps)[2:])
     kv = sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
              for l in cache.layers)
-    nxt = out.logits[:, -1:].argmax(-1)
-    step_ms = []
-    for i in range(steps - 1):
-        pos = torch.tensor([[n + i]], device=dev)
-        with Timer(dev) as t:
-            o = model(input_ids=nxt, past_key_values=cache, position_ids=pos, cache_position=pos[0], use_cache=True)
-            nxt = o.logits[:, -1:].argmax(-1)
-            int(nxt)
-        step_ms.append(t.ms)
+    warm = median(kvpress_decode(model, cache, out.logits[0, -1].argmax(), n, steps)[2:])
     ttft = median(ttfts[1:])
     row = dict(method=f"kvpress:{name}", n=n, ttft_ms=ttft, compress_ms=None, kv_bytes=kv,
                overhead_pct=None if full_ttft is None else 100.0 * (ttft - full_ttft) / full_ttft,
-               decode_ms=median(step_ms[2:]), path="eager")
+               decode_ms=warm, decode_cold_ms=cold, path="eager")
     row["roofline_ms"] = roofline_ms(wbytes, kv, bw)
     row["decode_over_roofline"] = row["decode_ms"] / row["roofline_ms"]
     row["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-    model.set_attn_implementation("kvbench")
     return row
 
 
@@ -257,13 +303,14 @@ def fmt(row: dict) -> str:
             f"{f('decode_ms', '8.2f')} {row.get('path', '-'):>8} {f('eager_ms', '8.2f')} {f('graph_ms', '8.2f')} "
             f"{f('roofline_ms', '8.2f')} "
             f"{f('decode_over_roofline', '6.2f')} {row['kv_bytes'] / 2**20:9.1f} {f('alloc_over_kept', '6.3f')} "
-            f"{f('peak_gib', '7.2f')}")
+            f"{f('peak_gib', '7.2f')}" + (f"  (cold {row['decode_cold_ms']:.2f})" if row.get('decode_cold_ms') else ""))
 
 
-def ratio_table(rows: list[dict]) -> str:
+def ratio_table(rows: list[dict], device: str = "") -> str:
     """kvpress / kvbench per (length, method) and metric: > 1 means kvbench is faster or smaller."""
     ours = {(r["n"], r["method"]): r for r in rows if not r["method"].startswith("kvpress:")}
-    lines = ["kvpress / kvbench (same inputs, same process; > 1: kvbench faster / smaller)",
+    lines = [f"kvpress / kvbench{' on ' + device if device else ''} (same inputs, each framework in its own "
+             "process; > 1: kvbench faster / smaller)",
              f"{'n':>7} {'method':<14} {'prefill':>8} {'ovh pts':>8} {'decode':>8} {'x roof':>8} {'KV bytes':>9} "
              f"{'peak':>7}"]
     for r in rows:
@@ -288,6 +335,73 @@ HEADER = (f"{'n':>7} {'method':<22} {'prefill':>9} {'ovh %':>8} {'dec ms':>8} {'
           f"{'graph':>8} {'roof ms':>8} {'x roof':>6} {'KV MB':>9} {'alloc/kept':>6} {'peak GiB':>7}")
 
 
+def header(meta: dict) -> str:
+    return (f"[{meta['framework']} process] device {meta['device']}  torch {meta['torch']}  transformers "
+            f"{meta['transformers']}{'  kvpress ' + meta['kvpress'] if meta.get('kvpress') else ''}  model "
+            f"{meta['model']} bf16  weights read/step {meta['weight_bytes'] / 1e9:.2f} GB  copy bandwidth "
+            f"{meta['bandwidth'] / 1e12:.2f} TB/s (read+write)  budget {meta['budget']}  steps {meta['steps']}  "
+            f"reps {meta['reps']}")
+
+
+# -- one framework in this process ---------------------------------------------------------------------
+def run_framework(args) -> None:
+    """`--framework kvbench|kvpress`: every (length, method) of one framework, rows printed and written to --json."""
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu_speed.py needs a CUDA GPU")
+    t_start = time.time()
+    out = open(args.json, "w") if args.json else None
+    import transformers
+    meta = dict(framework=args.framework, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                transformers=transformers.__version__, model=f"synthetic-{args.shape}", budget=args.budget,
+                steps=args.steps, reps=args.reps)
+    if args.framework == "kvpress":
+        try:
+            import kvpress  # noqa: F401 - imported first, as its users do (it wraps transformers' attention functions)
+            from importlib.metadata import version
+            meta["kvpress"] = version("kvpress")
+        except Exception as e:  # noqa: BLE001 - report and stop
+            print(f"kvpress unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+            return
+        model = build_plain_model(args.shape)
+        run = lambda *a: run_kvpress(model, *a)  # noqa: E731
+    else:
+        lm = build_model(args.shape)
+        model, run = lm.model, (lambda *a: run_kvbench(lm, *a))
+    meta["bandwidth"], meta["weight_bytes"] = copy_bandwidth(), decode_weight_bytes(model)
+    print(header(meta), flush=True)
+    print(HEADER, flush=True)
+    if out:
+        out.write(json.dumps(dict(meta=meta)) + "\n")
+    for n in args.lengths:
+        g = torch.Generator().manual_seed(n)
+        ids = torch.randint(10, min(model.config.vocab_size, 49152), (n,), generator=g).tolist()
+        full_ttft = None
+        for name in args.methods:
+            tag = f"{'kvpress:' if args.framework == 'kvpress' else ''}{name}"
+            if args.deadline_s and time.time() - t_start > args.deadline_s:
+                print(f"{n:>7} {tag:<22} skipped: --deadline-s {args.deadline_s:.0f} reached", flush=True)
+                continue
+            try:
+                row = run(name, ids, args.budget, args.steps, args.reps, meta["bandwidth"], meta["weight_bytes"],
+                          full_ttft, not args.no_compile)
+            except Exception as e:  # noqa: BLE001 - one failing configuration must not hide the others
+                torch.cuda.empty_cache()
+                print(f"{n:>7} {tag:<22} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                continue
+            if name == "full":
+                full_ttft = row["ttft_ms"]
+            print(fmt(row), flush=True)
+            if out:
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+            torch.cuda.empty_cache()
+    other = "kvbench." if args.framework == "kvpress" else "kvpress"
+    leaked = sorted(m for m in sys.modules if m.startswith(other) and m != "kvbench.models")
+    if leaked:  # the point of one process per framework
+        raise RuntimeError(f"the {args.framework} process imported {', '.join(leaked[:5])}")
+
+
+# -- the parent: one fresh process per framework, then the tables --------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-3.1-8b")
@@ -300,63 +414,46 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode path")
     ap.add_argument("--deadline-s", type=float, default=0, help="skip configurations started after this many s")
     ap.add_argument("--json", default="", help="also write every row to this file (JSON lines)")
+    ap.add_argument("--framework", choices=("kvbench", "kvpress"), default=None,
+                    help="run only this framework, in this process (the parent spawns one process per framework)")
     args = ap.parse_args()
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         raise ValueError(f"--methods {bad[0]!r}; allowed: {', '.join(METHODS)}")
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu_speed.py needs a CUDA GPU")
+    if args.framework:
+        return run_framework(args)
     t_start = time.time()
-    lm = build_model(args.shape)
-    import transformers
-    bw = copy_bandwidth()
-    wbytes = decode_weight_bytes(lm.model)
-    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  transformers {transformers.__version__}"
-          f"  model synthetic-{args.shape} bf16  weights read/step {wbytes / 1e9:.2f} GB  copy bandwidth "
-          f"{bw / 1e12:.2f} TB/s (read+write)  budget {args.budget}  steps {args.steps}  reps {args.reps}", flush=True)
-    print(HEADER, flush=True)
-    out = open(args.json, "w") if args.json else None
-    rows: list[dict] = []
-    # kvpress is imported only after every kvbench row: its import patches every registered attention
-    # function (the "kvbench" one included) with a wrapper that breaks our signature
-    runners = [("kvbench", run_kvbench)] + ([("kvpress", run_kvpress)] if args.with_kvpress else [])
-    for tag, run in runners:
-        if tag == "kvpress":
-            try:
-                import kvpress
-                print(f"kvpress {getattr(kvpress, '__version__', '')} imported", flush=True)
-            except Exception as e:  # noqa: BLE001 - report and stop: kvbench's rows are already printed
-                print(f"kvpress unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                      flush=True)
-                break
-        for n in args.lengths:
-            g = torch.Generator().manual_seed(n)
-            ids = torch.randint(10, min(lm.model.config.vocab_size, 49152), (n,), generator=g).tolist()
-            full_ttft = None
-            for name in args.methods:
-                if args.deadline_s and time.time() - t_start > args.deadline_s:
-                    print(f"{n:>7} {tag}:{name:<14} skipped: --deadline-s {args.deadline_s:.0f} reached", flush=True)
-                    continue
-                try:
-                    row = run(lm, name, ids, args.budget, args.steps, args.reps, bw, wbytes, full_ttft,
-                              not args.no_compile)
-                except Exception as e:  # noqa: BLE001 - one failing configuration must not hide the others
-                    torch.cuda.empty_cache()
-                    print(f"{n:>7} {tag}:{name:<14} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                          flush=True)
-                    if tag == "kvpress":
-                        lm.model.set_attn_implementation("kvbench")
-                    continue
-                if name == "full":
-                    full_ttft = row["ttft_ms"]
-                print(fmt(row), flush=True)
-                rows.append(row)
-                if out:
-                    out.write(json.dumps(row) + "\n")
-                    out.flush()
-                torch.cuda.empty_cache()
+    metas, rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fw in ["kvbench"] + (["kvpress"] if args.with_kvpress else []):
+            left = args.deadline_s - (time.time() - t_start) if args.deadline_s else 0
+            if args.deadline_s and left <= 0:
+                print(f"{fw}: skipped, --deadline-s {args.deadline_s:.0f} reached", flush=True)
+                continue
+            path = os.path.join(tmp, f"{fw}.jsonl")
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--framework", fw, "--json", path,
+                   "--shape", args.shape, "--lengths", *map(str, args.lengths), "--methods", *args.methods,
+                   "--budget", str(args.budget), "--steps", str(args.steps), "--reps", str(args.reps),
+                   "--deadline-s", str(left)] + (["--no-compile"] if args.no_compile else [])
+            rc = subprocess.run(cmd).returncode
+            if rc:
+                print(f"{fw} process exited with status {rc}", flush=True)
+            if os.path.exists(path):
+                for line in open(path):
+                    d = json.loads(line)
+                    (metas.append(d["meta"]) if "meta" in d else rows.append(d))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    devices = sorted({m["device"] for m in metas})
+    print(f"\n== all rows, each framework in its own process, on {' / '.join(devices) or '?'} ==")
+    for m in metas:
+        print(header(m))
+    print(HEADER)
+    for r in rows:
+        print(fmt(r))
     if args.with_kvpress:
-        print(ratio_table(rows), flush=True)
+        print(ratio_table(rows, ' / '.join(devices)))
     print(f"total {time.time() - t_start:.0f} s", flush=True)
 
 

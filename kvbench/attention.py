@@ -12,6 +12,11 @@ memory, so it never syncs with the host and can be captured in a CUDA graph (kvb
 fresh prefill (queries = all keys) uses SDPA with `is_causal=True` (flash attention) instead of an explicit
 mask. The CPU path is the torch reference below, unchanged. `DECODE_KERNEL` picks the decode path:
 "auto" (Triton on CUDA), "ref" (torch reference everywhere) or "triton" (also CPU under TRITON_INTERPRET=1).
+
+Sliding windows (Mistral, Qwen2/3, Gemma-2/3 local layers) and Gemma-2's logit soft cap are computed exactly
+as transformers' eager attention (every path, the Triton kernel included; never the flash shortcut). Any
+other argument that would change the math (gpt-oss's attention sinks `s_aux`, dropout, a bidirectional
+layer) raises: kvbench.models refuses such models up front, this is the backstop.
 """
 from __future__ import annotations
 
@@ -85,45 +90,99 @@ def _causal_mask(q_len: int, L: int, device) -> torch.Tensor | None:
     return torch.arange(L, device=device).view(1, L) <= qpos
 
 
-def attend(query: torch.Tensor, layer: LayerKV, scaling: float, need_probs: bool = False):
+def _visible(q_len: int, kpos: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """Boolean (..., q_len, L) mask of the keys each new token sees (None: all of them).
+
+    kpos (..., L): the original positions of a head's rows (or of every head's, (h, L)). Causality is by row
+    (the new tokens are the last q_len rows, as `_causal_mask`). A sliding window is by position, because
+    rows may have been evicted or reordered: transformers' `sliding_window_overlay` lets the query at
+    position p see keys with `kv_idx > p - sliding_window`, i.e. the `window` positions up to p itself."""
+    mask = _causal_mask(q_len, kpos.shape[-1], kpos.device)
+    if window is not None:
+        qpos = kpos[..., kpos.shape[-1] - q_len:].unsqueeze(-1)  # (..., q, 1): the new tokens' positions
+        near = kpos.unsqueeze(-2) > qpos - window                 # (..., q, L)
+        mask = near if mask is None else mask & near
+    return mask
+
+
+# explicit attention materializes (heads, rows, keys) float32 scores: cut the rows so one piece stays
+# at about 2^27 scores (512 MiB), e.g. a long Gemma-2 prefill on the GPU
+_MAX_SCORES = 1 << 27
+
+
+def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, mask: torch.Tensor | None,
+              softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention written out, as transformers' eager attention of Gemma-2 computes it: scores are
+    scaled, then soft-capped (softcap * tanh(score / softcap)), then masked. q (h, g, m, d), k/v (h, L, d),
+    mask broadcastable to (h, g, m, L) or None. Returns out (h, g, m, d) and probs (h, g, m, L) float32."""
+    s = (q.float() @ k.float().unsqueeze(1).transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))  # never a fully masked row: each token sees itself
+    p = torch.softmax(s, dim=-1)
+    return p.to(v.dtype) @ v.unsqueeze(1), p
+
+
+def _explicit_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                   mask: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
+    """`_explicit`'s output, a piece of query rows at a time (the mask's rows are its dim -2)."""
+    h, g, m, _ = q.shape
+    step = max(1, _MAX_SCORES // (h * g * k.shape[1]))
+    return torch.cat([_explicit(q[:, :, i:i + step], k, v, scaling,
+                                None if mask is None else mask[..., i:i + step, :], softcap)[0]
+                      for i in range(0, m, step)], dim=2)
+
+
+def attend(query: torch.Tensor, layer: LayerKV, scaling: float, need_probs: bool = False,
+           window: int | None = None, softcap: float | None = None):
     """Exact attention of query (n_q, q, d) over the layer's cache. Returns (out (n_q, q, d), probs or None).
 
     probs (decode only): per KV head, the new token's attention over that head's rows summed over the group.
+    window: a sliding window of that many positions (Mistral, Qwen2, Gemma-2/3 local layers); softcap: the
+    scores' tanh soft cap (Gemma-2). Both as transformers' eager attention computes them.
     """
     n_q, q_len, d = query.shape
     h = layer.n_heads
     g = n_q // h
-    if q_len == 1 and _decode_kernel(query) == "triton":
-        return _attend_decode_triton(query, layer, scaling, need_probs)
-    if layer.is_uniform():
-        k, v, _ = layer.dense()
+    if q_len == 1 and _decode_kernel(query) == "triton" and not (need_probs and (window or softcap)):
+        # (the kernel's probabilities know neither window nor softcap: such steps take the reference below)
+        return _attend_decode_triton(query, layer, scaling, need_probs, window, softcap)
+    plain = window is None and softcap is None
+    if layer.is_uniform() and (plain or need_probs):
+        k, v, kpos = layer.dense()
         L = k.shape[1]
-        if query.is_cuda and q_len == L and q_len > 1 and not need_probs:
+        if need_probs:
+            mask = _visible(q_len, kpos, window)  # (h, q, L) with a window: per head, rows were evicted per head
+            mask = None if mask is None else mask.unsqueeze(-3)  # shared by the g query heads of a KV head
+            out, p = _explicit(query.view(h, g, q_len, d), k, v, scaling, mask, softcap)
+            return out.view(n_q, q_len, d), list(p.sum(dim=(1, 2)).unbind(0))
+        if query.is_cuda and q_len == L and q_len > 1:
             # a fresh prefill: causal over a square score matrix, so flash attention needs no mask tensor
             out = F.scaled_dot_product_attention(query.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                                  is_causal=True, scale=scaling, enable_gqa=g > 1)[0]
             return out, None
-        if need_probs:
-            qg = query.view(h, g * q_len, d)
-            p = torch.softmax((qg.float() @ k.float().transpose(1, 2)) * scaling, dim=-1)
-            out = (p.to(v.dtype) @ v).view(n_q, q_len, d)
-            return out, list(p.view(h, g, q_len, L).sum(dim=(1, 2)).unbind(0))
         mask = _causal_mask(q_len, L, query.device)
         out = F.scaled_dot_product_attention(query.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                              attn_mask=mask, scale=scaling, enable_gqa=g > 1)[0]
         return out, None
-    # ragged: each KV head on its own (the torch reference; the GPU path uses the Triton kernel)
+    # each KV head on its own: ragged layers (the torch reference; the GPU decode uses the Triton kernel), and
+    # windows/softcap (a window's mask differs per head, and a per-head (q, L) mask stays small)
     outs, probs = [], []
     for j in range(h):
-        k, v, _ = layer.head(j)
+        k, v, kpos = layer.head(j)
         qj = query[j * g:(j + 1) * g]  # (g, q, d)
         L = k.shape[0]
-        if need_probs:
-            p = torch.softmax((qj.float() @ k.float().T) * scaling, dim=-1)  # (g, q, L)
-            outs.append(p.to(v.dtype) @ v)
-            probs.append(p.sum(dim=(0, 1)))
+        mask = _visible(q_len, kpos, window)  # (q, L) or None
+        if need_probs or softcap is not None:
+            args = (qj.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), scaling, mask, softcap)
+            if need_probs:
+                out, p = _explicit(*args)
+                probs.append(p.sum(dim=(0, 1, 2)))
+            else:
+                out = _explicit_rows(*args)
+            outs.append(out[0])
         else:
-            mask = _causal_mask(q_len, L, query.device)
             outs.append(F.scaled_dot_product_attention(qj, k.unsqueeze(0).expand(g, L, d), v.unsqueeze(0).expand(g, L, d),
                                                        attn_mask=mask, scale=scaling))
     return torch.cat(outs, 0), (probs if need_probs else None)
@@ -138,14 +197,19 @@ def _decode_kernel(query: torch.Tensor) -> str:
     return "triton" if use_triton(query) else "ref"
 
 
-def _attend_decode_triton(query: torch.Tensor, layer: LayerKV, scaling: float, need_probs: bool):
+def _attend_decode_triton(query: torch.Tensor, layer: LayerKV, scaling: float, need_probs: bool,
+                          window: int | None = None, softcap: float | None = None):
     """One new token over the whole cache with the Triton kernel (same results as the reference above).
 
     Only device tensors are read (keys, values, starts, lengths), never the host copies of the lengths,
     so this is safe inside a CUDA graph; the per-head split of `probs` uses the host copies (eager only)."""
     from kvbench.methods.kernels import ragged_decode_attention_triton
+    q_pos = None
+    if window is not None:  # the new token is every head's last row; head 0's says its position
+        q_pos = layer.positions.index_select(0, layer.starts[:1] + layer.lengths[:1] - 1)
     res = ragged_decode_attention_triton(query[:, 0], layer.keys, layer.values, layer.starts, layer.lengths,
-                                         scaling, return_probs=need_probs)
+                                         scaling, return_probs=need_probs, softcap=softcap, window=window,
+                                         positions=layer.positions, q_pos=q_pos)
     if not need_probs:
         return res.unsqueeze(1), None
     out, flat = res
@@ -153,11 +217,41 @@ def _attend_decode_triton(query: torch.Tensor, layer: LayerKV, scaling: float, n
     return out.unsqueeze(1), probs
 
 
+# Keyword arguments transformers passes to attention functions that do not change its result here: positions
+# come from the cache, kvbench returns no attention weights, the rest are bookkeeping of the model's forward.
+_HARMLESS_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions",
+                              "output_hidden_states", "output_router_logits", "return_dict", "past_key_values",
+                              "cache", "layer_idx", "is_causal", "position_embeddings"})
+
+
+def attention_options(module, dropout: float = 0.0, **kwargs) -> tuple[int | None, float | None]:
+    """(sliding window, softcap) of this layer, from what transformers passes; anything else that would
+    change the attention (attention sinks `s_aux`, dropout, packed sequences, a non-causal layer) raises:
+    a model whose attention we do not implement exactly is refused, never silently computed wrong."""
+    unknown = sorted(k for k, v in kwargs.items()
+                     if k not in _HARMLESS_KWARGS and k not in ("sliding_window", "softcap") and v is not None)
+    if unknown:
+        raise ValueError(f"kvbench attention does not implement {', '.join(unknown)} "
+                         f"(passed by {type(module).__name__}); this model is not supported")
+    if dropout:
+        raise ValueError(f"kvbench attention got dropout={dropout}; allowed: 0 (inference)")
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        raise ValueError(f"{type(module).__name__} is not causal (bidirectional attention); kvbench attention "
+                         "is causal only")
+    window = kwargs.get("sliding_window")
+    if window is None:
+        # Qwen2-MoE masks its sliding layers without passing the window: the layer carries it
+        window = getattr(module, "sliding_window", None)
+    softcap = kwargs.get("softcap")
+    return (int(window) if window else None), (float(softcap) if softcap else None)
+
+
 def kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window, softcap = attention_options(module, dropout, **kwargs)
     if _INPLACE is not None:
         from kvbench.fast_decode import inplace_attention
-        return inplace_attention(module, query, key, value, _INPLACE, scaling)
+        return inplace_attention(module, query, key, value, _INPLACE, scaling, window, softcap)
     s: Session | None = getattr(_state, "s", None)
     if s is None:
         raise RuntimeError("kvbench attention called outside an engine session (use kvbench.engine)")
@@ -168,7 +262,9 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     q = query[0]
     method = s.method
     need_probs = s.phase == "decode" and method is not None and method.needs_decode_probs
-    out, probs = attend(q, layer, scaling, need_probs)
+    if window is not None and s.cache.seen_tokens + q.shape[1] <= window:
+        window = None  # every position so far is < window: no key has left it yet, the plain path is exact
+    out, probs = attend(q, layer, scaling, need_probs, window, softcap)
     if method is not None:
         # a host clock around a prefill hook on the GPU would absorb queued attention work (measured on an
         # H100 at 32K: 541 ms vs a true TTFT overhead of 66 ms), and syncing around it stalls the GPU: events

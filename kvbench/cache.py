@@ -31,7 +31,30 @@ def long_tensor(data, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+class HeldBytes:
+    """Key+value bytes a cache holds now, and the most it has held since `reset_peak()`. Every change in the
+    rows held (an append, a keep, a removal) reports here, so the peak is exact: the most a query held at any
+    point, e.g. a layer's whole prefill before its compression, or a decoded token before its eviction."""
+
+    def __init__(self, now: int = 0):
+        self.now = self.peak = int(now)
+
+    def add(self, delta: int) -> None:
+        self.now += delta
+        if self.now > self.peak:
+            self.peak = self.now
+
+    def reset_peak(self) -> None:
+        self.peak = self.now
+
+    def observe(self, nbytes: int) -> None:
+        """A peak known from outside (the GPU decode path's in-place steps never call update())."""
+        self.peak = max(self.peak, int(nbytes))
+
+
 class LayerKV:
+    meter: HeldBytes | None = None  # the owning cache's meter (a layer outside a cache reports nowhere)
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                  starts: torch.Tensor, lengths: torch.Tensor, caps: torch.Tensor,
                  host: tuple[list[int], list[int], list[int]] | None = None):
@@ -70,9 +93,15 @@ class LayerKV:
     def _take_rows(self, rows: torch.Tensor, counts: list[int]) -> None:
         """Replace the storage by these rows (head h's counts[h] rows, heads back to back): one gather per
         tensor into a tight buffer; the old buffers are freed."""
+        before = self.n_rows
         new = LayerKV._packed(self.keys.index_select(0, rows), self.values.index_select(0, rows),
                               self.positions.index_select(0, rows), counts)
         self.__dict__.update(new.__dict__)
+        self._held(self.n_rows - before)
+
+    def _held(self, delta_rows: int) -> None:
+        if self.meter is not None and delta_rows:
+            self.meter.add(delta_rows * self.row_bytes)
 
     # -- shape facts ---------------------------------------------------------------------------------
     @property
@@ -88,10 +117,18 @@ class LayerKV:
         L, C = self._lens[0], self._caps[0]
         return all(x == L for x in self._lens) and all(c == C for c in self._caps)
 
+    @property
+    def n_rows(self) -> int:
+        return sum(self._lens)
+
+    @property
+    def row_bytes(self) -> int:
+        """Key+value bytes of one token of one head."""
+        return self.keys.shape[1] * (self.keys.element_size() + self.values.element_size())
+
     def nbytes(self) -> int:
         """Bytes of key+value data actually held (what the method kept)."""
-        d = self.keys.shape[1]
-        return sum(self._lens) * d * (self.keys.element_size() + self.values.element_size())
+        return self.n_rows * self.row_bytes
 
     def allocated_bytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
@@ -113,6 +150,7 @@ class LayerKV:
     def _repack(self, new_caps: list[int], keep: list[torch.Tensor] | None = None):
         """Copy (optionally a subset of) each head's rows into a fresh buffer with the given capacities."""
         dev = self.keys.device
+        before = self.n_rows
         src, dst = [], []
         new_starts = exclusive_cumsum(new_caps)
         new_lens = []
@@ -134,6 +172,7 @@ class LayerKV:
         meta = long_tensor([new_starts, new_lens, list(new_caps)], dev)  # one copy for the three
         self.starts, self.lengths, self.caps = meta[0], meta[1], meta[2]
         self._lens, self._caps, self._starts = new_lens, list(new_caps), new_starts
+        self._held(self.n_rows - before)
 
     def keep(self, indices) -> None:
         """Keep, per head, the rows at these local indices (a (h, k) tensor or a list of 1-D tensors).
@@ -188,6 +227,7 @@ class LayerKV:
         self.positions[rows] = positions.to(dev, torch.long).repeat(self.n_heads)
         self.lengths = self.lengths + q
         self._lens = [n + q for n in self._lens]
+        self._held(q * self.n_heads)
 
     def remove(self, head: int, local_idx: int) -> None:
         """Drop one token of one head in O(1): the head's last row moves into its slot (decode-time eviction)."""
@@ -200,6 +240,12 @@ class LayerKV:
             self.positions[dst] = self.positions[last]
         self._lens[head] -= 1
         self.lengths[head] -= 1
+        self._held(-1)
+
+    def __deepcopy__(self, memo):
+        # a cache layer belongs to the engine: method state that refers to one (CAKE's cascade, D2O's pending
+        # layers) shares it when a method is forked, so forking a method never copies a cache
+        return self
 
     def clone(self) -> "LayerKV":
         return LayerKV(self.keys.clone(), self.values.clone(), self.positions.clone(), self.starts.clone(),
@@ -219,9 +265,11 @@ class KVBenchCache(Cache):
         self.kv: list[LayerKV | None] = [None] * num_layers
         self.next_positions: torch.Tensor | None = None
         self.seen_tokens = 0  # original (uncompressed) number of positions covered
+        self.held = HeldBytes()  # K+V bytes held now and at most (see HeldBytes)
 
-    # transformers calls this from every attention layer before the attention function
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    # transformers calls this from every attention layer before the attention function; the extra arguments
+    # (cache_kwargs before 5.24, kwargs= since) carry nothing we need: positions come from `next_positions`
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if key_states.shape[0] != 1:
             raise ValueError("kvbench runs batch size 1 (one sample at a time)")
         k, v = key_states[0], value_states[0]
@@ -229,7 +277,9 @@ class KVBenchCache(Cache):
         if pos is None:
             pos = torch.arange(self.seen_tokens, self.seen_tokens + k.shape[1])
         if self.kv[layer_idx] is None:
-            self.kv[layer_idx] = LayerKV.from_dense(k, v, pos)
+            layer = self.kv[layer_idx] = LayerKV.from_dense(k, v, pos)
+            layer.meter = self.held
+            self.held.add(layer.nbytes())
         else:
             self.kv[layer_idx].append(k, v, pos)
         return key_states, value_states
@@ -283,4 +333,12 @@ class KVBenchCache(Cache):
         c = KVBenchCache(len(self.kv))
         c.kv = [l.clone() if l is not None else None for l in self.kv]
         c.seen_tokens = self.seen_tokens
+        c.held = HeldBytes(self.nbytes())
+        for l in c.kv:
+            if l is not None:
+                l.meter = c.held
         return c
+
+    def resync_held(self) -> None:
+        """After code that changed the rows without telling the meter (the GPU decode path's in-place steps)."""
+        self.held.add(self.nbytes() - self.held.now)

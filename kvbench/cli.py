@@ -254,13 +254,15 @@ def check_values(cfg: dict) -> None:
 
 
 def check_components(cfg: dict) -> None:
-    """Build the method and the task (imports torch and every method/task module)."""
-    from kvbench.models import SYNTHETIC_SHAPES
+    """Build the method and the task (imports torch and every method/task module), and refuse a model whose
+    attention kvbench does not implement when its config is on this machine (else the run's load step does)."""
+    from kvbench.models import SYNTHETIC_SHAPES, check_local_model
     from kvbench.runner import build_task, method_from_cfg
     m = cfg["model"]
     if m.get("name") == "synthetic" and m.get("shape") not in SYNTHETIC_SHAPES:
         raise BadInput(f"model.shape={m.get('shape')!r}; allowed: {', '.join(SYNTHETIC_SHAPES)}")
     try:
+        check_local_model(m.get("name"), m.get("path"))
         method_from_cfg(cfg)
         build_task(cfg["task"])
     except (ValueError, TypeError) as e:
@@ -296,22 +298,33 @@ def _hydra_job(cfg) -> None:
 
 
 def fmt_table(summaries: list[dict]) -> str:
-    head = ["task", "method", "budget", "qa", "score", "95% CI", "kv MB", "kv ratio", "ttft ms", "dec ms/tok",
-            "GFLOP/tok", "n", "fail", "status"]
+    # ttft: the context's prefill + compression; reused: TTFT of queries on a context compressed earlier;
+    # timings as mean/median; "loaded": timed while other processes kept the CPU busy
+    head = ["task", "method", "budget", "qa", "score", "95% CI", "kv MB", "max held MB", "kv ratio",
+            "ttft ms mean/med", "reused ttft ms", "dec ms/tok mean/med", "GFLOP/tok", "n", "fail", "timing",
+            "status"]
     rows = []
     for s in summaries:
         def f(x, fmt):
             return fmt.format(x) if isinstance(x, (int, float)) and x == x else "-"
+
+        def pair(mean, median, fmt):
+            return "-" if f(mean, fmt) == "-" else f"{f(mean, fmt)}/{f(median, fmt)}"
         rows.append([
             str(s.get("task")), str(s.get("method")), "-" if s.get("method") == "full" else str(s.get("budget")),
             "y" if s.get("query_aware") else "n",
             f(s["score"] * 100 if s.get("score") is not None else None, "{:.1f}"),
             (f"[{s['score_ci_low'] * 100:.1f}, {s['score_ci_high'] * 100:.1f}]"
              if s.get("score_ci_low") is not None and s.get("score_ci_low") == s.get("score_ci_low") else "-"),
-            f(s["kv_bytes"] / 2**20 if s.get("kv_bytes") else None, "{:.2f}"), f(s.get("kv_ratio"), "{:.3f}"),
-            f(s.get("ttft_ms"), "{:.0f}"), f(s.get("decode_ms_per_token"), "{:.1f}"),
+            f(s["kv_bytes"] / 2**20 if s.get("kv_bytes") else None, "{:.2f}"),
+            f(s["kv_bytes_held_max"] / 2**20 if s.get("kv_bytes_held_max") else None, "{:.2f}"),
+            f(s.get("kv_ratio"), "{:.3f}"),
+            pair(s.get("ttft_ms"), s.get("ttft_ms_median"), "{:.0f}"),
+            pair(s.get("ttft_reused_ms"), s.get("ttft_reused_ms_median"), "{:.0f}"),
+            pair(s.get("decode_ms_per_token"), s.get("decode_ms_per_token_median"), "{:.1f}"),
             f(s["decode_flops_per_token"] / 1e9 if s.get("decode_flops_per_token") else None, "{:.3f}"),
-            str(s.get("n", 0)), str(s.get("n_failed", 0)), str(s.get("status")),
+            str(s.get("n", 0)), str(s.get("n_failed", 0)),
+            "loaded CPU" if (s.get("conditions") or {}).get("loaded") else "ok", str(s.get("status")),
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
@@ -401,7 +414,8 @@ def cmd_list(args: list[str]) -> int:
         print(f"  {name:<16} {getattr(cls, 'description', '') if cls else '(no implementation)'}")
     print("models:")
     for name in group_options("model"):
-        desc = {"hf": "any hub id or local dir: model=hf model.name=ORG/NAME",
+        desc = {"hf": "a hub id or local dir of a model kvbench's attention implements (llama, mistral, qwen2/3, "
+                      "phi3, gemma/2/3, mixtral, MoE variants): model=hf model.name=ORG/NAME",
                 "gguf": "a local GGUF file: model=gguf model.path=FILE.gguf",
                 "synthetic": "random weights of a real shape: model.shape=" + "|".join(SYNTHETIC_SHAPES)}.get(name)
         if name in EMBEDDED:

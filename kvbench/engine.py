@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from kvbench.attention import session
 from kvbench.cache import KVBenchCache
+from kvbench.compat import cache_kwargs
 from kvbench.method import Method
-from kvbench.metrics import PeakMemory, Timer, attention_flops, attention_shape, linear_flops_per_token
+from kvbench.metrics import HostLoad, PeakMemory, Timer, attention_flops, attention_shape, linear_flops_per_token
 from kvbench.models import LoadedModel
 from kvbench.prompts import PromptBuilder
 from kvbench.task import Query, Sample
@@ -76,8 +78,7 @@ class Engine:
         pos = torch.arange(cache.seen_tokens, cache.seen_tokens + n, device=self.device)
         cache.next_positions = pos
         with session(cache, method, phase, is_last_chunk) as s:
-            out = self.model(input_ids=ids, position_ids=pos.view(1, -1), cache_position=pos,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, **cache_kwargs(self.model, cache, pos), use_cache=True, logits_to_keep=1)
         cache.seen_tokens += n
         return out.logits[0, -1], s.hook_seconds()
 
@@ -116,6 +117,9 @@ class Engine:
                 # step i decodes with every head one token longer than before it (+1: the token itself),
                 # a rolling window at most cap + 1 (the engine loop evicts after the step's attention)
                 top = ring[1] + 1 if ring is not None else float("inf")
+                cache.held.observe(sum(layer.row_bytes * sum(min(L + len(step_ms), top) for L in lens)
+                                       for layer, lens in zip(cache.kv, lens0)))
+                cache.resync_held()
                 flops = [self._linear_flops + attention_flops([[min(L + i + 1, top) for L in layer] for layer in lens0],
                                                               self._group, self._head_dim)
                          for i in range(len(step_ms))]
@@ -146,10 +150,20 @@ class Engine:
             raise ContextTooLong(f"prompt of {n_prompt} tokens + {q.max_new_tokens} new tokens exceeds the "
                                  f"model's context of {self.lm.max_context}")
 
-    def _answer(self, cache, method, logits, q: Query) -> tuple[str, list[int], list[float], list[int]]:
-        ids, step_ms, flops = self.decode(cache, method, logits, q.max_new_tokens)
-        text = self.lm.tokenizer.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
-        return text, ids, step_ms, flops
+    def _answer(self, m: "Measure", cache, method, logits, q: Query) -> None:
+        ids, m.step_ms, m.flops = self.decode(cache, method, logits, q.max_new_tokens)
+        m.setup_steps = self.last_setup_steps
+        m.ids = ids
+        m.text = self.lm.tokenizer.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
+
+    def warmup(self, sample: Sample, max_new_tokens: int = 8) -> float:
+        """Run a shortened copy of `sample` untimed (its first two queries, a few new tokens each), so that
+        one-time costs — Triton compilation, cuBLAS/allocator initialisation, the first CUDA-graph capture —
+        are paid here and never enter a recorded timing. Returns the wall ms it took (reported apart)."""
+        queries = [replace(q, max_new_tokens=min(q.max_new_tokens, max_new_tokens)) for q in sample.queries[:2]]
+        t0 = time.perf_counter()
+        self.run_sample(replace(sample, queries=queries))
+        return (time.perf_counter() - t0) * 1e3
 
     def run_sample(self, sample: Sample) -> list[dict]:
         """Run every query of a sample; returns one raw record per query (no scores yet)."""
@@ -159,38 +173,44 @@ class Engine:
         if sample.mode == "multi_turn":
             return self._run_multi_turn(sample, method)
         records = []
-        shared = None  # (cache, method, Prefilled, n_ctx, kv_bytes, kept) when the context is reused
+        shared = None  # (cache, method, Prefilled, n_ctx, kv_bytes, kept) of the compressed context, reused
         for qi, q in enumerate(sample.queries):
             ctx_text, q_text = self.prompts.first_turn(sample.context, q.question, q.answer_prefix, sample.chat_template)
             ctx_ids = self.prompts.encode(ctx_text, first=True)
             q_ids = self.prompts.encode(q_text)
             self._check_length(len(ctx_ids) + len(q_ids), q)
-            with PeakMemory(self.device) as mem:
+            m = Measure(query_aware=self.query_aware)
+            with PeakMemory(self.device) as mem, HostLoad() as load:
                 if self.query_aware:
-                    cache, m = self.new_cache(), (method.fork() if method is not None else None)
-                    pre = self.prefill(cache, ctx_ids + q_ids, m, compress=True)
-                    n_ctx, kv_bytes, kept = len(ctx_ids) + len(q_ids), cache.nbytes(), _mean_len(cache)
-                    q_ms, reused = 0.0, False
+                    cache, qm = self.new_cache(), (method.fork() if method is not None else None)
+                    pre = self.prefill(cache, ctx_ids + q_ids, qm, compress=True)
+                    m.context(pre, len(ctx_ids) + len(q_ids), cache)
                     logits = pre.logits
                 else:
-                    reused = shared is not None
                     if shared is None:
-                        cache0, m0 = self.new_cache(), method
-                        pre0 = self.prefill(cache0, ctx_ids, m0, compress=True)
-                        shared = (cache0, m0, pre0, len(ctx_ids), cache0.nbytes(), _mean_len(cache0))
-                    cache0, m0, pre, n_ctx, kv_bytes, kept = shared
+                        cache0 = self.new_cache()
+                        pre0 = self.prefill(cache0, ctx_ids, method, compress=True)
+                        shared = (cache0, pre0, cache0.held.peak)
+                    cache0, pre0, prefill_peak = shared
                     last = qi == len(sample.queries) - 1
-                    cache = cache0 if last else cache0.clone()  # the last query may consume the shared cache
-                    m = m0 if (last or m0 is None) else m0.fork()
-                    qpre = self.prefill(cache, q_ids, m, compress=False)
-                    q_ms, logits = qpre.ms, qpre.logits
-                text, ids, step_ms, flops = self._answer(cache, m, logits, q)
-            records.append(_record(sample, qi, q, text, ids, step_ms, flops,
-                                   ttft_ms=(0.0 if reused else pre.ms) + q_ms, prefill_ms=pre.ms,
-                                   compress_ms=pre.compress_ms, kv_bytes=kv_bytes,
-                                   kv_bytes_full=n_ctx * self._full_bytes_per_token, peak=mem.peak,
-                                   n_ctx=n_ctx, kept=kept, reused=reused, query_aware=self.query_aware,
-                                   setup_steps=self.last_setup_steps))
+                    if last:  # the last query may consume the shared context itself
+                        cache, qm = cache0, method
+                    else:     # a copy only the harness needs (the next query starts from the context again)
+                        with mem.uncounted():
+                            cache = cache0.clone()
+                            qm = method.fork() if method is not None else None
+                    if qi > 0:
+                        cache.held.reset_peak()  # this query's peak: the context as kept, question, answer
+                    m.context(pre0, len(ctx_ids), cache0, reused=qi > 0)
+                    qpre = self.prefill(cache, q_ids, qm, compress=False)
+                    m.question_ms, logits = qpre.ms, qpre.logits
+                self._answer(m, cache, qm, logits, q)
+                m.held_max = cache.held.peak
+                if not self.query_aware and qi == 0:
+                    m.held_max = max(m.held_max, prefill_peak)  # the context's prefill is query 0's
+            m.peak_mem = mem.peak
+            m.other_cores = load.other_cores
+            records.append(m.record(sample, qi, q, self._full_bytes_per_token))
         return records
 
     def _run_multi_turn(self, sample: Sample, method) -> list[dict]:
@@ -199,7 +219,8 @@ class Engine:
         history: list[dict] = []
         pre = None
         for qi, q in enumerate(sample.queries):
-            with PeakMemory(self.device) as mem:
+            m = Measure(query_aware=self.query_aware)
+            with PeakMemory(self.device) as mem, HostLoad() as load:
                 if qi == 0:
                     ctx_text, q_text = self.prompts.first_turn(sample.context, q.question, q.answer_prefix,
                                                                sample.chat_template)
@@ -208,34 +229,35 @@ class Engine:
                     self._check_length(len(ctx_ids) + len(q_ids), q)
                     if self.query_aware:
                         pre = self.prefill(cache, ctx_ids + q_ids, method, compress=True)
-                        n_ctx = len(ctx_ids) + len(q_ids)
-                        kv_bytes, kept = cache.nbytes(), _mean_len(cache)
-                        q_ms, logits = 0.0, pre.logits
+                        m.context(pre, len(ctx_ids) + len(q_ids), cache)
+                        logits = pre.logits
                     else:
                         pre = self.prefill(cache, ctx_ids, method, compress=True)
-                        n_ctx = len(ctx_ids)
-                        kv_bytes, kept = cache.nbytes(), _mean_len(cache)
+                        m.context(pre, len(ctx_ids), cache)
                         qpre = self.prefill(cache, q_ids, method, compress=False)
-                        q_ms, logits = qpre.ms, qpre.logits
+                        m.question_ms, logits = qpre.ms, qpre.logits
                     history = [{"role": "user", "content": sample.context + q.question}]
                 else:
+                    cache.held.reset_peak()
                     q_ids = self.prompts.encode(self.prompts.next_turn(history, q.question, q.answer_prefix,
                                                                        sample.chat_template))
                     self._check_length(cache.seen_tokens + len(q_ids), q)
+                    m.context(pre, m_first.n_ctx, None, reused=True, kv_bytes=m_first.kv_bytes, kept=m_first.kept)
                     qpre = self.prefill(cache, q_ids, method, compress=False)
-                    q_ms, logits = qpre.ms, qpre.logits
+                    m.question_ms, logits = qpre.ms, qpre.logits
                     history.append({"role": "user", "content": q.question})
-                turn_cache = cache.clone()
-                turn_method = method.fork() if method is not None else None
-                text, ids, step_ms, flops = self._answer(turn_cache, turn_method, logits, q)
+                with mem.uncounted():  # the turn's answer is generated on a copy: the next turn gets the gold one
+                    turn_cache = cache.clone()
+                    turn_method = method.fork() if method is not None else None
+                self._answer(m, turn_cache, turn_method, logits, q)
+                m.held_max = max(cache.held.peak, turn_cache.held.peak)
                 del turn_cache
-            records.append(_record(sample, qi, q, text, ids, step_ms, flops,
-                                   ttft_ms=(pre.ms if qi == 0 else 0.0) + q_ms,
-                                   prefill_ms=pre.ms, compress_ms=pre.compress_ms, kv_bytes=kv_bytes,
-                                   kv_bytes_full=n_ctx * self._full_bytes_per_token, peak=mem.peak, n_ctx=n_ctx,
-                                   kept=kept, reused=qi > 0, query_aware=self.query_aware,
-                                   setup_steps=self.last_setup_steps,
-                                   extra_meta={"turn": qi, "cache_tokens_before_answer": cache.seen_tokens}))
+            if qi == 0:
+                m_first = m
+            m.peak_mem = mem.peak
+            m.other_cores = load.other_cores
+            m.meta = {"turn": qi, "cache_tokens_before_answer": cache.seen_tokens}
+            records.append(m.record(sample, qi, q, self._full_bytes_per_token))
             if qi < len(sample.queries) - 1:
                 gold = q.answers[0] if q.answers else ""
                 g_ids = self.prompts.encode(self.prompts.golden_answer(history, gold, q.answer_prefix,
@@ -251,25 +273,57 @@ def _mean_len(cache: KVBenchCache) -> float:
     return sum(lens) / max(1, len(lens))
 
 
-def _record(sample: Sample, qi: int, q: Query, text: str, ids: list[int], step_ms: list[float], flops: list[int],
-            *, ttft_ms, prefill_ms, compress_ms, kv_bytes, kv_bytes_full, peak, n_ctx, kept, reused, query_aware,
-            setup_steps=0, extra_meta=None) -> dict:
-    meta = copy.deepcopy(sample.meta)
-    meta.update(q.meta)
-    if extra_meta:
-        meta.update(extra_meta)
-    # the GPU fast path's first steps also compile / capture its CUDA graph: a one-time cost, reported apart
-    # (decode_setup_ms) so decode_ms_per_token is the steady per-token latency (all steps if none are left)
-    w = min(setup_steps, len(step_ms))
-    steady = step_ms[w:] or step_ms
-    return {
-        "sample_id": sample.id, "query_idx": qi, "status": "ok", "error_type": None, "error": None,
-        "score": None, "prediction": text, "answers": q.answers, "new_tokens": len(ids),
-        "ttft_ms": ttft_ms, "prefill_ms": prefill_ms, "compress_ms": compress_ms,
-        "decode_ms_per_token": (sum(steady) / len(steady)) if steady else None,
-        "decode_setup_ms": sum(step_ms[:w]),
-        "kv_bytes": kv_bytes, "kv_bytes_full": kv_bytes_full, "peak_mem_bytes": peak,
-        "decode_flops_per_token": (sum(flops) / len(flops)) if flops else None,
-        "context_tokens": n_ctx, "kept_tokens": kept, "context_reused": reused, "query_aware": query_aware,
-        "mode": sample.mode, "meta": meta,
-    }
+@dataclass
+class Measure:
+    """What one query measured, filled in as the engine goes; `record()` turns it into a record.
+
+    TTFT comes in two kinds that are never mixed: `ttft_ms` when the query paid for prefilling and
+    compressing its context (+ its question), `ttft_reused_ms` when it started from a context compressed
+    earlier (multi_request's later queries, multi_turn's later turns: only its question is prefilled)."""
+    query_aware: bool = False
+    reused: bool = False
+    prefill_ms: float = 0.0        # the context's prefill + compression (shared by reusing queries)
+    compress_ms: float = 0.0
+    question_ms: float = 0.0       # feeding the question on top of the compressed context
+    n_ctx: int = 0
+    kv_bytes: int = 0              # right after compression
+    kept: float = 0.0
+    held_max: int = 0              # the most K+V bytes held at any point of this query
+    peak_mem: int = 0
+    other_cores: float | None = None
+    step_ms: list = field(default_factory=list)
+    flops: list = field(default_factory=list)
+    setup_steps: int = 0
+    ids: list = field(default_factory=list)
+    text: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def context(self, pre: Prefilled, n_ctx: int, cache: KVBenchCache | None, reused: bool = False,
+                kv_bytes: int | None = None, kept: float | None = None) -> None:
+        self.reused, self.n_ctx = reused, n_ctx
+        self.prefill_ms, self.compress_ms = pre.ms, pre.compress_ms
+        self.kv_bytes = cache.nbytes() if kv_bytes is None else kv_bytes
+        self.kept = _mean_len(cache) if kept is None else kept
+
+    def record(self, sample: Sample, qi: int, q: Query, full_bytes_per_token: int) -> dict:
+        meta = copy.deepcopy(sample.meta)
+        meta.update(q.meta)
+        meta.update(self.meta)
+        # the GPU fast path's first steps also compile / capture its CUDA graph: a one-time cost, reported apart
+        # (decode_setup_ms) so decode_ms_per_token is the steady per-token latency (all steps if none are left)
+        w = min(self.setup_steps, len(self.step_ms))
+        steady = self.step_ms[w:] or self.step_ms
+        ttft = self.question_ms + (0.0 if self.reused else self.prefill_ms)
+        return {
+            "sample_id": sample.id, "query_idx": qi, "status": "ok", "error_type": None, "error": None,
+            "score": None, "prediction": self.text, "answers": q.answers, "new_tokens": len(self.ids),
+            "ttft_ms": None if self.reused else ttft, "ttft_reused_ms": ttft if self.reused else None,
+            "prefill_ms": self.prefill_ms, "compress_ms": self.compress_ms, "question_ms": self.question_ms,
+            "decode_ms_per_token": (sum(steady) / len(steady)) if steady else None,
+            "decode_setup_ms": sum(self.step_ms[:w]),
+            "kv_bytes": self.kv_bytes, "kv_bytes_held_max": self.held_max,
+            "kv_bytes_full": self.n_ctx * full_bytes_per_token, "peak_mem_bytes": self.peak_mem,
+            "decode_flops_per_token": (sum(self.flops) / len(self.flops)) if self.flops else None,
+            "context_tokens": self.n_ctx, "kept_tokens": self.kept, "context_reused": self.reused,
+            "query_aware": self.query_aware, "mode": sample.mode, "other_cores": self.other_cores, "meta": meta,
+        }

@@ -30,6 +30,7 @@ import torch
 from kvbench import attention
 from kvbench.attention import session
 from kvbench.cache import KVBenchCache
+from kvbench.compat import cache_kwargs
 from kvbench.method import Method
 
 
@@ -65,25 +66,30 @@ def _sort_rows_by_position(cache: KVBenchCache) -> None:
 def append_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor,
                             keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                             starts: torch.Tensor, lengths: torch.Tensor, ring_next: torch.Tensor,
-                            ring_rows: int, n_sink: int, scaling: float) -> torch.Tensor:
+                            ring_rows: int, n_sink: int, scaling: float, softcap: float = 0.0,
+                            window: int = 0) -> torch.Tensor:
     """Append one token (k_new, v_new: (h, d); pos: (1,)) to every KV head's reserved spare row (or, with
     ring_rows > 0, over its oldest non-sink row once it holds ring_rows: see methods/kernels/append.py), then
-    attend with q (n_q, d) over each head's rows. Returns (n_q, d). Capacity is the caller's promise."""
+    attend with q (n_q, d) over each head's rows. Returns (n_q, d). Capacity is the caller's promise.
+    softcap / window (0: none): Gemma-2's score soft cap and a sliding window of positions (the new token is
+    at `pos`), as kvbench.attention.attend."""
     from kvbench.methods import kernels
     args = (k_new, v_new, pos, keys, values, positions, starts, lengths)
+    opts = dict(softcap=softcap or None, window=window or None, positions=positions, q_pos=pos)
     if attention._decode_kernel(q) == "triton":
         kernels.ragged_append_triton(*args, ring_next=ring_next, ring_rows=ring_rows, n_sink=n_sink)
-        return kernels.ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling)
+        return kernels.ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling, **opts)
     kernels.ragged_append_ref(*args, ring_next=ring_next, ring_rows=ring_rows, n_sink=n_sink)
-    return kernels.ragged_decode_attention_ref(q, keys, values, starts, lengths, scaling)
+    return kernels.ragged_decode_attention_ref(q, keys, values, starts, lengths, scaling, **opts)
 
 
 @append_decode_attention.register_fake
-def _(q, k_new, v_new, pos, keys, values, positions, starts, lengths, ring_next, ring_rows, n_sink, scaling):
+def _(q, k_new, v_new, pos, keys, values, positions, starts, lengths, ring_next, ring_rows, n_sink, scaling,
+      softcap=0.0, window=0):
     return torch.empty_like(q)
 
 
-def inplace_attention(module, query, key, value, state, scaling):
+def inplace_attention(module, query, key, value, state, scaling, window=None, softcap=None):
     """The attention function's fast path (kvbench/attention.py routes here while a FastDecoder runs)."""
     if query.shape[0] != 1 or query.shape[2] != 1:
         raise ValueError(f"fast decode feeds one token at batch 1, got query shape {tuple(query.shape)}")
@@ -92,7 +98,7 @@ def inplace_attention(module, query, key, value, state, scaling):
     layer = layers[i]
     out = append_decode_attention(query[0, :, 0], key[0, :, 0], value[0, :, 0], pos.view(1), layer.keys,
                                   layer.values, layer.positions, layer.starts, layer.lengths, ring_next[i],
-                                  ring_rows, n_sink, scaling)
+                                  ring_rows, n_sink, scaling, float(softcap or 0.0), int(window or 0))
     return out.view(1, 1, *out.shape), None  # (1, q=1, n_q, d) as transformers expects
 
 
@@ -107,7 +113,7 @@ class _InPlaceCache(KVBenchCache):
         self.kv = base.kv
         self.seen_tokens = base.seen_tokens
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         return key_states, value_states
 
     def get_mask_sizes(self, query_length, layer_idx=0):
@@ -118,8 +124,7 @@ class _InPlaceCache(KVBenchCache):
 
 def _step(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache: KVBenchCache) -> torch.Tensor:
     """One greedy step: logits of the token in `ids`, then `ids` <- argmax and `pos` += 1, on the device."""
-    out = model(input_ids=ids, position_ids=pos, cache_position=pos[0], past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=ids, **cache_kwargs(model, cache, pos), use_cache=True, logits_to_keep=1)
     ids.copy_(out.logits[:, -1:].argmax(-1))  # greedy, on the device: no sync inside the step
     pos.add_(1)
     return out.logits[0, -1]

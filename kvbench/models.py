@@ -49,6 +49,52 @@ class ModelError(ValueError):
     """A model that cannot be loaded for a reason the user can fix (one-line message)."""
 
 
+# The model_types whose attention kvbench.attention computes exactly, checked against each one's modeling
+# code in transformers: causal softmax attention over post-RoPE keys, optionally with a sliding window
+# (mistral, mixtral, phi3, qwen2/3 and their MoE variants, gemma2/gemma3_text local layers) and Gemma-2's
+# logit soft cap. q/k norms (qwen3, gemma3), partial RoPE (phi3), MoE MLPs and final-logit soft caps happen
+# outside the attention function. Not here, e.g.: gpt_oss (attention sinks), models with linear/recurrent
+# layers, encoder-decoders, multimodal wrappers (bidirectional image tokens).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+                         "mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def check_model_config(config: dict, name: str) -> None:
+    """Refuse (ModelError, one line) a model whose attention kvbench does not implement exactly."""
+    mt = config.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(f"model {name!r} has model_type {mt!r}, whose attention kvbench does not implement; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if config.get("use_bidirectional_attention"):  # Gemma embedding variants: not causal
+        raise ModelError(f"model {name!r} ({mt}) sets use_bidirectional_attention; kvbench supports causal "
+                         "attention only")
+
+
+def model_config_dict(src: str, local_only: bool = False) -> dict | None:
+    """config.json of a local dir or hub id as a plain dict (no model class needed, so an unknown model_type
+    can be named). local_only: never the network (a hub id not in the local cache gives None)."""
+    from transformers import PretrainedConfig
+    try:
+        return PretrainedConfig.get_config_dict(src, local_files_only=local_only)[0]
+    except (OSError, ValueError):
+        if local_only:
+            return None
+        raise
+
+
+def check_local_model(name: str | None, path: str | None = None) -> None:
+    """The up-front check of the command line: the model's type when its config can be read on this machine
+    (a local dir, or a hub id already in the cache); otherwise `load_model` checks it (ModelError)."""
+    if not name or name in EMBEDDED or name == "synthetic" or str(name).endswith(".gguf"):
+        return
+    src = str(path or name)
+    if src.endswith(".gguf"):  # only dequantizing says its type: checked when loaded
+        return
+    config = model_config_dict(os.path.expanduser(src), local_only=True)
+    if config is not None:
+        check_model_config(config, name)
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -163,6 +209,8 @@ def load_model(name: str = "smollm2-135m", path: str | None = None, shape: str |
         if shape not in SYNTHETIC_SHAPES:
             raise ModelError(f"model.shape={shape!r}; allowed: {', '.join(SYNTHETIC_SHAPES)}")
         kw = dict(SYNTHETIC_SHAPES[shape])
+        if attn == "kvbench":
+            check_model_config(kw, f"synthetic-{shape}")
         config = AutoConfig.for_model(**kw)
         torch.manual_seed(seed)
         with dev:
@@ -173,6 +221,8 @@ def load_model(name: str = "smollm2-135m", path: str | None = None, shape: str |
         src = resolve_source(name, path)
         from transformers import AutoTokenizer
         try:
+            if attn == "kvbench":  # before any weight is read: refuse what kvbench's attention would get wrong
+                check_model_config(model_config_dict(src), name)
             tok = AutoTokenizer.from_pretrained(src)
             model = AutoModelForCausalLM.from_pretrained(src, dtype=dt).to(dev)
         except OSError as e:

@@ -30,15 +30,19 @@ from pathlib import Path
 
 # Bump when a change in the code changes what a run measures or how its records/summary read (metric
 # definitions, record fields, engine semantics): every run gets a new identity and is recomputed.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: warm-up before timing, ttft_reused_ms apart, kv_bytes_held_max, conditions
 
 # Keys that change where/how results are written but not what is measured.
 NON_IDENTITY_KEYS = {"results_dir", "sweep", "force", "logger", "progress", "hydra"}
 
 # Record fields that depend on the machine's load, not on the config (excluded from determinism checks).
-TIMING_FIELDS = ("ttft_ms", "prefill_ms", "compress_ms", "decode_ms_per_token", "decode_setup_ms", "peak_mem_bytes")
+TIMING_FIELDS = ("ttft_ms", "ttft_reused_ms", "prefill_ms", "compress_ms", "question_ms", "decode_ms_per_token",
+                 "decode_setup_ms", "peak_mem_bytes", "other_cores", "load_avg_1m")
+# Timings summarized by mean and median (a few slow samples move the mean, not the median).
+MEDIAN_FIELDS = ("ttft_ms", "ttft_reused_ms", "compress_ms", "decode_ms_per_token")
 # Summary fields that are timings or describe the environment of the process rather than the results.
-SUMMARY_VOLATILE_FIELDS = TIMING_FIELDS + ("started_at", "finished_at", "wall_s", "versions", "git_commit")
+SUMMARY_VOLATILE_FIELDS = TIMING_FIELDS + tuple(f + "_median" for f in MEDIAN_FIELDS) + (
+    "started_at", "finished_at", "wall_s", "versions", "git_commit", "setup", "conditions")
 
 # Sample failures that recur identically on every attempt; other failed samples (OOM, crashes) are retried
 # when the run is resumed.
@@ -218,14 +222,26 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def _median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    h = len(xs) // 2
+    return xs[h] if len(xs) % 2 else (xs[h - 1] + xs[h]) / 2
+
+
 def first_line(text: str) -> str:
     return (str(text).strip().splitlines() or [""])[0][:500]
 
 
 def summarize(cfg: dict, run_hash: str, records: list[dict], extra: dict, started: str, wall_s: float,
-              status: str | None = None, error: BaseException | None = None) -> dict:
+              status: str | None = None, error: BaseException | None = None, setup: dict | None = None,
+              conditions: dict | None = None) -> dict:
     """One summary per run. status: ok (every record ok), partial (some failed), failed (none ok, or the run
-    itself raised `error`). error_type/error: the run's error, else the first failed record's."""
+    itself raised `error`). error_type/error: the run's error, else the first failed record's.
+    Timings: `ttft_ms` over the queries that prefilled and compressed their context, `ttft_reused_ms` over
+    those that reused a compressed context; mean and `_median`. `setup`: one-time costs, measured apart.
+    `conditions`: device, load, CPUs; `conditions.loaded` flags a run timed on a CPU busy with other work."""
     ok = [r for r in records if r.get("status") == "ok"]
     bad = [r for r in records if r.get("status") != "ok"]
     scores = [r["score"] for r in ok if r.get("score") is not None]
@@ -261,9 +277,23 @@ def summarize(cfg: dict, run_hash: str, records: list[dict], extra: dict, starte
         "decode_ms_per_token": _mean(r["decode_ms_per_token"] for r in ok),
         "decode_setup_ms": _mean(r.get("decode_setup_ms") for r in ok),
         "decode_flops_per_token": _mean(r["decode_flops_per_token"] for r in ok),
+        "kv_bytes_held_max": _mean(r.get("kv_bytes_held_max") for r in ok),
+        "ttft_reused_ms": _mean(r.get("ttft_reused_ms") for r in ok),
+        **{f + "_median": _median(r.get(f) for r in ok) for f in MEDIAN_FIELDS},
+        "setup": setup or {}, "conditions": _conditions(conditions, ok),
         "extra": extra, "versions": versions(), "git_commit": git_commit(),
         "started_at": started, "finished_at": now(), "wall_s": wall_s,
     }
+
+
+def _conditions(conditions: dict | None, ok: list[dict]) -> dict:
+    from kvbench.metrics import loaded
+    c = dict(conditions or {})
+    others = [r.get("other_cores") for r in ok if r.get("other_cores") is not None]
+    c["other_cores"] = _mean(others)          # cores other processes kept busy, mean over the queries
+    c["other_cores_max"] = max(others, default=None)
+    c["loaded"] = bool(others) and loaded(max(others), c.get("cpu_count"), c.get("torch_threads"))
+    return c
 
 
 def now() -> str:

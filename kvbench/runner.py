@@ -34,6 +34,7 @@ import torch
 
 from kvbench.engine import Engine
 from kvbench.method import build_method
+from kvbench.metrics import run_conditions
 from kvbench.models import load_model
 from kvbench.results import RunBusy, RunDir, needs_work, now, summarize
 from kvbench.task import load_all_tasks
@@ -143,6 +144,29 @@ def inject_fault(cfg: dict, sample_id: str) -> None:
         raise ValueError(f"{FAULT_ENV}={spec!r}: unknown fault kind {kind!r}; allowed: oom, error, kill")
 
 
+def _free_after(e: BaseException) -> None:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def warm_up(engine: Engine, todo: list, seed: int) -> dict:
+    """Pay the one-time costs (kernel compilation, graph capture, first allocations) on a shortened copy of
+    the first sample that runs (the next one if it fails: too long, OOM), before any timed sample. Its
+    records are thrown away; how long it took is reported apart (summary: setup.warmup_ms)."""
+    err = None
+    for sample in todo[:3]:
+        seed_everything(seed, sample.id)
+        try:
+            return {"warmup_ms": engine.warmup(sample), "warmup_sample": sample.id}
+        except Exception as e:
+            _free_after(e)
+            err = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    _log(f"warm-up failed ({err}): the first timed sample may include one-time costs")
+    return {"warmup_ms": None, "warmup_error": err}
+
+
 def _progress(it, total, desc):
     try:
         from kvbench.report import progress
@@ -185,12 +209,17 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
     rd.summary_path.unlink(missing_ok=True)  # a stale summary must not mark a half-redone run complete
     records = rd.resume_records()
     started, t0 = now(), time.perf_counter()
+    setup: dict = {}       # one-time costs, measured apart from every recorded timing
+    conditions: dict = {}  # the machine the run is timed on (each record carries it)
     seed = int(cfg.get("seed", 42))
     try:
         seed_everything(seed)
         method = method_from_cfg(cfg)
         task = build_task(cfg["task"])
+        t_load = time.perf_counter()
         lm = get_model(cfg["model"], cfg.get("device", "auto"), cfg.get("dtype", "auto"), seed)
+        setup["model_load_ms"] = (time.perf_counter() - t_load) * 1e3  # ~0 when this process already had it
+        conditions.update(run_conditions(lm.device))
         if hasattr(method, "prepare"):  # methods that need the model itself: token ids, stored head profiles
             method.prepare(lm)
         engine = Engine(lm, method, query_aware=bool(cfg.get("query_aware", False)),
@@ -203,6 +232,8 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
         if done:
             _log(f"resume run {rd.hash}: {len(done)} of {len(samples)} samples already recorded")
         todo = [s for s in samples if s.id not in done]
+        if cfg.get("warmup", True) and todo:
+            setup.update(warm_up(engine, todo, seed))
         for sample in _progress(todo, len(todo), f"{cfg['method']['name']}@{cfg.get('budget')}"):
             seed_everything(seed, sample.id)
             try:
@@ -212,23 +243,24 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
                     pred = task.postprocess(r["prediction"], q, sample)
                     r["score"] = float(task.score(pred, q, sample))
             except Exception as e:  # a bad sample never kills the run (torch.cuda.OutOfMemoryError included)
-                if isinstance(e, torch.cuda.OutOfMemoryError):
-                    gc.collect()
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
+                _free_after(e)
                 _log(f"run {rd.hash}: sample {sample.id} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
                 recs = failed_records(sample, e)
+            for r in recs:
+                r.update(conditions)
             rd.append(recs)
             records.extend(recs)
         by_id = {s.id: i for i, s in enumerate(samples)}  # records in task order, however they were resumed
         records.sort(key=lambda r: (by_id.get(r["sample_id"], len(by_id)), r.get("query_idx", 0)))
         extra = task.aggregate(records)
-        summary = summarize(cfg, rd.hash, records, extra, started, time.perf_counter() - t0)
+        summary = summarize(cfg, rd.hash, records, extra, started, time.perf_counter() - t0,
+                            setup=setup, conditions=conditions)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # the run failed as a whole: record it, let the sweep go on
         _log(f"run {rd.hash} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
-        summary = summarize(cfg, rd.hash, records, {}, started, time.perf_counter() - t0, status="failed", error=e)
+        summary = summarize(cfg, rd.hash, records, {}, started, time.perf_counter() - t0, status="failed", error=e,
+                            setup=setup, conditions=conditions)
     rd.write_summary(summary)
     if summary.get("note"):
         _log(f"run {rd.hash}: {summary['note']}")

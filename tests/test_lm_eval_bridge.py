@@ -18,6 +18,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
+from kvbench.compat import cache_kwargs  # noqa: E402
 from kvbench.engine import Engine  # noqa: E402
 from kvbench.lm_eval_bridge import KVBenchLM, prefill_context, register  # noqa: E402
 from kvbench.method import build_method  # noqa: E402
@@ -75,8 +76,8 @@ def hf_on_compressed(model, cache, first_logits, n_ctx, cont_ids):
     kept = cache.kv[0].head_lengths[0]
     rest = torch.tensor([cont_ids[:-1]])
     m = rest.shape[1]
-    out = model(input_ids=rest, past_key_values=dc, position_ids=torch.arange(n_ctx, n_ctx + m)[None],
-                cache_position=torch.arange(kept, kept + m))
+    out = model(input_ids=rest, **cache_kwargs(model, dc, torch.arange(n_ctx, n_ctx + m),
+                                               cache_position=torch.arange(kept, kept + m)))
     logits = torch.cat([first_logits[None].float(), out.logits[0].float()])
     logp = torch.log_softmax(logits, dim=-1)
     return float(logp.gather(1, torch.tensor(cont_ids)[:, None]).sum())
@@ -157,8 +158,9 @@ def test_split_last_line_compresses_before_the_question(lm, ref_model):
         dc.update(k[None], v[None], i)
     n, q = len(before), len(question)
     with torch.no_grad():
-        logits = ref_model(input_ids=torch.tensor([question]), past_key_values=dc,
-                           position_ids=torch.arange(n, n + q)[None], cache_position=torch.arange(24, 24 + q)).logits
+        logits = ref_model(input_ids=torch.tensor([question]),
+                           **cache_kwargs(ref_model, dc, torch.arange(n, n + q),
+                                          cache_position=torch.arange(24, 24 + q))).logits
     ref = float(torch.log_softmax(logits[0, -1].float(), -1)[cont_ids[0]])
     assert abs(split - ref) < 1e-4
     # generation with the same split equals Engine.run_sample with query_aware=false

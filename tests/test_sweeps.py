@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from kvbench.results import SUMMARY_VOLATILE_FIELDS, TIMING_FIELDS
+
 KVBENCH = str(Path(sys.executable).with_name("kvbench")) if Path(sys.executable).with_name("kvbench").exists() \
     else shutil.which("kvbench")
 TINY = ["model=synthetic", "model.shape=tiny", "task=niah", "task.lengths=[300]", "task.max_new_tokens=4"]
 
 # Fields that measure the machine's speed, not the config (records), plus the summary's clock/env fields.
-RECORD_TIMING = {"ttft_ms", "prefill_ms", "compress_ms", "decode_ms_per_token", "peak_mem_bytes"}
-SUMMARY_VOLATILE = RECORD_TIMING | {"started_at", "finished_at", "wall_s", "versions", "git_commit"}
+RECORD_TIMING = set(TIMING_FIELDS)
+SUMMARY_VOLATILE = set(SUMMARY_VOLATILE_FIELDS)
 
 
 def kvbench(results, *args, fault=None, timeout=300):

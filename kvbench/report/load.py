@@ -23,13 +23,16 @@ ALL = "all"  # the `subtask` value of a whole-run row
 COLUMNS = [
     "model", "task", "subtask", "method", "budget", "budget_label", "query_aware", "method_label",
     "score", "score_ci_low", "score_ci_high", "kv_bytes", "kv_bytes_full", "kv_ratio",
-    "peak_mem_bytes", "ttft_ms", "compress_ms", "decode_ms_per_token", "decode_flops_per_token",
+    "kv_bytes_held_max", "peak_mem_bytes", "ttft_ms", "ttft_ms_median", "ttft_reused_ms", "ttft_reused_ms_median",
+    "compress_ms", "decode_ms_per_token", "decode_ms_per_token_median", "decode_flops_per_token", "loaded",
     "n", "n_failed", "status", "error_type", "error", "seed", "config_hash", "run_id", "run_dir",
 ]
 
 # Per-record numeric fields averaged into subtask rows (same names as the summary's means).
-RECORD_MEANS = ["kv_bytes", "kv_bytes_full", "peak_mem_bytes", "ttft_ms", "compress_ms",
-                "decode_ms_per_token", "decode_flops_per_token"]
+RECORD_MEANS = ["kv_bytes", "kv_bytes_full", "kv_bytes_held_max", "peak_mem_bytes", "ttft_ms", "ttft_reused_ms",
+                "compress_ms", "decode_ms_per_token", "decode_flops_per_token"]
+# Timings also summarized by their median (`<field>_median`), beside the mean.
+RECORD_MEDIANS = ["ttft_ms", "ttft_reused_ms", "decode_ms_per_token"]
 
 
 @dataclass
@@ -142,8 +145,9 @@ def run_rows(run: Run) -> list[dict]:
     }
     row = dict(base, subtask=ALL, status=s.get("status", "ok"), error_type=s.get("error_type"),
                error=s.get("error"), n=_num(s.get("n")), n_failed=_num(s.get("n_failed")))
-    for k in ["score", "score_ci_low", "score_ci_high"] + RECORD_MEANS:
+    for k in ["score", "score_ci_low", "score_ci_high"] + RECORD_MEANS + [f + "_median" for f in RECORD_MEDIANS]:
         row[k] = _num(s.get(k))
+    row["loaded"] = bool((s.get("conditions") or {}).get("loaded", False))
     row["kv_ratio"] = _ratio(row["kv_bytes"], row["kv_bytes_full"])
     if math.isnan(row["kv_ratio"]):
         row["kv_ratio"] = _num(s.get("kv_ratio"))
@@ -162,6 +166,9 @@ def run_rows(run: Run) -> list[dict]:
             vals = [_num(r.get(k)) for r in ok]
             vals = [v for v in vals if not math.isnan(v)]
             sr[k] = float(np.mean(vals)) if vals else math.nan
+            if k in RECORD_MEDIANS:
+                sr[k + "_median"] = float(np.median(vals)) if vals else math.nan
+        sr["loaded"] = row["loaded"]
         sr["kv_ratio"] = _ratio(sr["kv_bytes"], sr["kv_bytes_full"])
         rows.append(sr)
     return rows

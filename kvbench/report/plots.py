@@ -106,6 +106,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def plot_pareto(fig_s: Figures, g: pd.DataFrame, colors, title: str, name: str) -> None:
+    # memory axis: the most KV bytes a query held at any point (prefill, question, decoding), not only the
+    # size right after compression (a prefill-only method keeps growing while it decodes); older runs
+    # without it fall back to kv_bytes
+    g = g.assign(kv_bytes=g["kv_bytes_held_max"].where(g["kv_bytes_held_max"].notna(), g["kv_bytes"])
+                 if "kv_bytes_held_max" in g else g["kv_bytes"])
     d = g[g["score"].notna() & g["kv_bytes"].notna() & (g["kv_bytes"] > 0)]
     if d.empty:
         return
@@ -126,7 +131,7 @@ def plot_pareto(fig_s: Figures, g: pd.DataFrame, colors, title: str, name: str) 
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
-    ax.set_xlabel("KV cache memory (MiB, mean per sample)")
+    ax.set_xlabel("max KV cache held (MiB, mean per query)")
     ax.set_ylabel("score ×100")
     ax.set_title(title)
     _legend(ax)

@@ -164,13 +164,24 @@ def formatted(df: pd.DataFrame) -> pd.DataFrame:
         "model": df["model"], "task": df["task"], "subtask": df["subtask"], "method": df["method_label"],
         "budget": df["budget_label"], "score ×100 [95% CI]": df.apply(score, axis=1),
         "KV MiB": df["kv_bytes"].map(_mib), "KV ratio": df["kv_ratio"].map(lambda v: _f(v, 3)),
-        "peak MiB": df["peak_mem_bytes"].map(_mib), "TTFT ms": df["ttft_ms"].map(_f),
-        "decode ms/tok": df["decode_ms_per_token"].map(lambda v: _f(v, 2)),
+        "max KV held MiB": df["kv_bytes_held_max"].map(_mib), "peak MiB": df["peak_mem_bytes"].map(_mib),
+        # TTFT with the context's prefill + compression, and TTFT of a query on a context compressed before
+        "TTFT ms mean / median": [_pair(a, b) for a, b in zip(df["ttft_ms"], df["ttft_ms_median"])],
+        "reused-context TTFT ms mean / median": [_pair(a, b) for a, b in zip(df["ttft_reused_ms"],
+                                                                               df["ttft_reused_ms_median"])],
+        "decode ms/tok mean / median": [_pair(a, b, 2) for a, b in zip(df["decode_ms_per_token"],
+                                                                        df["decode_ms_per_token_median"])],
         "decode FLOPs/tok": df["decode_flops_per_token"].map(lambda v: "–" if _nan(v) else f"{v:.3g}"),
         "n": df["n"].map(lambda v: _f(v, 0)), "failed": df["n_failed"].map(lambda v: _f(v, 0)),
         "status": df["status"],
+        # timed while other processes kept the CPU busy: its timings are inflated (summary: conditions)
+        "timing": df["loaded"].map(lambda v: "loaded CPU" if v is True else "ok"),
     })
     return out
+
+
+def _pair(mean, median, d=1) -> str:
+    return "–" if _nan(mean) else f"{_f(mean, d)} / {_f(median, d)}"
 
 
 def df_to_markdown(df: pd.DataFrame) -> str:

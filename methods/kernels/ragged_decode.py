@@ -8,6 +8,11 @@ once for all g query heads of the group and keeps a running max / sum / weighted
 With `return_probs=True` it also returns, per cached token, the softmax probability of the new query
 summed over the g query heads of its KV head (what H2O accumulates and TOVA ranks at decode time),
 computed by a second pass over the keys that reuses the merged log-sum-exp.
+
+Two options follow transformers' eager attention: `softcap` (Gemma-2: each scaled score x becomes
+softcap * tanh(x / softcap)) and `window` (sliding-window layers: the new token at position `q_pos` sees the
+rows whose original position, `positions[row]`, is > q_pos - window; rows may be evicted or reordered, so the
+window is by position, never by row). The probabilities of `return_probs` know neither (the reference does).
 """
 from __future__ import annotations
 
@@ -22,10 +27,11 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, lengths_ptr, work_ptr,
-                             stride_qh, stride_kt, stride_vt, G, D, scale_log2,
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, lengths_ptr, work_ptr, pos_ptr, qpos_ptr,
+                             stride_qh, stride_kt, stride_vt, G, D, scale_log2, softcap_log2, window,
                              NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                             BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                             BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
         # grid: (n_kv, NUM_SPLITS)
         h = tl.program_id(0)
         split = tl.program_id(1)
@@ -45,16 +51,26 @@ if HAS_TRITON:
         m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
         l_i = tl.zeros((G_PAD,), tl.float32)
         acc = tl.zeros((G_PAD, D_PAD), tl.float32)
+        if HAS_WINDOW:
+            q_pos = tl.load(qpos_ptr)
         for n0 in range(lo, hi, BLOCK_N):
             rows = n0 + offs_n
             ok = rows < hi
             k = tl.load(k_ptr + (start + rows)[:, None] * stride_kt + offs_d[None, :],
                         mask=ok[:, None] & d_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            if HAS_SOFTCAP:
+                # softcap * tanh(x / softcap) of the natural score x = s / log2(e) is, in base 2, c * tanh(s / c)
+                # with c = softcap * log2(e); tanh(t) = 2 sigmoid(2t) - 1 (no tanh in tl, and saturates cleanly)
+                s = softcap_log2 * (2.0 * tl.sigmoid(2.0 * s / softcap_log2) - 1.0)
+            if HAS_WINDOW:  # by original position: rows may be evicted or reordered
+                kpos = tl.load(pos_ptr + start + rows, mask=ok, other=0)
+                ok = ok & (kpos > q_pos - window)
             s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has >= 1 valid row
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a window may hide a whole tile
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + (start + rows)[:, None] * stride_vt + offs_d[None, :],
                         mask=ok[:, None] & d_ok[None, :], other=0.0)
@@ -89,30 +105,47 @@ if HAS_TRITON:
         tl.store(lse_ptr + j, tl.where(den > 0, m_ref + tl.log2(safe_den), float("-inf")))
 
 
-def _check(q, keys, values, starts, lengths):
+def _check(q, keys, values, starts, lengths, softcap=None, window=None, positions=None, q_pos=None):
     check_layout(keys, starts, lengths, values)
     if q.dim() != 2 or q.shape[1] != keys.shape[1]:
         raise ValueError(f"q must be (n_q, d={keys.shape[1]}), got shape {tuple(q.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap={softcap}; allowed: a positive number or None")
+    if window is not None:
+        if not window >= 1:
+            raise ValueError(f"window={window}; allowed: an integer >= 1 or None")
+        if positions is None or q_pos is None:
+            raise ValueError("a window needs positions (T,) and q_pos (the new token's position)")
+        if positions.shape != keys.shape[:1]:
+            raise ValueError(f"positions {tuple(positions.shape)} must have one entry per row of keys {keys.shape[0]}")
     return group_size(q.shape[0], starts.numel())
 
 
 def ragged_decode_attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
-                                lengths: torch.Tensor, scaling: float | None = None, return_probs: bool = False):
+                                lengths: torch.Tensor, scaling: float | None = None, return_probs: bool = False,
+                                softcap: float | None = None, window: int | None = None,
+                                positions: torch.Tensor | None = None, q_pos=None):
     """Torch reference: per KV head, full softmax of its g query heads over its keys, in float32.
 
     Returns out (n_q, d) in q's dtype, and with `return_probs` also a row-aligned (T,) float32 tensor of
-    the probabilities summed over the group (rows outside every head's region are 0).
+    the probabilities summed over the group (rows outside every head's region are 0). `softcap`: scores
+    become softcap * tanh(score / softcap); `window`: only rows with positions[row] > q_pos - window count
+    (q_pos: an int or a one-element tensor). A head that sees no row outputs 0.
     """
-    g = _check(q, keys, values, starts, lengths)
+    g = _check(q, keys, values, starts, lengths, softcap, window, positions, q_pos)
     check_regions(keys, starts, lengths)
     scaling = resolve_scaling(scaling, q.shape[1])
     out = torch.zeros_like(q)
     probs = torch.zeros(keys.shape[0], dtype=torch.float32, device=keys.device)
     for h, (a, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
-        if n == 0:
-            continue
-        qh = q[h * g:(h + 1) * g].float()
-        p = torch.softmax(qh @ keys[a:a + n].float().T * scaling, dim=-1)  # (g, n)
+        s = q[h * g:(h + 1) * g].float() @ keys[a:a + n].float().T * scaling  # (g, n)
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        if window is not None:
+            s = s.masked_fill(positions[a:a + n] <= int(q_pos) - window, float("-inf"))
+        if n == 0 or bool(torch.isinf(s).all()):
+            continue  # an empty (or wholly out-of-window) head attends to nothing
+        p = torch.softmax(s, dim=-1)
         out[h * g:(h + 1) * g] = (p @ values[a:a + n].float()).to(q.dtype)
         probs[a:a + n] = p.sum(0)
     return (out, probs) if return_probs else out
@@ -120,13 +153,19 @@ def ragged_decode_attention_ref(q: torch.Tensor, keys: torch.Tensor, values: tor
 
 def ragged_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
                                    lengths: torch.Tensor, scaling: float | None = None, return_probs: bool = False,
-                                   num_splits: int | None = None, block_n: int = 64, num_warps: int = 4):
+                                   num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                                   softcap: float | None = None, window: int | None = None,
+                                   positions: torch.Tensor | None = None, q_pos=None):
     """Triton version of `ragged_decode_attention_ref` (same arguments and results).
 
     No device sync: the split count comes from the buffer size, and region bounds are not re-checked
-    (the cache guarantees them; the reference checks them).
+    (the cache guarantees them; the reference checks them). `q_pos` should be a one-element device tensor
+    (an int works too, at the price of a host-to-device copy).
     """
-    g = _check(q, keys, values, starts, lengths)
+    g = _check(q, keys, values, starts, lengths, softcap, window, positions, q_pos)
+    if return_probs and (softcap is not None or window is not None):
+        raise ValueError("return_probs with softcap or window: the probabilities pass knows neither; "
+                         "use ragged_decode_attention_ref")
     check_triton_inputs(q, keys, values, starts, lengths)
     n_q, d = q.shape
     n_kv = starts.numel()
@@ -141,13 +180,20 @@ def ragged_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: 
                                 triton.cdiv(num_programs_hint(q.device) // 2, n_kv)))
     d_pad = max(16, next_pow2(d))
     dev = q.device
+    if window is not None:
+        if not isinstance(q_pos, torch.Tensor):
+            q_pos = torch.tensor([int(q_pos)], dtype=torch.long, device=dev)
+        check_triton_inputs(positions, q_pos)
+    else:  # unused by the kernel (HAS_WINDOW=False), any pointer will do
+        positions = q_pos = starts
     # one allocation for the partial max, sum and accumulator (host overhead matters at decode)
     work = torch.empty(n_q, num_splits, d_pad + 2, device=dev, dtype=torch.float32)
     scale_log2 = resolve_scaling(scaling, d) * LOG2E
     _decode_split_kernel[(n_kv, num_splits)](
-        q, keys, values, starts, lengths, work, q.stride(0), keys.stride(0), values.stride(0), g, d,
-        scale_log2, NUM_SPLITS=num_splits, G_PAD=max(16, next_pow2(g)), D_PAD=d_pad, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(keys.dtype), num_warps=num_warps)
+        q, keys, values, starts, lengths, work, positions, q_pos, q.stride(0), keys.stride(0), values.stride(0),
+        g, d, scale_log2, (softcap or 1.0) * LOG2E, int(window or 0), NUM_SPLITS=num_splits,
+        G_PAD=max(16, next_pow2(g)), D_PAD=d_pad, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(keys.dtype),
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, num_warps=num_warps)
     out = torch.empty(n_q, d, device=dev, dtype=out_dtype)
     lse = torch.empty(n_q, device=dev, dtype=torch.float32)
     _decode_reduce_kernel[(n_q,)](work, out, lse, out.stride(0), d, NUM_SPLITS=num_splits,
@@ -161,8 +207,13 @@ def ragged_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: 
 
 
 def ragged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
-                            lengths: torch.Tensor, scaling: float | None = None, return_probs: bool = False):
-    """Decode attention over the ragged cache: Triton on CUDA, torch reference elsewhere."""
-    if use_triton(q, keys, values, starts, lengths):
-        return ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling, return_probs)
-    return ragged_decode_attention_ref(q, keys, values, starts, lengths, scaling, return_probs)
+                            lengths: torch.Tensor, scaling: float | None = None, return_probs: bool = False,
+                            softcap: float | None = None, window: int | None = None,
+                            positions: torch.Tensor | None = None, q_pos=None):
+    """Decode attention over the ragged cache: Triton on CUDA, torch reference elsewhere (and for the
+    probabilities under a softcap or window, which the Triton pass does not compute)."""
+    opts = dict(softcap=softcap, window=window, positions=positions, q_pos=q_pos)
+    exotic = softcap is not None or window is not None
+    if use_triton(q, keys, values, starts, lengths) and not (return_probs and exotic):
+        return ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling, return_probs, **opts)
+    return ragged_decode_attention_ref(q, keys, values, starts, lengths, scaling, return_probs, **opts)
