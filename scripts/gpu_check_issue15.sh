@@ -3,7 +3,7 @@
 # scripts/device_setup.sh): (1) the first sample of a run is timed like the others — the same NIAH sweep in
 # two fresh processes, warmup=false then warmup=true, each run's first-sample TTFT beside the rest; (2) the
 # kvbench / kvpress decode benchmark, each framework in its own process, kvpress timed on a second pass.
-set -uo pipefail
+set -o pipefail
 source scripts/device_setup.sh
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/kvpress*.whl .carry/whl/datasets*.whl \
   .carry/whl/dill*.whl .carry/whl/multiprocess*.whl .carry/whl/fire*.whl .carry/whl/termcolor*.whl \
