@@ -8,14 +8,17 @@ Tested range: pyproject.toml pins it (lowest = the GPU machine's 5.17, highest =
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
 
 import torch
 
 
-@lru_cache(maxsize=None)
+_PARAMS: dict[type, frozenset[str]] = {}  # a plain dict, not lru_cache: torch.compile traces through this
+
+
 def _forward_params(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.forward).parameters)
+    if cls not in _PARAMS:
+        _PARAMS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return _PARAMS[cls]
 
 
 def cache_kwargs(model: torch.nn.Module, cache, positions: torch.Tensor,
