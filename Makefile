@@ -44,7 +44,7 @@ demo: install
 	@echo "  kvbench list    # methods, tasks, models;   kvbench report results/demo    # tables and figures"
 
 test: install-test
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -rs tests
 
 $(COMPAT)/.ok: pyproject.toml
 	$(PY) -m venv $(COMPAT)
@@ -56,7 +56,7 @@ $(COMPAT)/.ok: pyproject.toml
 
 test-compat: $(COMPAT)/.ok
 	@$(COMPAT)/bin/python -c "import transformers as t; print('compatibility pass: transformers', t.__version__)"
-	OMP_NUM_THREADS=2 $(COMPAT)/bin/python -m pytest -q $(COMPAT_TESTS)
+	OMP_NUM_THREADS=2 $(COMPAT)/bin/python -m pytest -rs $(COMPAT_TESTS)
 
 clean:
 	rm -rf $(VENV) $(COMPAT) results/demo

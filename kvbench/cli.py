@@ -246,11 +246,26 @@ def check_values(cfg: dict) -> None:
     mc = m.get("max_context")
     if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc <= 0):
         raise BadInput(f"model.max_context={mc!r}; allowed: a positive integer or null")
+    check_results_dir(cfg.get("results_dir", "results"))
     for key, p in (("model.path", m.get("path")), ("model.name", m.get("name"))):
         # model.name is a hub id unless it looks like a local path (hub ids never start with / . ~)
         local = key == "model.path" or str(p).endswith(".gguf") or str(p).startswith(("/", ".", "~"))
         if p and local and not Path(str(p)).expanduser().exists():
             raise BadInput(f"{key}={p!r} does not exist")
+
+
+def check_results_dir(path) -> None:
+    """Results go under `path`: it must be a directory we can write to (or creatable), checked before any
+    run starts, so a read-only or mistyped results_dir is one line, not a traceback halfway through a sweep."""
+    p = Path(str(path)).expanduser()
+    if p.exists() and not p.is_dir():
+        raise BadInput(f"results_dir={str(path)!r} is a file; allowed: a directory (it is created if missing)")
+    q = p
+    while not q.exists() and q != q.parent:  # the nearest existing ancestor is where the directory is created
+        q = q.parent
+    if not q.is_dir() or not os.access(q, os.W_OK | os.X_OK):
+        raise BadInput(f"results_dir={str(path)!r} is not writable ({q} is {'read-only' if q.is_dir() else 'not a directory'}); "
+                       "allowed: a directory you can write to")
 
 
 def check_components(cfg: dict) -> None:
@@ -336,8 +351,10 @@ def cmd_run(args: list[str]) -> int:
     """Validate every job of the run/sweep (exit 2 on bad input), launch them through Hydra, then print the
     table of every job's summary as written on disk (the same for in-process and out-of-process launchers).
     Exit code: 0 when every run is complete and ok, 1 when any run failed, is partial or left no summary."""
-    flags = [a for a in args if a.startswith("-") and a not in ("-m", "--multirun")]
     multirun = "-m" in args or "--multirun" in args
+    if multirun:  # Hydra takes -m only before the overrides: `kvbench run method=a,b -m` works too
+        args = ["-m"] + [a for a in args if a not in ("-m", "--multirun")]
+    flags = [a for a in args if a.startswith("-") and a not in ("-m", "--multirun")]
     if not flags:  # Hydra's own flags (--cfg, --info, --help, -cd ...) go straight to Hydra
         try:
             planned = plan_jobs(args, multirun)
@@ -362,11 +379,17 @@ def cmd_run(args: list[str]) -> int:
     for s in summaries:
         if s.get("note"):
             print(f"[kvbench] {s.get('method')}@{s.get('budget')} on {s.get('task')}: {s['note']}", file=sys.stderr)
+    busy = sum(1 for s in summaries if s.get("status") == "busy")
+    if busy:  # not ours to report: the other process finishes them, the same command then skips them
+        print(f"[kvbench] {busy} run(s) busy: another process is executing them (rerun this command afterwards "
+              "to see their results)", file=sys.stderr)
     bad = {st: sum(1 for s in summaries if s.get("status") == st) for st in ("failed", "partial", "missing")}
     if any(bad.values()):
         what = ", ".join(f"{n} {st}" for st, n in bad.items() if n)
-        print(f"[kvbench] {len(summaries)} runs: {what} (see their summary.json; the same command reruns "
-              f"what failed and resumes what is missing)", file=sys.stderr)
+        where = ("see their summary.json" if not bad["missing"] else
+                 "missing runs left no summary: see the errors above")
+        print(f"[kvbench] {len(summaries)} runs: {what} ({where}; the same command reruns what failed and "
+              f"resumes what is missing)", file=sys.stderr)
         return 1
     return code
 
@@ -383,11 +406,27 @@ def _collect(planned: list[dict]) -> list[dict]:
         seen.add(rd.hash)
         s = rd.read_summary()
         if s is None:
+            busy = _locked_elsewhere(rd)
             s = {"run_id": rd.hash, "config_hash": rd.hash, "task": cfg["task"]["name"],
                  "method": cfg["method"]["name"], "budget": cfg.get("budget"), "query_aware": cfg.get("query_aware"),
-                 "status": "missing", "error": f"no summary in {rd.path}: the job did not finish"}
+                 "status": "busy" if busy else "missing",
+                 "error": (f"another process is executing it ({rd.path})" if busy
+                           else f"the job left no summary in {rd.path}: it did not finish")}
         out.append(s)
     return out
+
+
+def _locked_elsewhere(rd) -> bool:
+    """Another live process holds the run's lock (a concurrent sweep into the same results dir)."""
+    from kvbench.results import RunBusy
+    try:
+        rd.lock()
+    except RunBusy:
+        return True
+    except OSError:
+        return False
+    rd.unlock()
+    return False
 
 
 def _summaries_from_sweep(args: list[str]) -> list[dict]:
@@ -451,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
 def entry() -> None:
     try:
         code = main()
@@ -458,6 +500,9 @@ def entry() -> None:
     except BrokenPipeError:  # `kvbench list | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    except KeyboardInterrupt:  # records are written per sample: nothing is lost, the same command resumes
+        print("\nkvbench: interrupted; the same command resumes where it stopped", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     sys.exit(code)
 
 

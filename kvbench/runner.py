@@ -1,7 +1,8 @@
 """One run = one (model, task, method, budget, ...) config: samples → engine → scores → records → summary.
 
-- Identity: the run directory is `results/<sweep>/<run-hash>/` (see kvbench/results.py). A complete run is
-  skipped; an interrupted one resumes at its next unscored sample (records are fsynced per sample); a
+- Identity: the run directory is `results/<sweep>/<run-hash>/` (see kvbench/results.py). A complete run
+  (a valid summary, and every record it counts on disk) is skipped; an interrupted one, or one whose records
+  were cut or damaged, resumes at its next unscored sample (records are fsynced per sample); a
   sample that failed with a retryable error (OOM, a crash) is computed again on resume; `force=true`
   starts the run from scratch.
 - Failures: a failing sample (CUDA OOM, a prompt longer than the model's context, a crash in a method or
@@ -28,6 +29,7 @@ import signal
 import sys
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -36,8 +38,8 @@ from kvbench.engine import Engine
 from kvbench.method import build_method
 from kvbench.metrics import run_conditions
 from kvbench.models import load_model
-from kvbench.results import RunBusy, RunDir, needs_work, now, summarize
-from kvbench.task import load_all_tasks
+from kvbench.results import RunBusy, RunDir, first_line, now, summarize
+from kvbench.task import DataError, load_all_tasks
 
 _MODEL_CACHE: dict[tuple, object] = {}  # sweeps with an in-process launcher (basic, joblib workers) reuse the model
 
@@ -156,7 +158,7 @@ def warm_up(engine: Engine, todo: list, seed: int) -> dict:
     the first sample that runs (the next one if it fails: too long, OOM), before any timed sample. Its
     records are thrown away; how long it took is reported apart (summary: setup.warmup_ms)."""
     err = None
-    for sample in todo[:3]:
+    for sample in [s for s in todo if s.error is None][:3]:  # never a placeholder for a bad row of the data
         seed_everything(seed, sample.id)
         try:
             return {"warmup_ms": engine.warmup(sample), "warmup_sample": sample.id}
@@ -187,24 +189,41 @@ def execute(cfg: dict) -> dict:
     force = bool(cfg.get("force", False)) and rd.hash not in _FORCED
     if force:
         _FORCED.add(rd.hash)
-    if not force and rd.finished() and not needs_work(rd.read_summary(), rd.load_records(repair=False)):
+    done = None if force else rd.complete_summary(repair=False, warn=False)  # the locked check says why not
+    if done is not None:
         _log(f"skip finished run {rd.hash} ({rd.path})")
-        return {**rd.read_summary(), "_skipped": True, "_dir": str(rd.path)}
+        return {**done, "_skipped": True, "_dir": str(rd.path)}
     try:
         rd.lock()
     except RunBusy as e:
         _log(f"skip: {e}")
         return {"run_id": rd.hash, "config_hash": rd.hash, "status": "busy", "_dir": str(rd.path)}
+    except OSError as e:
+        return _cannot_write(rd, e)
     try:
         return _execute_locked(cfg, rd, force)
+    except OSError as e:  # disk full, storage gone read-only: this run fails in one line, the sweep goes on
+        return _cannot_write(rd, e)
     finally:
         rd.unlock()
 
 
+def _cannot_write(rd: RunDir, e: OSError) -> dict:
+    """The run's results could not be written. Files are written atomically (summary, config) or a sample
+    per line (records: a torn last line is dropped on resume), so nothing half-written is ever read back;
+    the same command computes what is missing once there is room."""
+    msg = f"cannot write results in {rd.path}: {type(e).__name__}: {first_line(e)}"
+    _log(f"run {rd.hash} failed: {msg}")
+    return {"run_id": rd.hash, "config_hash": rd.hash, "status": "failed", "error_type": type(e).__name__,
+            "error": msg, "run_error": True, "_dir": str(rd.path)}
+
+
 def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
     # Another process may have completed the run while we waited for the lock.
-    if not force and rd.finished() and not needs_work(rd.read_summary(), rd.load_records()):
-        return {**rd.read_summary(), "_skipped": True, "_dir": str(rd.path)}
+    # A summary counts only with the records it summarizes: a finished run whose records were lost resumes.
+    done = None if force else rd.complete_summary()
+    if done is not None:
+        return {**done, "_skipped": True, "_dir": str(rd.path)}
     rd.start(force=force)
     rd.summary_path.unlink(missing_ok=True)  # a stale summary must not mark a half-redone run complete
     records = rd.resume_records()
@@ -228,6 +247,15 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
         samples = list(task.samples(lm.tokenizer, max_context_tokens=lm.max_context))
         if not samples:
             raise ValueError(f"task {cfg['task']['name']} produced no samples with this config")
+        # a sample is done when each of its queries has its record (all are written in one write; fewer or
+        # more mean the file was cut or damaged): the others are computed again
+        n_queries = {s.id: len(s.queries) for s in samples}
+        per_sample = Counter(r["sample_id"] for r in records)
+        cut = {sid for sid, k in per_sample.items() if sid in n_queries and k != n_queries[sid]}
+        if cut:
+            _log(f"run {rd.hash}: {len(cut)} sample(s) without one record per query, computed again: "
+                 f"{', '.join(sorted(cut)[:5])}")
+            records = rd.drop_samples(records, cut)
         done = {r["sample_id"] for r in records}
         if done:
             _log(f"resume run {rd.hash}: {len(done)} of {len(samples)} samples already recorded")
@@ -238,6 +266,8 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
             seed_everything(seed, sample.id)
             try:
                 inject_fault(cfg, sample.id)
+                if sample.error is not None:  # a bad row of the data (tasks/_data.py): fails alone
+                    raise DataError(sample.error)
                 recs = engine.run_sample(sample)
                 for r, q in zip(recs, sample.queries):
                     pred = task.postprocess(r["prediction"], q, sample)

@@ -35,6 +35,8 @@ class Sample:
     mode: "single" (one query), "multi_request" (every query starts from the same compressed context),
     "multi_turn" (the cache carries the context, then each turn's question and golden previous answer).
     chat_template: whether the engine wraps the prompt in the model's chat template (if it has one).
+    error: set on a placeholder for a row of the data that could not be read (names the file, the line and
+    what is wrong); the runner records such a sample as failed (DataError) without running it.
     """
     id: str
     context: str
@@ -42,10 +44,15 @@ class Sample:
     mode: str = "single"
     chat_template: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"Sample.mode={self.mode!r}; allowed: {', '.join(MODES)}")
+
+
+class DataError(ValueError):
+    """A row of a task's data is unreadable or lacks a field: that sample fails, the others run."""
 
 
 class Task:

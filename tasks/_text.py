@@ -6,6 +6,8 @@
 - Sentence splitting: our own rule-based splitter (NLTK's punkt model is not available offline).
 - Length fitting: find the largest haystack size whose prompt fits a token budget with a handful of
   tokenizations (interpolation search), and cut a long text at a token count tokenizing it once.
+- Bounded tokenization: the first and last k token ids of a text of any length, tokenizing pieces of it of
+  O(k) characters only (`edge_ids`), so a 50 MB context is never tokenized whole before its truncation.
 """
 from __future__ import annotations
 
@@ -120,6 +122,57 @@ def token_prefix(tokenizer, text: str, n: int) -> str:
     if n > len(ends):
         raise ValueError(f"text has {len(ends)} tokens, fewer than the {n} requested")
     return text[:ends[n - 1]]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _agreeing(a: list[int], b: list[int], tail: bool) -> int:
+    """Length of the longest common prefix (tail: suffix) of two id lists."""
+    n, i = min(len(a), len(b)), 0
+    if tail:
+        while i < n and a[-1 - i] == b[-1 - i]:
+            i += 1
+    else:
+        while i < n and a[i] == b[i]:
+            i += 1
+    return i
+
+
+def edge_ids(tokenizer, text: str, k: int, chars_per_token: int = 8,
+             min_chars: int = 4096) -> tuple[list[int], list[int]] | None:
+    """The first k and the last k token ids of `text` (no special tokens), as tokenizing it whole gives them,
+    for a text of more than 2k tokens; None when the text is short enough to be tokenized whole (its two
+    pieces would overlap): then, and only then, the caller tokenizes it whole.
+
+    The tokenizer only sees pieces of the text: the first (last) n characters, n starting at
+    2 * chars_per_token * k + min_chars and doubling until the piece holds k ids that are sure. A cut changes
+    the tokenization only from the start of the word (pre-token) it falls in, so the ids of text[:n] are the
+    text's own up to near n, and those of text[:n // 2] that agree with them are the text's own too: the two
+    cuts are n // 2 characters apart, far more than a word (the tail likewise, read from the end). Memory is
+    O(k * characters per token) whatever the length of `text`; the head and the tail ids returned cover
+    disjoint parts of the text, so the text holds at least 2k tokens.
+    """
+    if k <= 0:
+        raise ValueError(f"edge_ids: k={k}; allowed: k >= 1")
+    first = 2 * chars_per_token * k + min_chars
+    out, used = [], 0  # used: characters of the head piece, which the tail piece must not reach
+    for tail in (False, True):
+        n, short = first, None
+        while True:
+            if used + n >= len(text):
+                return None
+            if short is None:
+                short = _ids(tokenizer, text[len(text) - n // 2:] if tail else text[: n // 2])
+            piece = _ids(tokenizer, text[len(text) - n:] if tail else text[:n])
+            sure = _agreeing(piece, short, tail)
+            if sure >= k:
+                out.append(piece[len(piece) - sure:] if tail else piece[:sure])
+                break
+            short, n = piece, 2 * n  # the new half-size piece is this one: one tokenization per step
+        used = n
+    return out[0][:k], out[1][len(out[1]) - k:]
 
 
 def fit_count(length_of: Callable[[int], int], target: int, hi: int, guess: int | None = None) -> int:

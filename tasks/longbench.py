@@ -7,13 +7,14 @@ the official `pred.py` / `eval.py` / `config/*.json`. Metrics are our own implem
 """
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 
 from kvbench.task import Query, Sample, Task, register_task
 
 from . import _metrics as M
+from ._data import Row, bad_sample, check_fields, raise_bad, read_jsonl, read_zip_jsonl
+from ._text import edge_ids
 
 # Official prompt templates (LongBench config/dataset2prompt.json), reproduced exactly, typos included.
 DATASET2PROMPT = {
@@ -100,14 +101,20 @@ def truncate_middle(text: str, tokenizer, max_tokens: int | None) -> tuple[str, 
 
     Special tokens are not added (the engine adds BOS / chat template itself) and the decode does not
     "clean up" spaces, so an untruncated text decodes back unchanged.
+    Memory is bounded by the budget, not by the text: a long text is never tokenized whole, only its two
+    ends (`edge_ids`), which give the same ids as the official tokenize-then-cut.
     """
+    def dec(x):
+        return tokenizer.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    if max_tokens is not None:
+        half = max_tokens // 2
+        ends = edge_ids(tokenizer, text, half + 1)  # None: short enough to tokenize whole
+        if ends is not None:  # at least 2 * half + 2 > max_tokens tokens: cut
+            return dec(ends[0][:half]) + dec(ends[1][1:]), 2 * half
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_tokens is None or len(ids) <= max_tokens:
         return text, len(ids)
-    half = max_tokens // 2
-
-    def dec(x):
-        return tokenizer.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return dec(ids[:half]) + dec(ids[-half:]), 2 * half
 
 
@@ -116,12 +123,9 @@ def _hub_download(repo_id: str, filename: str) -> str:
     return hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset")
 
 
-def _read_jsonl(lines) -> list[dict]:
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def load_rows(config: str, data_dir: str | None = None) -> list[dict]:
-    """Rows of one LongBench config from data.zip (member data/<config>.jsonl), an unzipped folder, or the hub."""
+def read_rows(config: str, data_dir: str | None = None) -> list[Row]:
+    """Rows of one LongBench config, each with its file and line, from data.zip (member data/<config>.jsonl),
+    an unzipped folder, or the hub. A bad line is a Row with `error`, not an exception."""
     if data_dir is None:
         try:
             path = Path(_hub_download(HUB_REPO, "data.zip"))
@@ -134,7 +138,7 @@ def load_rows(config: str, data_dir: str | None = None) -> list[dict]:
     if path.is_dir():
         for cand in (path / f"{config}.jsonl", path / "data" / f"{config}.jsonl"):
             if cand.is_file():
-                return _read_jsonl(cand.read_text(encoding="utf-8").splitlines())
+                return read_jsonl(cand)
         if (path / "data.zip").is_file():
             path = path / "data.zip"
         else:
@@ -143,7 +147,24 @@ def load_rows(config: str, data_dir: str | None = None) -> list[dict]:
         names = [n for n in z.namelist() if n == f"{config}.jsonl" or n.endswith(f"/{config}.jsonl")]
         if not names:
             raise ValueError(f"{path} has no member data/{config}.jsonl: {HUB_HINT}")
-        return _read_jsonl(z.read(sorted(names, key=len)[0]).decode("utf-8").splitlines())
+        return read_zip_jsonl(z, sorted(names, key=len)[0], path)
+
+
+def load_rows(config: str, data_dir: str | None = None) -> list[dict]:
+    """The rows of `read_rows` as dicts; raises DataError (file, line, what) at the first unreadable one."""
+    return raise_bad(read_rows(config, data_dir))
+
+
+# Fields a row needs (the official schema also has length, dataset, language, all_classes, _id: optional here).
+ROW_FIELDS = {"input": str, "context": str, "answers": list}
+
+
+def row_problem(row: dict) -> str | None:
+    """What keeps `row` from being a sample ("missing field 'answers'"), or None."""
+    err = check_fields(row, ROW_FIELDS)
+    if err is None and not all(isinstance(a, str) for a in row["answers"]):
+        err = "field 'answers' holds a non-string, expected a list of strings"
+    return err
 
 
 def _clean(prediction: str, dataset: str) -> str:
@@ -184,11 +205,20 @@ class LongBench(Task):
     def samples(self, tokenizer, max_context_tokens: int | None = None):
         for config in self.subsets:
             limit = self.prompt_budget(config, max_context_tokens)
-            rows = load_rows(config, self.data_dir)
+            rows = read_rows(config, self.data_dir)
             if self.num_samples is not None:
                 rows = rows[: self.num_samples]
-            for i, row in enumerate(rows):
-                yield self.make_sample(config, i, row, tokenizer, limit)
+            for i, row in enumerate(rows):  # a bad row fails its own sample only (tasks/_data.py)
+                err = row.error if row.data is None else row_problem(row.data)
+                if err is None:
+                    try:
+                        sample = self.make_sample(config, i, row.data, tokenizer, limit)
+                    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+                        err = f"cannot make a sample of this row: {type(e).__name__}: {e}"
+                if err is not None:
+                    sample = bad_sample(f"{config}/{(row.data or {}).get('_id', i)}", row.problem(err),
+                                        {"subtask": config, "dataset": base_name(config)})
+                yield sample
 
     def prompt_budget(self, config: str, max_context_tokens: int | None) -> int | None:
         """Tokens allowed for the prompt: max_length, and at most the model's window minus this task's

@@ -10,13 +10,13 @@ Prompts, max new tokens and metrics follow scbench/eval_utils.py, compute_scores
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from kvbench.task import Query, Sample, Task, register_task
 
 from . import _metrics as M
+from ._data import Row, bad_sample, check_fields, kind_of, raise_bad, read_jsonl, table_rows
 from .longbench import truncate_middle
 
 CONFIGS = ["scbench_kv", "scbench_prefix_suffix", "scbench_vt", "scbench_repoqa", "scbench_qa_eng",
@@ -103,14 +103,14 @@ def _turn_task(config: str, turn: dict) -> str:
     return turn["task"] if isinstance(MAX_NEW_TOKENS[config], dict) else config
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path) -> list[Row]:
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError(f"reading {path} needs pyarrow: pip install pyarrow (or give .jsonl files)") from None
-        return pq.read_table(path).to_pylist()
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return table_rows(pq.read_table(path).to_pylist(), str(path))
+    return read_jsonl(path)
 
 
 def _local_files(root: Path, config: str) -> list[Path]:
@@ -123,7 +123,13 @@ def _local_files(root: Path, config: str) -> list[Path]:
 
 
 def load_rows(config: str, data_dir: str | None = None) -> list[dict]:
-    """Rows of one SCBench config from a local folder (jsonl or parquet) or, when online, the hub."""
+    """The rows of `read_rows` as dicts; raises DataError (file, line, what) at the first unreadable one."""
+    return raise_bad(read_rows(config, data_dir))
+
+
+def read_rows(config: str, data_dir: str | None = None) -> list[Row]:
+    """Rows of one SCBench config, each with its file and line, from a local folder (jsonl or parquet) or,
+    when online, the hub. A bad line is a Row with `error`, not an exception."""
     if data_dir is not None:
         root = Path(data_dir).expanduser()
         files = _local_files(root, config) if root.exists() else []
@@ -135,6 +141,46 @@ def load_rows(config: str, data_dir: str | None = None) -> list[dict]:
         except Exception as e:  # offline, no cache, hub error
             raise ValueError(f"SCBench data not found ({type(e).__name__}): {HUB_HINT}") from None
     return [row for f in files for row in _read_rows(f)]
+
+
+def row_problem(config: str, row: dict) -> str | None:
+    """What keeps `row` (its turns already cut to max_turns) from being a sample of `config`
+    ("missing field 'multi_turns[1].answer'"), or None."""
+    if "context" not in row and "input" not in row:
+        return "missing field 'context'"
+    err = check_fields(row, {"multi_turns": list})
+    if err is None and not row["multi_turns"]:
+        err = "field 'multi_turns' is empty"
+    for k, turn in enumerate(row["multi_turns"] if err is None else []):
+        err = _turn_problem(config, row, turn, f"multi_turns[{k}]")
+        if err is not None:
+            break
+    return err
+
+
+def _turn_problem(config: str, row: dict, t, at: str) -> str | None:
+    if not isinstance(t, dict):
+        return f"field '{at}' is {kind_of(t)}, expected an object"
+    mixed = MAX_NEW_TOKENS[config] if isinstance(MAX_NEW_TOKENS[config], dict) else None
+    need: dict = {"input": str, "answer": object}
+    if mixed:
+        need["task"] = str
+    if config == "scbench_choice_eng":
+        need["options"] = list
+    err = check_fields(t, need, f"{at}.")
+    if err is not None:
+        return err
+    if t["answer"] is None:
+        return f"field '{at}.answer' is null"
+    if mixed and t["task"] not in mixed:
+        return f"field '{at}.task' is {t['task']!r}, expected one of {', '.join(mixed)}"
+    if config == "scbench_choice_eng" and (len(t["options"]) != 4 or t["answer"] not in t["options"]):
+        return f"field '{at}.options' must hold 4 options, one of them the answer"
+    if _turn_task(config, t) == "scbench_repoqa":
+        return check_fields(t, {"name": str}, f"{at}.") or check_fields(row, {"repo": str})
+    if config == "scbench_mf" and not re.findall(r"The .+ is", t["input"]):
+        return f"field '{at}.input' does not read 'The ... is'"
+    return None
 
 
 def _hub_files(config: str) -> list[str]:
@@ -178,13 +224,25 @@ class SCBench(Task):
         limits = [x for x in (self.max_length, max_context_tokens) if x is not None]
         limit = min(limits) if limits else None
         for config in self.subsets:
-            rows = load_rows(config, self.data_dir)
+            rows = read_rows(config, self.data_dir)
             if self.num_samples is not None:
                 rows = rows[: self.num_samples]
-            rows = [{**r, "multi_turns": list(r["multi_turns"])[: self.max_turns]} for r in rows]
-            self._collect_needles(config, rows)
-            for i, row in enumerate(rows):
-                yield self.make_sample(config, i, row, tokenizer, limit)
+            errors = []  # per row: None, or what is wrong with it (that sample fails alone, tasks/_data.py)
+            for r in rows:
+                if r.data is not None and isinstance(r.data.get("multi_turns"), (list, tuple)):
+                    r.data = {**r.data, "multi_turns": list(r.data["multi_turns"])[: self.max_turns]}
+                errors.append(r.error if r.data is None else row_problem(config, r.data))
+            self._collect_needles(config, [r.data for r, e in zip(rows, errors) if e is None])
+            for i, (row, err) in enumerate(zip(rows, errors)):
+                if err is None:
+                    try:
+                        sample = self.make_sample(config, i, row.data, tokenizer, limit)
+                    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+                        err = f"cannot make a sample of this row: {type(e).__name__}: {e}"
+                if err is not None:
+                    sample = bad_sample(f"{config}/{(row.data or {}).get('id', i)}", row.problem(err),
+                                        {"subtask": config})
+                yield sample
 
     def _collect_needles(self, config: str, rows: list[dict]) -> None:
         """RepoQA compares a prediction with every asked function of the same repository (needle_by_repo)."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from kvbench.compat import cache_kwargs
 from kvbench.metrics import attention_flops, attention_shape, decode_flops_per_token, linear_flops_per_token
 
 PROMPT = 12
@@ -54,11 +55,13 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
 @torch.no_grad()
 def counted_decode_flops(model) -> tuple[int, int]:
     """(FLOPs counted for one decode token, the eager-attention part of them)."""
+    from transformers import DynamicCache
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + 1))
-    out = model(input_ids=ids[:, :PROMPT], use_cache=True)
-    cache = out.cache
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :PROMPT], **cache_kwargs(model, cache, torch.arange(PROMPT)), use_cache=True)
     with FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops}) as fc:
-        model(input_ids=ids[:, PROMPT:], cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids[:, PROMPT:], **cache_kwargs(model, cache, torch.arange(PROMPT, PROMPT + 1)),
+              use_cache=True, logits_to_keep=1)
     n_kv, group, d = attention_shape(model.config)
     attn = attention_flops([[PROMPT + 1] * n_kv] * model.config.num_hidden_layers, group, d)
     return fc.get_total_flops(), attn

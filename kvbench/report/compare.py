@@ -5,7 +5,10 @@ when that key alone is ambiguous). A pair fails when
   - a score (the run's, or a subtask's from `extra`) drops by more than `--tolerance` points (×100 scale),
     or, with `--ci`, also when the current score falls below the baseline's bootstrap 95% CI;
   - kv_bytes or decode FLOPs/token grow by more than a relative `--eps`;
-  - the run was ok in the baseline and is not ok now, or is missing from the current results.
+  - the run was ok in the baseline and is not ok now, or is missing from the current results;
+  - the run is incomplete on either side: its records.jsonl does not hold the records its summary counts
+    (cut, emptied, damaged), so its numbers are not backed by its records.
+Runs whose summary.json or config.yaml cannot be used are skipped with a warning naming the file.
 Timing (TTFT, decode ms/token) is reported but never gated: it is too noisy across machines.
 Exit 0: no regression; 1: regression; 2: bad input.
 """
@@ -109,6 +112,10 @@ def _rel(b: float, c: float) -> float:
 
 def check(b: Entry, c: Entry, tolerance: float, use_ci: bool, eps: float) -> Row:
     row = Row(b, c)
+    if c.run.incomplete:
+        row.problems.append(f"incomplete run ({c.run.incomplete}): {c.run.path}")
+    if b.run.incomplete:
+        row.problems.append(f"incomplete baseline run ({b.run.incomplete}): {b.run.path}")
     if b.status == "ok" and c.status != "ok":
         row.problems.append(f"status {b.status} → {c.status}")
     for k, bs in b.scores.items():
@@ -159,7 +166,12 @@ def markdown(rows: list[Row], missing: list[Entry], new: list[Entry], tolerance:
         out += [f"- {m.label}: missing in current results" for m in missing]
         out.append("")
     if new:
-        out += ["**New runs (not in baseline)**", ""] + [f"- {n.label}" for n in new] + [""]
+        out += ["**New runs (not in baseline)**", ""] + [
+            f"- {n.label}" + (f" (incomplete: {n.run.incomplete})" if n.run.incomplete else "") for n in new] + [""]
+    incomplete = [r.cur for r in rows if r.cur.run.incomplete] + [r.base for r in rows if r.base.run.incomplete]
+    if incomplete:
+        out += ["**Incomplete runs** (records.jsonl does not back summary.json; rerun them to recompute what is "
+                "missing)", ""] + [f"- `{e.run.path}`: {e.run.incomplete}" for e in incomplete] + [""]
     out += ["| run | score ×100 | worst subtask Δ | KV bytes | decode FLOPs/tok | TTFT | decode ms/tok | |",
             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:

@@ -5,6 +5,10 @@ A run directory holds `config.yaml`, `records.jsonl` and `summary.json` (see kvb
 The table has one row per run (subtask == "all") plus one row per subtask when the summary's `extra`
 holds per-subtask scores (`score/<subtask>`); subtask rows take their score from `extra` (the task's
 official aggregate) and their counts, memory and latency from the run's records of that subtask.
+
+What is read is checked: a summary.json of the wrong shape (a list, a string budget) or an unreadable
+config.yaml skips its run with a one-line warning naming the file; a run whose records.jsonl does not hold
+the records its summary counts (cut, emptied, damaged lines) is kept with status `incomplete` and a warning.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from kvbench.results import config_problem, parse_records, records_problem, summary_problem
 
 ALL = "all"  # the `subtask` value of a whole-run row
 
@@ -42,6 +48,7 @@ class Run:
     summary: dict
     config: dict
     _records: list[dict] | None = field(default=None, repr=False)
+    incomplete: str | None = None  # why records.jsonl does not back the summary (None: it does)
 
     @property
     def records(self) -> list[dict]:
@@ -51,42 +58,77 @@ class Run:
 
 
 def warn(msg: str) -> None:
-    print(f"kvbench report: {msg}", file=sys.stderr)
+    print(f"kvbench: warning: {msg}", file=sys.stderr)
+
+
+def _read_records(path: Path) -> tuple[list[dict], list[int]]:
+    """(records, numbers of the lines that are not records); one warning per file for those lines."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return [], []
+    except (OSError, ValueError) as e:
+        warn(f"{path}: unreadable ({e.__class__.__name__}), no records read")
+        return [], []
+    good, _, bad = parse_records(text)
+    if bad:
+        warn(f"{path}: skipped line(s) {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''} "
+             f"(not records); kept the {len(good)} other record(s)")
+    return good, bad
 
 
 def read_records(path: Path) -> list[dict]:
-    """Records of one run; a missing file gives [] and a broken line is skipped with a warning
-    (a run killed mid-write may leave a truncated last line)."""
+    """Records of one run; a missing file gives [], and lines that are not records (a run killed mid-write
+    leaves a truncated last line) are skipped with one warning, the records after them kept."""
+    return _read_records(path)[0]
+
+
+def _read_config(path: Path) -> tuple[dict | None, str | None]:
+    """(config.yaml as a dict, None), or (None, why it cannot be read); ({}, None) when there is none."""
+    import yaml
     if not path.exists():
-        return []
-    out = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                warn(f"{path}:{i}: skipped a line that is not JSON")
-    return out
+        return {}, None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        return None, f"unreadable ({e.__class__.__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+    config = {} if config is None else config
+    problem = config_problem(config)
+    return (None, problem) if problem else (config, None)
+
+
+def load_run(path: Path) -> Run | None:
+    """The run in directory `path` (holding summary.json), its records read and checked against the summary;
+    None, with a one-line warning naming the file, when its summary or config cannot be used."""
+    sp = path / "summary.json"
+    try:
+        summary = json.loads(sp.read_text())
+    except (ValueError, OSError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        warn(f"{sp}: unreadable summary ({e.__class__.__name__}), skipped")
+        return None
+    problem = summary_problem(summary)
+    if problem:
+        warn(f"{sp}: {problem}; run skipped")
+        return None
+    config = summary.get("config") or {}
+    if not config:
+        config, problem = _read_config(path / "config.yaml")
+        if problem:
+            warn(f"{path / 'config.yaml'}: {problem}; run skipped")
+            return None
+    records, bad = _read_records(path / "records.jsonl")
+    run = Run(path, summary, config, records)
+    run.incomplete = records_problem(summary, len(records), bad)
+    if run.incomplete:
+        warn(f"{path}: incomplete run: {run.incomplete} (rerun it to recompute what is missing)")
+    return run
 
 
 def find_runs(root: Path) -> list[Run]:
-    """Every run directory (one holding summary.json) at any depth below `root`, sorted by path."""
-    runs = []
-    for sp in sorted(Path(root).rglob("summary.json")):
-        try:
-            summary = json.loads(sp.read_text())
-        except (json.JSONDecodeError, OSError) as e:
-            warn(f"{sp}: unreadable summary ({e.__class__.__name__}), skipped")
-            continue
-        config = summary.get("config") or {}
-        if not config and (sp.parent / "config.yaml").exists():
-            import yaml
-            config = yaml.safe_load((sp.parent / "config.yaml").read_text()) or {}
-        runs.append(Run(sp.parent, summary, config))
-    return runs
+    """Every run directory (one holding summary.json) at any depth below `root`, sorted by path; runs whose
+    summary or config cannot be used are skipped with a warning, incomplete ones flagged (Run.incomplete)."""
+    runs = [load_run(sp.parent) for sp in sorted(Path(root).rglob("summary.json"))]
+    return [r for r in runs if r is not None]
 
 
 def _name(summary: dict, config: dict, key: str):
@@ -145,6 +187,8 @@ def run_rows(run: Run) -> list[dict]:
     }
     row = dict(base, subtask=ALL, status=s.get("status", "ok"), error_type=s.get("error_type"),
                error=s.get("error"), n=_num(s.get("n")), n_failed=_num(s.get("n_failed")))
+    if run.incomplete:  # the summary's numbers are not backed by the records on disk
+        row.update(status="incomplete", error=run.incomplete)
     for k in ["score", "score_ci_low", "score_ci_high"] + RECORD_MEANS + [f + "_median" for f in RECORD_MEDIANS]:
         row[k] = _num(s.get(k))
     row["loaded"] = bool((s.get("conditions") or {}).get("loaded", False))
