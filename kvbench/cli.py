@@ -372,6 +372,9 @@ def cmd_run(args: list[str]) -> int:
     except ValueError as e:  # Hydra refuses a combination of its flags (e.g. -m with --cfg)
         print(f"kvbench: error: {_first_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:  # Hydra's own files (.hydra/multirun.yaml) on a full or read-only disk
+        print(f"kvbench: error: cannot write the sweep's files: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        return 1
     if flags:
         return code
     summaries = _collect(planned)

@@ -165,3 +165,41 @@ def test_the_run_seed_reaches_the_random_baseline():
     a, a2, b = kept_positions(lm, 1), kept_positions(lm, 1), kept_positions(lm, 2)
     assert a == a2 and a != b                          # seed=1,2 sweep: two different baselines, each reproducible
     assert kept_positions(lm, 1, 7) == kept_positions(lm, 2, 7)  # an explicit method.seed wins
+
+
+# -- scenarios that already held, kept under test ----------------------------------------------------------
+def test_a_model_dir_with_custom_code_never_executes_it(tmp_path):
+    """A model directory whose config points at its own modeling code (auto_map): kvbench never passes
+    trust_remote_code, so that code is never imported; a custom model_type is refused before anything loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from kvbench.models import ModelError, SYNTHETIC_SHAPES, load_model, load_tokenizer
+    marker = tmp_path / "custom_code_ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import LlamaForCausalLM as CustomLM\n"
+    for name, model_type in (("llama_dir", "llama"), ("custom_dir", "my_custom_lm")):
+        d = tmp_path / name
+        cfg = AutoConfig.for_model(**SYNTHETIC_SHAPES["tiny"])
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+        load_tokenizer().save_pretrained(d)
+        (d / "modeling_custom.py").write_text(code)
+        c = json.loads((d / "config.json").read_text())
+        c.update(model_type=model_type, auto_map={"AutoModelForCausalLM": "modeling_custom.CustomLM"})
+        (d / "config.json").write_text(json.dumps(c))
+    lm = load_model(str(tmp_path / "llama_dir"), device="cpu", dtype="float32")
+    assert type(lm.model).__name__ == "LlamaForCausalLM"
+    with pytest.raises(ModelError, match="my_custom_lm"):
+        load_model(str(tmp_path / "custom_dir"), device="cpu", dtype="float32")
+    assert not marker.exists()
+
+
+def test_payloads_in_results_are_escaped_in_the_dashboard(tmp_path):
+    from kvbench.report import report_main
+    from test_report import record, write_run
+    payload = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    recs = [record(i, "snapkv", 64, 1.0, 300, {"subtask": payload, "length": 300, "depth": 50}) for i in range(2)]
+    for r in recs:
+        r["prediction"] = payload
+    write_run(tmp_path / "res", "niah", "snapkv", 64, recs)
+    write_run(tmp_path / "res", "niah", "h2o", 64, [], status="failed", error_type="RuntimeError", error=payload)
+    assert report_main([str(tmp_path / "res"), "--out", str(tmp_path / "out")]) == 0
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "<script" not in html and "<img src=x" not in html and "&lt;script&gt;" in html
