@@ -96,6 +96,17 @@ def bad_sample(sample_id: str, error: str, meta: dict | None = None) -> Sample:
                   meta=dict(meta or {}), error=error)
 
 
+def sample_or_failure(row: Row, err: str | None, make, sample_id: str, meta: dict) -> Sample:
+    """The sample `make()` builds from a row that passed its checks, or the failed placeholder naming what is
+    wrong with it (a row that passed the checks may still break the sample's construction)."""
+    if err is None:
+        try:
+            return make()
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            err = f"cannot make a sample of this row: {type(e).__name__}: {e}"
+    return bad_sample(sample_id, row.problem(err), meta)
+
+
 def raise_bad(rows: list[Row]) -> list[dict]:
     """The rows' data, for callers that want all of it: raises DataError at the first unreadable row."""
     for r in rows:

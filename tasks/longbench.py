@@ -13,7 +13,7 @@ from pathlib import Path
 from kvbench.task import Query, Sample, Task, register_task
 
 from . import _metrics as M
-from ._data import Row, bad_sample, check_fields, raise_bad, read_jsonl, read_zip_jsonl
+from ._data import Row, check_fields, raise_bad, read_jsonl, read_zip_jsonl, sample_or_failure
 from ._text import edge_ids
 
 # Official prompt templates (LongBench config/dataset2prompt.json), reproduced exactly, typos included.
@@ -210,15 +210,9 @@ class LongBench(Task):
                 rows = rows[: self.num_samples]
             for i, row in enumerate(rows):  # a bad row fails its own sample only (tasks/_data.py)
                 err = row.error if row.data is None else row_problem(row.data)
-                if err is None:
-                    try:
-                        sample = self.make_sample(config, i, row.data, tokenizer, limit)
-                    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-                        err = f"cannot make a sample of this row: {type(e).__name__}: {e}"
-                if err is not None:
-                    sample = bad_sample(f"{config}/{(row.data or {}).get('_id', i)}", row.problem(err),
+                yield sample_or_failure(row, err, lambda: self.make_sample(config, i, row.data, tokenizer, limit),
+                                        f"{config}/{(row.data or {}).get('_id', i)}",
                                         {"subtask": config, "dataset": base_name(config)})
-                yield sample
 
     def prompt_budget(self, config: str, max_context_tokens: int | None) -> int | None:
         """Tokens allowed for the prompt: max_length, and at most the model's window minus this task's

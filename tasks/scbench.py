@@ -16,7 +16,7 @@ from pathlib import Path
 from kvbench.task import Query, Sample, Task, register_task
 
 from . import _metrics as M
-from ._data import Row, bad_sample, check_fields, kind_of, raise_bad, read_jsonl, table_rows
+from ._data import Row, check_fields, kind_of, raise_bad, read_jsonl, sample_or_failure, table_rows
 from .longbench import truncate_middle
 
 CONFIGS = ["scbench_kv", "scbench_prefix_suffix", "scbench_vt", "scbench_repoqa", "scbench_qa_eng",
@@ -234,15 +234,8 @@ class SCBench(Task):
                 errors.append(r.error if r.data is None else row_problem(config, r.data))
             self._collect_needles(config, [r.data for r, e in zip(rows, errors) if e is None])
             for i, (row, err) in enumerate(zip(rows, errors)):
-                if err is None:
-                    try:
-                        sample = self.make_sample(config, i, row.data, tokenizer, limit)
-                    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-                        err = f"cannot make a sample of this row: {type(e).__name__}: {e}"
-                if err is not None:
-                    sample = bad_sample(f"{config}/{(row.data or {}).get('id', i)}", row.problem(err),
-                                        {"subtask": config})
-                yield sample
+                yield sample_or_failure(row, err, lambda: self.make_sample(config, i, row.data, tokenizer, limit),
+                                        f"{config}/{(row.data or {}).get('id', i)}", {"subtask": config})
 
     def _collect_needles(self, config: str, rows: list[dict]) -> None:
         """RepoQA compares a prediction with every asked function of the same repository (needle_by_repo)."""
