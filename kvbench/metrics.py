@@ -46,30 +46,23 @@ def _rss_hwm() -> tuple[int, int]:
     return rss, hwm
 
 
-_MMAP_FIXED = False
-
-
-def _fixed_mmap_threshold() -> None:
-    """CPU peaks are RSS peaks. glibc raises its mmap threshold after a large block is freed and then serves
-    later large tensors from memory it kept, with no RSS growth: a copy made then would be invisible. A fixed
-    threshold (mallopt M_MMAP_THRESHOLD = 128 KiB, glibc's default) gives every large tensor its own mapping,
-    returned to the OS when freed, so each new one shows in RSS. Once per process; elsewhere a no-op."""
-    global _MMAP_FIXED
-    if _MMAP_FIXED:
-        return
-    _MMAP_FIXED = True
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+def fixed_mmap_threshold() -> None:
+    """Make every large CPU tensor visible in RSS (tests only). glibc raises its mmap threshold after a large
+    block is freed and then serves later large tensors from memory it kept, with no RSS growth, so a CPU peak
+    (RSS growth) undercounts memory the process reuses. A fixed threshold (mallopt M_MMAP_THRESHOLD = 128 KiB)
+    gives each large tensor its own mapping, at a price: a 1.5K-token prefill of the embedded model ran ~40%
+    slower, which is why kvbench never sets it for a timed run. Irreversible for the process."""
+    import ctypes
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3 = M_MMAP_THRESHOLD
 
 
 class PeakMemory:
     """Peak memory growth over a block: GPU max allocated, or on CPU the peak RSS growth.
 
     On Linux writing "5" to /proc/self/clear_refs resets the RSS high-water mark, so each sample gets its
-    own peak; where that is not possible the process-wide peak is used (an upper bound).
+    own peak; where that is not possible the process-wide peak is used (an upper bound). CPU peaks are RSS
+    growth: memory the process frees and reuses (glibc keeps it) does not show again, so they are a lower
+    bound of what the block allocated; GPU peaks are the allocator's exact figures.
     Copies the harness makes (a shared context cloned for one query, a forked method) run inside
     `uncounted()`: what they allocate is left out of the peak for the rest of the block.
     """
@@ -99,8 +92,6 @@ class PeakMemory:
             pass
 
     def __enter__(self):
-        if not self.cuda:
-            _fixed_mmap_threshold()
         self._now()  # (syncs the GPU)
         self._reset_high()
         self.base = self._now()
