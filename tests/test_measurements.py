@@ -125,18 +125,44 @@ def test_max_held_bytes_prefill_only_vs_decode_evicting(tiny):
 
 
 # -- peak memory leaves out the harness's copies --------------------------------------------------------
-def test_peak_memory_leaves_out_uncounted_blocks():
-    # sizes above glibc's largest dynamic mmap threshold (32 MiB): each is a fresh mapping, visible in RSS
-    mib = 2**20
+class FakeMemory:
+    """A process's resident memory and its high-water mark, moved by hand (what RSS would do)."""
+
+    def __init__(self):
+        self.rss = self.hwm = 1000
+
+    def alloc(self, n):
+        self.rss += n
+        self.hwm = max(self.hwm, self.rss)
+
+    def free(self, n):
+        self.rss -= n
+
+
+def test_peak_memory_leaves_out_uncounted_blocks(monkeypatch):
+    from kvbench import metrics
+    m = FakeMemory()
+    monkeypatch.setattr(metrics, "_rss_hwm", lambda: (m.rss, m.hwm))
+    monkeypatch.setattr(metrics.PeakMemory, "_reset_high", lambda self: setattr(m, "hwm", m.rss))
     with PeakMemory(torch.device("cpu")) as mem:
-        a = torch.ones(64 * mib // 4)      # 64 MiB, counted
-    assert mem.peak >= 60 * mib
+        m.alloc(300)
+        m.free(300)
+        m.alloc(100)
+    assert mem.peak == 300                  # the high-water mark, not where it ended
     with PeakMemory(torch.device("cpu")) as mem:
+        m.alloc(50)                         # measured code
         with mem.uncounted():
-            b = torch.ones(64 * mib // 4)  # a copy the harness makes
-        c = torch.ones(48 * mib // 4)      # what the measured code allocates after it
-    assert 40 * mib <= mem.peak < 100 * mib  # c counted; b (+64 MiB) not
-    del a, b, c
+            m.alloc(400)                    # a copy the harness makes
+        m.alloc(120)                        # measured code after it
+        m.free(20)
+    assert mem.peak == 170                  # 50 + 120: the copy's 400 left out
+    with PeakMemory(torch.device("cpu")) as mem:
+        m.alloc(500)                        # the largest moment comes before the copy
+        m.free(450)
+        with mem.uncounted():
+            m.alloc(400)
+        m.alloc(10)
+    assert mem.peak == 500
 
 
 CAKE_PEAKS = """
