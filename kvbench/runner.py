@@ -164,7 +164,7 @@ def warm_up(engine: Engine, todo: list, seed: int) -> dict:
             return {"warmup_ms": engine.warmup(sample), "warmup_sample": sample.id}
         except Exception as e:
             _free_after(e)
-            err = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            err = f"{type(e).__name__}: {first_line(e)}"
     _log(f"warm-up failed ({err}): the first timed sample may include one-time costs")
     return {"warmup_ms": None, "warmup_error": err}
 
@@ -274,7 +274,7 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
                     r["score"] = float(task.score(pred, q, sample))
             except Exception as e:  # a bad sample never kills the run (torch.cuda.OutOfMemoryError included)
                 _free_after(e)
-                _log(f"run {rd.hash}: sample {sample.id} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+                _log(f"run {rd.hash}: sample {sample.id} failed: {type(e).__name__}: {first_line(e)}")
                 recs = failed_records(sample, e)
             for r in recs:
                 r.update(conditions)
@@ -288,7 +288,7 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # the run failed as a whole: record it, let the sweep go on
-        _log(f"run {rd.hash} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        _log(f"run {rd.hash} failed: {type(e).__name__}: {first_line(e)}")
         summary = summarize(cfg, rd.hash, records, {}, started, time.perf_counter() - t0, status="failed", error=e,
                             setup=setup, conditions=conditions)
     rd.write_summary(summary)
