@@ -47,7 +47,7 @@ TIMING_FIELDS = ("ttft_ms", "ttft_reused_ms", "prefill_ms", "compress_ms", "ques
 MEDIAN_FIELDS = ("ttft_ms", "ttft_reused_ms", "compress_ms", "decode_ms_per_token")
 # Summary fields that are timings or describe the environment of the process rather than the results.
 SUMMARY_VOLATILE_FIELDS = TIMING_FIELDS + tuple(f + "_median" for f in MEDIAN_FIELDS) + (
-    "started_at", "finished_at", "wall_s", "versions", "git_commit", "setup", "conditions")
+    "started_at", "finished_at", "wall_s", "versions", "git_commit", "git_commit_date", "setup", "conditions")
 
 # Sample failures that recur identically on every attempt; other failed samples (OOM, crashes) are retried
 # when the run is resumed.
@@ -105,6 +105,17 @@ def git_commit() -> str | None:
         return None
 
 
+def git_commit_date() -> str | None:
+    """The committer date of HEAD (ISO 8601), for `kvbench history`; None outside a git checkout."""
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "show", "-s", "--format=%cI", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def versions() -> dict:
     import torch
     import transformers
@@ -142,7 +153,7 @@ def _lines(numbers: list[int], most: int = 10) -> str:
 _NUM, _COUNT, _STR, _BOOL, _DICT, _NAME, _SCALAR = "number", "count", "string", "bool", "object", "name", "scalar"
 _SUMMARY_FIELDS = {
     **dict.fromkeys(("run_id", "config_hash", "status", "error_type", "error", "note", "started_at",
-                     "finished_at", "git_commit"), _STR),
+                     "finished_at", "git_commit", "git_commit_date"), _STR),
     **dict.fromkeys(("model", "task", "method"), _NAME),
     **dict.fromkeys(("budget", "compression_ratio", "score", "score_ci_low", "score_ci_high", "kv_bytes",
                      "kv_bytes_full", "kv_ratio", "kept_tokens", "context_tokens", "peak_mem_bytes", "ttft_ms",
@@ -473,7 +484,7 @@ def summarize(cfg: dict, run_hash: str, records: list[dict], extra: dict, starte
         **{f + "_median": _median(r.get(f) for r in ok) for f in MEDIAN_FIELDS},
         "setup": setup or {}, "conditions": _conditions(conditions, ok),
         "extra": extra, "versions": versions(), "git_commit": git_commit(),
-        "started_at": started, "finished_at": now(), "wall_s": wall_s,
+        "git_commit_date": git_commit_date(), "started_at": started, "finished_at": now(), "wall_s": wall_s,
     }
 
 
