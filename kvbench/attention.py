@@ -111,13 +111,16 @@ _MAX_SCORES = 1 << 27
 
 
 def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, mask: torch.Tensor | None,
-              softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+              softcap: float | None, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention written out, as transformers' eager attention of Gemma-2 computes it: scores are
     scaled, then soft-capped (softcap * tanh(score / softcap)), then masked. q (h, g, m, d), k/v (h, L, d),
-    mask broadcastable to (h, g, m, L) or None. Returns out (h, g, m, d) and probs (h, g, m, L) float32."""
+    mask broadcastable to (h, g, m, L) or None; bias (h, L) or None: per-row log-weights added to the scores
+    (a merged row counts as the tokens it replaces). Returns out (h, g, m, d) and probs (h, g, m, L) float32."""
     s = (q.float() @ k.float().unsqueeze(1).transpose(-1, -2)) * scaling
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.float()[:, None, None, :]
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))  # never a fully masked row: each token sees itself
     p = torch.softmax(s, dim=-1)
@@ -125,12 +128,12 @@ def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
 
 
 def _explicit_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
-                   mask: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
+                   mask: torch.Tensor | None, softcap: float | None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`_explicit`'s output, a piece of query rows at a time (the mask's rows are its dim -2)."""
     h, g, m, _ = q.shape
     step = max(1, _MAX_SCORES // (h * g * k.shape[1]))
     return torch.cat([_explicit(q[:, :, i:i + step], k, v, scaling,
-                                None if mask is None else mask[..., i:i + step, :], softcap)[0]
+                                None if mask is None else mask[..., i:i + step, :], softcap, bias)[0]
                       for i in range(0, m, step)], dim=2)
 
 
@@ -142,20 +145,24 @@ def attend(query: torch.Tensor, layer: LayerKV, scaling: float, need_probs: bool
     window: a sliding window of that many positions (Mistral, Qwen2, Gemma-2/3 local layers); softcap: the
     scores' tanh soft cap (Gemma-2). Both as transformers' eager attention computes them.
     """
+    if not isinstance(layer, LayerKV):  # another storage format (kvbench/store.py) attends over its own rows
+        return layer.attend(query, scaling, need_probs, window, softcap)
     n_q, q_len, d = query.shape
     h = layer.n_heads
     g = n_q // h
-    if q_len == 1 and _decode_kernel(query) == "triton" and not (need_probs and (window or softcap)):
-        # (the kernel's probabilities know neither window nor softcap: such steps take the reference below)
+    lw = layer.log_weight()
+    if q_len == 1 and _decode_kernel(query) == "triton" and not (need_probs and (window or softcap or lw is not None)):
+        # (the kernel's probabilities know neither window, softcap nor log-weights: such steps take the reference)
         return _attend_decode_triton(query, layer, scaling, need_probs, window, softcap)
-    plain = window is None and softcap is None
+    plain = window is None and softcap is None and lw is None
     if layer.is_uniform() and (plain or need_probs):
         k, v, kpos = layer.dense()
         L = k.shape[1]
         if need_probs:
             mask = _visible(q_len, kpos, window)  # (h, q, L) with a window: per head, rows were evicted per head
             mask = None if mask is None else mask.unsqueeze(-3)  # shared by the g query heads of a KV head
-            out, p = _explicit(query.view(h, g, q_len, d), k, v, scaling, mask, softcap)
+            bias = None if lw is None else lw.view(h, -1)[:, :L]
+            out, p = _explicit(query.view(h, g, q_len, d), k, v, scaling, mask, softcap, bias)
             return out.view(n_q, q_len, d), list(p.sum(dim=(1, 2)).unbind(0))
         if query.is_cuda and q_len == L and q_len > 1:
             # a fresh prefill: causal over a square score matrix, so flash attention needs no mask tensor
@@ -174,8 +181,9 @@ def attend(query: torch.Tensor, layer: LayerKV, scaling: float, need_probs: bool
         qj = query[j * g:(j + 1) * g]  # (g, q, d)
         L = k.shape[0]
         mask = _visible(q_len, kpos, window)  # (q, L) or None
-        if need_probs or softcap is not None:
-            args = (qj.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), scaling, mask, softcap)
+        if need_probs or softcap is not None or lw is not None:
+            bias = None if lw is None else layer.side_head("log_weight", j).unsqueeze(0)
+            args = (qj.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), scaling, mask, softcap, bias)
             if need_probs:
                 out, p = _explicit(*args)
                 probs.append(p.sum(dim=(0, 1, 2)))
@@ -209,7 +217,7 @@ def _attend_decode_triton(query: torch.Tensor, layer: LayerKV, scaling: float, n
         q_pos = layer.positions.index_select(0, layer.starts[:1] + layer.lengths[:1] - 1)
     res = ragged_decode_attention_triton(query[:, 0], layer.keys, layer.values, layer.starts, layer.lengths,
                                          scaling, return_probs=need_probs, softcap=softcap, window=window,
-                                         positions=layer.positions, q_pos=q_pos)
+                                         positions=layer.positions, q_pos=q_pos, log_weight=layer.log_weight())
     if not need_probs:
         return res.unsqueeze(1), None
     out, flat = res
@@ -275,9 +283,12 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
         t0 = time.perf_counter()
         ctx = LayerContext(layer_idx, len(s.cache), q, layer, scaling, module, s.is_last_chunk, probs)
         if s.phase in ("prefill", "extend"):
-            method.observe_prefill(ctx)  # accumulating scorers also see tokens fed after compression
+            if isinstance(layer, LayerKV):  # (methods that observe fed tokens keep plain rows: build_method)
+                method.observe_prefill(ctx)  # accumulating scorers also see tokens fed after compression
             if s.phase == "prefill" and s.is_last_chunk:
                 method.compress_layer(ctx)
+                if method.formats() and method.encodes_per_layer():
+                    method.encode_layer(s.cache, layer_idx)  # store the kept rows in the method's format now
         else:
             method.on_decode(ctx)
         if events:

@@ -6,6 +6,14 @@ Each head may hold a different number of tokens, so per-head budgets free real m
 gathers the kept rows into a new, tightly packed buffer and the old one is released.
 Keys are stored post-RoPE, so the order of rows inside a head does not matter for attention; `positions`
 remembers each row's original position (recency windows, sinks).
+
+Per-row side data (`side`: name -> (T,) tensor aligned with the rows) travels with its row through every keep,
+append and removal. One name has a meaning for attention: `log_weight`, added to the row's attention logit, so a
+row that merges w tokens counts as w of them (log w); rows appended later get 0 (weight 1).
+
+`LayerKV` is the *plain* store (rows in the model's dtype). Other storage formats (kvbench/store.py: quantized,
+channel-pruned, low-rank, cross-layer, page-selected) replace a layer's `LayerKV` by an encoded layer after the
+method has chosen what to keep.
 """
 from __future__ import annotations
 
@@ -57,8 +65,10 @@ class LayerKV:
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                  starts: torch.Tensor, lengths: torch.Tensor, caps: torch.Tensor,
-                 host: tuple[list[int], list[int], list[int]] | None = None):
+                 host: tuple[list[int], list[int], list[int]] | None = None,
+                 side: dict[str, torch.Tensor] | None = None):
         self.keys, self.values, self.positions = keys, values, positions
+        self.side: dict[str, torch.Tensor] = dict(side or {})  # per-row side data, row-aligned (see module doc)
         self.starts, self.lengths, self.caps = starts, lengths, caps
         # host copies of (starts, lengths, caps): every host-side decision reads these, so the GPU is never
         # waited on per layer; callers that know them pass `host` (reading the device tensors would sync)
@@ -76,7 +86,7 @@ class LayerKV:
 
     @classmethod
     def _packed(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                counts: list[int]) -> "LayerKV":
+                counts: list[int], side: dict[str, torch.Tensor] | None = None) -> "LayerKV":
         """Heads of counts[h] rows each, back to back, no spare capacity, without a device sync (equal
         counts: the metadata is built on the device; otherwise one pinned host-to-device copy)."""
         dev, h = keys.device, len(counts)
@@ -88,14 +98,16 @@ class LayerKV:
             caps = lengths.clone()
         else:
             starts, lengths, caps = long_tensor([starts_h, counts, counts], dev)
-        return cls(keys, values, positions, starts, lengths, caps, host=(starts_h, list(counts), list(counts)))
+        return cls(keys, values, positions, starts, lengths, caps, host=(starts_h, list(counts), list(counts)),
+                   side=side)
 
     def _take_rows(self, rows: torch.Tensor, counts: list[int]) -> None:
         """Replace the storage by these rows (head h's counts[h] rows, heads back to back): one gather per
         tensor into a tight buffer; the old buffers are freed."""
         before = self.n_rows
         new = LayerKV._packed(self.keys.index_select(0, rows), self.values.index_select(0, rows),
-                              self.positions.index_select(0, rows), counts)
+                              self.positions.index_select(0, rows), counts,
+                              {n: t.index_select(0, rows) for n, t in self.side.items()})
         self.__dict__.update(new.__dict__)
         self._held(self.n_rows - before)
 
@@ -129,6 +141,10 @@ class LayerKV:
     def nbytes(self) -> int:
         """Bytes of key+value data actually held (what the method kept)."""
         return self.n_rows * self.row_bytes
+
+    def read_bytes(self, extra_tokens: int = 0) -> int:
+        """Bytes a decode step's attention reads: every row, plus `extra_tokens` new ones per head."""
+        return (self.n_rows + extra_tokens * self.n_heads) * self.row_bytes
 
     def allocated_bytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
@@ -168,6 +184,10 @@ class LayerKV:
         k[dst_i] = self.keys[src_i]
         v[dst_i] = self.values[src_i]
         p[dst_i] = self.positions[src_i]
+        for name, t in self.side.items():
+            new = t.new_zeros(total)
+            new[dst_i] = t[src_i]
+            self.side[name] = new
         self.keys, self.values, self.positions = k, v, p  # the old buffers are freed here
         meta = long_tensor([new_starts, new_lens, list(new_caps)], dev)  # one copy for the three
         self.starts, self.lengths, self.caps = meta[0], meta[1], meta[2]
@@ -225,6 +245,8 @@ class LayerKV:
         self.keys[rows] = k.reshape(-1, k.shape[-1]).to(self.keys.dtype)
         self.values[rows] = v.reshape(-1, v.shape[-1]).to(self.values.dtype)
         self.positions[rows] = positions.to(dev, torch.long).repeat(self.n_heads)
+        for t in self.side.values():
+            t[rows] = 0  # a new row: no score yet, weight 1 (log_weight 0)
         self.lengths = self.lengths + q
         self._lens = [n + q for n in self._lens]
         self._held(q * self.n_heads)
@@ -238,6 +260,8 @@ class LayerKV:
             self.keys[dst] = self.keys[last]
             self.values[dst] = self.values[last]
             self.positions[dst] = self.positions[last]
+            for t in self.side.values():
+                t[dst] = t[last]
         self._lens[head] -= 1
         self.lengths[head] -= 1
         self._held(-1)
@@ -249,7 +273,26 @@ class LayerKV:
 
     def clone(self) -> "LayerKV":
         return LayerKV(self.keys.clone(), self.values.clone(), self.positions.clone(), self.starts.clone(),
-                       self.lengths.clone(), self.caps.clone(), host=(self._starts, self._lens, self._caps))
+                       self.lengths.clone(), self.caps.clone(), host=(self._starts, self._lens, self._caps),
+                       side={n: t.clone() for n, t in self.side.items()})
+
+    # -- side data -----------------------------------------------------------------------------------
+    def set_side(self, name: str, per_head) -> None:
+        """Attach row-aligned side data: `per_head` is a (h, L) tensor (uniform layer) or a list of (L_h,)
+        tensors, one per head, in row order."""
+        t = torch.zeros(self.keys.shape[0], dtype=torch.float32, device=self.keys.device)
+        for h, x in enumerate(per_head.unbind(0) if isinstance(per_head, torch.Tensor) else per_head):
+            s = self._starts[h]
+            t[s:s + self._lens[h]] = x.to(t)
+        self.side[name] = t
+
+    def side_head(self, name: str, h: int) -> torch.Tensor:
+        s = self._starts[h]
+        return self.side[name][s:s + self._lens[h]]
+
+    def log_weight(self) -> torch.Tensor | None:
+        """(T,) per-row log-weights added to the attention logits, or None (every row weighs 1)."""
+        return self.side.get("log_weight")
 
 
 class KVBenchCache(Cache):
@@ -317,6 +360,11 @@ class KVBenchCache(Cache):
 
     def nbytes(self) -> int:
         return sum(l.nbytes() for l in self.kv if l is not None)
+
+    def read_bytes(self, extra_tokens: int = 0) -> int:
+        """K/V bytes one decode step's attention reads with `extra_tokens` new tokens per head appended
+        (stored format; a selector reads only what it selects)."""
+        return sum(l.read_bytes(extra_tokens) for l in self.kv if l is not None)
 
     def allocated_bytes(self) -> int:
         return sum(l.allocated_bytes() for l in self.kv if l is not None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kvbench.attention import session
-from kvbench.cache import KVBenchCache
+from kvbench.cache import KVBenchCache, LayerKV
 from kvbench.compat import cache_kwargs
 from kvbench.method import Method
 from kvbench.metrics import HostLoad, PeakMemory, Timer, attention_flops, attention_shape, linear_flops_per_token
@@ -56,6 +56,8 @@ class Engine:
             eos.append(lm.tokenizer.eos_token_id)
         self.stop_ids = set(eos)
         n_kv, self._group, self._head_dim = attention_shape(self.model.config)
+        for fmt in (method.formats() if method is not None else []):
+            fmt.check_model(self.n_layers, n_kv, self._head_dim)  # before any sample: one clear line
         # K and V of one token in every layer and KV head: what an uncompressed cache stores per token
         self._full_bytes_per_token = 2 * self.n_layers * n_kv * self._head_dim * lm.dtype.itemsize
         self._linear_flops = linear_flops_per_token(self.model)  # once: it walks every module
@@ -65,6 +67,7 @@ class Engine:
         from kvbench.fast_decode import default_compile
         self.compile_decode = default_compile()  # KVBENCH_COMPILE_DECODE=1: torch.compile the step first
         self.last_setup_steps = 0  # leading decode steps of the last decode() that compiled / captured a graph
+        self.last_read_bytes: list[int] = []  # per decode step of the last decode(): K/V bytes attention read
 
     # -- the loop's pieces ---------------------------------------------------------------------------
     def new_cache(self) -> KVBenchCache:
@@ -98,6 +101,8 @@ class Engine:
             if compress and method is not None:
                 with Timer(self.device) as t2:
                     method.after_prefill(cache)
+                    if method.formats() and not method.encodes_per_layer():
+                        method.encode_cache(cache)  # cross-layer formats, or after a cross-layer allocation
                 comp += t2.s
         return Prefilled(logits, t.ms, comp * 1e3)
 
@@ -108,7 +113,8 @@ class Engine:
         if self.fast_decode and on_step is None and self.device.type == "cuda" and max_new_tokens > 1:
             from kvbench import fast_decode
             ring = method.decode_ring() if method is not None else None
-            if fast_decode.supports(method) and fast_decode.ring_fits(cache, ring):
+            plain = all(isinstance(layer, LayerKV) and not layer.side for layer in cache.kv)
+            if plain and fast_decode.supports(method) and fast_decode.ring_fits(cache, ring):
                 lens0 = cache.head_lengths()
                 fd = fast_decode.FastDecoder(self.model, cache, max_new_tokens, compile=self.compile_decode,
                                              ring=ring)
@@ -123,12 +129,15 @@ class Engine:
                 flops = [self._linear_flops + attention_flops([[min(L + i + 1, top) for L in layer] for layer in lens0],
                                                               self._group, self._head_dim)
                          for i in range(len(step_ms))]
+                self.last_read_bytes = [sum(layer.row_bytes * sum(min(L + i + 1, top) for L in lens)
+                                            for layer, lens in zip(cache.kv, lens0)) for i in range(len(step_ms))]
                 return out, step_ms, flops
         self.last_setup_steps = 0
         cache.reserve(max_new_tokens)
         out: list[int] = []
         step_ms: list[float] = []
         flops: list[int] = []
+        self.last_read_bytes = []  # K/V bytes each step's attention reads (stored format, selected rows)
         nxt = int(first_logits.argmax())
         for _ in range(max_new_tokens):
             out.append(nxt)
@@ -136,6 +145,7 @@ class Engine:
                 break
             lens = [[L + 1 for L in layer] for layer in cache.head_lengths()]  # + the token being decoded
             flops.append(self._linear_flops + attention_flops(lens, self._group, self._head_dim))
+            self.last_read_bytes.append(cache.read_bytes(extra_tokens=1))
             with Timer(self.device) as t:
                 logits, _ = self._forward(cache, [nxt], method, "decode")
                 nxt = int(logits.argmax())
@@ -153,6 +163,7 @@ class Engine:
     def _answer(self, m: "Measure", cache, method, logits, q: Query) -> None:
         ids, m.step_ms, m.flops = self.decode(cache, method, logits, q.max_new_tokens)
         m.setup_steps = self.last_setup_steps
+        m.read_bytes = list(self.last_read_bytes)
         m.ids = ids
         m.text = self.lm.tokenizer.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
 
@@ -293,6 +304,7 @@ class Measure:
     other_cores: float | None = None
     step_ms: list = field(default_factory=list)
     flops: list = field(default_factory=list)
+    read_bytes: list = field(default_factory=list)  # per decode step: K/V bytes attention read
     setup_steps: int = 0
     ids: list = field(default_factory=list)
     text: str = ""
@@ -324,6 +336,7 @@ class Measure:
             "kv_bytes": self.kv_bytes, "kv_bytes_held_max": self.held_max,
             "kv_bytes_full": self.n_ctx * full_bytes_per_token, "peak_mem_bytes": self.peak_mem,
             "decode_flops_per_token": (sum(self.flops) / len(self.flops)) if self.flops else None,
+            "kv_bytes_read_per_token": (sum(self.read_bytes) / len(self.read_bytes)) if self.read_bytes else None,
             "context_tokens": self.n_ctx, "kept_tokens": self.kept, "context_reused": self.reused,
             "query_aware": self.query_aware, "mode": sample.mode, "other_cores": self.other_cores, "meta": meta,
         }

@@ -48,6 +48,12 @@ class Method:
     paper: ClassVar[str] = ""
     family: ClassVar[str] = ""
     needs_decode_probs: ClassVar[bool] = False
+    uses_budget: ClassVar[bool] = True  # False: keeps every token (full, a storage format alone): no budget knob
+    # how kept rows are stored and what attention reads (kvbench.store), set by build_method from the config's
+    # method.storage / method.selector; None: plain rows, all read. Not dataclass fields: they are not per-sample
+    # state and forks share them.
+    storage = None
+    selector = None
 
     def __post_init__(self):
         if self.budget is not None and (not isinstance(self.budget, int) or isinstance(self.budget, bool)
@@ -77,6 +83,32 @@ class Method:
         over `cap` rows drops its oldest token whose position is >= n_sink (StreamingLLM, recent). The
         CUDA-graph decode path then runs it as a ring buffer on the device. None: no such promise."""
         return None
+
+    # -- storage formats (kvbench.store) ------------------------------------------------------------
+    def formats(self) -> list:
+        """The non-plain storage format and selector, in the order they encode a layer."""
+        return [f for f in (self.storage, self.selector) if f is not None and not f.is_plain]
+
+    @classmethod
+    def touches_rows_after_prefill(cls) -> bool:
+        """True when the method's hooks change or score the rows after compression (decode-time eviction,
+        scores accumulated over fed tokens): such methods work on plain rows only."""
+        return (cls.needs_decode_probs or cls.on_decode is not Method.on_decode
+                or cls.observe_prefill is not Method.observe_prefill)
+
+    def encodes_per_layer(self) -> bool:
+        """Encode each layer right after its compression (frees its plain rows at once), unless a format
+        spans layers or the method still changes layers after the whole prefill (after_prefill)."""
+        return (all(f.per_layer for f in self.formats())
+                and type(self).after_prefill is Method.after_prefill)
+
+    def encode_layer(self, cache: KVBenchCache, layer_idx: int) -> None:
+        for f in self.formats():
+            cache.kv[layer_idx] = f.encode_counted(cache.kv[layer_idx], layer_idx, len(cache.kv))
+
+    def encode_cache(self, cache: KVBenchCache) -> None:
+        for f in self.formats():
+            f.encode_cache(cache)
 
     def fork(self) -> "Method":
         """A copy whose per-sample state can diverge (one query of a shared context)."""
@@ -174,7 +206,12 @@ def window_attention(query: torch.Tensor, keys: torch.Tensor, window: int, scali
 
 
 def pool1d(scores: torch.Tensor, kernel_size: int, kind: str = "max") -> torch.Tensor:
-    """Smooth scores along the token dim (SnapKV's clustering step): stride 1, same length."""
+    """Smooth scores along the token dim (SnapKV's clustering step): stride 1, same length.
+
+    As the official SnapKV/PyramidKV code: `F.max_pool1d` / `F.avg_pool1d` with padding kernel_size // 2 and
+    avg's default count_include_pad=True (a score near either end is divided by kernel_size, the zero padding
+    counted). An even kernel gives one extra output, dropped at the end. The Triton kernel
+    (methods/kernels/window_scores.py) pools the same way."""
     if kernel_size <= 1:
         return scores
     x = scores.unsqueeze(1) if scores.dim() == 2 else scores
@@ -182,7 +219,7 @@ def pool1d(scores: torch.Tensor, kernel_size: int, kind: str = "max") -> torch.T
     if kind == "max":
         out = torch.nn.functional.max_pool1d(x, kernel_size, stride=1, padding=pad)
     elif kind == "avg":
-        out = torch.nn.functional.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=False)
+        out = torch.nn.functional.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=True)
     else:
         raise ValueError(f"pooling={kind!r}; allowed: max, avg")
     out = out[..., : scores.shape[-1]]
@@ -209,7 +246,10 @@ def load_all_methods() -> dict[str, type[Method]]:
     return METHODS
 
 
-def build_method(name: str, budget=None, compression_ratio=None, **knobs) -> Method:
+def build_method(name: str, budget=None, compression_ratio=None, storage=None, selector=None, **knobs) -> Method:
+    """A method from its config: its knobs, plus how kept rows are stored (`storage`) and what attention reads
+    (`selector`): None, a format name, or {name: ..., knob: value} (kvbench.store)."""
+    from kvbench.store import build_storage
     methods = load_all_methods()
     if name not in methods:
         raise ValueError(f"method={name!r}; allowed: {', '.join(sorted(methods))}")
@@ -218,5 +258,37 @@ def build_method(name: str, budget=None, compression_ratio=None, **knobs) -> Met
     bad = sorted(set(knobs) - allowed)
     if bad:
         raise ValueError(f"method.{bad[0]} is not a knob of {name}; allowed: {', '.join(sorted(allowed))}")
-    return cls(budget=budget, compression_ratio=compression_ratio, **knobs)
+    method = cls(budget=budget, compression_ratio=compression_ratio, **knobs)
+    for slot, spec in (("storage", storage), ("selector", selector)):
+        fmt = build_storage(spec)
+        if not fmt.is_plain and fmt.kind != slot:
+            raise ValueError(f"method.{slot}={fmt.name!r} is a {fmt.kind}; allowed as method.{slot}: "
+                             + ", ".join(n for n, c in sorted(_formats().items()) if c.kind == slot))
+        own = getattr(method, slot)  # a method that is a format itself (method=kivi) set its own
+        if own is not None and not own.is_plain and not fmt.is_plain:
+            raise ValueError(f"method={name} is the {own.name} {slot} itself; method.{slot}={fmt.name!r} does not "
+                             f"combine with it; allowed: method=full method.{slot}={fmt.name}")
+        if own is None or own.is_plain:
+            setattr(method, slot, fmt)
+    if method.storage is not None and not method.storage.is_plain and method.selector is not None \
+            and not method.selector.is_plain and not getattr(method.selector, "over_encoded", False):
+        raise ValueError(f"method.selector={method.selector.name!r} reads plain rows; it does not compose with "
+                         f"method.storage={method.storage.name!r}; allowed: method.storage=plain")
+    if method.formats() and method.touches_rows_after_prefill():
+        names = "+".join(f.name for f in method.formats())
+        raise ValueError(f"method={name} scores or evicts rows while decoding, which a {names} store does not "
+                         "support; allowed with storage formats: methods that compress at prefill only "
+                         f"({', '.join(sorted(n for n, c in methods.items() if not c.touches_rows_after_prefill()))})")
+    return method
+
+
+def uses_budget(name: str) -> bool:
+    """Whether method `name` takes budget / compression_ratio (unknown names: True, build_method says why)."""
+    cls = load_all_methods().get(name)
+    return cls is None or cls.uses_budget
+
+
+def _formats() -> dict:
+    from kvbench.store import STORAGES
+    return STORAGES
 

@@ -9,3 +9,4 @@ from kvbench.method import Method, register_method
 class Full(Method):
     paper = "baseline (no compression)"
     family = "baseline"
+    uses_budget = False

@@ -27,11 +27,11 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, lengths_ptr, work_ptr, pos_ptr, qpos_ptr,
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, lengths_ptr, work_ptr, pos_ptr, qpos_ptr, lw_ptr,
                              stride_qh, stride_kt, stride_vt, G, D, scale_log2, softcap_log2, window,
                              NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
                              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                             HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                             HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LOGW: tl.constexpr):
         # grid: (n_kv, NUM_SPLITS)
         h = tl.program_id(0)
         split = tl.program_id(1)
@@ -63,6 +63,8 @@ if HAS_TRITON:
                 # softcap * tanh(x / softcap) of the natural score x = s / log2(e) is, in base 2, c * tanh(s / c)
                 # with c = softcap * log2(e); tanh(t) = 2 sigmoid(2t) - 1 (no tanh in tl, and saturates cleanly)
                 s = softcap_log2 * (2.0 * tl.sigmoid(2.0 * s / softcap_log2) - 1.0)
+            if HAS_LOGW:  # a merged row counts as the tokens it replaces: + log(weight), in base 2
+                s = s + tl.load(lw_ptr + start + rows, mask=ok, other=0.0)[None, :] * 1.4426950408889634
             if HAS_WINDOW:  # by original position: rows may be evicted or reordered
                 kpos = tl.load(pos_ptr + start + rows, mask=ok, other=0)
                 ok = ok & (kpos > q_pos - window)
@@ -105,8 +107,11 @@ if HAS_TRITON:
         tl.store(lse_ptr + j, tl.where(den > 0, m_ref + tl.log2(safe_den), float("-inf")))
 
 
-def _check(q, keys, values, starts, lengths, softcap=None, window=None, positions=None, q_pos=None):
+def _check(q, keys, values, starts, lengths, softcap=None, window=None, positions=None, q_pos=None,
+           log_weight=None):
     check_layout(keys, starts, lengths, values)
+    if log_weight is not None and log_weight.shape != keys.shape[:1]:
+        raise ValueError(f"log_weight {tuple(log_weight.shape)} must have one entry per row of keys {keys.shape[0]}")
     if q.dim() != 2 or q.shape[1] != keys.shape[1]:
         raise ValueError(f"q must be (n_q, d={keys.shape[1]}), got shape {tuple(q.shape)}")
     if softcap is not None and not softcap > 0:
@@ -124,15 +129,17 @@ def _check(q, keys, values, starts, lengths, softcap=None, window=None, position
 def ragged_decode_attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
                                 lengths: torch.Tensor, scaling: float | None = None, return_probs: bool = False,
                                 softcap: float | None = None, window: int | None = None,
-                                positions: torch.Tensor | None = None, q_pos=None):
+                                positions: torch.Tensor | None = None, q_pos=None,
+                                log_weight: torch.Tensor | None = None):
     """Torch reference: per KV head, full softmax of its g query heads over its keys, in float32.
 
     Returns out (n_q, d) in q's dtype, and with `return_probs` also a row-aligned (T,) float32 tensor of
     the probabilities summed over the group (rows outside every head's region are 0). `softcap`: scores
     become softcap * tanh(score / softcap); `window`: only rows with positions[row] > q_pos - window count
-    (q_pos: an int or a one-element tensor). A head that sees no row outputs 0.
+    (q_pos: an int or a one-element tensor); `log_weight` (T,): added to each row's score (merged rows).
+    A head that sees no row outputs 0.
     """
-    g = _check(q, keys, values, starts, lengths, softcap, window, positions, q_pos)
+    g = _check(q, keys, values, starts, lengths, softcap, window, positions, q_pos, log_weight)
     check_regions(keys, starts, lengths)
     scaling = resolve_scaling(scaling, q.shape[1])
     out = torch.zeros_like(q)
@@ -141,6 +148,8 @@ def ragged_decode_attention_ref(q: torch.Tensor, keys: torch.Tensor, values: tor
         s = q[h * g:(h + 1) * g].float() @ keys[a:a + n].float().T * scaling  # (g, n)
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
+        if log_weight is not None:
+            s = s + log_weight[a:a + n].float()
         if window is not None:
             s = s.masked_fill(positions[a:a + n] <= int(q_pos) - window, float("-inf"))
         if n == 0 or bool(torch.isinf(s).all()):
@@ -155,16 +164,17 @@ def ragged_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: 
                                    lengths: torch.Tensor, scaling: float | None = None, return_probs: bool = False,
                                    num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
                                    softcap: float | None = None, window: int | None = None,
-                                   positions: torch.Tensor | None = None, q_pos=None):
+                                   positions: torch.Tensor | None = None, q_pos=None,
+                                   log_weight: torch.Tensor | None = None):
     """Triton version of `ragged_decode_attention_ref` (same arguments and results).
 
     No device sync: the split count comes from the buffer size, and region bounds are not re-checked
     (the cache guarantees them; the reference checks them). `q_pos` should be a one-element device tensor
     (an int works too, at the price of a host-to-device copy).
     """
-    g = _check(q, keys, values, starts, lengths, softcap, window, positions, q_pos)
-    if return_probs and (softcap is not None or window is not None):
-        raise ValueError("return_probs with softcap or window: the probabilities pass knows neither; "
+    g = _check(q, keys, values, starts, lengths, softcap, window, positions, q_pos, log_weight)
+    if return_probs and (softcap is not None or window is not None or log_weight is not None):
+        raise ValueError("return_probs with softcap, window or log_weight: the probabilities pass knows none; "
                          "use ragged_decode_attention_ref")
     check_triton_inputs(q, keys, values, starts, lengths)
     n_q, d = q.shape
@@ -186,14 +196,16 @@ def ragged_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: 
         check_triton_inputs(positions, q_pos)
     else:  # unused by the kernel (HAS_WINDOW=False), any pointer will do
         positions = q_pos = starts
+    lw = starts if log_weight is None else log_weight.float()
     # one allocation for the partial max, sum and accumulator (host overhead matters at decode)
     work = torch.empty(n_q, num_splits, d_pad + 2, device=dev, dtype=torch.float32)
     scale_log2 = resolve_scaling(scaling, d) * LOG2E
     _decode_split_kernel[(n_kv, num_splits)](
-        q, keys, values, starts, lengths, work, positions, q_pos, q.stride(0), keys.stride(0), values.stride(0),
+        q, keys, values, starts, lengths, work, positions, q_pos, lw, q.stride(0), keys.stride(0), values.stride(0),
         g, d, scale_log2, (softcap or 1.0) * LOG2E, int(window or 0), NUM_SPLITS=num_splits,
         G_PAD=max(16, next_pow2(g)), D_PAD=d_pad, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(keys.dtype),
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, num_warps=num_warps)
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, HAS_LOGW=log_weight is not None,
+        num_warps=num_warps)
     out = torch.empty(n_q, d, device=dev, dtype=out_dtype)
     lse = torch.empty(n_q, device=dev, dtype=torch.float32)
     _decode_reduce_kernel[(n_q,)](work, out, lse, out.stride(0), d, NUM_SPLITS=num_splits,
@@ -209,11 +221,12 @@ def ragged_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: 
 def ragged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
                             lengths: torch.Tensor, scaling: float | None = None, return_probs: bool = False,
                             softcap: float | None = None, window: int | None = None,
-                            positions: torch.Tensor | None = None, q_pos=None):
+                            positions: torch.Tensor | None = None, q_pos=None,
+                            log_weight: torch.Tensor | None = None):
     """Decode attention over the ragged cache: Triton on CUDA, torch reference elsewhere (and for the
-    probabilities under a softcap or window, which the Triton pass does not compute)."""
-    opts = dict(softcap=softcap, window=window, positions=positions, q_pos=q_pos)
-    exotic = softcap is not None or window is not None
+    probabilities under a softcap, window or log-weights, which the Triton pass does not compute)."""
+    opts = dict(softcap=softcap, window=window, positions=positions, q_pos=q_pos, log_weight=log_weight)
+    exotic = softcap is not None or window is not None or log_weight is not None
     if use_triton(q, keys, values, starts, lengths) and not (return_probs and exotic):
         return ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling, return_probs, **opts)
     return ragged_decode_attention_ref(q, keys, values, starts, lengths, scaling, return_probs, **opts)

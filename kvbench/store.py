@@ -1,0 +1,168 @@
+"""Storage formats and selectors: *how* a layer's kept rows are stored and *what* attention reads of them.
+
+A method is a composition (DESIGN.md): which tokens to keep (scorer x allocator, `kvbench.method`), how the kept
+rows are stored (a `Storage` format), and what attention reads at each step (a selector, also a `Storage` here,
+`kind = "selector"`). The method decides first, on plain rows (`LayerKV`); then the format encodes the layer:
+`encode(layer, layer_idx, n_layers)` returns the layer's new store, an `EncodedLayer`, which the cache holds
+instead of the `LayerKV`. Cross-layer formats (one store shared by two layers) encode the whole cache at once
+in `encode_cache`.
+
+An encoded layer answers what the engine asks of any layer: head lengths (kept tokens), `nbytes()` (bytes
+stored, exactly: packed codes + scales + metadata), `read_bytes()` (bytes attention reads per decoded token),
+`append` (new tokens: the question, decoded tokens), `attend` (exact attention over what it stores, in its
+own format; the torch reference reads `materialize()`, the format's dequantized / reconstructed plain rows),
+`clone` (a shared context's copy). Scorers that need keys after encoding ask `materialize()`.
+
+Stores are per sample and hold no knobs: the `Storage` object (a dataclass of knobs, built once per run) makes
+them; sharing a compressed context clones stores, never the method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar
+
+import torch
+
+from kvbench.cache import HeldBytes, KVBenchCache, LayerKV
+
+
+@dataclass
+class Storage:
+    """Base: plain rows in the model's dtype (the `LayerKV` itself; encoding is the identity)."""
+    name: ClassVar[str] = "plain"
+    kind: ClassVar[str] = "storage"       # "storage" (how rows are stored) or "selector" (what attention reads)
+    paper: ClassVar[str] = ""
+    per_layer: ClassVar[bool] = True      # False: encodes the whole cache at once (cross-layer formats)
+
+    @property
+    def is_plain(self) -> bool:
+        return type(self) is Storage
+
+    def check_model(self, n_layers: int, n_kv: int, head_dim: int) -> None:
+        """Raise ValueError (one line naming the knob) when this format cannot store this model's cache."""
+
+    def encode(self, layer: LayerKV, layer_idx: int, n_layers: int):
+        """The layer's store after the method has chosen its rows (default: the plain layer itself)."""
+        return layer
+
+    def encode_cache(self, cache: KVBenchCache) -> None:
+        """Encode every layer of a prefilled, compressed cache (cross-layer formats override this)."""
+        for i, layer in enumerate(cache.kv):
+            if isinstance(layer, LayerKV):
+                cache.kv[i] = self.encode_counted(layer, i, len(cache.kv))
+
+    def encode_counted(self, layer: LayerKV, layer_idx: int, n_layers: int):
+        """`encode`, with the cache's held-bytes meter moved from the plain rows to the encoded store."""
+        meter = layer.meter
+        before = layer.nbytes()
+        store = self.encode(layer, layer_idx, n_layers)
+        if store is not layer:
+            store.meter = meter
+            if meter is not None:
+                meter.add(store.nbytes() - before)
+        return store
+
+    def describe(self) -> dict:
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+class EncodedLayer:
+    """A layer stored in a format other than plain rows. Subclasses hold their own tensors and implement
+    `head_lengths`, `nbytes`, `materialize`, `append`, `clone`; `attend` and `read_bytes` have defaults (the
+    torch reference over the materialized rows, all stored bytes)."""
+    meter: HeldBytes | None = None
+
+    # -- shape facts (what the engine records) -------------------------------------------------------
+    @property
+    def head_lengths(self) -> list[int]:
+        raise NotImplementedError
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.head_lengths)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.head_lengths)
+
+    def is_uniform(self) -> bool:
+        return len(set(self.head_lengths)) <= 1
+
+    def nbytes(self) -> int:
+        """Bytes stored, exactly as held (codes, scales, zero-points, residual rows, indices)."""
+        raise NotImplementedError
+
+    def allocated_bytes(self) -> int:
+        return self.nbytes()
+
+    row_bytes: int = 0  # key+value bytes of one plain row (the model's dtype): new tokens before encoding
+
+    def read_bytes(self, extra_tokens: int = 0) -> int:
+        """Bytes one decode step's attention reads, `extra_tokens` new plain rows per head included
+        (default: everything stored)."""
+        return self.nbytes() + extra_tokens * self.n_heads * self.row_bytes
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def materialize(self) -> LayerKV:
+        """A plain copy of what this store represents (dequantized / reconstructed), rows in the order
+        attention sees them (older first; the newest appended tokens last)."""
+        raise NotImplementedError
+
+    def attend(self, query: torch.Tensor, scaling: float, need_probs: bool = False, window: int | None = None,
+               softcap: float | None = None):
+        """Exact attention over the stored format. Default: the torch reference over `materialize()`."""
+        from kvbench.attention import attend
+        return attend(query, self.materialize(), scaling, need_probs, window, softcap)
+
+    # -- mutation ------------------------------------------------------------------------------------
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def reserve(self, extra: int) -> None:
+        """Room for `extra` more tokens (a hint; stores that grow by concatenation ignore it)."""
+
+    def clone(self):
+        raise NotImplementedError
+
+    def _changed(self, before: int) -> None:
+        """Report a change of the bytes held to the cache's meter (call with nbytes() from before)."""
+        if self.meter is not None:
+            self.meter.add(self.nbytes() - before)
+
+    def __deepcopy__(self, memo):
+        return self  # as LayerKV: a cache layer belongs to the engine, forking a method never copies it
+
+
+def tensor_bytes(*ts: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+# -- registry ---------------------------------------------------------------------------------------
+STORAGES: dict[str, type[Storage]] = {"plain": Storage}
+
+
+def register_storage(name: str) -> Callable[[type[Storage]], type[Storage]]:
+    def deco(cls):
+        cls.name = name
+        STORAGES[name] = cls
+        return cls
+    return deco
+
+
+def build_storage(spec) -> Storage:
+    """A storage format from a config: None / "plain", a name, or {name: ..., knob: value, ...}."""
+    from kvbench.method import load_all_methods
+    load_all_methods()  # formats live in methods/ beside the methods that introduce them
+    if spec is None:
+        return Storage()
+    knobs = dict(spec) if not isinstance(spec, str) else {"name": spec}
+    name = knobs.pop("name", "plain")
+    if name not in STORAGES:
+        raise ValueError(f"method.storage={name!r}; allowed: {', '.join(sorted(STORAGES))}")
+    cls = STORAGES[name]
+    allowed = {f.name for f in fields(cls)}
+    bad = sorted(set(knobs) - allowed)
+    if bad:
+        raise ValueError(f"method.storage.{bad[0]} is not a knob of storage {name}; "
+                         f"allowed: {', '.join(sorted(allowed)) or 'none'}")
+    return cls(**knobs)

@@ -1,0 +1,237 @@
+"""KIVI — Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache" (ICML 2024, 2402.02750).
+
+Keys are quantized per channel (each channel of each group of `group_size` consecutive tokens shares a scale and
+a minimum), values per token (each group of `group_size` channels of a token shares them): asymmetric min-max
+quantization to `bits` bits, codes packed 8 // bits per byte. The most recent tokens stay in full precision,
+as in the official code (github.com/jy-yuan/KIVI, models/llama_kivi.py):
+- keys: a prefill of T tokens quantizes the first T - T mod R and keeps T mod R in full precision; while
+  decoding, the full-precision keys grow until they reach R = `residual_length`, then all R are quantized;
+- values: the most recent R stay in full precision; each older one is quantized as a new token arrives.
+So up to R - 1 keys and R values of each head are full precision. R must be a multiple of `group_size`.
+
+Storage format `kivi` (`method.storage=kivi`, composes with any method that compresses at prefill, e.g.
+`method=snapkv method.storage=kivi`), and method `kivi` (every token kept, stored by KIVI).
+Bytes stored = packed codes + scales and minima (the model's dtype) + full-precision rows; what we left out:
+the official code fuses dequantization into its matmul kernels (ours: methods/kernels/kivi_decode.py on the
+GPU, a dequantize-then-attend torch reference on the CPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.cache import LayerKV
+from kvbench.method import Method, register_method
+from kvbench.store import EncodedLayer, Storage, register_storage, tensor_bytes
+
+BITS = (2, 4, 8)
+
+
+# -- quantization (the format's definition; the tests check it against a reference written from the paper) --
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(n, d) integer codes < 2**bits -> (n, d * bits / 8) uint8, code j of a byte in bits [j*bits, (j+1)*bits)."""
+    per = 8 // bits
+    c = codes.to(torch.uint8).view(codes.shape[0], -1, per)
+    out = torch.zeros(c.shape[:2], dtype=torch.uint8, device=codes.device)
+    for j in range(per):
+        out |= c[..., j] << (bits * j)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack`: (n, d * bits / 8) uint8 -> (n, d) uint8 codes."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * j)) & mask for j in range(per)]
+    return torch.stack(parts, dim=-1).view(packed.shape[0], -1)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group: int, dim: int, param_dtype: torch.dtype):
+    """Asymmetric min-max quantization of (n, d) `x` in groups of `group` consecutive entries along `dim`
+    (0: tokens, per channel — keys; 1: channels, per token — values). Returns (codes (n, d) uint8, scale,
+    minimum), the parameters of shape (n / group, d) for dim 0 and (n, d / group) for dim 1."""
+    n, d = x.shape
+    xf = x.float()
+    g = xf.view(n // group, group, d) if dim == 0 else xf.view(n, d // group, group)
+    red = 1 if dim == 0 else 2
+    mn = g.amin(dim=red, keepdim=True)
+    mx = g.amax(dim=red, keepdim=True)
+    scale = ((mx - mn) / (2 ** bits - 1)).to(param_dtype)
+    mn = mn.to(param_dtype)
+    # codes from the parameters as stored, so dequantization is exact up to rounding of x itself
+    s = scale.float()
+    codes = torch.where(s > 0, torch.round((g - mn.float()) / torch.where(s > 0, s, 1.0)), 0.0)
+    codes = codes.clamp_(0, 2 ** bits - 1).to(torch.uint8).view(n, d)
+    return codes, scale.squeeze(red), mn.squeeze(red)
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, group: int, dim: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    n, d = codes.shape
+    c = codes.float()
+    if dim == 0:
+        x = c.view(n // group, group, d) * scale.float().unsqueeze(1) + mn.float().unsqueeze(1)
+    else:
+        x = c.view(n, d // group, group) * scale.float().unsqueeze(2) + mn.float().unsqueeze(2)
+    return x.view(n, d).to(dtype)
+
+
+@dataclass
+class _Quantized:
+    """One head's quantized rows of keys or values: packed codes and per-group scale / minimum."""
+    codes: torch.Tensor   # (n, d * bits / 8) uint8
+    scale: torch.Tensor   # keys: (n / group, d); values: (n, d / group)
+    mn: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    def cat(self, other: "_Quantized") -> "_Quantized":
+        return _Quantized(torch.cat([self.codes, other.codes]), torch.cat([self.scale, other.scale]),
+                          torch.cat([self.mn, other.mn]))
+
+    def clone(self) -> "_Quantized":
+        return _Quantized(self.codes.clone(), self.scale.clone(), self.mn.clone())
+
+
+class KIVILayer(EncodedLayer):
+    """One layer in KIVI's format. Per KV head h: quantized keys kq[h] (a multiple of group_size rows), then
+    full-precision keys kr[h]; quantized values vq[h], then full-precision values vr[h]; pos[h] the original
+    positions of all its rows in order (row i's key is kq[h] row i if i < kq[h].n, else kr[h] row i - kq[h].n;
+    values alike). The key and value splits differ (see the module docstring)."""
+
+    def __init__(self, fmt: "KIVI", kq, kr, vq, vr, pos, dtype: torch.dtype, head_dim: int):
+        self.fmt, self.kq, self.kr, self.vq, self.vr, self.pos = fmt, kq, kr, vq, vr, pos
+        self.dtype, self.head_dim = dtype, head_dim
+        self.row_bytes = 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    @classmethod
+    def encode(cls, fmt: "KIVI", layer: LayerKV) -> "KIVILayer":
+        d = layer.keys.shape[1]
+        fmt.check_model(0, layer.n_heads, d)
+        if layer.log_weight() is not None:
+            raise ValueError("kivi stores plain token rows; a method that merges rows (log-weights) does not "
+                             "compose with it")
+        self = cls(fmt, [], [], [], [], [], layer.keys.dtype, d)
+        for h in range(layer.n_heads):
+            k, v, p = layer.head(h)
+            self.kq.append(cls._empty_q(fmt, d, layer.keys))
+            self.vq.append(cls._empty_q(fmt, d, layer.keys, values=True))
+            self.kr.append(k.clone())
+            self.vr.append(v.clone())
+            self.pos.append(p.clone())
+            self._flush(h)
+        return self
+
+    @staticmethod
+    def _empty_q(fmt, d, like, values=False) -> _Quantized:
+        codes = torch.zeros(0, d * fmt.bits // 8, dtype=torch.uint8, device=like.device)
+        shape = (0, d // fmt.group_size) if values else (0, d)
+        return _Quantized(codes, like.new_zeros(shape), like.new_zeros(shape))
+
+    def _quantize(self, x: torch.Tensor, dim: int) -> _Quantized:
+        codes, scale, mn = quantize_groups(x, self.fmt.bits, self.fmt.group_size, dim, self.dtype)
+        return _Quantized(pack(codes, self.fmt.bits), scale, mn)
+
+    def _flush(self, h: int) -> None:
+        """Quantize what KIVI quantizes: keys in whole blocks of R, values beyond the R most recent."""
+        R = self.fmt.residual_length
+        nk = (self.kr[h].shape[0] // R) * R
+        if nk:
+            self.kq[h] = self.kq[h].cat(self._quantize(self.kr[h][:nk], dim=0))
+            self.kr[h] = self.kr[h][nk:].clone()
+        nv = max(0, self.vr[h].shape[0] - R)
+        if nv:
+            self.vq[h] = self.vq[h].cat(self._quantize(self.vr[h][:nv], dim=1))
+            self.vr[h] = self.vr[h][nv:].clone()
+
+    # -- what the engine asks ----------------------------------------------------------------------------
+    @property
+    def head_lengths(self) -> list[int]:
+        return [p.numel() for p in self.pos]
+
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(q.codes, q.scale, q.mn) for q in self.kq + self.vq) + tensor_bytes(*self.kr, *self.vr)
+
+    def head_kv(self, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head h's dequantized keys and values (n_h, d), rows in order."""
+        g = self.fmt.group_size
+        kq, vq = self.kq[h], self.vq[h]
+        k = dequantize_groups(unpack(kq.codes, self.fmt.bits), kq.scale, kq.mn, g, 0, self.dtype)
+        v = dequantize_groups(unpack(vq.codes, self.fmt.bits), vq.scale, vq.mn, g, 1, self.dtype)
+        return torch.cat([k, self.kr[h]]), torch.cat([v, self.vr[h]])
+
+    def materialize(self) -> LayerKV:
+        kv = [self.head_kv(h) for h in range(self.n_heads)]
+        return LayerKV._packed(torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv]), torch.cat(self.pos),
+                               self.head_lengths)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        before = self.nbytes()
+        for h in range(self.n_heads):
+            self.kr[h] = torch.cat([self.kr[h], k[h].to(self.dtype)])
+            self.vr[h] = torch.cat([self.vr[h], v[h].to(self.dtype)])
+            self.pos[h] = torch.cat([self.pos[h], positions.to(self.pos[h].device, torch.long)])
+            self._flush(h)
+        self._changed(before)
+
+    def clone(self) -> "KIVILayer":
+        return KIVILayer(self.fmt, [q.clone() for q in self.kq], [t.clone() for t in self.kr],
+                         [q.clone() for q in self.vq], [t.clone() for t in self.vr], [p.clone() for p in self.pos],
+                         self.dtype, self.head_dim)
+
+    def attend(self, query, scaling, need_probs=False, window=None, softcap=None):
+        if query.shape[1] == 1 and query.is_cuda and not need_probs and window is None and softcap is None:
+            from kvbench.methods.kernels import use_triton
+            if use_triton(query):
+                from kvbench.methods.kernels.kivi_decode import kivi_decode_attention
+                return kivi_decode_attention(query[:, 0], self, scaling).unsqueeze(1), None
+        return super().attend(query, scaling, need_probs, window, softcap)
+
+
+@register_storage("kivi")
+@dataclass
+class KIVI(Storage):
+    bits: int = 2                 # 2 or 4 (8 also allowed)
+    group_size: int = 32          # tokens per key group (per channel), channels per value group (per token)
+    residual_length: int = 128    # R: recent tokens kept in full precision (a multiple of group_size)
+
+    paper = "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (2402.02750)"
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"method.storage.bits={self.bits!r}; allowed: {', '.join(map(str, BITS))}")
+        if not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ValueError(f"method.storage.group_size={self.group_size!r}; allowed: a positive integer")
+        if not isinstance(self.residual_length, int) or self.residual_length <= 0 \
+                or self.residual_length % self.group_size:
+            raise ValueError(f"method.storage.residual_length={self.residual_length!r}; allowed: a positive "
+                             f"multiple of group_size ({self.group_size})")
+
+    def check_model(self, n_layers: int, n_kv: int, head_dim: int) -> None:
+        if head_dim % self.group_size or (head_dim * self.bits) % 8:
+            raise ValueError(f"method.storage.group_size={self.group_size} must divide the model's head dim "
+                             f"{head_dim}; allowed: a divisor of {head_dim}")
+
+    def encode(self, layer: LayerKV, layer_idx: int, n_layers: int) -> KIVILayer:
+        return KIVILayer.encode(self, layer)
+
+
+@register_method("kivi")
+@dataclass
+class KIVIMethod(Method):
+    """Every token kept, stored in KIVI's format: `method=kivi method.bits=4` is `method=full
+    method.storage=kivi method.storage.bits=4`."""
+    bits: int = 2
+    group_size: int = 32
+    residual_length: int = 128
+
+    paper = KIVI.paper
+    family = "quantization: per-channel keys, per-token values, full-precision residual"
+    uses_budget = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.storage = KIVI(self.bits, self.group_size, self.residual_length)
