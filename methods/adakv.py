@@ -1,15 +1,18 @@
 """Ada-KV — Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient
 LLM Inference" (NeurIPS 2025, 2407.11550).
 
-Head-adaptive budgets: instead of every KV head keeping `budget` tokens, the layer's total (budget × n_kv)
-goes to the highest scores over *all* heads of the layer (a global top-k), so heads with dispersed attention
-get more room than heads with concentrated attention. A safeguard guarantees each head `alpha_safeguard` of
-its fair share of the free (non-window) budget. Ada-KV wraps another scorer (`scorer=snapkv` is Ada-SnapKV,
-`scorer=pyramidkv` Ada-PyramidKV: its layer budgets too); tokens the scorer marks +inf (its observation
-window) are always kept and count towards the head's budget.
-Simplification: the official code rounds the safeguarded counts (so a layer may be off by a few tokens);
-we guarantee the floor first and hand out the rest by one global top-k, so a layer keeps exactly
-budget × n_kv tokens.
+Head-adaptive budgets, following the official allocation (FFY0/AdaKV `AdaptiveSnapKVCluster`, the same in
+KVCache-Factory's `AdaKVCluster`). The scorer's +inf tokens (its observation window) are always kept; the
+rest of the layer's budget, base = budget − window per head, is shared out in two steps:
+1. an unconstrained global top-k: the n_kv × base highest scores over *all* heads of the layer (window
+   excluded) give each head a count c_h (heads with dispersed attention get more room);
+2. the safeguard mix: head h keeps round(c_h · (1 − alpha) + ⌊alpha · base⌋) of its own highest scores
+   (`alpha_safeguard`, the official `floor_alpha`; torch.round, half to even).
+Ada-KV wraps another scorer (`scorer=snapkv` is Ada-SnapKV, `scorer=pyramidkv` Ada-PyramidKV: its layer
+budgets too, the mix then using that layer's base as the official pyramid mode does).
+One deviation, rounding only: where the rounded counts do not sum to n_kv × base (the official code then
+keeps a few tokens more or fewer), the difference is taken from / given to the heads rounded the most
+(one token each), so a layer keeps exactly budget × n_kv tokens. No head is given more than it holds.
 """
 from dataclasses import dataclass, field, fields
 
@@ -21,22 +24,42 @@ SCORERS = ("snapkv", "pyramidkv", "knorm", "tova", "cake", "random")
 
 
 def adaptive_head_budgets(scores: torch.Tensor, budget: int, alpha: float) -> list[int]:
-    """Per-head kept counts for (n_kv, L) scores summing to min(budget × n_kv, n_kv × L).
-
-    Each head first gets its +inf tokens plus its top floor(alpha × free) others (free = budget − #inf);
-    the remaining slots go to the largest remaining scores of any head. Batched over heads on the device:
-    one host sync (the counts), so a GPU prefill is not stalled once per head."""
+    """Per-head kept counts (their +inf tokens included) for (n_kv, L) scores, summing to
+    min(budget, L) × n_kv: the official global top-k, then the safeguard mix (see the module docstring).
+    Ties in the global top-k go to the earlier head, then the earlier token (a stable sort)."""
     h, L = scores.shape
     budget = min(budget, L)
     s = scores.float()
-    forced = torch.isinf(s).sum(dim=1)
-    # float64 like Python's int(alpha * free), so the floor agrees with the hand-worked rule
-    guard = forced + torch.floor(float(alpha) * (budget - forced).clamp(min=0).double()).long()
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices  # ties: the earlier token first
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=s.device).expand(h, L))
-    s = torch.where(rank < guard.clamp(max=L)[:, None], float("inf"), s)
-    top = torch.topk(s.reshape(-1), budget * h).indices
-    return torch.bincount(top // L, minlength=h).tolist()
+    forced = torch.isinf(s) & (s > 0)
+    n_forced = forced.sum(dim=1)                                   # (h,) the window, per head
+    room = L - n_forced                                            # scorable tokens per head
+    base = (budget - n_forced).clamp(min=0)                        # per-head free budget
+    total = int(base.sum())
+    if total == 0:
+        return n_forced.clamp(max=budget).tolist()
+    # 1. unconstrained global top-k over every head's non-window scores
+    flat = torch.where(forced, float("-inf"), s).reshape(-1)
+    top = torch.sort(flat, descending=True, stable=True).indices[:total]
+    counts = torch.bincount(top // L, minlength=h).double()
+    # 2. the safeguard mix, rounded as the official torch.round (half to even)
+    floor_cap = torch.floor(float(alpha) * base.double())
+    raw = counts * (1.0 - float(alpha)) + floor_cap
+    out = torch.minimum(torch.round(raw), room.double())
+    diff = total - int(out.sum())
+    resid = raw - out                                              # > 0: rounded down
+    while diff != 0:
+        if diff > 0:
+            ok = out < room.double()
+            i = int(torch.where(ok, resid, float("-inf")).argmax())
+            out[i] += 1
+            diff -= 1
+        else:
+            ok = out > 0
+            i = int(torch.where(ok, resid, float("inf")).argmin())
+            out[i] -= 1
+            diff += 1
+        resid = raw - out
+    return (out.long() + n_forced).tolist()
 
 
 @register_method("adakv")

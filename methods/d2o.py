@@ -13,7 +13,8 @@ Eviction (with merging) continues while decoding, so each layer stays within its
 Simplification: the paper's density statistic and EMA constants are not restated here; we use the entropy-
 based density above and initialise each head's threshold to the mean similarity of its first evictions.
 All layers must be scored before the split, so compression happens in `after_prefill` (the prefill peak
-holds the full cache).
+holds the full cache). Chunked prefill (`prefill_chunk>0`): the accumulated attention sums every prompt
+query over all chunks, as an unchunked prefill does.
 """
 import math
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 
 from kvbench.method import LayerContext, Method, register_method, topk_indices, window_attention
 from kvbench.methods.cake import allocate
-from kvbench.methods.h2o import accumulated_attention
+from kvbench.methods.h2o import PrefillAttention
 
 
 def attention_density(query: torch.Tensor, keys: torch.Tensor, window: int, scaling: float) -> float:
@@ -78,8 +79,16 @@ class D2O(Method):
     def describe(self) -> dict:
         return {k: getattr(self, k) for k in ("budget", "compression_ratio", "recent_ratio", "window_size", "ema_beta")}
 
+    def __post_init__(self):
+        super().__post_init__()
+        self._prefill = PrefillAttention()  # per-sample state, not a knob
+
     def reset(self) -> None:
         self.pending, self.scores, self.caps, self.tau = {}, {}, {}, {}
+        self._prefill.reset()
+
+    def observe_prefill(self, ctx: LayerContext) -> None:
+        self._prefill.observe(ctx)
 
     def compress_layer(self, ctx: LayerContext) -> None:
         layer = ctx.layer
@@ -88,7 +97,7 @@ class D2O(Method):
         keys = layer.dense()[0]
         L = keys.shape[1]
         w = min(self.window_size, L, ctx.query.shape[1])
-        acc = accumulated_attention(ctx.query, keys, ctx.scaling)
+        acc = self._prefill.take(ctx)[0]
         self.pending[ctx.layer_idx] = (layer, acc, attention_density(ctx.query, keys, w, ctx.scaling))
 
     def layer_budgets(self, densities: list[float], avg: int, L: int) -> list[int]:

@@ -10,6 +10,14 @@ tokens) and L1 is the mean |α| (λ = 0.05), as in the official training script.
 the largest gates are retrieval heads (full cache); the others are streaming heads (sinks + recent window,
 rolling during decoding).
 
+NOT AS THE PAPER — PREFILL: the official code prefills streaming heads with streaming attention (each query
+sees only the sinks and its recent window). Here every head, streaming heads included, gets *full* attention
+during prefill: kvbench computes a layer's attention output before any method hook runs, so a method can only
+shrink the cache afterwards. Streaming heads are cut to sinks + recent window after the prefill and stream
+from the first decoded token on. Every prompt token's hidden state has therefore seen the whole context in
+all heads, which flatters accuracy compared to the official prefill (most at long contexts, where the
+streaming window covers little of the prompt). `kvbench list` says so in the method's line.
+
 What we simplified (documented knobs, `kvbench profile method=duoattention`):
 - The paper trains 2,000 steps on 1k–32k-token samples with 10 passkeys, sink 128 / recent 256. On a
   2-core CPU that is out of reach, so the defaults are `train_steps=40` on `train_len=512`-token samples
@@ -121,8 +129,9 @@ class DuoAttention(Method):
     profile_seed: int = 0
     profile_dir: str = "results/profiles"
 
-    paper = "DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads (2410.10819)"
-    family = "allocator: retrieval (full) / streaming (sink+recent) heads, profiled gates"
+    paper = ("DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads (2410.10819); "
+             "NOT AS THE PAPER: streaming heads get full attention during prefill (the official code: streaming)")
+    family = "allocator: retrieval (full) / streaming (sink+recent) heads after a full-attention prefill, profiled gates"
 
     def __post_init__(self):
         super().__post_init__()

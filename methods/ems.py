@@ -10,21 +10,26 @@ evict-then-merge — of the tokens that do not fit the budget, the lowest-scorin
 scores, so their information survives in fewer slots. Every head keeps exactly `budget` rows.
 Simplification: the paper's zero-class mechanism (one batched kernel for merge and evict) is an efficiency
 device; we loop per head. The observation window is always kept.
+Chunked prefill (`prefill_chunk>0`): the global score accumulates the attention of every prompt query over
+all chunks (each token divided by the number of prompt queries that see it), as an unchunked prefill does.
 """
 from dataclasses import dataclass
 
 import torch
 
 from kvbench.method import LayerContext, Method, register_method, topk_indices, window_attention
-from kvbench.methods.h2o import accumulated_attention
+from kvbench.methods.h2o import PrefillAttention, accumulated_attention
 
 
-def global_local_scores(query: torch.Tensor, keys: torch.Tensor, window: int, scaling: float) -> torch.Tensor:
-    """(n_kv, L) max of the normalised global (mean accumulated attention) and local (window) scores."""
+def global_local_scores(query: torch.Tensor, keys: torch.Tensor, window: int, scaling: float,
+                        acc: torch.Tensor | None = None, n_queries: int | None = None) -> torch.Tensor:
+    """(n_kv, L) max of the normalised global (mean accumulated attention) and local (window) scores.
+    acc/n_queries: the attention accumulated over the whole (chunked) prefill and its number of queries
+    (default: computed from `query`, the last tokens of `keys`)."""
     L = keys.shape[1]
-    q_len = query.shape[1]
-    acc = accumulated_attention(query, keys, scaling)                     # (h, L) summed over queries and group
-    seen = (L - torch.arange(L, device=keys.device)).clamp(max=q_len).float()  # queries that see token j
+    if acc is None:
+        acc, n_queries = accumulated_attention(query, keys, scaling), query.shape[1]  # (h, L) over queries, group
+    seen = (L - torch.arange(L, device=keys.device)).clamp(max=n_queries).float()  # queries that see token j
     glob = acc / seen
     loc = window_attention(query, keys, window, scaling).sum(dim=(1, 2))
     glob = glob / glob.sum(-1, keepdim=True)
@@ -65,6 +70,13 @@ class EMS(Method):
         super().__post_init__()
         if not 0.0 <= float(self.merge_ratio) <= 1.0:
             raise ValueError(f"method.merge_ratio={self.merge_ratio!r}; allowed: 0 <= ratio <= 1")
+        self._prefill = PrefillAttention()  # per-sample state, not a knob
+
+    def reset(self) -> None:
+        self._prefill.reset()
+
+    def observe_prefill(self, ctx: LayerContext) -> None:
+        self._prefill.observe(ctx)
 
     def compress_layer(self, ctx: LayerContext) -> None:
         layer = ctx.layer
@@ -73,10 +85,11 @@ class EMS(Method):
         keys, values, _ = layer.dense()
         L = keys.shape[1]
         b = self.target(L)
+        acc, n_queries = self._prefill.take(ctx)
         if b >= L:
             return
         w = min(self.window_size, b, ctx.query.shape[1])
-        scores = global_local_scores(ctx.query, keys, w, ctx.scaling)
+        scores = global_local_scores(ctx.query, keys, w, ctx.scaling, acc, n_queries)
         kept = topk_indices(scores, b)                                     # (h, b)
         new_k, new_v = keys[:, :b].clone(), values[:, :b].clone()
         for h in range(layer.n_heads):

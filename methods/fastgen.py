@@ -10,7 +10,8 @@ accumulated attention (heavy hitters), local = the most recent tokens.
 What we simplified:
 - Recovery is measured on the last `window` prompt queries (all query heads of the KV head): the mean over
   those queries of the attention mass that falls on the kept set. The paper profiles the whole prompt.
-  Heavy hitters use the attention accumulated over all queries of the (last) prefill chunk, as H2O.
+  Heavy hitters use the attention accumulated over all prompt queries, as H2O (over every chunk of a
+  chunked prefill, `prefill_chunk>0`).
 - Sizes: with a budget (or ratio) the local window and the heavy-hitter count are each budget/2, so the
   second-most-expensive policy costs about the budget; without one they are `local_ratio`/`frequent_ratio`
   of the prompt (0.3 each, our choice). FastGen's memory is adaptive, so the mean kept tokens follow T, not
@@ -30,7 +31,7 @@ import torch
 from kvbench.method import LayerContext, Method, register_method, window_attention
 
 from . import _profiles
-from .h2o import accumulated_attention
+from .h2o import PrefillAttention
 
 POLICIES = ("special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full")
 PUNCT = set(string.punctuation) | set("。，、；：？！…—–“”‘’（）《》「」")
@@ -138,6 +139,13 @@ class FastGen(Method):
         self._threshold: float | None = None if self.recovery == "auto" else float(self.recovery)
         self._record: list | None = None   # calibration: per head (recoveries, kept counts)
         self.chosen: dict[int, list[int]] = {}  # layer -> policy index per head (last sample)
+        self._prefill = PrefillAttention()     # accumulated attention over the prefill's chunks
+
+    def reset(self) -> None:
+        self._prefill.reset()
+
+    def observe_prefill(self, ctx: LayerContext) -> None:
+        self._prefill.observe(ctx)
 
     def fork(self) -> "FastGen":
         import copy
@@ -211,7 +219,7 @@ class FastGen(Method):
         ids = self._log.ids[pos[0].cpu()]
         w = min(self.window, L, ctx.query.shape[1])
         probs = window_attention(ctx.query, keys, w, ctx.scaling)          # (h, g, w, L)
-        acc = accumulated_attention(ctx.query, keys, ctx.scaling)           # (h, L)
+        acc = self._prefill.take(ctx)[0]                                    # (h, L), every chunk
         n_freq, n_local = self.sizes(L)
         special, punct = self._classes
         keep, chosen = [], []

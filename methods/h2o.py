@@ -5,6 +5,8 @@ Each token's score is the attention it has accumulated from every query so far (
 of its KV head). The cache keeps the `recent_ratio` share of the budget as the most recent tokens and fills
 the rest with the highest-scoring older tokens ("heavy hitters"). Eviction continues during decoding: after
 every step each head drops its lowest-scoring non-recent tokens, so it never holds more than the budget.
+With `compression_ratio` the per-head cap is fixed once, at compression time (round(n·(1 − ratio)) of the
+n-token prompt, as TOVA does), and decoding keeps that many tokens: the cache does not shrink further.
 """
 from dataclasses import dataclass, field
 
@@ -32,11 +34,56 @@ def accumulated_attention(query: torch.Tensor, keys: torch.Tensor, scaling: floa
     return acc
 
 
+class PrefillAttention:
+    """Per layer, the attention accumulated from every query of the prefill being compressed, over all its
+    chunks (`prefill_chunk>0`), and how many queries that is. Feed it from `observe_prefill` (every chunk),
+    read it in `compress_layer` (the last chunk). A chunk is added when it continues what is stored (the
+    stored columns plus its queries are the layer's length); a chunk whose queries are the whole layer starts
+    afresh. Anything else (a compression on top of a cache that already held tokens) is not stored, and
+    `take` falls back to the queries of the current forward alone."""
+
+    def __init__(self):
+        self.acc: dict[int, torch.Tensor] = {}
+        self.n_queries: dict[int, int] = {}
+
+    def reset(self) -> None:
+        self.acc, self.n_queries = {}, {}
+
+    def observe(self, ctx: LayerContext) -> None:
+        layer = ctx.layer
+        i = ctx.layer_idx
+        if not layer.is_uniform():
+            self.acc.pop(i, None)
+            return
+        L, q = layer.head_lengths[0], ctx.query.shape[1]
+        old = self.acc.get(i)
+        if q == L or old is None or old.shape[1] + q != L:
+            old = None
+            self.n_queries[i] = 0
+            if q != L:
+                self.acc.pop(i, None)
+                return
+        acc = accumulated_attention(ctx.query, layer.dense()[0], ctx.scaling)
+        if old is not None:
+            acc[:, : old.shape[1]] += old
+        self.acc[i] = acc
+        self.n_queries[i] += q
+
+    def take(self, ctx: LayerContext) -> tuple[torch.Tensor, int]:
+        """(h, L) accumulated attention and the number of queries it sums, for this layer (then forgotten)."""
+        i, L = ctx.layer_idx, ctx.layer.head_lengths[0]
+        acc, n = self.acc.pop(i, None), self.n_queries.pop(i, 0)
+        if acc is None or acc.shape[1] != L:
+            acc, n = accumulated_attention(ctx.query, ctx.layer.dense()[0], ctx.scaling), ctx.query.shape[1]
+        return acc, n
+
+
 @register_method("h2o")
 @dataclass
 class H2O(Method):
     recent_ratio: float = 0.5
     scores: dict = field(default_factory=dict, repr=False)  # layer -> list of per-head (L_h,) tensors
+    caps: dict = field(default_factory=dict, repr=False)    # layer -> tokens per head fixed at compression
 
     paper = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs (2306.14048)"
     family = "eviction: accumulated attention, decode-time"
@@ -47,6 +94,7 @@ class H2O(Method):
 
     def reset(self) -> None:
         self.scores = {}
+        self.caps = {}
 
     def observe_prefill(self, ctx: LayerContext) -> None:
         layer = ctx.layer
@@ -68,6 +116,7 @@ class H2O(Method):
         layer = ctx.layer
         n = max(layer.head_lengths)
         budget, recent = self._keep_count(n)
+        self.caps[ctx.layer_idx] = budget  # the decode-time cap (ratio mode: of the prompt, not the live length)
         if budget >= n:
             return
         acc = torch.stack(self.scores[ctx.layer_idx])                   # (h, L)
@@ -83,13 +132,18 @@ class H2O(Method):
         scores = self.scores.get(ctx.layer_idx)
         if scores is None:
             scores = [torch.zeros(0, device=layer.keys.device) for _ in range(layer.n_heads)]
-        budget_cap = self.budget
+        cap = self.budget if self.budget is not None else self.caps.get(ctx.layer_idx)
+        if cap is None and self.compression_ratio is not None:
+            # a ratio with no compression before (a context prefilled without it): fixed once, here
+            cap = self.caps[ctx.layer_idx] = self._keep_count(max(layer.head_lengths) - 1)[0]
         for h in range(layer.n_heads):
             p = ctx.probs[h].float()
             s = torch.nn.functional.pad(scores[h], (0, p.numel() - scores[h].numel())) + p
             n = p.numel()
-            cap = budget_cap if budget_cap is not None else self._keep_count(n)[0]
-            _, recent = self._keep_count(cap)
+            if cap is None:  # no budget, no ratio: keep everything, only accumulate
+                scores[h] = s
+                continue
+            recent = int(round(cap * self.recent_ratio))
             while n > cap:
                 pos = layer.head(h)[2]
                 newest = int(pos.max())

@@ -2,10 +2,22 @@
 Funneling" (2406.02069).
 
 SnapKV's scoring with per-layer budgets that shrink linearly with depth (more in lower layers), keeping the
-same average. Following the paper's code: the non-window budget B-w of the average layer spans
-[min, max] with min = (B-w)/beta and max = 2(B-w) - min; every layer also keeps its observation window.
+same average. The allocation follows the official code (KVCache-Factory, `PyramidKVCluster.update_kv`), for a
+budget B (window included), window w, free = B - w and a context of L tokens:
+- L <= B: nothing is dropped;
+- L < 2·free: the pyramid cannot be built (its bottom layer would need more than the context): plain SnapKV,
+  every layer keeps B;
+- otherwise the non-window budgets span [min, max] from the bottom layer (max) to the top (min), with
+  min = ⌊free / beta⌋ and max = 2·free − min; when max would exceed the prefix L − w, the official
+  rebalancing sets max = L − w and min = 2·free − max. Every layer also keeps its observation window.
+So the mean kept per layer equals B whenever L >= B. One deviation, rounding only: the official code steps
+by ⌊(max − min) / (n_layers − 1)⌋, which spends a little more than B on average (e.g. B = 512, w = 32,
+32 layers: mean 518.5); we interpolate exactly and round so the layers sum to n_layers · B.
+A budget below the window shrinks the window to the budget (see snapkv), so every layer keeps the last B.
 """
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -14,24 +26,28 @@ from kvbench.method import LayerContext, ScoredEviction, register_method
 from kvbench.methods.snapkv import snap_scores
 
 
-def pyramid_budgets(avg_budget: int, window: int, n_layers: int, beta: float) -> list[int]:
-    """Per-layer kept tokens (window included); their mean equals avg_budget up to rounding."""
-    free = max(0, avg_budget - window)
-    if n_layers == 1:
-        return [avg_budget]
-    lo = free / beta
+def pyramid_budgets(avg_budget: int, window: int, n_layers: int, beta: float,
+                    n_tokens: int | None = None) -> list[int]:
+    """Per-layer kept tokens (window included) for a context of `n_tokens` (None: long enough for any
+    pyramid); their mean is exactly avg_budget when n_tokens >= avg_budget (see the module docstring)."""
+    if n_tokens is not None and n_tokens <= avg_budget:
+        return [n_tokens] * n_layers
+    window = min(window, avg_budget)
+    free = avg_budget - window
+    if n_layers == 1 or free == 0 or (n_tokens is not None and n_tokens < 2 * free):
+        return [avg_budget] * n_layers
+    lo = int(math.floor(free / beta))
     hi = 2 * free - lo
-    step = (hi - lo) / (n_layers - 1)
-    raw = [hi - i * step + window for i in range(n_layers)]
-    out = [int(round(x)) for x in raw]
-    # rounding drift goes to the first layers so the mean stays exact
-    drift = avg_budget * n_layers - sum(out)
-    i = 0
-    while drift != 0:
-        out[i % n_layers] += 1 if drift > 0 else -1
-        drift += -1 if drift > 0 else 1
-        i += 1
-    return out
+    if n_tokens is not None and hi >= n_tokens - window:  # the bottom layers would exceed the prefix
+        hi = n_tokens - window
+        lo = 2 * free - hi
+    raw = [hi - Fraction(i * (hi - lo), n_layers - 1) for i in range(n_layers)]  # sums to n_layers * free
+    out = [math.floor(x) for x in raw]
+    short = n_layers * free - sum(out)
+    # the rounding's remainder: +1 to the layers rounded down the most (earlier first), never above hi
+    for i in sorted(range(n_layers), key=lambda i: (-(raw[i] - out[i]), i))[:short]:
+        out[i] += 1
+    return [x + window for x in out]
 
 
 @register_method("pyramidkv")
@@ -49,7 +65,8 @@ class PyramidKV(ScoredEviction):
         avg = self.target(n_tokens)
         if avg >= n_tokens:
             return n_tokens
-        return min(n_tokens, pyramid_budgets(avg, self.window_size, n_layers, self.beta)[layer_idx])
+        return pyramid_budgets(avg, self.window_size, n_layers, self.beta, n_tokens)[layer_idx]
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        return snap_scores(ctx, self.window_size, self.kernel_size, self.pooling)
+        budget = self.layer_budget(ctx.layer_idx, ctx.n_layers, max(ctx.layer.head_lengths))
+        return snap_scores(ctx, self.window_size, self.kernel_size, self.pooling, budget)

@@ -3,6 +3,10 @@
 The last `window_size` prompt tokens (the observation window) vote: their attention over the prefix is
 averaged over the window and over the query heads of each KV head (GQA), smoothed with a 1-D pooling of
 `kernel_size`, and the top `budget - window_size` prefix tokens are kept together with the window.
+Pooling as the official code: `F.max_pool1d` / `F.avg_pool1d` (padding kernel_size // 2, stride 1, avg with
+count_include_pad=True), on the torch path and the Triton kernel alike.
+A budget smaller than the window clamps the window to the budget (the official code asserts
+budget > window): the layer then keeps the last `budget` prompt tokens, never dropping the last one.
 """
 from dataclasses import dataclass
 
@@ -31,16 +35,19 @@ def _kernel_scores(ctx: LayerContext, w: int, kernel_size: int, pooling: str) ->
     return scores
 
 
-def snap_scores(ctx: LayerContext, window: int, kernel_size: int, pooling: str) -> torch.Tensor:
-    """(n_kv, L) scores; the window's own tokens get +inf (always kept)."""
+def snap_scores(ctx: LayerContext, window: int, kernel_size: int, pooling: str,
+                budget: int | None = None) -> torch.Tensor:
+    """(n_kv, L) scores; the window's own tokens get +inf (always kept). `budget`: the layer's kept tokens per
+    head; a smaller budget shrinks the window to it (else more +inf tokens than slots, and the top-k's tie
+    rule would keep the oldest of them and drop the last prompt token)."""
     keys = ctx.layer.dense()[0] if ctx.layer.is_uniform() else None
     if keys is None:
         raise ValueError("snapkv scores a freshly prefilled (uniform) layer")
     L = keys.shape[1]
-    w = min(window, L, ctx.query.shape[1])
+    w = min(window, L, ctx.query.shape[1], budget if budget is not None else L)
     use = USE_KERNEL == "always" or (USE_KERNEL == "auto" and keys.is_cuda)
-    # the kernel pools max (and avg with zero padding, like SnapKV's code); odd kernels only
-    if use and pooling == "max" and kernel_size % 2 == 1 and L > w:
+    # the kernel pools as pool1d does (max, or avg with the zero padding counted), any kernel size
+    if use and L > w:
         return _kernel_scores(ctx, w, kernel_size, pooling)
     probs = window_attention(ctx.query, keys, w, ctx.scaling)       # (h, g, w, L)
     votes = probs.mean(dim=(1, 2))                                  # (h, L)
@@ -61,4 +68,5 @@ class SnapKV(ScoredEviction):
     family = "eviction: observation-window attention"
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        return snap_scores(ctx, self.window_size, self.kernel_size, self.pooling)
+        budget = self.layer_budget(ctx.layer_idx, ctx.n_layers, max(ctx.layer.head_lengths))
+        return snap_scores(ctx, self.window_size, self.kernel_size, self.pooling, budget)

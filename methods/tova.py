@@ -3,9 +3,10 @@
 The cache is a fixed-size state: whenever it holds more than `budget` tokens, the tokens with the lowest
 attention from the *current* (last) query are dropped. After prefill the last prompt token's attention picks
 the `budget` survivors; while decoding, every step evicts the lowest-attended token (it may be the new one).
-Scores are averaged over the query heads of each KV head, so every KV head keeps its own tokens
-(`per_head=True`, our GQA default); `per_head=False` averages over all heads of the layer and drops the same
-tokens in every head, as the official code does.
+As the paper and its official code (`TOVACache.reduce`: the last query's attention averaged over all heads,
+one top-k for the layer) the default `per_head=False` decides per layer from the head-averaged attention of
+the last token and drops the same tokens in every head. `per_head=True` is a knob (not in the paper): scores
+averaged over the query heads of each KV head only, so every KV head keeps its own tokens.
 """
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from kvbench.method import LayerContext, ScoredEviction, register_method, window
 @register_method("tova")
 @dataclass
 class TOVA(ScoredEviction):
-    per_head: bool = True
+    per_head: bool = False  # False: the paper's one choice per layer; True: each KV head on its own
     caps: dict = field(default_factory=dict, repr=False)  # layer -> tokens per head fixed at prefill
 
     paper = "TOVA: Transformers are Multi-State RNNs (2401.06104)"

@@ -3,16 +3,22 @@ Inference" (2503.17922).
 
 Instead of single tokens, WindowKV keeps *windows* of `review_window_size` consecutive prompt tokens. The
 observation suffix (the last `suffix_size` tokens, always kept) attends over the prefix; the attention summed
-over the suffix queries is aggregated per window over all heads, either as the mean of the window
-("average", for summarisation-like tasks) or as the mean of its top half ("max", for tasks that need one
-salient detail); the lowest windows are dropped until the layer fits its budget. Layers come in groups of
-`shared_layers`: the first layer of a group selects the windows and the others reuse its indices
-(intra-group index sharing). Group budgets decrease arithmetically with depth (first = 2B − last,
-last = B · shared_layers / beta), averaging B.
+over the suffix queries gives one score per window, as the official `get_window_score`: "average" (for
+summarisation-like tasks) is the mean over every head and token of the window; "max" (for tasks that need one
+salient detail) takes in each query head the window's top review_window_size // 2 tokens and averages those
+values over tokens and heads. The lowest windows are dropped until the layer fits its budget. Layers come in
+groups of `shared_layers`: the first layer of a group selects the windows and the others reuse its indices
+(intra-group index sharing). Group budgets decrease arithmetically with depth, the last group's being
+B · shared_layers / beta as in the official code; the first group's is set so the mean over *layers* is B
+(the official first = 2B − last assumes n_layers a multiple of shared_layers: with a shorter last group
+that rule spends 3–6% more than B, e.g. 30 layers in groups of 8). Budgets are rounded down, so a layer
+never keeps more than B on average.
 Simplification: the paper picks "max" or "average" per task with a trained BERT classifier; here it is a knob
 (`window_select`). A layer keeps whole windows, so it may keep up to one window fewer than its budget, never more.
 """
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -22,29 +28,40 @@ SELECT = ("max", "average")
 
 
 def group_budgets(avg: int, n_layers: int, shared: int, beta: float) -> list[int]:
-    """Per-layer prefix budgets: arithmetic decay over groups of `shared` layers, mean = avg (up to rounding)."""
+    """Per-layer prefix budgets: arithmetic decay over groups of `shared` layers (the last group may be
+    shorter), the mean over layers at most avg and within one token of it (see the module docstring)."""
     n_groups = max(1, -(-n_layers // shared))
     if n_groups == 1:
         return [avg] * n_layers
+    sizes = [min(shared, n_layers - g * shared) for g in range(n_groups)]
+    t = [Fraction(g, n_groups - 1) for g in range(n_groups)]       # 0 at the first group, 1 at the last
     last = min(avg, int(avg * shared // beta))
-    first = 2 * avg - last
-    step = (first - last) / (n_groups - 1)
-    per_group = [int(round(first - g * step)) for g in range(n_groups)]
+    # sum_g sizes[g] * (first * (1 - t_g) + last * t_g) == avg * n_layers
+    first = (avg * n_layers - last * sum(n * x for n, x in zip(sizes, t))) / sum(n * (1 - x) for n, x in zip(sizes, t))
+    raw = [first * (1 - x) + last * x for x in t]
+    per_group = [math.floor(r) for r in raw]
+    spare = avg * n_layers - sum(n * b for n, b in zip(sizes, per_group))
+    for g in sorted(range(n_groups), key=lambda g: (-(raw[g] - per_group[g]), g)):  # rounded down the most first
+        if sizes[g] <= spare:
+            per_group[g] += 1
+            spare -= sizes[g]
     return [per_group[i // shared] for i in range(n_layers)]
 
 
 def window_scores(attn_sum: torch.Tensor, size: int, select: str) -> torch.Tensor:
-    """attn_sum (h, P): per-token scores of the prefix. Returns one score per window of `size` tokens,
-    aggregated over all heads: the mean ("average") or the mean of the top size//2 values ("max")."""
+    """attn_sum (h, P): per-token scores of the prefix, one row per query head. Returns one score per window
+    of `size` tokens (the last may be shorter): "average", the mean over the window's heads and tokens;
+    "max", in each head the window's top size // 2 tokens (all of a shorter one if fewer), averaged over
+    those tokens and the heads (the official `torch.topk(window, k)` on the (heads, tokens) window)."""
     P = attn_sum.shape[1]
     out = []
     for s in range(0, P, size):
-        win = attn_sum[:, s:s + size].reshape(-1)
+        win = attn_sum[:, s:s + size]
         if select == "average":
             out.append(win.mean())
         else:
-            k = min(max(1, size // 2), win.numel())
-            out.append(torch.topk(win, k).values.mean())
+            k = min(max(1, size // 2), win.shape[1])
+            out.append(torch.topk(win, k, dim=1).values.mean())
     return torch.stack(out)
 
 

@@ -78,8 +78,9 @@ def ref_attention(q, k, scaling, rows):
 
 
 def ref_avg_pool(x, kernel):
+    """Official SnapKV's F.avg_pool1d(padding=kernel // 2): the zero padding counts (count_include_pad=True)."""
     r = kernel // 2
-    return torch.tensor([x[max(0, j - r): j + r + 1].mean() for j in range(len(x))])
+    return torch.tensor([float(x[max(0, j - r): j + r + 1].sum()) / kernel for j in range(len(x))])
 
 
 def top(scores, k):
@@ -151,23 +152,23 @@ def ref_snap(q, k, s, w, kernel):
 
 
 def test_adakv_global_topk_with_safeguard(lm):
+    """The official allocation (FFY0/AdaKV AdaptiveSnapKVCluster): counts from the unconstrained global top
+    n_kv·(B−w) of the prefix scores, then round(c·(1−α) + ⌊α·(B−w)⌋) per head (torch.round)."""
     w, alpha = 8, 0.2
     m = build_method("adakv", budget=BUDGET, scorer="snapkv", window_size=w, kernel_size=5, pooling="avg",
                      alpha_safeguard=alpha)
     _, cap, after = run(lm, m)
+    base = BUDGET - w
     for l in range(2):
         q, k, _, _, s = cap[l]
         sc = ref_snap(q, k, s, w, 5)
-        guard = w + int(alpha * (BUDGET - w))
-        pool = []
+        pool = sorted(((sc[h][j], h) for h in range(2) for j in range(N - w)), key=lambda t: -t[0])[: 2 * base]
+        counts = [sum(1 for _, hh in pool if hh == h) for h in range(2)]
+        alloc = [int(torch.round(torch.tensor(c * (1 - alpha) + int(alpha * base), dtype=torch.float64)))
+                 for c in counts]
+        assert sum(alloc) == 2 * base  # (two heads: the mix's rounding cancels out)
         for h in range(2):
-            g = set(top(sc[h], guard))
-            pool += [(float("inf") if j in g else sc[h][j], h, j) for j in range(N)]
-        chosen = sorted(pool, key=lambda t: -t[0])[: BUDGET * 2]
-        lens = [len(p) for p in after[l]]
-        assert sum(lens) == BUDGET * 2 and min(lens) >= guard
-        for h in range(2):
-            assert sorted(after[l][h].tolist()) == sorted(j for _, hh, j in chosen if hh == h)
+            assert sorted(after[l][h].tolist()) == top(sc[h], alloc[h] + w)
 
 
 def test_adakv_bad_scorer():
@@ -218,9 +219,10 @@ def test_windowkv_windows_shared_in_group(lm, select):
     p = ref_attention(q, k, s, list(range(N - w, N))).sum(1)[:, : N - w]   # (n_q, prefix)
     n_win = (N - w) // size
     scores = []
-    for i in range(n_win):
-        vals = sorted(p[:, i * size:(i + 1) * size].flatten().tolist(), reverse=True)
-        scores.append(sum(vals) / len(vals) if select == "average" else sum(vals[: size // 2]) / (size // 2))
+    for i in range(n_win):  # official get_window_score: "max" = in each query head, the top size // 2 tokens
+        rows = [sorted(p[hq, i * size:(i + 1) * size].tolist(), reverse=True) for hq in range(p.shape[0])]
+        vals = [x for r in rows for x in (r if select == "average" else r[: size // 2])]
+        scores.append(sum(vals) / len(vals))
     keep = n_win - math.ceil((N - BUDGET) / size)
     wins = top(scores, keep)
     expect = [t for i in wins for t in range(i * size, (i + 1) * size)] + list(range(N - w, N))

@@ -5,7 +5,10 @@ prompt tokens (the observation window) attend to all keys; each key's attention 
 window queries (and here averaged over the g query heads of its KV head, GQA), then smoothed by a 1-D
 pooling (max or avg; kernel_size, padding kernel_size // 2, stride 1) over the prefix, i.e. the keys
 before the window. The official code pools `attn[..., :-window]` with `F.max_pool1d` / `F.avg_pool1d`
-(avg counts the zero padding: count_include_pad=True); we do the same.
+(avg counts the zero padding: count_include_pad=True, so every average divides by kernel_size); we do the
+same, as does the torch path (`kvbench.method.pool1d`). Any kernel_size >= 1: an even one pools the
+kernel_size keys from i - kernel_size // 2 to i + kernel_size // 2 - 1 (torch's output i; its extra last
+output is dropped).
 
 Result: row-aligned (T,) float32 (see the package docstring). For head h with L = lengths[h]:
 rows [0, L - w) hold the pooled prefix scores; rows [L - w, L) (the window, which SnapKV always keeps)
@@ -65,8 +68,8 @@ def _check(q_win, keys, starts, lengths, kernel_size, pooling, host_lengths=None
         raise ValueError(f"q_win must be (n_q, w, d={keys.shape[1]}), got shape {tuple(q_win.shape)}")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}; allowed: {', '.join(POOLINGS)}")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size={kernel_size}; allowed: odd integers >= 1 (padding kernel_size // 2 keeps the length)")
+    if not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"kernel_size={kernel_size!r}; allowed: integers >= 1")
     g = group_size(q_win.shape[0], starts.numel())
     if host_lengths is None:
         check_regions(keys, starts, lengths)
@@ -92,7 +95,8 @@ def window_scores_ref(q_win: torch.Tensor, keys: torch.Tensor, starts: torch.Ten
         mean = torch.softmax(s, dim=-1).mean(dim=(0, 1))  # (n,)
         out[a:a + n] = mean
         if n > w:
-            out[a:a + n - w] = pool(mean[None, None, :n - w], kernel_size, stride=1, padding=kernel_size // 2)[0, 0]
+            out[a:a + n - w] = pool(mean[None, None, :n - w], kernel_size, stride=1,
+                                    padding=kernel_size // 2)[0, 0, :n - w]  # an even kernel: one extra
     return out
 
 
