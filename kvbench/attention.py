@@ -287,8 +287,10 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
                 method.observe_prefill(ctx)  # accumulating scorers also see tokens fed after compression
             if s.phase == "prefill" and s.is_last_chunk:
                 method.compress_layer(ctx)
-                if method.formats() and method.encodes_per_layer():
-                    method.encode_layer(s.cache, layer_idx)  # store the kept rows in the method's format now
+                if method.formats():
+                    method.keep_query_window(s.cache, layer_idx, q)
+                    if method.encodes_per_layer():
+                        method.encode_layer(s.cache, layer_idx)  # store the kept rows in the method's format now
         else:
             method.on_decode(ctx)
         if events:

@@ -309,6 +309,7 @@ class KVBenchCache(Cache):
         self.next_positions: torch.Tensor | None = None
         self.seen_tokens = 0  # original (uncompressed) number of positions covered
         self.held = HeldBytes()  # K+V bytes held now and at most (see HeldBytes)
+        self.query_windows: dict[int, torch.Tensor] = {}  # layer -> last prefill queries, until encoded (store.py)
 
     # transformers calls this from every attention layer before the attention function; the extra arguments
     # (cache_kwargs before 5.24, kwargs= since) carry nothing we need: positions come from `next_positions`

@@ -102,13 +102,22 @@ class Method:
         return (all(f.per_layer for f in self.formats())
                 and type(self).after_prefill is Method.after_prefill)
 
+    def keep_query_window(self, cache: KVBenchCache, layer_idx: int, query: torch.Tensor) -> None:
+        """Formats that read the prefill's last queries (ThinK) get them at encoding time."""
+        w = max((f.query_window for f in self.formats()), default=0)
+        if w:
+            cache.query_windows[layer_idx] = query[:, -w:].detach()
+
     def encode_layer(self, cache: KVBenchCache, layer_idx: int) -> None:
         for f in self.formats():
-            cache.kv[layer_idx] = f.encode_counted(cache.kv[layer_idx], layer_idx, len(cache.kv))
+            cache.kv[layer_idx] = f.encode_counted(cache.kv[layer_idx], layer_idx, len(cache.kv),
+                                                   cache.query_windows.get(layer_idx))
+        cache.query_windows.pop(layer_idx, None)
 
     def encode_cache(self, cache: KVBenchCache) -> None:
         for f in self.formats():
             f.encode_cache(cache)
+        cache.query_windows.clear()
 
     def fork(self) -> "Method":
         """A copy whose per-sample state can diverge (one query of a shared context)."""

@@ -33,6 +33,7 @@ class Storage:
     kind: ClassVar[str] = "storage"       # "storage" (how rows are stored) or "selector" (what attention reads)
     paper: ClassVar[str] = ""
     per_layer: ClassVar[bool] = True      # False: encodes the whole cache at once (cross-layer formats)
+    query_window: ClassVar[int] = 0       # > 0: encode() gets the last this-many post-RoPE queries of the layer
 
     @property
     def is_plain(self) -> bool:
@@ -41,21 +42,23 @@ class Storage:
     def check_model(self, n_layers: int, n_kv: int, head_dim: int) -> None:
         """Raise ValueError (one line naming the knob) when this format cannot store this model's cache."""
 
-    def encode(self, layer: LayerKV, layer_idx: int, n_layers: int):
-        """The layer's store after the method has chosen its rows (default: the plain layer itself)."""
+    def encode(self, layer: LayerKV, layer_idx: int, n_layers: int, query: torch.Tensor | None = None):
+        """The layer's store after the method has chosen its rows (default: the plain layer itself).
+        query: (n_q, w, d) the layer's last w = `query_window` post-RoPE prefill queries (formats that set
+        `query_window`; the question's last tokens when query_aware, else the context's)."""
         return layer
 
     def encode_cache(self, cache: KVBenchCache) -> None:
         """Encode every layer of a prefilled, compressed cache (cross-layer formats override this)."""
         for i, layer in enumerate(cache.kv):
             if isinstance(layer, LayerKV):
-                cache.kv[i] = self.encode_counted(layer, i, len(cache.kv))
+                cache.kv[i] = self.encode_counted(layer, i, len(cache.kv), cache.query_windows.get(i))
 
-    def encode_counted(self, layer: LayerKV, layer_idx: int, n_layers: int):
+    def encode_counted(self, layer: LayerKV, layer_idx: int, n_layers: int, query: torch.Tensor | None = None):
         """`encode`, with the cache's held-bytes meter moved from the plain rows to the encoded store."""
         meter = layer.meter
         before = layer.nbytes()
-        store = self.encode(layer, layer_idx, n_layers)
+        store = self.encode(layer, layer_idx, n_layers, query)
         if store is not layer:
             store.meter = meter
             if meter is not None:

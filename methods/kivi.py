@@ -215,7 +215,7 @@ class KIVI(Storage):
             raise ValueError(f"method.storage.group_size={self.group_size} must divide the model's head dim "
                              f"{head_dim}; allowed: a divisor of {head_dim}")
 
-    def encode(self, layer: LayerKV, layer_idx: int, n_layers: int) -> KIVILayer:
+    def encode(self, layer: LayerKV, layer_idx: int, n_layers: int, query=None) -> KIVILayer:
         return KIVILayer.encode(self, layer)
 
 
