@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import LayerKV
+from kvbench.cache import LayerKV, exclusive_cumsum
 from kvbench.method import Method, register_method
 from kvbench.store import EncodedLayer, Storage, register_storage, tensor_bytes
 
@@ -44,7 +44,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
     mask = (1 << bits) - 1
     parts = [(packed >> (bits * j)) & mask for j in range(per)]
-    return torch.stack(parts, dim=-1).view(packed.shape[0], -1)
+    return torch.stack(parts, dim=-1).view(packed.shape[0], packed.shape[1] * per)
 
 
 def quantize_groups(x: torch.Tensor, bits: int, group: int, dim: int, param_dtype: torch.dtype):
@@ -163,6 +163,36 @@ class KIVILayer(EncodedLayer):
         v = dequantize_groups(unpack(vq.codes, self.fmt.bits), vq.scale, vq.mn, g, 1, self.dtype)
         return torch.cat([k, self.kr[h]]), torch.cat([v, self.vr[h]])
 
+    def flat(self) -> dict:
+        """Every head's tensors back to back, as methods/kernels/kivi_decode.py reads them (built once after
+        each change; one spare row per tensor so no kernel argument is ever empty)."""
+        if getattr(self, "_flat", None) is not None:
+            return self._flat
+
+        def cat(ts, width, dtype):
+            ts = [t for t in ts if t.shape[0]]
+            pad = ts[0].new_zeros(1, width) if ts else torch.zeros(1, width, dtype=dtype, device=self.pos[0].device)
+            return torch.cat(ts + [pad]) if ts else pad
+
+        d, g, b = self.head_dim, self.fmt.group_size, self.fmt.bits
+        nkq, nkr = [q.n for q in self.kq], [t.shape[0] for t in self.kr]
+        nvq, nvr = [q.n for q in self.vq], [t.shape[0] for t in self.vr]
+        meta = [[n, a, k, c, e, v, f] for n, a, k, c, e, v, f in
+                zip(self.head_lengths, exclusive_cumsum(nkq), nkq, exclusive_cumsum(nkr), exclusive_cumsum(nvq), nvq,
+                    exclusive_cumsum(nvr))]
+        self._flat = {
+            "bits": b, "group_size": g, "rows": self.n_rows,
+            "meta": torch.tensor(meta, dtype=torch.long, device=self.pos[0].device),
+            "kq_codes": cat([q.codes for q in self.kq], d * b // 8, torch.uint8),
+            "kq_scale": cat([q.scale for q in self.kq], d, self.dtype), "kq_min": cat([q.mn for q in self.kq], d, self.dtype),
+            "kr": cat(self.kr, d, self.dtype),
+            "vq_codes": cat([q.codes for q in self.vq], d * b // 8, torch.uint8),
+            "vq_scale": cat([q.scale for q in self.vq], d // g, self.dtype),
+            "vq_min": cat([q.mn for q in self.vq], d // g, self.dtype),
+            "vr": cat(self.vr, d, self.dtype),
+        }
+        return self._flat
+
     def materialize(self) -> LayerKV:
         kv = [self.head_kv(h) for h in range(self.n_heads)]
         return LayerKV._packed(torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv]), torch.cat(self.pos),
@@ -170,6 +200,7 @@ class KIVILayer(EncodedLayer):
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         before = self.nbytes()
+        self._flat = None
         for h in range(self.n_heads):
             self.kr[h] = torch.cat([self.kr[h], k[h].to(self.dtype)])
             self.vr[h] = torch.cat([self.vr[h], v[h].to(self.dtype)])
@@ -183,11 +214,11 @@ class KIVILayer(EncodedLayer):
                          self.dtype, self.head_dim)
 
     def attend(self, query, scaling, need_probs=False, window=None, softcap=None):
-        if query.shape[1] == 1 and query.is_cuda and not need_probs and window is None and softcap is None:
-            from kvbench.methods.kernels import use_triton
-            if use_triton(query):
-                from kvbench.methods.kernels.kivi_decode import kivi_decode_attention
-                return kivi_decode_attention(query[:, 0], self, scaling).unsqueeze(1), None
+        if query.shape[1] == 1 and not need_probs and window is None and softcap is None:
+            from kvbench.attention import _decode_kernel
+            if _decode_kernel(query) == "triton":  # dequantize inside the attention tile (GPU, or interpreted)
+                from kvbench.methods.kernels.kivi_decode import kivi_decode_attention_triton
+                return kivi_decode_attention_triton(query[:, 0], self.flat(), scaling).unsqueeze(1), None
         return super().attend(query, scaling, need_probs, window, softcap)
 
 
