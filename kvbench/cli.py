@@ -351,6 +351,8 @@ def cmd_run(args: list[str]) -> int:
     """Validate every job of the run/sweep (exit 2 on bad input), launch them through Hydra, then print the
     table of every job's summary as written on disk (the same for in-process and out-of-process launchers).
     Exit code: 0 when every run is complete and ok, 1 when any run failed, is partial or left no summary."""
+    if "--dry-run" in args or any(a.split("=", 1)[0] in ("+experiment", "experiment") for a in args):
+        return cmd_experiment(args)
     multirun = "-m" in args or "--multirun" in args
     if multirun:  # Hydra takes -m only before the overrides: `kvbench run method=a,b -m` works too
         args = ["-m"] + [a for a in args if a not in ("-m", "--multirun")]
@@ -395,6 +397,53 @@ def cmd_run(args: list[str]) -> int:
               f"resumes what is missing)", file=sys.stderr)
         return 1
     return code
+
+
+def cmd_experiment(args: list[str]) -> int:
+    """`kvbench run +experiment=NAME [overrides]` runs a preset (conf/experiment/NAME.yaml: one multirun per
+    grid, all into the preset's sweep); `--dry-run` (with or without a preset) lists the jobs and their run
+    dirs, validated, and runs nothing."""
+    from kvbench.report.experiments import PresetError, expand_experiment
+    dry = "--dry-run" in args
+    args = [a for a in args if a != "--dry-run"]
+    try:
+        preset, lines = expand_experiment(args)
+    except PresetError as e:
+        print(f"kvbench: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not dry:
+        codes = [cmd_run(["-m"] + [a for a in line if a not in ("-m", "--multirun")]) for line in lines]
+        print(f"[kvbench] experiment {preset.name}: next, kvbench report "
+              f"{Path(str(preset.settings.get('results_dir', 'results'))) / preset.sweep}", file=sys.stderr)
+        return max(codes)
+    from kvbench.runner import run_dir
+    rows, seen = [], set()
+    for line in lines:
+        multirun = preset is not None or "-m" in line or "--multirun" in line
+        try:
+            planned = plan_jobs([a for a in line if a not in ("-m", "--multirun")], multirun)
+        except BadInput as e:
+            print(f"kvbench: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        for cfg in planned:
+            rd = run_dir(cfg)
+            if rd.hash in seen:  # e.g. the full cache, one run for every budget
+                continue
+            seen.add(rd.hash)
+            setting = ("-" if cfg["method"]["name"] == "full" else
+                       str(cfg.get("budget")) if cfg.get("budget") is not None else f"ratio {cfg.get('compression_ratio')}")
+            rows.append([str(len(rows) + 1), str(cfg["model"].get("name")), str(cfg["task"]["name"]),
+                         str(cfg["method"]["name"]), setting, "y" if cfg.get("query_aware") else "n",
+                         "done" if rd.read_summary() is not None else "to run", str(rd.path)])
+    head = ["#", "model", "task", "method", "budget", "qa", "state", "run dir"]
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    if preset is not None:
+        print(f"experiment {preset.name}: {preset.title}")
+    for r in [head] + rows:
+        print("  ".join(c.ljust(x) for c, x in zip(r, w)).rstrip())
+    done = sum(r[6] == "done" for r in rows)
+    print(f"{len(rows)} jobs ({done} done, {len(rows) - done} to run); dry run: nothing was run")
+    return 0
 
 
 def _collect(planned: list[dict]) -> list[dict]:
@@ -468,7 +517,7 @@ def cmd_list(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: kvbench {run,list,report,compare,profile} ..."
+    usage = "usage: kvbench {run,list,report,compare,history,profile} ..."
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else EXIT_BAD_INPUT
@@ -487,8 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     elif cmd == "profile":
         from kvbench.profile import profile_main
         code = profile_main(rest)
+    elif cmd == "history":
+        from kvbench.report.history import history_main
+        code = history_main(rest)
     else:
-        print(f"kvbench: error: unknown command {cmd!r}; allowed: run, list, report, compare, profile", file=sys.stderr)
+        print(f"kvbench: error: unknown command {cmd!r}; allowed: run, list, report, compare, history, profile", file=sys.stderr)
         code = EXIT_BAD_INPUT
     return code
 

@@ -1,6 +1,8 @@
 """`kvbench report` (tables, figures, dashboard), `kvbench compare` (regression gate), a progress bar.
 
-    kvbench report RESULTS_DIR [--out reports/NAME] [--title TEXT] [--no-plots]
+    kvbench report RESULTS_DIR [--out reports/NAME] [--title TEXT] [--no-plots] [--experiment NAME]
+                               [--paper [--ci paren|pm|none]]
+    kvbench history DIR... [--out reports/history] [--baseline DIR] [--tolerance POINTS]
     kvbench compare BASELINE_DIR CURRENT_DIR [--tolerance POINTS] [--ci] [--out summary.md]
 """
 from __future__ import annotations
@@ -25,6 +27,12 @@ def report_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, help="output dir (default: reports/<basename of RESULTS_DIR>)")
     p.add_argument("--title", default=None, help="dashboard title")
     p.add_argument("--no-plots", action="store_true", help="tables only (faster)")
+    p.add_argument("--experiment", default=None,
+                   help="compare with this preset's published numbers (default: the preset whose sweep this is)")
+    p.add_argument("--paper", action="store_true",
+                   help="also write <out>/paper/: figures/*.pdf (column sizes, fonts embedded), tables/*.tex, main.tex")
+    p.add_argument("--ci", choices=["none", "paren", "pm"], default="paren",
+                   help="LaTeX tables of --paper: each score's 95%% CI in parentheses (paren), as ± (pm), or none")
     a = p.parse_args(argv)
     if not a.results_dir.is_dir():
         print(f"kvbench report: results dir {a.results_dir} does not exist", file=sys.stderr)
@@ -33,6 +41,13 @@ def report_main(argv: list[str]) -> int:
     if not runs:
         print(f"kvbench report: results dir {a.results_dir} has no runs (no summary.json below it)", file=sys.stderr)
         return 2
+    from .experiments import PresetError, find_preset_for, load_preset, published_markdown, published_rows, \
+        published_text
+    try:
+        preset = load_preset(a.experiment) if a.experiment else find_preset_for(runs)
+    except PresetError as e:
+        print(f"kvbench report: {e}", file=sys.stderr)
+        return 2
     name = a.results_dir.resolve().name
     out = a.out or Path("reports") / name
     out.mkdir(parents=True, exist_ok=True)
@@ -40,17 +55,39 @@ def report_main(argv: list[str]) -> int:
     from .dashboard import write_dashboard
     from .tables import write_tables
     df = load_table(runs)
-    tables = write_tables(df, out)
+    pub = published_rows(preset, df) if preset else []
+    extra_md = [published_markdown(preset, pub)] if preset else []
+    if preset:
+        from .experiments import published_latex
+        (out / "published.md").write_text(extra_md[0])
+        (out / "published.tex").write_text(published_latex(preset, pub) if pub else "% no published values\n")
+    tables = write_tables(df, out, extra_md)
     figures = []
     if not a.no_plots:
         from .plots import make_plots
-        figures = make_plots(df, runs, out)
-    html = write_dashboard(df, tables, figures, out, source=str(a.results_dir), title=a.title or f"kvbench: {name}")
+        figures = make_plots(df, runs, out, pub, preset.title if preset else "",
+                             source_of(preset))
+    html = write_dashboard(df, tables, figures, out, source=str(a.results_dir),
+                           title=a.title or f"kvbench: {name}", runs=runs, preset=preset, published=pub)
+    if preset:
+        print(published_text(preset, pub))
+    paper_files = []
+    if a.paper:
+        from .paper import write_paper
+        paper_files = write_paper(df, runs, out / "paper", pub, preset, a.ci)
     whole = df[df["subtask"] == "all"]
     n_bad = int((whole["status"] != "ok").sum())
     print(f"{len(whole)} runs ({n_bad} not ok), {len(figures)} figures -> {out}/ "
-          f"(table.csv, table.md, table.tex, figures/, {html.name})")
+          f"(table.csv, table.md, table.tex, figures/, {html.name}"
+          f"{', published.md' if preset else ''}{', paper/ (' + str(len(paper_files)) + ' files)' if a.paper else ''})")
     return 0
+
+
+def source_of(preset) -> str:
+    if preset is None:
+        return ""
+    from .experiments import source_line
+    return source_line(preset)
 
 
 def compare_main(argv: list[str]) -> int:

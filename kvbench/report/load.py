@@ -27,7 +27,8 @@ ALL = "all"  # the `subtask` value of a whole-run row
 
 # Columns of the tidy table, in order.
 COLUMNS = [
-    "model", "task", "subtask", "method", "budget", "budget_label", "query_aware", "method_label",
+    "model", "task", "subtask", "subtask_kind", "method", "budget", "compression_ratio", "budget_label",
+    "query_aware", "method_label",
     "score", "score_ci_low", "score_ci_high", "kv_bytes", "kv_bytes_full", "kv_ratio",
     "kv_bytes_held_max", "peak_mem_bytes", "ttft_ms", "ttft_ms_median", "ttft_reused_ms", "ttft_reused_ms_median",
     "compress_ms", "decode_ms_per_token", "decode_ms_per_token_median", "decode_flops_per_token", "loaded",
@@ -159,6 +160,25 @@ def budget_label(method, budget, config: dict) -> str:
     return f"ratio {ratio}" if ratio is not None else "-"
 
 
+# Aggregates a task adds to its per-subtask scores (LongBench's English/Chinese means, category means).
+AGGREGATES = {"avg_en", "avg_zh", "category_avg"}
+
+
+def subtask_kind(name: str) -> str:
+    """What a `score/<name>` key of a summary's `extra` is: "subtask" (one of the task's datasets: LongBench's
+    hotpotqa, RULER's niah_single_1), "marginal" (a slice of the grid: NIAH's depth=25 / length=1000, a subtask
+    at one length `niah_single_1/4096`, a length bucket) or "aggregate" (a mean of subtasks: avg_en,
+    cat/<category>). Only subtasks are columns of the per-subtask table; marginals get their own table and no
+    column is ever averaged with the others."""
+    if name == ALL:
+        return ALL
+    if "=" in name or "/" in name and not name.startswith("cat/"):
+        return "marginal"
+    if name in AGGREGATES or name.startswith("cat/"):
+        return "aggregate"
+    return "subtask"
+
+
 def bootstrap_ci(scores, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap (Efron & Tibshirani 1993) 95% CI of the mean; NaN for no samples."""
     x = np.asarray(scores, dtype=float)
@@ -182,10 +202,11 @@ def run_rows(run: Run) -> list[dict]:
     base = {
         "model": _name(s, cfg, "model"), "task": _name(s, cfg, "task"), "method": method,
         "budget": _num(budget), "budget_label": budget_label(method, budget, cfg),
+        "compression_ratio": _num(s.get("compression_ratio", cfg.get("compression_ratio"))),
         "query_aware": qa, "seed": cfg.get("seed"), "config_hash": s.get("config_hash"),
         "run_id": s.get("run_id"), "run_dir": str(run.path),
     }
-    row = dict(base, subtask=ALL, status=s.get("status", "ok"), error_type=s.get("error_type"),
+    row = dict(base, subtask=ALL, subtask_kind=ALL, status=s.get("status", "ok"), error_type=s.get("error_type"),
                error=s.get("error"), n=_num(s.get("n")), n_failed=_num(s.get("n_failed")))
     if run.incomplete:  # the summary's numbers are not backed by the records on disk
         row.update(status="incomplete", error=run.incomplete)
@@ -202,7 +223,7 @@ def run_rows(run: Run) -> list[dict]:
     for sub, score in subs.items():
         recs = [r for r in run.records if (r.get("meta") or {}).get("subtask") == sub]
         ok = [r for r in recs if r.get("status", "ok") == "ok"]
-        sr = dict(base, subtask=sub, status=row["status"], error_type=None, error=None,
+        sr = dict(base, subtask=sub, subtask_kind=subtask_kind(sub), status=row["status"], error_type=None, error=None,
                   score=_num(score), n=float(len(ok)) if recs else math.nan,
                   n_failed=float(len(recs) - len(ok)) if recs else math.nan)
         sr["score_ci_low"], sr["score_ci_high"] = bootstrap_ci([_num(r.get("score")) for r in ok])

@@ -25,41 +25,105 @@ from .load import ALL, Run, is_niah_run  # noqa: E402
 STYLE = {
     "figure.dpi": 100, "savefig.dpi": 150, "savefig.bbox": "tight", "font.size": 10,
     "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8, "axes.grid": True,
-    "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False, "pdf.fonttype": 42,
+    "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+    # TrueType fonts embedded in PDFs (Type 42), never Type 3 bitmaps: what publishers' checkers ask for
+    "pdf.fonttype": 42, "ps.fonttype": 42,
 }
+# `kvbench report --paper`: sizes of a two-column paper (ACL/NeurIPS/ICML: a column is ~3.3 in, the page ~6.9 in)
+PAPER_STYLE = {**STYLE, "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
+               "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.2, "lines.markersize": 4,
+               "savefig.pad_inches": 0.02}
+ONE_COLUMN_IN, TWO_COLUMN_IN = 3.3, 6.9
 NIAH_CMAP = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
 FULL_COLOR = "black"
+# Okabe & Ito's colour-blind-safe palette (2008), then Paul Tol's "muted" for more methods. Methods the papers
+# compare most keep the same colour in every report (and every figure of a report); others follow by name.
+OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442"]
+TOL_MUTED = ["#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255", "#AA4499"]
+PALETTE = OKABE_ITO + TOL_MUTED
+PREFERRED = ["snapkv", "pyramidkv", "streaming_llm", "h2o", "adakv", "tova", "knorm", "random"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*", "d", "8", "H", "1"]
+# Method names as the papers write them (`kvbench report --paper`).
+PAPER_NAMES = {"full": "Full cache", "snapkv": "SnapKV", "pyramidkv": "PyramidKV", "h2o": "H2O",
+               "streaming_llm": "StreamingLLM", "adakv": "AdaKV", "tova": "TOVA", "knorm": "K-norm",
+               "random": "Random", "recent": "Recent", "cake": "CAKE", "windowkv": "WindowKV",
+               "compresskv": "CompressKV", "corm": "CORM", "lacache": "LaCache", "d2o": "D2O", "ems": "EMS",
+               "duoattention": "DuoAttention", "razorattention": "RazorAttention", "fastgen": "FastGen"}
+
+
+def paper_name(label: str) -> str:
+    """"snapkv" -> "SnapKV"; "snapkv (q-aware)" -> "SnapKV (q-aware)"; unknown names unchanged."""
+    base, sep, rest = str(label).partition(" ")
+    return PAPER_NAMES.get(base, base) + (sep + rest if sep else "")
+
+
+_MODE = {"paper": False, "name": str}  # set by make_plots
+
+
+def _size(kind: str, default: tuple[float, float]) -> tuple[float, float]:
+    """Figure size: the screen default, or in paper mode one column (`one`) or the page width (`two`)."""
+    if not _MODE["paper"]:
+        return default
+    return {"one": (ONE_COLUMN_IN, 2.3), "two": (TWO_COLUMN_IN, 2.4)}[kind]
+
+
+def _show(label: str) -> str:
+    return "Full cache" if label == "full" else _MODE["name"](label)
 
 
 def _legend(ax) -> None:
-    """Legend outside the axes on the right, so it never hides data."""
-    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    """Legend outside the axes (right of them; below them at paper sizes), so it never hides data."""
+    if _MODE["paper"]:
+        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, handlelength=1.5,
+                  columnspacing=1.0)
+    else:
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def slug(s) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(s)).strip("_")
 
 
+def _base(label: str) -> str:
+    return str(label).split(" ", 1)[0]
+
+
 def method_colors(labels) -> dict[str, str]:
-    """One colour per method label (sorted, tab10 then tab20), full cache in black."""
-    names = sorted(l for l in set(labels) if l != "full")
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    out = {l: matplotlib.colors.to_hex(cmap(i % cmap.N)) for i, l in enumerate(names)}
+    """One colour per method label, colour-blind safe: the methods papers compare most have fixed colours
+    (PREFERRED, in every report), the others follow by name; a method run both ways (q-aware / q-agnostic)
+    keeps its colour (and differs by marker); the full cache is black."""
+    labels = sorted(set(map(str, labels)) - {"full"})
+    bases = [b for b in PREFERRED if any(_base(l) == b for l in labels)]
+    bases += sorted({_base(l) for l in labels} - set(bases) - {"full"})
+    colour = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(bases)}
+    out = {l: colour[_base(l)] for l in labels}
     out["full"] = FULL_COLOR
     return out
 
 
-class Figures:
-    """Saves figures as `<out>/figures/<name>.{png,pdf}` and remembers the names in order."""
+def method_markers(labels) -> dict[str, str]:
+    """One marker shape per method label (so methods that overlap stay apart in grey print too)."""
+    labels = sorted(set(map(str, labels)) - {"full"}, key=lambda l: (PREFERRED.index(_base(l))
+                    if _base(l) in PREFERRED else len(PREFERRED), l))
+    out = {l: MARKERS[i % len(MARKERS)] for i, l in enumerate(labels)}
+    out["full"] = "*"
+    return out
 
-    def __init__(self, out_dir: Path):
-        self.dir = Path(out_dir) / "figures"
+
+class Figures:
+    """Saves figures as `<dir>/<name>.<ext>` (PNG for screens and PDF by default; PDF only for a paper) and
+    remembers the names in order."""
+
+    def __init__(self, out_dir: Path, sub: str = "figures", exts: tuple[str, ...] = ("png", "pdf")):
+        self.dir = Path(out_dir) / sub
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.exts = exts
         self.names: list[str] = []
 
     def save(self, fig, name: str) -> None:
-        for ext in ("png", "pdf"):
-            fig.savefig(self.dir / f"{name}.{ext}")
+        for ext in self.exts:
+            # no creation date in PDFs: the same results give byte-identical figures
+            fig.savefig(self.dir / f"{name}.{ext}", metadata={"CreationDate": None} if ext == "pdf" else None)
         plt.close(fig)
         self.names.append(name)
 
@@ -68,25 +132,29 @@ def _numeric_budgets(g: pd.DataFrame) -> pd.DataFrame:
     return g[(g["method"] != "full") & g["budget"].notna() & g["score"].notna()]
 
 
-def plot_score_vs_budget(fig_s: Figures, g: pd.DataFrame, colors, title: str, name: str) -> None:
+def _budget_axis(ax, budgets) -> None:
+    budgets = sorted(budgets)
+    if len(budgets) > 1 and min(budgets) > 0:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(int(b)) if float(b).is_integer() else str(b) for b in budgets])
+    ax.minorticks_off()
+
+
+def plot_score_vs_budget(fig_s: Figures, g: pd.DataFrame, colors, markers, title: str, name: str) -> None:
     comp = _numeric_budgets(g)
     if comp.empty:
         return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=_size("one", (5, 3.5)))
     full = g[g["method"] == "full"]["score"].dropna()
     if len(full):
         ax.axhline(full.mean() * 100, color=FULL_COLOR, ls="--", lw=1.2, label="Full cache")
     for label, mg in comp.groupby("method_label", sort=False):
         m = mg.groupby("budget")[["score", "score_ci_low", "score_ci_high"]].mean().sort_index()
         x = m.index.to_numpy(dtype=float)
-        ax.plot(x, m["score"] * 100, marker="o", ms=4, color=colors[label], label=label)
+        ax.plot(x, m["score"] * 100, marker=markers[label], ms=4, color=colors[label], label=_show(label))
         if m["score_ci_low"].notna().any():
             ax.fill_between(x, m["score_ci_low"] * 100, m["score_ci_high"] * 100, color=colors[label], alpha=0.15, lw=0)
-    budgets = sorted(comp["budget"].unique())
-    if len(budgets) > 1 and min(budgets) > 0:
-        ax.set_xscale("log", base=2)
-    ax.set_xticks(budgets, [str(int(b)) if float(b).is_integer() else str(b) for b in budgets])
-    ax.minorticks_off()
+    _budget_axis(ax, comp["budget"].unique())
     ax.set_xlabel("KV budget (tokens per head per layer)")
     ax.set_ylabel("score ×100")
     ax.set_title(title)
@@ -105,7 +173,19 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot_pareto(fig_s: Figures, g: pd.DataFrame, colors, title: str, name: str) -> None:
+DODGE = 0.03  # score-vs-memory: each method's points moved by ±3% per step on the (log) memory axis
+
+
+def dodge_factors(labels: list[str]) -> dict[str, float]:
+    """Multiplicative x offsets, one per compressed method, symmetric around 1: methods with the same memory
+    and score (snapkv exactly under streaming_llm at one budget) are drawn side by side, not on top of each
+    other. The Pareto front is computed from the true values."""
+    labels = [l for l in labels if l != "full"]
+    n = len(labels)
+    return {l: (1 + DODGE) ** (i - (n - 1) / 2) for i, l in enumerate(labels)} | {"full": 1.0}
+
+
+def plot_pareto(fig_s: Figures, g: pd.DataFrame, colors, markers, title: str, name: str) -> None:
     # memory axis: the most KV bytes a query held at any point (prefill, question, decoding), not only the
     # size right after compression (a prefill-only method keeps growing while it decodes); older runs
     # without it fall back to kv_bytes
@@ -114,15 +194,20 @@ def plot_pareto(fig_s: Figures, g: pd.DataFrame, colors, title: str, name: str) 
     d = g[g["score"].notna() & g["kv_bytes"].notna() & (g["kv_bytes"] > 0)]
     if d.empty:
         return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=_size("one", (5, 3.5)))
+    dodge = dodge_factors(list(dict.fromkeys(d["method_label"])))
     for label, mg in d.groupby("method_label", sort=False):
         full = (mg["method"] == "full").all()
-        ax.scatter(mg["kv_bytes"] / 2**20, mg["score"] * 100, color=colors[label], s=60 if full else 28,
-                   marker="*" if full else "o", label="Full cache" if full else label, zorder=3)
-        for _, r in mg.iterrows():
-            if not full:
-                ax.annotate(r["budget_label"], (r["kv_bytes"] / 2**20, r["score"] * 100), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+        x = mg["kv_bytes"] / 2**20 * dodge[label]
+        # hollow markers: one method's point never hides another's drawn at the same place
+        ax.scatter(x, mg["score"] * 100, s=70 if full else 30, marker=markers[label], facecolors="none"
+                   if not full else colors[label], edgecolors=colors[label], linewidths=1.2,
+                   label=_show(label), zorder=3)
+        if not _MODE["paper"]:
+            for xi, (_, r) in zip(x, mg.iterrows()):
+                if not full:
+                    ax.annotate(r["budget_label"], (xi, r["score"] * 100), fontsize=7, color=colors[label],
+                                xytext=(3, 3), textcoords="offset points")
     front = pareto_front(list(zip(d["kv_bytes"] / 2**20, d["score"] * 100)))
     if len(front) > 1:
         fx, fy = zip(*front)
@@ -131,7 +216,8 @@ def plot_pareto(fig_s: Figures, g: pd.DataFrame, colors, title: str, name: str) 
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
-    ax.set_xlabel("max KV cache held (MiB, mean per query)")
+    ax.set_xlabel(f"max KV cache held (MiB, mean per query; methods offset ±{DODGE * 100:g}% apart)"
+                  if len(dodge) > 2 else "max KV cache held (MiB, mean per query)")
     ax.set_ylabel("score ×100")
     ax.set_title(title)
     _legend(ax)
@@ -157,7 +243,8 @@ def niah_grid(records: list[dict]) -> pd.DataFrame:
 
 
 def plot_niah(fig_s: Figures, grid: pd.DataFrame, title: str, name: str) -> None:
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * grid.shape[1] + 2), max(3.0, 0.35 * grid.shape[0] + 1.5)))
+    size = _size("one", (max(4.0, 0.6 * grid.shape[1] + 2), max(3.0, 0.35 * grid.shape[0] + 1.5)))
+    fig, ax = plt.subplots(figsize=size)
     with plt.rc_context({"axes.grid": False}):
         im = ax.imshow(grid.to_numpy(), cmap=NIAH_CMAP, vmin=0, vmax=100, aspect="auto")
     ax.grid(False)
@@ -178,11 +265,11 @@ def plot_latency(fig_s: Figures, g: pd.DataFrame, colors, title: str, name: str)
     g = g[g[["ttft_ms", "decode_ms_per_token"]].notna().any(axis=1)]  # failed runs have no timings
     if g.empty:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    labels = ["full cache" if r.method == "full" else f"{r.method_label} @ {r.budget_label}" for r in g.itertuples()]
+    fig, axes = plt.subplots(1, 2, figsize=_size("two", (9, 3.5)))
+    labels = ["Full cache" if r.method == "full" else f"{_show(r.method_label)} @ {r.budget_label}" for r in g.itertuples()]
     for ax, col, ylab in [(axes[0], "ttft_ms", "TTFT (ms)"), (axes[1], "decode_ms_per_token", "decode (ms / token)")]:
         ax.bar(range(len(g)), g[col].fillna(0), color=[colors[m] for m in g["method_label"]])
-        ax.set_xticks(range(len(g)), labels, fontsize=7, rotation=45, ha="right")
+        ax.set_xticks(range(len(g)), labels, fontsize=7 if not _MODE["paper"] else 6, rotation=45, ha="right")
         ax.set_ylabel(ylab)
         ax.grid(axis="x", visible=False)
     fig.suptitle(title)
@@ -192,13 +279,12 @@ def plot_latency(fig_s: Figures, g: pd.DataFrame, colors, title: str, name: str)
 
 def plot_subtasks(fig_s: Figures, g: pd.DataFrame, colors, subs: list[str], title: str, name: str) -> None:
     methods = list(dict.fromkeys(g["method_label"]))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(subs) * max(1, len(methods)) / 2 + 2), 3.5))
+    fig, ax = plt.subplots(figsize=_size("two", (max(5.0, 0.9 * len(subs) * max(1, len(methods)) / 2 + 2), 3.5)))
     w = 0.8 / max(1, len(methods))
     for k, m in enumerate(methods):
         mg = g[g["method_label"] == m]
         vals = [mg[mg["subtask"] == s]["score"].mean() * 100 for s in subs]
-        ax.bar(np.arange(len(subs)) + (k - (len(methods) - 1) / 2) * w, vals, w, color=colors[m],
-               label="Full cache" if m == "full" else m)
+        ax.bar(np.arange(len(subs)) + (k - (len(methods) - 1) / 2) * w, vals, w, color=colors[m], label=_show(m))
     ax.set_xticks(range(len(subs)), subs, rotation=30, ha="right")
     ax.set_ylabel("score ×100")
     ax.set_title(title)
@@ -207,41 +293,120 @@ def plot_subtasks(fig_s: Figures, g: pd.DataFrame, colors, subs: list[str], titl
     fig_s.save(fig, name)
 
 
-def make_plots(df: pd.DataFrame, runs: list[Run], out_dir: Path) -> list[str]:
-    """Every figure for the report; returns the figure names (files are figures/<name>.png|pdf)."""
-    fig_s = Figures(out_dir)
+def plot_published(fig_s: Figures, g: pd.DataFrame, rows: list[dict], colors, markers, title: str, name: str,
+                   source: str = "") -> None:
+    """Score vs budget per subtask, the papers' layout: our runs as lines with filled markers, the published
+    values as hollow markers of the same colour and shape on the same axes; the full cache as a horizontal
+    line (ours dashed, published dotted)."""
+    subs = list(dict.fromkeys(r["subtask"] for r in rows))
+    if not subs:
+        return
+    tasks = {r.get("task") for r in rows} - {None}
+    if tasks:  # the preset's task only (a report may hold others)
+        g = g[g["task"].isin(tasks)]
+    ncol = min(4, len(subs))
+    nrow = math.ceil(len(subs) / ncol)
+    w = TWO_COLUMN_IN if _MODE["paper"] else 3.2 * ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(w, (1.7 if _MODE["paper"] else 2.6) * nrow + 0.6),
+                             squeeze=False)
+    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None} |
+                     set(_numeric_budgets(g)["budget"].unique()))
+    handles = {}
+    for ax, sub in zip(axes.flat, subs):
+        sg = g[g["subtask"] == sub]
+        if sub == "avg" and sg.empty:
+            sg = g[g["subtask"] == ALL]
+        full = sg[sg["method"] == "full"]["score"].dropna()
+        if len(full):
+            handles["Full cache (ours)"] = ax.axhline(full.mean() * 100, color=FULL_COLOR, ls="--", lw=1)
+        for label, mg in _numeric_budgets(sg).groupby("method_label", sort=False):
+            m = mg.groupby("budget")["score"].mean().sort_index()
+            (h,) = ax.plot(m.index.to_numpy(dtype=float), m.to_numpy() * 100, marker=markers[label], ms=3.5,
+                           color=colors[label], lw=1)
+            handles[f"{_show(label)} (ours)"] = h
+        for r in rows:
+            if r["subtask"] != sub:
+                continue
+            c = colors.get(r["method"], FULL_COLOR)
+            if r["method"] == "full":
+                handles["Full cache (published)"] = ax.axhline(r["published"], color=FULL_COLOR, ls=":", lw=1)
+            elif r["budget"] is not None:
+                h = ax.scatter([r["budget"]], [r["published"]], marker=markers.get(r["method"], "o"), s=28,
+                               facecolors="none", edgecolors=c, linewidths=1.1, zorder=4)
+                handles[f"{_show(r['method'])} (published)"] = h
+        if budgets:
+            _budget_axis(ax, budgets)
+        ax.set_title(sub)
+        ax.tick_params(axis="x", labelrotation=45)
+    for ax in axes.flat[len(subs):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("score ×100")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("KV budget")
+    fig.suptitle(title + (f"\n{source}" if source and not _MODE["paper"] else ""),
+                 fontsize=9 if _MODE["paper"] else 11)
+    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=4, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+    fig_s.save(fig, name)
+
+
+def make_plots(df: pd.DataFrame, runs: list[Run], out_dir: Path, published: list[dict] | None = None,
+               published_title: str = "", published_source: str = "", paper: bool = False,
+               sub: str = "figures") -> list[str]:
+    """Every figure for the report; returns the figure names (files are <out>/<sub>/<name>.png|pdf). With
+    `published` (rows of experiments.published_rows) the published points are drawn too; `paper`: PDF only,
+    column sizes, paper method names."""
+    fig_s = Figures(out_dir, sub, ("pdf",) if paper else ("png", "pdf"))
     if df.empty:
         return []
+    _MODE.update(paper=paper, name=paper_name if paper else str)
     colors = method_colors(df["method_label"])
+    markers = method_markers(df["method_label"])
+    for r in published or []:  # published methods absent from our runs still get their colour and marker
+        colors.setdefault(r["method"], method_colors(list(colors) + [r["method"]])[r["method"]])
+        markers.setdefault(r["method"], "o")
     multi_model = df["model"].nunique() > 1
-    with plt.rc_context(STYLE):
-        for (model, task), g in df.groupby(["model", "task"], sort=False):
-            pre = f"{slug(model)}__{slug(task)}" if multi_model else slug(task)
-            tt = f"{task} ({model})" if multi_model else task
-            whole = g[g["subtask"] == ALL]
-            plot_score_vs_budget(fig_s, whole, colors, tt, f"score_vs_budget__{pre}")
-            plot_pareto(fig_s, whole, colors, tt, f"pareto__{pre}")
-            plot_latency(fig_s, whole, colors, tt, f"latency__{pre}")
-            subs = [s for s in g["subtask"].unique() if s != ALL]
-            if subs:
-                for b in [b for b in dict.fromkeys(g["budget_label"]) if b != "full"] or ["full"]:
-                    sel = g[(g["subtask"] != ALL) & ((g["budget_label"] == b) | (g["method"] == "full"))]
-                    plot_subtasks(fig_s, sel, colors, subs, f"{tt}, budget {b}", f"subtasks__{pre}__{slug(b)}")
-        # NIAH heatmaps: one per (model, task, method, budget), repeated runs (seeds) pooled
-        niah: dict[tuple, list[dict]] = {}
-        runs_df = df[df["subtask"] == ALL].set_index("run_dir")
-        for run in runs:
-            if str(run.path) not in runs_df.index or not is_niah_run(run):
-                continue
-            r = runs_df.loc[str(run.path)]
-            if isinstance(r, pd.DataFrame):
-                r = r.iloc[0]
-            niah.setdefault((r["model"], r["task"], r["method_label"], r["budget_label"]), []).extend(run.records)
-        for (model, task, label, b), recs in niah.items():
-            grid = niah_grid(recs)
-            if grid.empty:
-                continue
-            pre = f"{slug(model)}__{slug(task)}" if multi_model else slug(task)
-            ttl = "Full cache" if label == "full" else f"{label}, budget {b}"
-            plot_niah(fig_s, grid, f"{task}: {ttl}", f"niah__{pre}__{slug(label)}__{slug(b)}")
+    try:
+        with plt.rc_context(PAPER_STYLE if paper else STYLE):
+            _all_plots(fig_s, df, runs, colors, markers, multi_model)
+            if published:
+                plot_published(fig_s, df, published, colors, markers, published_title,
+                               f"published__{slug(published_title.split(':')[0] or 'preset')}", published_source)
+    finally:
+        _MODE.update(paper=False, name=str)
     return fig_s.names
+
+
+def _all_plots(fig_s, df, runs, colors, markers, multi_model) -> None:
+    for (model, task), g in df.groupby(["model", "task"], sort=False):
+        pre = f"{slug(model)}__{slug(task)}" if multi_model else slug(task)
+        tt = f"{task} ({model})" if multi_model else task
+        whole = g[g["subtask"] == ALL]
+        plot_score_vs_budget(fig_s, whole, colors, markers, tt, f"score_vs_budget__{pre}")
+        plot_pareto(fig_s, whole, colors, markers, tt, f"pareto__{pre}")
+        plot_latency(fig_s, whole, colors, tt, f"latency__{pre}")
+        kinds = dict(zip(g["subtask"], g["subtask_kind"])) if "subtask_kind" in g else {}
+        subs = [s for s in g["subtask"].unique() if s != ALL and kinds.get(s, "subtask") == "subtask"]
+        if subs:
+            for b in [b for b in dict.fromkeys(g["budget_label"]) if b != "full"] or ["full"]:
+                sel = g[(g["subtask"] != ALL) & ((g["budget_label"] == b) | (g["method"] == "full"))]
+                plot_subtasks(fig_s, sel, colors, subs, f"{tt}, budget {b}", f"subtasks__{pre}__{slug(b)}")
+    # NIAH heatmaps: one per (model, task, method, budget), repeated runs (seeds) pooled
+    niah: dict[tuple, list[dict]] = {}
+    runs_df = df[df["subtask"] == ALL].set_index("run_dir")
+    for run in runs:
+        if str(run.path) not in runs_df.index or not is_niah_run(run):
+            continue
+        r = runs_df.loc[str(run.path)]
+        if isinstance(r, pd.DataFrame):
+            r = r.iloc[0]
+        niah.setdefault((r["model"], r["task"], r["method_label"], r["budget_label"]), []).extend(run.records)
+    for (model, task, label, b), recs in niah.items():
+        grid = niah_grid(recs)
+        if grid.empty:
+            continue
+        pre = f"{slug(model)}__{slug(task)}" if multi_model else slug(task)
+        ttl = "Full cache" if label == "full" else f"{_show(label)}, budget {b}"
+        plot_niah(fig_s, grid, f"{task}: {ttl}", f"niah__{pre}__{slug(label)}__{slug(b)}")

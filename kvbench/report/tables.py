@@ -25,6 +25,8 @@ class PaperTable:
     title: str
     columns: list[str]                       # column headers after the "Method" column
     rows: list[tuple[str, list[float], bool]]  # (method label, values in [0,1] or NaN, is_full)
+    ci: list[list[tuple[float, float]]] | None = None  # per row, per column: bootstrap 95% CI in [0,1] (or NaN)
+    note: str = ""                                   # one line under the caption
 
     def cells(self) -> list[list[str]]:
         return [[fmt_score(v) for v in vals] for _, vals, _ in self.rows]
@@ -65,9 +67,26 @@ def _mean_score(df: pd.DataFrame) -> float:
     return float(s.mean()) if len(s) else math.nan
 
 
-def paper_tables(df: pd.DataFrame) -> list[PaperTable]:
-    """One budget table per (model, task), and one subtask table per (model, task, budget) for tasks
-    with subtasks (LongBench style: subtasks as columns, plus the task's average)."""
+def _mean_ci(df: pd.DataFrame) -> tuple[float, float]:
+    d = df[df["score"].notna()]
+    if not len(d) or d["score_ci_low"].isna().any():
+        return math.nan, math.nan
+    return float(d["score_ci_low"].mean()), float(d["score_ci_high"].mean())
+
+
+OVERALL = "Overall"  # the run's own score over all its samples: never a mean of the other columns
+
+
+def _kind_order(kind: str) -> int:
+    return {"subtask": 0, "aggregate": 1, "marginal": 2}.get(kind, 3)
+
+
+def paper_tables(df: pd.DataFrame, name=lambda label: label) -> list[PaperTable]:
+    """One budget table per (model, task); for tasks with subtasks, per budget: a per-subtask table
+    (LongBench style: subtasks as columns, then the task's own aggregates such as avg_en, then Overall) and,
+    apart, a table of the grid's marginals (NIAH's depth= / length=, a subtask at one length). "Overall" is
+    the run's score over all its samples, not an average of the columns. `name` maps a method label to the
+    name shown (paper names in `kvbench report --paper`)."""
     out = []
     models = df["model"].dropna().unique()
     for (model, task), g in df.groupby(["model", "task"], sort=False):
@@ -76,25 +95,36 @@ def paper_tables(df: pd.DataFrame) -> list[PaperTable]:
         full = whole[whole["method"] == "full"]
         comp = whole[whole["method"] != "full"]
         budgets = sorted(comp["budget_label"].unique(), key=_budget_key) or ["full"]
-        rows = []
+        rows, cis = [], []
         if len(full):
             rows.append(("Full cache", [_mean_score(full)] * len(budgets), True))
+            cis.append([_mean_ci(full)] * len(budgets))
         for label, mg in comp.groupby("method_label", sort=False):
-            rows.append((label, [_mean_score(mg[mg["budget_label"] == b]) for b in budgets], False))
-        out.append(PaperTable(f"{task}: score ×100 by KV budget (tokens per head){suffix}", budgets, rows))
+            rows.append((name(label), [_mean_score(mg[mg["budget_label"] == b]) for b in budgets], False))
+            cis.append([_mean_ci(mg[mg["budget_label"] == b]) for b in budgets])
+        out.append(PaperTable(f"{task}: score ×100 by KV budget (tokens per head){suffix}", budgets, rows, cis))
 
-        subs = sorted((s for s in g["subtask"].unique() if s != ALL), key=_natural_key)
-        if not subs:
-            continue
+        kinds = dict(zip(g["subtask"], g["subtask_kind"])) if "subtask_kind" in g else {}
+        subs = [s for s in g["subtask"].unique() if s != ALL]
+        key = lambda s: (_kind_order(kinds.get(s, "subtask")), _natural_key(s))
+        groups = [("per subtask", sorted((s for s in subs if kinds.get(s, "subtask") in ("subtask", "aggregate")),
+                                         key=key)),
+                  ("by grid slice (marginals)", sorted((s for s in subs if kinds.get(s) == "marginal"), key=key))]
         for b in budgets:
             sel = g[(g["budget_label"] == b) | (g["method"] == "full")]
-            rows = []
-            for label, mg in sel.groupby("method_label", sort=False):
-                is_full = bool((mg["method"] == "full").all())
-                vals = [_mean_score(mg[mg["subtask"] == s]) for s in subs] + [_mean_score(mg[mg["subtask"] == ALL])]
-                rows.append(("Full cache" if is_full else label, vals, is_full))
-            rows.sort(key=lambda r: not r[2])  # full cache on top
-            out.append(PaperTable(f"{task}: score ×100 per subtask, budget {b}{suffix}", subs + ["Avg."], rows))
+            for what, cols in groups:
+                if not cols or (what == "per subtask" and all(kinds.get(c) == "aggregate" for c in cols)):
+                    continue
+                rows, cis = [], []
+                for label, mg in sel.groupby("method_label", sort=False):
+                    is_full = bool((mg["method"] == "full").all())
+                    cells = [mg[mg["subtask"] == c] for c in cols] + [mg[mg["subtask"] == ALL]]
+                    rows.append(("Full cache" if is_full else name(label), [_mean_score(c) for c in cells], is_full))
+                    cis.append([_mean_ci(c) for c in cells])
+                order = sorted(range(len(rows)), key=lambda i: not rows[i][2])  # full cache on top
+                out.append(PaperTable(f"{task}: score ×100 {what}, budget {b}{suffix}", cols + [OVERALL],
+                                      [rows[i] for i in order], [cis[i] for i in order],
+                                      note=f"{OVERALL}: the run's score over all its samples (not a mean of the columns)"))
     return out
 
 
@@ -106,29 +136,49 @@ def to_markdown(t: PaperTable) -> str:
     for (label, _, _), row, b in zip(t.rows, cells, bold):
         vals = [f"**{c}**" if bb else c for c, bb in zip(row, b)]
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    if t.note:
+        lines += ["", f"_{t.note}_"]
     return "\n".join(lines) + "\n"
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
         "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "×": r"$\times$",
-        "–": "--"}
+        "–": "--", "−": "$-$", "±": r"$\pm$", "·": r"$\cdot$", "→": r"$\rightarrow$", "≥": r"$\geq$",
+        "≤": r"$\leq$", "Δ": r"$\Delta$"}
 
 
 def tex_escape(s: str) -> str:
-    return "".join(_TEX.get(c, c) for c in str(s))
+    """LaTeX-safe text; characters outside ASCII without a LaTeX spelling here become "?" (pdflatex stops on
+    a Unicode character its fonts lack)."""
+    return "".join(_TEX.get(c, c if ord(c) < 128 else "?") for c in str(s))
 
 
-def to_latex(t: PaperTable) -> str:
+def _ci_cell(cell: str, ci, style: str) -> str:
+    """A LaTeX cell with its CI: "v (lo–hi)" (paren) or "v ± half-width" (pm); the value alone without a CI."""
+    if style == "none" or ci is None or cell == "–" or _nan(ci[0]) or _nan(ci[1]):
+        return tex_escape(cell)
+    if style == "pm":
+        return tex_escape(cell) + rf"{{\scriptsize$\pm${(ci[1] - ci[0]) * 50:.{DIGITS}f}}}"
+    return tex_escape(cell) + rf"{{\scriptsize~({ci[0] * 100:.{DIGITS}f}--{ci[1] * 100:.{DIGITS}f})}}"
+
+
+def to_latex(t: PaperTable, ci_style: str = "none") -> str:
+    """A booktabs table; ci_style "paren" or "pm" adds each cell's bootstrap 95% CI (in parentheses, or ± its
+    half-width)."""
     cells, bold = t.cells(), t.bold()
     lines = [r"\begin{table}[t]", r"\centering", r"\small",
              r"\begin{tabular}{l" + "r" * len(t.columns) + "}", r"\toprule",
              "Method & " + " & ".join(tex_escape(c) for c in t.columns) + r" \\", r"\midrule"]
     for i, ((label, _, full), row, b) in enumerate(zip(t.rows, cells, bold)):
-        vals = [rf"\textbf{{{tex_escape(c)}}}" if bb else tex_escape(c) for c, bb in zip(row, b)]
+        cis = t.ci[i] if t.ci else [None] * len(row)
+        vals = [_ci_cell(c, ci, ci_style) for c, ci in zip(row, cis)]
+        vals = [rf"\textbf{{{v}}}" if bb else v for v, bb in zip(vals, b)]
         lines.append(tex_escape(label) + " & " + " & ".join(vals) + r" \\")
         if full and i + 1 < len(t.rows) and not t.rows[i + 1][2]:
             lines.append(r"\midrule")  # rule between the reference row and the compressed methods
-    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{tex_escape(t.title)}}}", r"\end{table}"]
+    cap = t.title + (f". {t.note}" if t.note else "") + (". 95% bootstrap CI " + (
+        "in parentheses" if ci_style == "paren" else "as ± half-width") if ci_style in ("paren", "pm") else "")
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{tex_escape(cap)}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
@@ -140,7 +190,8 @@ def to_html(t: PaperTable) -> str:
         tds = "".join(f"<td>{'<b>' + c + '</b>' if bb else c}</td>" for c, bb in zip(row, b))
         cls = ' class="full"' if full else ""
         body.append(f"<tr{cls}><th>{html.escape(label)}</th>{tds}</tr>")
-    return (f"<table class=\"paper\"><caption>{html.escape(t.title)}</caption>"
+    note = f"<br><small>{html.escape(t.note)}</small>" if t.note else ""
+    return (f"<table class=\"paper\"><caption>{html.escape(t.title)}{note}</caption>"
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
@@ -199,16 +250,24 @@ def df_to_html(df: pd.DataFrame) -> str:
     return f"<table class=\"tidy\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_tables(df: pd.DataFrame, out_dir) -> list[PaperTable]:
-    """table.csv (raw tidy table, scores in [0,1]), table.md, table.tex; returns the paper tables."""
+def unique_rows(f: pd.DataFrame) -> pd.DataFrame:
+    """Formatted rows, each shown once (repeated runs of one cell that read the same are one row)."""
+    return f.drop_duplicates(ignore_index=True)
+
+
+def write_tables(df: pd.DataFrame, out_dir, extra_md: list[str] | None = None,
+                 ci_style: str = "none") -> list[PaperTable]:
+    """table.csv (raw tidy table, scores in [0,1]), table.md, table.tex; returns the paper tables.
+    `extra_md`: sections appended to table.md (the published-vs-ours table of a preset)."""
     from pathlib import Path
     out_dir = Path(out_dir)
     df.to_csv(out_dir / "table.csv", index=False)
     tables = paper_tables(df)
-    md = ["# kvbench results", ""] + [to_markdown(t) for t in tables]
-    md += ["## All runs", "", df_to_markdown(formatted(df))]
+    md = ["# kvbench results", ""] + [to_markdown(t) for t in tables] + list(extra_md or [])
+    md += ["## All runs", "", df_to_markdown(unique_rows(formatted(df[df["subtask"] == ALL]))),
+           "## Per-subtask rows", "", df_to_markdown(unique_rows(formatted(df[df["subtask"] != ALL])))]
     (out_dir / "table.md").write_text("\n".join(md))
-    tex = ["% kvbench results; needs \\usepackage{booktabs}", ""] + [to_latex(t) for t in tables]
+    tex = ["% kvbench results; needs \\usepackage{booktabs}", ""] + [to_latex(t, ci_style) for t in tables]
     (out_dir / "table.tex").write_text("\n".join(tex))
     return tables
 
