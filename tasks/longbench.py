@@ -78,7 +78,10 @@ NO_CHAT_TEMPLATE = {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
 # eval.py: for these the prediction is cut at its first line before scoring.
 FIRST_LINE_ONLY = {"trec", "triviaqa", "samsum", "lsht"}
 E_BUCKETS = ("0-4k", "4-8k", "8k+")
-CHAT_RESERVE = 64  # tokens kept free for the chat template when the budget comes from the model's window
+CHAT_RESERVE = 64  # tokens kept free for the chat template: a prompt never fills the window past this
+# pred.py generates samsum with eos_token_id=[EOS, the id of "\n"] and min_length=context+1: it stops at the first
+# newline after at least one new token ("prevent illegal output on samsum (model endlessly repeat '\nDialogue')").
+STOP_AT_NEWLINE = {"samsum"}
 
 HUB_REPO = "THUDM/LongBench"
 HUB_HINT = ("pass task.data_dir=<LongBench data.zip or its unzipped folder> "
@@ -95,27 +98,59 @@ def length_bucket(length: int) -> str:
     return "0-4k" if length < 4000 else ("4-8k" if length < 8000 else "8k+")
 
 
-def truncate_middle(text: str, tokenizer, max_tokens: int | None) -> tuple[str, int]:
+def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a text when it adds its special tokens (BOS for Llama-style
+    tokenizers: ([1], []); none for GPT-2-style ones: ([], []))."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return list(full[:i]), list(full[i + len(bare):])
+    return [], []
+
+
+def truncate_middle(text: str, tokenizer, max_tokens: int | None,
+                    special_tokens: bool = False) -> tuple[str, int]:
     """LongBench middle truncation: if the text has more than max_tokens tokens keep the first and the last
     max_tokens // 2 tokens and decode each half back to text. Returns (text, token count kept).
 
-    Special tokens are not added (the engine adds BOS / chat template itself) and the decode does not
-    "clean up" spaces, so an untruncated text decodes back unchanged.
+    special_tokens=True counts the tokenizer's own special tokens as the official pred.py does: it tokenizes
+    the prompt with them (`tokenizer(prompt)`, BOS included for Llama-style tokenizers), compares that count
+    with max_length, cuts that id list (so BOS is one of the head's max_length // 2 tokens) and decodes each
+    half with skip_special_tokens=True. The engine then adds BOS (or the chat template) itself.
+    special_tokens=False (SCBench) counts the text's own tokens only.
+    The decode does not "clean up" spaces, so an untruncated text decodes back unchanged.
     Memory is bounded by the budget, not by the text: a long text is never tokenized whole, only its two
     ends (`edge_ids`), which give the same ids as the official tokenize-then-cut.
     """
     def dec(x):
         return tokenizer.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    pre, suf = special_affixes(tokenizer) if special_tokens else ([], [])
+    extra = len(pre) + len(suf)
     if max_tokens is not None:
         half = max_tokens // 2
         ends = edge_ids(tokenizer, text, half + 1)  # None: short enough to tokenize whole
         if ends is not None:  # at least 2 * half + 2 > max_tokens tokens: cut
-            return dec(ends[0][:half]) + dec(ends[1][1:]), 2 * half
+            return dec((pre + ends[0])[:half]) + dec((ends[1] + suf)[len(ends[1]) + len(suf) - half:]), 2 * half
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if max_tokens is None or len(ids) <= max_tokens:
-        return text, len(ids)
-    return dec(ids[:half]) + dec(ids[-half:]), 2 * half
+    if max_tokens is None or len(ids) + extra <= max_tokens:
+        return text, len(ids) + extra
+    full = pre + ids + suf
+    return dec(full[:half]) + dec(full[len(full) - half:]), 2 * half
+
+
+def official_max_length(window: int) -> int:
+    """The official per-model prompt length (LongBench config/model2maxlen.json) for a model whose context
+    window is `window` tokens: 3,500 for the 4K models (llama2-7b-chat-4k), 7,500 for 8K (xgen-7b-8k,
+    internlm-7b-8k), 15,500 for 16K (vicuna-v1.5-7b-16k), 31,500 for 32K (longchat-v1.5-7b-32k,
+    chatglm2/3-6b-32k): the window counted in thousands ("4k" = 4,096 tokens -> 4,000) minus 500.
+    The same rule for any window of at least 4K: window * 1000 // 1024 - 500 (128K -> 127,500).
+    Below 4K (no official model) the 4K model's margin shrinks in proportion, 500 * window / 4096, so that the
+    rule stays continuous (2,048 -> 1,750); `LongBench.prompt_budget` then also keeps room for the generation."""
+    if window >= 4096:
+        return window * 1000 // 1024 - 500
+    return window * 1000 // 1024 - 500 * window // 4096
 
 
 def _hub_download(repo_id: str, filename: str) -> str:
@@ -185,10 +220,13 @@ class LongBench(Task):
     """LongBench v1 (21 configs) and LongBench-E (`<name>_e`, 13 configs), one query per sample.
 
     Knobs: subsets (config names; default the 16 English tasks), data_dir (data.zip or folder; default: hub
-    download), max_length (prompt budget in tokens for middle truncation; the engine's max_context_tokens caps
-    it to the window minus the task's generation length and a chat-template reserve).
+    download), max_length (prompt budget in tokens for middle truncation, BOS included as pred.py counts it;
+    default: the official per-model length for the model's window, `official_max_length`). Either way the
+    prompt is capped at the window minus the task's generation length and a chat-template reserve.
     """
     description = "LongBench v1 / LongBench-E with official prompts, truncation and metrics"
+    # bump when prompts, truncation or generation settings change (part of the run hash)
+    data_version = "longbench-2: model2maxlen default, BOS counted in max_length, samsum stops at a newline"
 
     def __init__(self, num_samples: int | None = None, subsets: list[str] | None = None,
                  data_dir: str | None = None, max_length: int | None = None, **knobs):
@@ -215,10 +253,15 @@ class LongBench(Task):
                                         {"subtask": config, "dataset": base_name(config)})
 
     def prompt_budget(self, config: str, max_context_tokens: int | None) -> int | None:
-        """Tokens allowed for the prompt: max_length, and at most the model's window minus this task's
-        generation length and a chat-template reserve (the official model2maxlen leaves the same room)."""
+        """Tokens allowed for the prompt (BOS included, chat template not: pred.py builds the chat prompt after
+        truncating): max_length, or by default the official length for the window (`official_max_length`:
+        3,500 at 4K, 7,500 at 8K, 31,500 at 32K); never more than the window minus this task's generation
+        length and CHAT_RESERVE, which binds only for windows below about 3.3K tokens (where the official
+        500-token margin cannot hold 512 new tokens and a chat template)."""
         limits = [] if self.max_length is None else [self.max_length]
         if max_context_tokens is not None:
+            if self.max_length is None:
+                limits.append(official_max_length(max_context_tokens))
             limits.append(max_context_tokens - DATASET2MAXLEN[base_name(config)] - CHAT_RESERVE)
         return max(2, min(limits)) if limits else None
 
@@ -227,15 +270,18 @@ class LongBench(Task):
         name = base_name(config)
         before, after = DATASET2PROMPT[name].split("{context}")
         question = after.format(input=row["input"])
-        prompt, n_tokens = truncate_middle(before + row["context"] + question, tokenizer, limit)
+        prompt, n_tokens = truncate_middle(before + row["context"] + question, tokenizer, limit, special_tokens=True)
         if prompt.endswith(question):
             context = prompt[: len(prompt) - len(question)]
         else:  # the question itself was longer than half the budget and got cut: keep the text whole
             context, question = prompt, ""
         meta = {"subtask": config, "dataset": name, "length": row.get("length"),
                 "language": row.get("language"), "_id": row.get("_id")}
+        qmeta = dict(meta)
+        if name in STOP_AT_NEWLINE:  # for the engine: stop at "\n" once one token is out (pred.py's samsum)
+            qmeta.update(stop=["\n"], min_new_tokens=1)
         query = Query(question=question, answers=list(row["answers"]), max_new_tokens=DATASET2MAXLEN[name],
-                      meta=dict(meta))
+                      meta=qmeta)
         return Sample(id=f"{config}/{row.get('_id', index)}", context=context, queries=[query],
                       chat_template=name not in NO_CHAT_TEMPLATE,
                       meta={**meta, "prompt_tokens": n_tokens, "all_classes": row.get("all_classes") or []})

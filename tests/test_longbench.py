@@ -179,3 +179,86 @@ def test_aggregate():
 
 def test_longbench_e_bucket_edges():
     assert [lb.length_bucket(n) for n in (0, 3999, 4000, 7999, 8000)] == ["0-4k", "0-4k", "4-8k", "4-8k", "8k+"]
+
+
+# ---------------------------------------------------------------- issue 18: official truncation and generation
+# Facts from github.com/THUDM/LongBench at 2e00731 (LongBench/pred.py, LongBench/config/model2maxlen.json).
+
+def test_default_max_length_is_the_official_per_model_length():
+    """config/model2maxlen.json: llama2-7b-chat-4k 3500, xgen-7b-8k / internlm-7b-8k 7500,
+    vicuna-v1.5-7b-16k 15500, longchat-v1.5-7b-32k / chatglm*-32k 31500 (pred.py uses it as max_length for
+    every dataset). Below 4K the 500-token margin scales with the window; the cap keeps room to generate."""
+    task = lb.LongBench()
+    for window, official in [(4096, 3500), (8192, 7500), (16384, 15500), (32768, 31500), (131072, 127500)]:
+        assert lb.official_max_length(window) == official
+        for config in lb.CONFIGS:
+            assert task.prompt_budget(config, window) == official, (window, config)
+    assert lb.official_max_length(2048) == 1750 and task.prompt_budget("hotpotqa", 2048) == 1750
+    assert task.prompt_budget("gov_report", 2048) == 2048 - 512 - lb.CHAT_RESERVE  # 512 new tokens must fit
+    assert lb.LongBench(max_length=1000).prompt_budget("gov_report", 4096) == 1000
+    assert task.prompt_budget("gov_report", None) is None
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tokenizer):
+    """The embedded tokenizer made to add a BOS (id 0, '<|endoftext|>') like Llama's tokenizers do."""
+    import copy
+
+    from tokenizers import processors
+    tok = copy.deepcopy(tokenizer)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", 0)])
+    assert tok("hi")["input_ids"][0] == 0 and tok("hi", add_special_tokens=False)["input_ids"][0] != 0
+    return tok
+
+
+def pred_py_prompt(tok, prompt: str, max_length: int) -> str:
+    """LongBench pred.py get_pred, written out: tokenize with the tokenizer's special tokens (truncation=False),
+    and if longer than max_length keep ids[:half] and ids[-half:] (half = int(max_length/2)), each decoded with
+    skip_special_tokens=True. (We decode without clean_up_tokenization_spaces, a listed difference.)"""
+    ids = tok(prompt)["input_ids"]
+    if len(ids) > max_length:
+        half = int(max_length / 2)
+        dec = lambda x: tok.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # noqa: E731
+        prompt = dec(ids[:half]) + dec(ids[-half:])
+    return prompt
+
+
+@pytest.mark.parametrize("max_length", [200, 201, 1000])
+def test_bos_is_one_of_the_head_tokens_as_in_pred_py(bos_tokenizer, tmp_path, max_length):
+    row = rows("narrativeqa")[0]
+    if max_length == 1000:  # a long context: the bounded (two-ends) tokenization path
+        row = dict(row, context=row["context"] * 12)
+    (tmp_path / "narrativeqa.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    s = next(lb.LongBench(subsets=["narrativeqa"], data_dir=str(tmp_path), max_length=max_length)
+             .samples(bos_tokenizer))
+    full = lb.DATASET2PROMPT["narrativeqa"].format(**row)
+    assert len(bos_tokenizer(full)["input_ids"]) > max_length
+    assert s.context + s.queries[0].question == pred_py_prompt(bos_tokenizer, full, max_length)
+    assert s.meta["prompt_tokens"] == 2 * (max_length // 2)
+
+
+def test_bos_counts_against_max_length(bos_tokenizer):
+    """A prompt of n text tokens is n + 1 tokens with BOS: max_length = n + 1 keeps it whole, n cuts it."""
+    row = rows("trec")[0]
+    full = lb.DATASET2PROMPT["trec"].format(**row)
+    n = len(bos_tokenizer(full, add_special_tokens=False)["input_ids"])
+    whole = next(lb.LongBench(subsets=["trec"], data_dir=str(FIX), max_length=n + 1).samples(bos_tokenizer))
+    assert whole.context + whole.queries[0].question == full and whole.meta["prompt_tokens"] == n + 1
+    cut = next(lb.LongBench(subsets=["trec"], data_dir=str(FIX), max_length=n).samples(bos_tokenizer))
+    assert cut.context + cut.queries[0].question == pred_py_prompt(bos_tokenizer, full, n) != full
+
+
+def test_samsum_generation_stops_at_a_newline(tokenizer):
+    """pred.py: samsum is generated with eos_token_id=[EOS, id of "\\n"] and min_length=context_length+1 (at
+    least one new token): the query asks the engine to stop at the first newline after one token; the other
+    tasks generate up to their length (or EOS). eval.py's first-line cut scores the same text."""
+    task = lb.LongBench(subsets=["samsum", "trec", "narrativeqa"], data_dir=str(FIX))
+    got = {s.meta["dataset"]: s for s in task.samples(tokenizer)}
+    q = got["samsum"].queries[0]
+    assert q.meta["stop"] == ["\n"] and q.meta["min_new_tokens"] == 1
+    assert q.max_new_tokens == 128 and got["samsum"].chat_template is False
+    for name in ("trec", "narrativeqa"):
+        assert "stop" not in got[name].queries[0].meta
+    pred = "\nMia and Leo will meet for lunch at 12:30 at the noodle place.\nDialogue: Mia: Bye"
+    assert task.postprocess(pred, q, got["samsum"]) == "Mia and Leo will meet for lunch at 12:30 at the noodle place."
