@@ -58,6 +58,8 @@ class Engine:
         n_kv, self._group, self._head_dim = attention_shape(self.model.config)
         for fmt in (method.formats() if method is not None else []):
             fmt.check_model(self.n_layers, n_kv, self._head_dim)  # before any sample: one clear line
+            if hasattr(fmt, "prepare"):  # calibrated formats (eigen_attention): load or compute once per model
+                fmt.prepare(lm)
         # K and V of one token in every layer and KV head: what an uncompressed cache stores per token
         self._full_bytes_per_token = 2 * self.n_layers * n_kv * self._head_dim * lm.dtype.itemsize
         self._linear_flops = linear_flops_per_token(self.model)  # once: it walks every module
@@ -113,7 +115,10 @@ class Engine:
         if self.fast_decode and on_step is None and self.device.type == "cuda" and max_new_tokens > 1:
             from kvbench import fast_decode
             ring = method.decode_ring() if method is not None else None
-            plain = all(isinstance(layer, LayerKV) and not layer.side for layer in cache.kv)
+            # plain rows whose side data the in-place step keeps right: a log-weight (new rows weigh 1, and a
+            # reserved spare row's is 0); a ring overwrites rows, so it takes none
+            plain = all(isinstance(layer, LayerKV) and set(layer.side) <= ({"log_weight"} if ring is None else set())
+                        for layer in cache.kv)
             if plain and fast_decode.supports(method) and fast_decode.ring_fits(cache, ring):
                 lens0 = cache.head_lengths()
                 fd = fast_decode.FastDecoder(self.model, cache, max_new_tokens, compile=self.compile_decode,

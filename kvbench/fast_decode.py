@@ -67,15 +67,17 @@ def append_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
                             keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                             starts: torch.Tensor, lengths: torch.Tensor, ring_next: torch.Tensor,
                             ring_rows: int, n_sink: int, scaling: float, softcap: float = 0.0,
-                            window: int = 0) -> torch.Tensor:
+                            window: int = 0, log_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Append one token (k_new, v_new: (h, d); pos: (1,)) to every KV head's reserved spare row (or, with
     ring_rows > 0, over its oldest non-sink row once it holds ring_rows: see methods/kernels/append.py), then
     attend with q (n_q, d) over each head's rows. Returns (n_q, d). Capacity is the caller's promise.
     softcap / window (0: none): Gemma-2's score soft cap and a sliding window of positions (the new token is
-    at `pos`), as kvbench.attention.attend."""
+    at `pos`), as kvbench.attention.attend. log_weight (T,): per-row logit bias of merged rows (RazorAttention's
+    compensation token); the appended rows' entries are 0 already (spare rows are zero-filled by reserve)."""
     from kvbench.methods import kernels
     args = (k_new, v_new, pos, keys, values, positions, starts, lengths)
-    opts = dict(softcap=softcap or None, window=window or None, positions=positions, q_pos=pos)
+    opts = dict(softcap=softcap or None, window=window or None, positions=positions, q_pos=pos,
+                log_weight=log_weight)
     if attention._decode_kernel(q) == "triton":
         kernels.ragged_append_triton(*args, ring_next=ring_next, ring_rows=ring_rows, n_sink=n_sink)
         return kernels.ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling, **opts)
@@ -85,7 +87,7 @@ def append_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
 
 @append_decode_attention.register_fake
 def _(q, k_new, v_new, pos, keys, values, positions, starts, lengths, ring_next, ring_rows, n_sink, scaling,
-      softcap=0.0, window=0):
+      softcap=0.0, window=0, log_weight=None):
     return torch.empty_like(q)
 
 
@@ -98,7 +100,8 @@ def inplace_attention(module, query, key, value, state, scaling, window=None, so
     layer = layers[i]
     out = append_decode_attention(query[0, :, 0], key[0, :, 0], value[0, :, 0], pos.view(1), layer.keys,
                                   layer.values, layer.positions, layer.starts, layer.lengths, ring_next[i],
-                                  ring_rows, n_sink, scaling, float(softcap or 0.0), int(window or 0))
+                                  ring_rows, n_sink, scaling, float(softcap or 0.0), int(window or 0),
+                                  layer.side.get("log_weight"))
     return out.view(1, 1, *out.shape), None  # (1, q=1, n_q, d) as transformers expects
 
 

@@ -11,9 +11,9 @@ one *compensation token* (the mean of their keys and the mean of their values) s
 What we simplified:
 - Scores are per KV head: the cache is per KV head, so a KV head is protected when any query head of its
   group is (max over the group).
-- The paper weights the compensation token by the number of tokens it replaces inside the softmax (its
-  equation 5). The shared attention (kvbench/attention.py) has no per-row logit bias, so our compensation
-  row counts as one token.
+- The compensation token is weighted by the number of tokens it replaces inside the softmax (the paper's
+  equation 5): its row carries log(count) as `log_weight` side data, which attention adds to its logit (torch
+  path and Triton kernel).
 - Protection shares: `induction_frac=0.14` and `echo_frac=0.01` of all KV heads (at least one of each),
   about 15% of heads protected; `probe_len=256` random tokens per copy, `probe_samples=4` sequences.
 - Non-retrieval heads are compressed once, after prefill; generated tokens are all kept.
@@ -224,3 +224,8 @@ class RazorAttention(Method):
         pos = torch.full((1,), -1, dtype=torch.long, device=dev)  # -1: not a real position
         layer.append(torch.stack(comp_k).unsqueeze(1), torch.stack(comp_v).unsqueeze(1), pos)
         layer.keep([torch.arange(L if c else L - 1, device=dev) for L, c in zip(layer.head_lengths, has_comp)])
+        # the paper's equation 5: the compensation token enters the softmax with the weight of the tokens it
+        # summarises, a log-count bias on its logit (row-aligned side data that attention adds)
+        layer.set_side("log_weight", [
+            F.pad(torch.zeros(L - 1, device=dev), (0, 1), value=math.log(n - (L - 1))) if c else torch.zeros(L, device=dev)
+            for L, n, c in zip(layer.head_lengths, lens, has_comp)])

@@ -411,3 +411,20 @@ def test_bad_inputs_raise_value_error():
         K.compact(keys, values, starts, lengths, torch.tensor([0, 1]), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="m <= n"):
         K.attention_colsum(randn(2, 5, 16), randn(1, 4, 16))
+
+
+@pytest.mark.parametrize("impl", _impls("ragged_decode_attention"), ids=lambda f: f.__name__)
+def test_decode_log_weight_counts_a_row_as_its_copies(impl, interpret_env):
+    # a merged row with log_weight log(3) attends exactly as 3 copies of that row in an unweighted cache
+    keys, values, starts, lengths = ragged_cache([5, 3], 16, seed=7)
+    q = randn(4, 16, seed=8)
+    lw = torch.zeros(keys.shape[0])
+    r = int(starts[0]) + 1
+    lw[r] = math.log(3)
+    got = impl(*to(DEV, q, keys, values, starts, lengths), log_weight=lw.to(DEV)).cpu()
+    k2 = torch.cat([keys[int(starts[0]):int(starts[0]) + 5], keys[r:r + 1].repeat(2, 1),
+                    keys[int(starts[1]):int(starts[1]) + 3]])
+    v2 = torch.cat([values[int(starts[0]):int(starts[0]) + 5], values[r:r + 1].repeat(2, 1),
+                    values[int(starts[1]):int(starts[1]) + 3]])
+    want = K.ragged_decode_attention_ref(q, k2, v2, torch.tensor([0, 7]), torch.tensor([7, 3]))
+    assert (got - want).abs().max() < 1e-5

@@ -244,6 +244,10 @@ def test_razor_keeps_promised_with_compensation(lm, prompt):
         assert torch.equal(k[:19], fk[kept]) and torch.equal(v[:19], fv[kept])
         assert torch.allclose(k[19], fk[4:45].mean(0), atol=1e-6)
         assert torch.allclose(v[19], fv[4:45].mean(0), atol=1e-6)
+        # equation 5: the compensation row weighs the 41 tokens it replaces, every other row 1
+        lw = cache.layer(layer).side_head("log_weight", h)
+        assert lw[19].item() == pytest.approx(math.log(41)) and not lw[:19].any()
+    assert not cache.layer(0).side_head("log_weight", 0).any()
     assert head_rows(cache, 0, 0)[2] == list(range(60))
     assert cache.nbytes() == 160 * BYTES_PER_ROW == cache.allocated_bytes()
 
