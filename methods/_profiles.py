@@ -2,7 +2,8 @@
 FastGen calibrated thresholds).
 
 A profile lives in `<root>/<model-label>/<method>.json` (root: the method's `profile_dir` knob, default
-`results/profiles`, or the env var KVBENCH_PROFILES). One file holds several entries keyed by a hash of
+`results/profiles`, or the env var KVBENCH_PROFILES); tensors a profile returns under data["tensors"] (Eigen
+Attention's calibrated bases) go to `<method>.<entry key>.pt` beside it. One file holds several entries keyed by a hash of
 (method, profiling knobs, model fingerprint): changing a profiling knob or the weights makes a new entry,
 never a stale hit. The model fingerprint hashes the architecture and a slice of layer 0's attention weights,
 so it is the same whether computed from the loaded model or from the attention module the engine hands a
@@ -73,9 +74,16 @@ def read_entry(path: Path, key: str) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text()).get("entries", {}).get(key)
+        entry = json.loads(path.read_text()).get("entries", {}).get(key)
     except (OSError, json.JSONDecodeError):
         return None
+    name = (entry or {}).get("data", {}).get("tensors_file")
+    if name is not None:  # calibrated projections (eigen_attention): tensors beside the JSON
+        try:
+            entry["data"]["tensors"] = torch.load(path.parent / name, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError):
+            return None
+    return entry
 
 
 def find_entry(root: Path, method: str, key: str) -> dict | None:
@@ -117,10 +125,19 @@ def get_or_create(lm, method: str, knobs: dict, compute: Callable, root: str | N
             return e, True, path
     t0 = time.perf_counter()
     data, tokens = compute(lm)
+    tensors = data.pop("tensors", None)
+    if tensors is not None:  # a dict of tensors (a calibrated basis) goes to <method>.<key>.pt, not into JSON
+        tfile = path.with_name(f"{path.stem}.{key}.pt")
+        tfile.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tensors, tfile.with_name(tfile.name + f".tmp{os.getpid()}"))
+        os.replace(tfile.with_name(tfile.name + f".tmp{os.getpid()}"), tfile)
+        data["tensors_file"] = tfile.name
     entry = {"key": key, "method": method, "model": lm.name, "model_fingerprint": fp, "knobs": knobs,
              "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "cost": {"wall_s": round(time.perf_counter() - t0, 3), "tokens": int(tokens)}, "data": data}
     write_entry(path, key, entry, lm.name, method)
+    if tensors is not None:
+        entry["data"]["tensors"] = tensors
     COMPUTED[method] += 1
     return entry, False, path
 
