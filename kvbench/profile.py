@@ -1,8 +1,8 @@
 """`kvbench profile method=<name> model=<model> [key=value ...]`: offline profiling for the methods that need it
 (duoattention: head gates; razorattention: echo/induction head scores; fastgen: the recovery threshold
-calibrated for a budget). The profile is stored under `results/profiles/<model>/<method>.json` (method knob
-`profile_dir`, or env KVBENCH_PROFILES) and reused on later calls and by `kvbench run`; `force=true`
-recomputes it. Also here: the profiling data (passkey samples, calibration prompts).
+calibrated for a budget; eigen_attention: key/value bases, in a .pt beside the JSON). The profile is stored
+under `results/profiles/<model>/<method>.json` (method knob `profile_dir`, or env KVBENCH_PROFILES) and reused
+on later calls and by `kvbench run`; `force=true` recomputes it. Also here: the profiling data (passkey samples, calibration prompts).
 
 Keys: method (required), model (default smollm2-135m), model.path, model.shape (synthetic shapes),
 device, dtype, budget, force, and any knob of the method (`steps`-like knobs, with or without `method.`).
@@ -13,7 +13,7 @@ import random
 import sys
 import time
 
-PROFILED = ("duoattention", "fastgen", "razorattention")
+PROFILED = ("duoattention", "eigen_attention", "fastgen", "razorattention")
 _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
