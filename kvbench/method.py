@@ -269,7 +269,7 @@ def build_method(name: str, budget=None, compression_ratio=None, storage=None, s
         raise ValueError(f"method.{bad[0]} is not a knob of {name}; allowed: {', '.join(sorted(allowed))}")
     method = cls(budget=budget, compression_ratio=compression_ratio, **knobs)
     for slot, spec in (("storage", storage), ("selector", selector)):
-        fmt = build_storage(spec)
+        fmt = build_storage(spec, slot)
         if not fmt.is_plain and fmt.kind != slot:
             raise ValueError(f"method.{slot}={fmt.name!r} is a {fmt.kind}; allowed as method.{slot}: "
                              + ", ".join(n for n, c in sorted(_formats().items()) if c.kind == slot))

@@ -152,8 +152,9 @@ def register_storage(name: str) -> Callable[[type[Storage]], type[Storage]]:
     return deco
 
 
-def build_storage(spec) -> Storage:
-    """A storage format from a config: None / "plain", a name, or {name: ..., knob: value, ...}."""
+def build_storage(spec, slot: str = "storage") -> Storage:
+    """A storage format from a config: None / "plain", a name, or {name: ..., knob: value, ...}.
+    slot: the config key it came from (storage or selector), named in errors."""
     from kvbench.method import load_all_methods
     load_all_methods()  # formats live in methods/ beside the methods that introduce them
     if spec is None:
@@ -161,11 +162,11 @@ def build_storage(spec) -> Storage:
     knobs = dict(spec) if not isinstance(spec, str) else {"name": spec}
     name = knobs.pop("name", "plain")
     if name not in STORAGES:
-        raise ValueError(f"method.storage={name!r}; allowed: {', '.join(sorted(STORAGES))}")
+        raise ValueError(f"method.{slot}={name!r}; allowed: {', '.join(sorted(STORAGES))}")
     cls = STORAGES[name]
     allowed = {f.name for f in fields(cls)}
     bad = sorted(set(knobs) - allowed)
     if bad:
-        raise ValueError(f"method.storage.{bad[0]} is not a knob of storage {name}; "
+        raise ValueError(f"method.{slot}.{bad[0]} is not a knob of {cls.kind} {name}; "
                          f"allowed: {', '.join(sorted(allowed)) or 'none'}")
     return cls(**knobs)

@@ -1,0 +1,193 @@
+"""One decode step of attention that reads only the pages Quest selected (methods/quest.py), per query head.
+
+Layout: the plain ragged cache of kvbench.cache (`keys`/`values` (T, d), KV head h owns rows
+`starts[h] : starts[h] + lengths[h]`), cut into pages of `page_size` consecutive rows of each head in row order
+(page p of head h: local rows p * page_size ... p * page_size + page_size - 1, the last page may be partial).
+`pages` (n_q, K) int32: the local page indices query head j attends to (its KV head is j // g); -1 = no page.
+
+The split kernel is ragged_decode's split-K flash-decoding re-cut for page lists: one program per
+(query head, split) walks a contiguous share of that head's page list, PAGES_PER_TILE pages (a tile of rows) at
+a time, loading only those rows' keys and values, with an online softmax; ragged_decode's reduce kernel merges
+the splits. Each query head reads its own pages (the heads of a GQA group choose different pages), so a row two
+heads of a group both select is read twice: what `QuestLayer.read_bytes` counts.
+Options as ragged_decode: `softcap`, `window` (by original position), `log_weight` (merged rows).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import HAS_TRITON, check_layout, check_triton_inputs, group_size, next_pow2, num_programs_hint, \
+    resolve_scaling, use_triton
+from .colsum import LOG2E
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .ragged_decode import _decode_reduce_kernel
+
+    @triton.jit
+    def _quest_split_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, lengths_ptr, pages_ptr, work_ptr, pos_ptr, qpos_ptr,
+                            lw_ptr, stride_qh, stride_kt, stride_vt, stride_ph, G, D, K, scale_log2, softcap_log2,
+                            window, PAGE: tl.constexpr, PAGES_PER_TILE: tl.constexpr, TILE: tl.constexpr,
+                            NUM_SPLITS: tl.constexpr, D_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                            HAS_WINDOW: tl.constexpr, HAS_LOGW: tl.constexpr):
+        # grid: (n_q, NUM_SPLITS)
+        j = tl.program_id(0)
+        split = tl.program_id(1)
+        h = j // G
+        start = tl.load(starts_ptr + h)
+        length = tl.load(lengths_ptr + h)
+        # this split's share of the K page slots, a multiple of PAGES_PER_TILE
+        chunk = tl.cdiv(tl.cdiv(K, NUM_SPLITS), PAGES_PER_TILE) * PAGES_PER_TILE
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, K)
+        offs_d = tl.arange(0, D_PAD)
+        d_ok = offs_d < D
+        offs_t = tl.arange(0, TILE)                 # row r of the tile: page slot r // PAGE, row r % PAGE in it
+        t_ok = offs_t < PAGES_PER_TILE * PAGE
+        slot_in_tile = offs_t // PAGE
+        in_page = offs_t % PAGE
+        q = tl.load(q_ptr + j * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        m_i = tl.full((1,), float("-inf"), tl.float32)
+        l_i = tl.zeros((1,), tl.float32)
+        acc = tl.zeros((1, D_PAD), tl.float32)
+        if HAS_WINDOW:
+            q_pos = tl.load(qpos_ptr)
+        for s0 in range(lo, hi, PAGES_PER_TILE):
+            slot = s0 + slot_in_tile
+            page = tl.load(pages_ptr + j * stride_ph + slot, mask=t_ok & (slot < hi), other=-1)
+            local = page.to(tl.int64) * PAGE + in_page
+            ok = t_ok & (page >= 0) & (local < length)
+            rows = start + local
+            k = tl.load(k_ptr + rows[:, None] * stride_kt + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            s = tl.sum(k.to(tl.float32) * q[None, :], 1) * scale_log2   # (TILE,) base-2 logits
+            if HAS_SOFTCAP:  # softcap * tanh(x / softcap), in base 2 (see ragged_decode)
+                s = softcap_log2 * (2.0 * tl.sigmoid(2.0 * s / softcap_log2) - 1.0)
+            if HAS_LOGW:
+                s = s + tl.load(lw_ptr + rows, mask=ok, other=0.0) * 1.4426950408889634
+            if HAS_WINDOW:
+                kpos = tl.load(pos_ptr + rows, mask=ok, other=0)
+                ok = ok & (kpos > q_pos - window)
+            s2 = tl.where(ok, s, float("-inf"))[None, :]                # (1, TILE)
+            m_new = tl.maximum(m_i, tl.max(s2, 1))
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s2 - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + rows[:, None] * stride_vt + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            acc = acc * alpha[:, None] + tl.sum(tl.trans(p) * v.to(tl.float32), 0)[None, :]
+            m_i = m_new
+        # work[j, split] = (max, sum, acc[0:D_PAD]), the layout ragged_decode's reduce kernel merges
+        base = (j * NUM_SPLITS + split) * (D_PAD + 2)
+        tl.store(work_ptr + base, tl.max(m_i, 0))
+        tl.store(work_ptr + base + 1, tl.sum(l_i, 0))
+        tl.store(work_ptr + base + 2 + offs_d, tl.sum(acc, 0))
+
+
+def _check(q, keys, values, starts, lengths, pages, page_size, softcap=None, window=None, positions=None,
+           q_pos=None, log_weight=None):
+    check_layout(keys, starts, lengths, values)
+    if q.dim() != 2 or q.shape[1] != keys.shape[1]:
+        raise ValueError(f"q must be (n_q, d={keys.shape[1]}), got shape {tuple(q.shape)}")
+    g = group_size(q.shape[0], starts.numel())
+    if pages.dim() != 2 or pages.shape[0] != q.shape[0]:
+        raise ValueError(f"pages must be (n_q={q.shape[0]}, K), got shape {tuple(pages.shape)}")
+    if not isinstance(page_size, int) or page_size <= 0:
+        raise ValueError(f"page_size={page_size!r}; allowed: a positive integer")
+    if log_weight is not None and log_weight.shape != keys.shape[:1]:
+        raise ValueError(f"log_weight {tuple(log_weight.shape)} must have one entry per row of keys {keys.shape[0]}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap={softcap}; allowed: a positive number or None")
+    if window is not None:
+        if not window >= 1:
+            raise ValueError(f"window={window}; allowed: an integer >= 1 or None")
+        if positions is None or q_pos is None:
+            raise ValueError("a window needs positions (T,) and q_pos (the new token's position)")
+    return g
+
+
+def selected_rows(pages: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, page_size: int, g: int):
+    """(rows (n_q, K * page_size) int64 global row indices, ok (n_q, K * page_size) bool): the rows of each
+    query head's selected pages (invalid slots: -1 pages and the missing rows of a partial last page)."""
+    n_q, K = pages.shape
+    head = torch.arange(n_q, device=pages.device) // g
+    local = pages.long().unsqueeze(-1) * page_size + torch.arange(page_size, device=pages.device)  # (n_q, K, P)
+    ok = (pages.unsqueeze(-1) >= 0) & (local < lengths[head].view(n_q, 1, 1))
+    rows = torch.where(ok, starts[head].view(n_q, 1, 1) + local, 0)
+    return rows.view(n_q, -1), ok.view(n_q, -1)
+
+
+def quest_decode_attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                               lengths: torch.Tensor, pages: torch.Tensor, page_size: int,
+                               scaling: float | None = None, softcap: float | None = None,
+                               window: int | None = None, positions: torch.Tensor | None = None, q_pos=None,
+                               log_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch reference: each query head's softmax over the rows of its selected pages, in float32 (batched
+    gather, no host sync). Returns (n_q, d) in q's dtype; a head that sees no row outputs 0."""
+    g = _check(q, keys, values, starts, lengths, pages, page_size, softcap, window, positions, q_pos, log_weight)
+    scaling = resolve_scaling(scaling, q.shape[1])
+    rows, ok = selected_rows(pages, starts, lengths, page_size, g)
+    k = keys[rows].float()                                        # (n_q, R, d)
+    s = torch.einsum("jd,jrd->jr", q.float(), k) * scaling
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if log_weight is not None:
+        s = s + log_weight[rows].float()
+    if window is not None:
+        qp = q_pos if isinstance(q_pos, torch.Tensor) else torch.tensor(int(q_pos), device=keys.device)
+        ok = ok & (positions[rows] > qp.reshape(()) - window)
+    s = s.masked_fill(~ok, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)                  # a head without rows: all -inf -> 0
+    return torch.einsum("jr,jrd->jd", p, values[rows].float()).to(q.dtype)
+
+
+def quest_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                                  lengths: torch.Tensor, pages: torch.Tensor, page_size: int,
+                                  scaling: float | None = None, softcap: float | None = None,
+                                  window: int | None = None, positions: torch.Tensor | None = None, q_pos=None,
+                                  log_weight: torch.Tensor | None = None, num_splits: int | None = None,
+                                  tile_rows: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """Triton version of `quest_decode_attention_ref` (same arguments and result); no device sync."""
+    g = _check(q, keys, values, starts, lengths, pages, page_size, softcap, window, positions, q_pos, log_weight)
+    check_triton_inputs(q, keys, values, starts, lengths)
+    n_q, d = q.shape
+    K = pages.shape[1]
+    dev = q.device
+    pages = pages.to(torch.int32).contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    ppt = max(1, tile_rows // page_size)                          # pages per tile
+    if num_splits is None:  # about two programs per SM, each at least two tiles
+        num_splits = max(1, min(triton.cdiv(K, 2 * ppt), triton.cdiv(num_programs_hint(dev), n_q)))
+    d_pad = max(16, next_pow2(d))
+    if window is not None:
+        if not isinstance(q_pos, torch.Tensor):
+            q_pos = torch.tensor([int(q_pos)], dtype=torch.long, device=dev)
+        check_triton_inputs(positions, q_pos)
+    else:
+        positions = q_pos = starts  # unused (HAS_WINDOW=False)
+    lw = starts if log_weight is None else log_weight.float()
+    work = torch.empty(n_q, num_splits, d_pad + 2, device=dev, dtype=torch.float32)
+    _quest_split_kernel[(n_q, num_splits)](
+        q, keys, values, starts, lengths, pages, work, positions, q_pos, lw, q.stride(0), keys.stride(0),
+        values.stride(0), pages.stride(0), g, d, K, resolve_scaling(scaling, d) * LOG2E, (softcap or 1.0) * LOG2E,
+        int(window or 0), PAGE=page_size, PAGES_PER_TILE=ppt, TILE=next_pow2(ppt * page_size),
+        NUM_SPLITS=num_splits, D_PAD=d_pad, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
+        HAS_LOGW=log_weight is not None, num_warps=num_warps)
+    out = torch.empty(n_q, d, device=dev, dtype=q.dtype)
+    lse = torch.empty(n_q, device=dev, dtype=torch.float32)
+    _decode_reduce_kernel[(n_q,)](work, out, lse, out.stride(0), d, NUM_SPLITS=num_splits,
+                                  S_PAD=next_pow2(num_splits), D_PAD=d_pad, num_warps=num_warps)
+    return out
+
+
+def quest_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                           lengths: torch.Tensor, pages: torch.Tensor, page_size: int, scaling: float | None = None,
+                           **opts) -> torch.Tensor:
+    """Attention over the selected pages: Triton on CUDA, the torch reference elsewhere."""
+    if use_triton(q, keys, values, starts, lengths, pages):
+        return quest_decode_attention_triton(q, keys, values, starts, lengths, pages, page_size, scaling, **opts)
+    return quest_decode_attention_ref(q, keys, values, starts, lengths, pages, page_size, scaling, **opts)
