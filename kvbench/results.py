@@ -158,7 +158,7 @@ _SUMMARY_FIELDS = {
     **dict.fromkeys(("budget", "compression_ratio", "score", "score_ci_low", "score_ci_high", "kv_bytes",
                      "kv_bytes_full", "kv_ratio", "kept_tokens", "context_tokens", "peak_mem_bytes", "ttft_ms",
                      "compress_ms", "decode_ms_per_token", "decode_setup_ms", "decode_flops_per_token",
-                     "kv_bytes_held_max", "ttft_reused_ms", "wall_s") + tuple(f + "_median" for f in MEDIAN_FIELDS),
+                     "kv_bytes_held_max", "kv_bytes_read_per_token", "ttft_reused_ms", "wall_s") + tuple(f + "_median" for f in MEDIAN_FIELDS),
                     _NUM),
     **dict.fromkeys(("n", "n_failed", "n_records"), _COUNT),
     "query_aware": _SCALAR, "run_error": _BOOL,
@@ -435,6 +435,18 @@ def first_line(text: str) -> str:
     return (str(text).strip().splitlines() or [""])[0][:500]
 
 
+def method_label(mcfg: dict) -> str | None:
+    """The method as tables name it: its name, plus `+format` for a non-plain storage format or selector
+    (`snapkv+kivi`, `full+quest`), so runs of one method in two formats never share a row."""
+    name = mcfg.get("name")
+    for slot in ("storage", "selector"):
+        fmt = mcfg.get(slot)
+        fname = fmt.get("name") if isinstance(fmt, dict) else fmt
+        if fname and fname != "plain":
+            name = f"{name}+{fname}"
+    return name
+
+
 def summarize(cfg: dict, run_hash: str, records: list[dict], extra: dict, started: str, wall_s: float,
               status: str | None = None, error: BaseException | None = None, setup: dict | None = None,
               conditions: dict | None = None) -> dict:
@@ -461,7 +473,7 @@ def summarize(cfg: dict, run_hash: str, records: list[dict], extra: dict, starte
         err_type, err = None, None
     budget = cfg.get("budget")
     note = None
-    method = cfg.get("method", {}).get("name")
+    method = method_label(cfg.get("method", {}))
     if ok and method != "full" and budget is not None and all(r["context_tokens"] <= budget for r in ok):
         note = f"budget={budget} >= every context ({max(r['context_tokens'] for r in ok)} tokens): no compression"
     return {
@@ -480,6 +492,7 @@ def summarize(cfg: dict, run_hash: str, records: list[dict], extra: dict, starte
         "decode_setup_ms": _mean(r.get("decode_setup_ms") for r in ok),
         "decode_flops_per_token": _mean(r["decode_flops_per_token"] for r in ok),
         "kv_bytes_held_max": _mean(r.get("kv_bytes_held_max") for r in ok),
+        "kv_bytes_read_per_token": _mean(r.get("kv_bytes_read_per_token") for r in ok),
         "ttft_reused_ms": _mean(r.get("ttft_reused_ms") for r in ok),
         **{f + "_median": _median(r.get(f) for r in ok) for f in MEDIAN_FIELDS},
         "setup": setup or {}, "conditions": _conditions(conditions, ok),

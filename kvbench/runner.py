@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from kvbench.engine import Engine
-from kvbench.method import build_method
+from kvbench.method import build_method, uses_budget
 from kvbench.metrics import run_conditions
 from kvbench.models import load_model
 from kvbench.results import RunBusy, RunDir, first_line, now, summarize
@@ -72,16 +72,23 @@ def method_from_cfg(cfg: dict):
     mcfg = dict(cfg["method"])
     name = mcfg.pop("name")
     mcfg.pop("paper", None)
-    return build_method(name, budget=cfg.get("budget") if name != "full" else None,
-                        compression_ratio=cfg.get("compression_ratio"), **mcfg)
+    budgeted = uses_budget(name)
+    return build_method(name, budget=cfg.get("budget") if budgeted else None,
+                        compression_ratio=cfg.get("compression_ratio") if budgeted else None, **mcfg)
 
 
 def normalize_config(cfg: dict) -> dict:
     """The config as it identifies the run: the full cache has no budget, so one run serves every budget
     of a sweep (same normalization as cli._hydra_job; the parent uses it to find each job's run dir)."""
-    if cfg.get("method", {}).get("name") == "full" and (cfg.get("budget") is not None
+    if not uses_budget(cfg.get("method", {}).get("name")) and (cfg.get("budget") is not None
                                                         or cfg.get("compression_ratio") is not None):
         cfg = {**cfg, "budget": None, "compression_ratio": None}
+    m = cfg.get("method")
+    if isinstance(m, dict) and any(isinstance(m.get(k), dict) and m[k].get("name") == "plain"
+                                   for k in ("storage", "selector")):
+        # plain rows read whole are what every run did before formats existed: same identity (config hash)
+        cfg = {**cfg, "method": {k: v for k, v in m.items()
+                                 if not (k in ("storage", "selector") and isinstance(v, dict) and v.get("name") == "plain")}}
     return cfg
 
 
@@ -169,12 +176,31 @@ def warm_up(engine: Engine, todo: list, seed: int) -> dict:
     return {"warmup_ms": None, "warmup_error": err}
 
 
+PROGRESS_EVERY_S = 30.0  # when stderr is not a terminal: a progress line at most this often (and at the end)
+
+
 def _progress(it, total, desc):
-    try:
-        from kvbench.report import progress
-        return progress(it, total=total, desc=desc)
-    except Exception:
-        return it
+    """A tqdm bar on a terminal; elsewhere (`make demo | tee log`, CI, SLURM logs) one plain line after the
+    first sample, then at most every PROGRESS_EVERY_S seconds, and after the last one."""
+    if sys.stderr.isatty():
+        try:
+            from kvbench.report import progress
+            return progress(it, total=total, desc=desc)
+        except Exception:
+            return it
+    return _log_progress(it, total, desc)
+
+
+def _log_progress(it, total, desc):
+    t0 = last = time.perf_counter()
+    for i, x in enumerate(it, 1):
+        yield x
+        now_ = time.perf_counter()
+        if i == 1 or i == total or now_ - last >= PROGRESS_EVERY_S:
+            last = now_
+            left = (now_ - t0) / i * (total - i)
+            eta = f", ~{left:.0f} s left" if i < total else ""
+            _log(f"{desc}: {i}/{total} samples, {now_ - t0:.0f} s{eta}")
 
 
 def _log(msg: str) -> None:
@@ -294,5 +320,9 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
     rd.write_summary(summary)
     if summary.get("note"):
         _log(f"run {rd.hash}: {summary['note']}")
+    score = summary.get("score")
+    _log(f"run {rd.hash} {summary.get('status')}"
+         + (f", score {score * 100:.1f}" if isinstance(score, (int, float)) and score == score else "")
+         + f" -> {rd.path}")
     summary["_dir"] = str(rd.path)
     return summary

@@ -172,3 +172,16 @@ def test_bad_knobs_and_compositions_are_one_line():
         build_method("h2o", budget=64, storage="kivi")
     with pytest.raises(ValueError, match=r"method.storage='nope'; allowed: .*kivi.*plain"):
         build_method("snapkv", budget=64, storage="nope")
+
+
+def test_command_line_composition_and_run_identity():
+    from kvbench.cli import format_aliases, plan_jobs
+    from kvbench.results import config_hash, method_label
+    (cfg,) = plan_jobs(format_aliases(["method=snapkv", "method.storage=kivi", "method.storage.bits=4"]), False)
+    assert cfg["method"]["storage"] == {"name": "kivi", "bits": 4, "group_size": 32, "residual_length": 128}
+    assert method_label(cfg["method"]) == "snapkv+kivi"
+    # plain storage is what every run did before formats existed: the same run identity as before
+    (plain,) = plan_jobs(format_aliases(["method=snapkv", "method.storage=plain"]), False)
+    (bare,) = plan_jobs([], False)
+    assert "storage" not in plain["method"] and config_hash(plain) == config_hash(bare)
+    assert config_hash(cfg) != config_hash(bare)
