@@ -380,7 +380,9 @@ class KVBenchCache(Cache):
 
     def clone(self) -> "KVBenchCache":
         c = KVBenchCache(len(self.kv))
-        c.kv = [l.clone() if l is not None else None for l in self.kv]
+        memo: dict = {}  # cross-layer stores (`shared_clone`): what several layers share is cloned once
+        c.kv = [None if l is None else l.clone(memo) if getattr(l, "shared_clone", False) else l.clone()
+                for l in self.kv]
         c.seen_tokens = self.seen_tokens
         c.held = HeldBytes(self.nbytes())
         for l in c.kv:

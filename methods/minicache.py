@@ -1,0 +1,296 @@
+"""MiniCache — Liu et al., "MiniCache: KV Cache Compression in Depth Dimension for Large Language Models"
+(NeurIPS 2024, arXiv 2405.14366; project page github.com/AkideLiu/MiniCache, which publishes no code).
+
+Adjacent layers from the middle depth on hold nearly the same KV states, token by token. MiniCache merges
+each pair of layers (l, l+1), l = S, S+2, ... with S = `start_layer` (the paper's default: half the depth,
+n_layers // 2; an odd layer left at the top stays plain). For each token i of each KV head, keys and values
+alike (each on its own), with x_a = layer l's row, x_b = layer l+1's row:
+- magnitudes ||x_a||, ||x_b|| are kept per layer (the paper's reparameterization, Eq. 2-3);
+- the two unit directions are merged by SLERP (Eq. 3), the paper's interpolation parameter t (`t`, default
+  0.6, its best value; t weighs the deeper layer, t = 0 gives layer l's direction):
+      Omega = arccos(u_a . u_b),   e = sin((1 - t) Omega) / sin(Omega) u_a + sin(t Omega) / sin(Omega) u_b;
+- restoration (Eq. 2): x_hat_a = ||x_a|| e, x_hat_b = ||x_b|| e (e is a unit vector);
+- token retention: d_i = Omega_i / pi, the angular distance of the pair. The paper sets the threshold from
+  the min-max range of the pair's distances with gamma (`gamma`, default 0.05), so that gamma = 0 retains
+  nothing and a larger gamma retains more tokens and compresses less (its ablation), a small set at 0.05; it
+  retains the highly distinct pairs. We retain the tokens whose angle exceeds the top gamma of that range:
+      retained = {i : d_i > d_max - gamma (d_max - d_min)},   over one KV head's tokens, keys and values apart.
+  A retained token stays unmerged in both layers: its original rows are stored, exact.
+Stored per pair and KV head (keys and values alike): the merged directions (model dtype) and the retained
+tokens' indices (int32), once for the pair — counted in layer l's bytes; per layer: its magnitudes of the
+merged tokens (model dtype) and its retained rows. A decode step's attention in either layer reads the shared
+directions, so both layers' `read_bytes` include them. What we simplified: merged directions are stored for
+merged tokens only (the paper's figure keeps a full-length merged cache and overwrites the retained tokens
+on restoration); tokens appended after encoding (the question when query_aware=false, decoded tokens) are
+stored plain in each layer — the paper's overview figure also merges decoded tokens across layers, but its
+retention threshold is defined over a set of tokens, not one token arriving at a time. There is no Triton
+kernel for MiniCache: decoding uses the torch reference over the reconstructed layer (`materialize`).
+
+Storage format `minicache` (`method.storage=minicache`, cross-layer: per_layer = False, encoded after the
+whole prefill) and method `minicache` (every token kept, layers merged). Composed with an eviction method
+(`method=snapkv method.storage=minicache`), only the positions a KV head kept in both layers of a pair merge;
+every other kept row stays as it is (plain, in its own layer).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.cache import KVBenchCache, LayerKV
+from kvbench.method import Method, register_method
+from kvbench.store import EncodedLayer, Storage, register_storage, tensor_bytes
+
+KINDS = ("k", "v")
+_EPS = 1e-6
+
+
+# -- the merge (the format's definition; the tests check it against a reference written from the paper) --
+def unit_and_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, d) -> fp32 unit directions (a zero row gives a zero direction) and fp32 norms (n,)."""
+    xf = x.float()
+    n = xf.norm(dim=-1)
+    return xf / torch.where(n > 0, n, 1.0).unsqueeze(-1), n
+
+
+def angle(ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+    """Omega (n,) in [0, pi] between unit rows: arccos(ua . ub), computed as 2 atan2(|ua - ub|, |ua + ub|),
+    which is exact near 0 and pi (arccos of a rounded cosine reads equal rows as ~3e-4 rad apart in fp32)."""
+    return 2 * torch.atan2((ua - ub).norm(dim=-1), (ua + ub).norm(dim=-1))
+
+
+def slerp(ua: torch.Tensor, ub: torch.Tensor, t: float) -> torch.Tensor:
+    """The paper's Eq. 3 on fp32 unit rows: sin((1-t) W)/sin W ua + sin(t W)/sin W ub, W their angle; unit rows.
+    Where sin W ~ 0 (parallel, or antipodal rows whose arc is undefined) the limit (1-t) ua + t ub, normalized
+    (antipodal and t = 0.5: ub)."""
+    w = angle(ua, ub).unsqueeze(-1)
+    s = torch.sin(w)
+    ok = s > _EPS
+    sd = torch.where(ok, s, 1.0)
+    e = torch.where(ok, torch.sin((1 - t) * w) / sd * ua + torch.sin(t * w) / sd * ub, (1 - t) * ua + t * ub)
+    n = e.norm(dim=-1, keepdim=True)
+    return torch.where(n > _EPS, e / torch.where(n > _EPS, n, 1.0), ub)
+
+
+def retained_mask(dist: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Tokens kept unmerged: angular distance d above d_max - gamma (d_max - d_min) (see the module docstring)."""
+    if dist.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=dist.device)
+    lo, hi = dist.min(), dist.max()
+    return dist > hi - gamma * (hi - lo)
+
+
+@dataclass
+class _Merged:
+    """One KV head's merge of one of keys / values over a pair's common tokens (n_c, sorted by position):
+    what the pair shares (directions of the merged tokens, indices of the retained ones) and, per layer,
+    magnitudes of the merged tokens and the retained rows."""
+    dirs: torch.Tensor        # (n_c - n_r, d) model dtype, shared
+    ret: torch.Tensor         # (n_r,) int32 local indices into the common tokens, shared
+    mags: list[torch.Tensor]  # per layer of the pair: (n_c - n_r,) model dtype
+    rows: list[torch.Tensor]  # per layer of the pair: (n_r, d) original rows
+
+    def shared_bytes(self) -> int:
+        return tensor_bytes(self.dirs, self.ret)
+
+    def own_bytes(self, role: int) -> int:
+        return tensor_bytes(self.mags[role], self.rows[role])
+
+    def restore(self, role: int, n_c: int) -> torch.Tensor:
+        """Layer `role`'s (n_c, d) rows: magnitude x merged direction, retained rows as stored."""
+        d = self.dirs.shape[1]
+        out = self.dirs.new_empty(n_c, d)
+        merged = torch.ones(n_c, dtype=torch.bool, device=self.dirs.device)
+        merged[self.ret.long()] = False
+        out[merged] = (self.mags[role].float().unsqueeze(1) * self.dirs.float()).to(out.dtype)
+        out[~merged] = self.rows[role]
+        return out
+
+    def clone(self) -> "_Merged":
+        return _Merged(self.dirs.clone(), self.ret.clone(), [m.clone() for m in self.mags],
+                       [r.clone() for r in self.rows])
+
+
+def merge_pair(xa: torch.Tensor, xb: torch.Tensor, t: float, gamma: float) -> _Merged:
+    """Merge (n, d) rows of layer l (xa) and layer l+1 (xb) of the same tokens and KV head."""
+    ua, na = unit_and_norm(xa)
+    ub, nb = unit_and_norm(xb)
+    keep = retained_mask(angle(ua, ub) / math.pi, gamma)
+    m = ~keep
+    return _Merged(dirs=slerp(ua[m], ub[m], t).to(xa.dtype),
+                   ret=keep.nonzero().view(-1).to(torch.int32),
+                   mags=[na[m].to(xa.dtype), nb[m].to(xb.dtype)],
+                   rows=[xa[keep].clone(), xb[keep].clone()])
+
+
+class _Pair:
+    """What layers l and l+1 share: per KV head, the common tokens' positions and the key / value merges."""
+
+    def __init__(self, pos: list[torch.Tensor], merged: list[dict[str, _Merged]]):
+        self.pos, self.merged = pos, merged
+
+    def shared_bytes(self) -> int:
+        return sum(m.shared_bytes() for per in self.merged for m in per.values())
+
+    def clone(self) -> "_Pair":
+        return _Pair([p.clone() for p in self.pos], [{k: m.clone() for k, m in per.items()} for per in self.merged])
+
+
+class MiniCacheLayer(EncodedLayer):
+    """One layer of a merged pair. Per KV head h, rows in order: the pair's common tokens (pair.pos[h], sorted
+    by position; reconstructed from the shared merge), then this layer's plain rows (tokens the other layer of
+    the pair did not keep, then tokens appended after encoding)."""
+    shared_clone = True  # KVBenchCache.clone passes a memo: the pair's shared tensors are cloned once
+
+    def __init__(self, fmt: "MiniCache", pair: _Pair, role: int, pk, pv, ppos, dtype: torch.dtype, head_dim: int):
+        self.fmt, self.pair, self.role = fmt, pair, role  # role 0: layer l (holds the shared bytes), 1: l+1
+        self.pk, self.pv, self.ppos = pk, pv, ppos          # per head: plain keys, values, positions
+        self.dtype, self.head_dim = dtype, head_dim
+        self.row_bytes = 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    @property
+    def head_lengths(self) -> list[int]:
+        return [p.numel() + q.numel() for p, q in zip(self.pair.pos, self.ppos)]
+
+    def own_bytes(self) -> int:
+        return (sum(m.own_bytes(self.role) for per in self.pair.merged for m in per.values())
+                + tensor_bytes(*self.pk, *self.pv))
+
+    def nbytes(self) -> int:
+        return self.own_bytes() + (self.pair.shared_bytes() if self.role == 0 else 0)
+
+    def read_bytes(self, extra_tokens: int = 0) -> int:
+        # both layers' attention reads the shared directions (one decode step reads them twice)
+        return self.own_bytes() + self.pair.shared_bytes() + extra_tokens * self.n_heads * self.row_bytes
+
+    def head_kv(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n_c = self.pair.pos[h].numel()
+        per = self.pair.merged[h]
+        k = torch.cat([per["k"].restore(self.role, n_c), self.pk[h]])
+        v = torch.cat([per["v"].restore(self.role, n_c), self.pv[h]])
+        return k, v, torch.cat([self.pair.pos[h], self.ppos[h]])
+
+    def materialize(self) -> LayerKV:
+        kvp = [self.head_kv(h) for h in range(self.n_heads)]
+        return LayerKV._packed(torch.cat([x[0] for x in kvp]), torch.cat([x[1] for x in kvp]),
+                               torch.cat([x[2] for x in kvp]), self.head_lengths)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        before = self.nbytes()
+        for h in range(self.n_heads):
+            self.pk[h] = torch.cat([self.pk[h], k[h].to(self.dtype)])
+            self.pv[h] = torch.cat([self.pv[h], v[h].to(self.dtype)])
+            self.ppos[h] = torch.cat([self.ppos[h], positions.to(self.ppos[h].device, torch.long)])
+        self._changed(before)
+
+    def clone(self, memo: dict | None = None) -> "MiniCacheLayer":
+        """A copy; `memo` (one per cache clone) makes the two layers of a pair share one copy of the pair."""
+        memo = {} if memo is None else memo
+        pair = memo.get(id(self.pair))
+        if pair is None:
+            pair = memo[id(self.pair)] = self.pair.clone()
+        return MiniCacheLayer(self.fmt, pair, self.role, [t.clone() for t in self.pk], [t.clone() for t in self.pv],
+                              [p.clone() for p in self.ppos], self.dtype, self.head_dim)
+
+
+def encode_pair(fmt: "MiniCache", la: LayerKV, lb: LayerKV) -> tuple[MiniCacheLayer, MiniCacheLayer]:
+    """Layers l (la) and l+1 (lb) -> their two stores sharing one `_Pair`."""
+    for layer in (la, lb):
+        if layer.log_weight() is not None:
+            raise ValueError("minicache merges token rows across layers; a method that merges rows (log-weights) "
+                             "does not compose with it")
+    if la.n_heads != lb.n_heads:
+        raise ValueError(f"minicache: layers of a pair have {la.n_heads} and {lb.n_heads} KV heads")
+    pos, merged, plain = [], [], ([], [])
+    for h in range(la.n_heads):
+        ka, va, pa = la.head(h)
+        kb, vb, pb = lb.head(h)
+        oa, ob = torch.argsort(pa), torch.argsort(pb)  # by position: the common tokens line up
+        ca, cb = torch.isin(pa[oa], pb), torch.isin(pb[ob], pa)
+        ia, ib = oa[ca], ob[cb]                        # the common tokens, in position order, in both layers
+        pos.append(pa[ia].clone())
+        merged.append({"k": merge_pair(ka[ia], kb[ib], fmt.t, fmt.gamma),
+                       "v": merge_pair(va[ia], vb[ib], fmt.t, fmt.gamma)})
+        for role, (k, v, p, o, c) in enumerate(((ka, va, pa, oa, ca), (kb, vb, pb, ob, cb))):
+            own = o[~c]                                # kept in this layer only: plain, as they are
+            plain[role].append((k[own].clone(), v[own].clone(), p[own].clone()))
+    pair = _Pair(pos, merged)
+    d = la.keys.shape[1]
+    return tuple(MiniCacheLayer(fmt, pair, role, [x[0] for x in plain[role]], [x[1] for x in plain[role]],
+                                [x[2] for x in plain[role]], layer.keys.dtype, d)
+                 for role, layer in enumerate((la, lb)))
+
+
+@register_storage("minicache")
+@dataclass
+class MiniCache(Storage):
+    start_layer: int | None = None  # first merged layer S (pairs S, S+1; S+2, S+3; ...); None: n_layers // 2
+    t: float = 0.6                  # SLERP interpolation parameter (weight of the deeper layer's direction)
+    gamma: float = 0.05             # retention threshold: top gamma of the pair's angular-distance range
+
+    paper = "MiniCache: KV Cache Compression in Depth Dimension for Large Language Models (2405.14366)"
+    per_layer = False
+    prefix = "method.storage."  # how errors name the knobs (method=minicache: "method.")
+
+    def __post_init__(self):
+        if self.start_layer is not None and (isinstance(self.start_layer, bool) or not isinstance(self.start_layer, int)
+                                             or self.start_layer < 0):
+            raise ValueError(f"method.storage.start_layer={self.start_layer!r}; allowed: null (n_layers // 2) or "
+                             "a layer index >= 0")
+        for knob in ("t", "gamma"):
+            x = getattr(self, knob)
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= float(x) <= 1.0:
+                raise ValueError(f"method.storage.{knob}={x!r}; allowed: a number in [0, 1]")
+
+    def first_layer(self, n_layers: int) -> int:
+        return n_layers // 2 if self.start_layer is None else self.start_layer
+
+    def pairs(self, n_layers: int) -> list[tuple[int, int]]:
+        return [(l, l + 1) for l in range(self.first_layer(n_layers), n_layers - 1, 2)]
+
+    def check_model(self, n_layers: int, n_kv: int, head_dim: int) -> None:
+        if n_layers and not self.pairs(n_layers):
+            s = self.first_layer(n_layers)
+            which = f"{s} (n_layers // 2)" if self.start_layer is None else str(s)
+            raise ValueError(f"{self.prefix}start_layer={which} leaves no pair of layers to merge in a "
+                             f"{n_layers}-layer model; allowed: 0 .. {n_layers - 2}")
+
+    def encode(self, layer, layer_idx, n_layers, query=None):
+        raise ValueError("minicache spans two layers: it encodes the whole cache (encode_cache), not one layer")
+
+    def encode_cache(self, cache: KVBenchCache) -> None:
+        self.check_model(len(cache.kv), 0, 0)
+        for a, b in self.pairs(len(cache.kv)):
+            la, lb = cache.kv[a], cache.kv[b]
+            if not (isinstance(la, LayerKV) and isinstance(lb, LayerKV)):
+                continue  # a layer without plain rows (not prefilled, or already encoded) is left as it is
+            before = la.nbytes() + lb.nbytes()
+            meter = la.meter
+            sa, sb = encode_pair(self, la, lb)
+            sa.meter = sb.meter = meter
+            cache.kv[a], cache.kv[b] = sa, sb
+            if meter is not None:
+                meter.add(sa.nbytes() + sb.nbytes() - before)
+
+
+@register_method("minicache")
+@dataclass
+class MiniCacheMethod(Method):
+    """Every token kept, layers merged by MiniCache: `method=minicache method.t=0.5` is `method=full
+    method.storage=minicache method.storage.t=0.5`."""
+    start_layer: int | None = None
+    t: float = 0.6
+    gamma: float = 0.05
+
+    paper = MiniCache.paper
+    family = "cross-layer merging: SLERP of adjacent layers' directions, per-layer magnitudes, token retention"
+    uses_budget = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        try:
+            self.storage = MiniCache(self.start_layer, self.t, self.gamma)
+        except ValueError as e:  # name the knob as the user wrote it (method.t, not method.storage.t)
+            raise ValueError(str(e).replace("method.storage.", "method.")) from None
+        self.storage.prefix = "method."
