@@ -16,7 +16,8 @@ quest/utils/__init__.py, quest/models/llama.py):
 - prefill (and any step feeding several tokens) is dense attention; appended tokens extend the last page or
   open a new one, its bounds updated as the token is stored (`append_kv` updates the metadata cache);
 - bounds are stored in the model's dtype (the official metadata cache has the KV cache's dtype); scores are
-  computed in float32 (here as q+ . M + q- . m with q+ = max(q, 0), q- = min(q, 0), the same sum).
+  accumulated in float32, as q+ . M + q- . m with q+ = max(q, 0), q- = min(q, 0) (the same sum; a Triton
+  kernel on CUDA, methods/kernels/quest_decode.py `quest_page_scores`).
 Selection is per query head (GQA: each head of a group picks its own pages; the official code is MHA).
 
 Selector `quest` (`method.selector=quest`; composes with any method that compresses at prefill, e.g.
@@ -56,15 +57,6 @@ def page_bounds(keys: torch.Tensor, page_size: int, n_cap: int | None = None) ->
     hi = keys.new_full((n_cap * page_size, d), float("-inf"))
     lo[:n], hi[:n] = keys, keys
     return lo.view(n_cap, page_size, d).amin(1), hi.view(n_cap, page_size, d).amax(1)
-
-
-def upper_bound_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """Quest's page score for each query head: sum_c max(q_c m_c, q_c M_c) = q+ . M + q- . m (float32).
-    query (n_q, d); kmin, kmax (n_kv, P, d). Returns (n_q, P)."""
-    n_kv, P, d = kmin.shape
-    q = query.float().view(n_kv, -1, d)
-    s = q.clamp(min=0) @ kmax.float().transpose(1, 2) + q.clamp(max=0) @ kmin.float().transpose(1, 2)
-    return s.reshape(-1, P)
 
 
 class QuestLayer(EncodedLayer):
@@ -140,26 +132,24 @@ class QuestLayer(EncodedLayer):
         """Pages each query head attends to at this decode step: (n_q, budget) int32 local page indices,
         -1 for none, sorted. The last page of each head is always in; the rest are the top (budget - 1)
         by the upper bound among the head's other pages (all of them when there are no more than that)."""
+        from kvbench.methods.kernels.quest_decode import quest_page_scores
         P, B = self.fmt.page_size, self.fmt.page_budget
-        lens = self.layer.head_lengths
-        npg = [n_pages(n, P) for n in lens]
-        n_kv, dev = len(lens), query.device
+        npg = [n_pages(n, P) for n in self.layer.head_lengths]
+        n_kv, dev = len(npg), query.device
         g = query.shape[0] // n_kv
+        uniform = len(set(npg)) == 1
         top = max(npg) - 1                       # scored pages: all but each head's last
         k = min(B - 1, top)
+        if uniform:
+            last = torch.full((n_kv,), npg[0] - 1, device=dev, dtype=torch.long)
+        else:
+            last = long_tensor([p - 1 for p in npg], dev)
         parts = []
-        if k > 0:
-            s = upper_bound_scores(query, self.kmin[:, :top], self.kmax[:, :top])   # (n_q, top)
-            if len(set(npg)) > 1:  # ragged heads: a head's pages past its own last do not exist
-                lim = long_tensor([p - 1 for p in npg], dev).repeat_interleave(g)
-                s = s.masked_fill(torch.arange(top, device=dev) >= lim.view(-1, 1), float("-inf"))
+        if k > 0:  # pages a head does not score (its last, past its end) come back -inf
+            s = quest_page_scores(query, self.kmin[:, :top], self.kmax[:, :top], last)   # (n_q, top)
             val, idx = torch.topk(s, k, dim=-1)
             parts.append(torch.where(val > float("-inf"), idx, -1))
-        if len(set(npg)) > 1:
-            last = long_tensor(npg, dev).repeat_interleave(g).view(-1, 1) - 1
-        else:
-            last = torch.full((query.shape[0], 1), npg[0] - 1, device=dev, dtype=torch.long)
-        parts.append(last)
+        parts.append(last.view(-1, 1).expand(n_kv, g).reshape(-1, 1))
         return torch.sort(torch.cat(parts, 1), dim=1).values.to(torch.int32)
 
     def attend(self, query, scaling, need_probs=False, window=None, softcap=None):

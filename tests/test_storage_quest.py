@@ -197,6 +197,21 @@ def test_kernel_matches_reference_under_the_triton_interpreter():
                                                         num_splits=ns, tile_rows=tile, **kw)
                     err = (ref.float() - tri.float()).abs().max()
                     assert tri.dtype == dtype and err < tol, (dtype, list(kw), ns, err)
+        # page scores: the bounds of 3 KV heads (a padded tensor: +-inf past a head's pages), g = 4 (fp16, not
+        # bf16: the Triton 3.9 interpreter's tl.dot on bf16 operands is wrong, compiled kernels are not)
+        from kvbench.methods.kernels.quest_decode import quest_page_scores_ref, quest_page_scores_triton
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+            kmin = torch.randn(3, 90, 32, generator=g).to(dtype)
+            kmax = (kmin.float() + torch.rand(3, 90, 32, generator=g)).to(dtype)
+            kmin[2, 40:], kmax[2, 40:] = float("inf"), float("-inf")
+            q = torch.randn(12, 32, generator=g).to(dtype)
+            n_sc = torch.tensor([89, 60, 39])
+            for width in (90, 75):  # the whole tensor, and a slice (the layer scores all but the last page)
+                ref = quest_page_scores_ref(q, kmin[:, :width], kmax[:, :width], n_sc)
+                tri = quest_page_scores_triton(q, kmin[:, :width], kmax[:, :width], n_sc, block_p=32)
+                fin = torch.isfinite(ref)
+                assert torch.equal(fin, torch.isfinite(tri)) and int(fin.sum()) == 4 * (min(89, width) + 60 + 39)
+                assert (ref[fin] - tri[fin]).abs().max() < tol, (dtype, (ref[fin] - tri[fin]).abs().max())
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")

@@ -18,7 +18,7 @@ import torch
 
 from . import HAS_TRITON, check_layout, check_triton_inputs, group_size, next_pow2, num_programs_hint, \
     resolve_scaling, use_triton
-from .colsum import LOG2E
+from .colsum import LOG2E, _dot_precision
 
 if HAS_TRITON:
     import triton
@@ -85,6 +85,73 @@ if HAS_TRITON:
         tl.store(work_ptr + base, tl.max(m_i, 0))
         tl.store(work_ptr + base + 1, tl.sum(l_i, 0))
         tl.store(work_ptr + base + 2 + offs_d, tl.sum(acc, 0))
+
+    @triton.jit
+    def _quest_score_kernel(q_ptr, lo_ptr, hi_ptr, nsc_ptr, out_ptr, stride_qh, stride_bh, stride_bp, stride_oh,
+                            G, D, P, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr):
+        # grid: (n_kv, cdiv(P, BLOCK_P)): the g query heads of KV head h against BLOCK_P pages' bounds
+        h = tl.program_id(0)
+        pb = tl.program_id(1)
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        g_ok = offs_g < G
+        d_ok = offs_d < D
+        p_ok = p < P
+        q = tl.load(q_ptr + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        qf = q.to(tl.float32)            # q+ pairs with the maxima, q- with the minima
+        qp = tl.maximum(qf, 0.0).to(q.dtype)
+        qn = tl.minimum(qf, 0.0).to(q.dtype)
+        bmask = p_ok[:, None] & d_ok[None, :]
+        boff = h * stride_bh + p[:, None] * stride_bp + offs_d[None, :]
+        hi = tl.load(hi_ptr + boff, mask=bmask, other=0.0)
+        lo = tl.load(lo_ptr + boff, mask=bmask, other=0.0)
+        s = tl.dot(qp, tl.trans(hi), input_precision=DOT_PRECISION)
+        s += tl.dot(qn, tl.trans(lo), input_precision=DOT_PRECISION)
+        n_sc = tl.load(nsc_ptr + h)
+        s = tl.where((p < n_sc)[None, :], s, float("-inf"))
+        tl.store(out_ptr + (h * G + offs_g)[:, None] * stride_oh + p[None, :], s, mask=g_ok[:, None] & p_ok[None, :])
+
+
+def quest_page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                          n_scored: torch.Tensor) -> torch.Tensor:
+    """Quest's page score of each query head (paper, Alg. 1): sum_c max(q_c m_c, q_c M_c), computed as
+    q+ . M + q- . m (q+ = max(q, 0), q- = min(q, 0): the same sum) in float32.
+    q (n_q, d); kmin, kmax (n_kv, P, d) per-page channel minima / maxima; n_scored (n_kv,) int64: head h scores
+    its pages 0 .. n_scored[h] - 1, the others get -inf. Returns (n_q, P) float32."""
+    n_kv, P, d = kmin.shape
+    qf = q.float().view(n_kv, -1, d)
+    s = qf.clamp(min=0) @ kmax.float().transpose(1, 2) + qf.clamp(max=0) @ kmin.float().transpose(1, 2)
+    ok = torch.arange(P, device=q.device) < n_scored.view(-1, 1, 1)
+    return s.masked_fill(~ok, float("-inf")).reshape(-1, P)
+
+
+def quest_page_scores_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_scored: torch.Tensor,
+                             block_p: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """Triton version of `quest_page_scores_ref`: reads each page's bounds once for the g heads of its group,
+    in their stored dtype, products accumulated in float32 (tl.dot)."""
+    n_kv, P, d = kmin.shape
+    n_q = q.shape[0]
+    g = group_size(n_q, n_kv)
+    check_triton_inputs(q, kmin, kmax, n_scored)
+    if kmin.stride() != kmax.stride() or kmin.stride(-1) != 1:
+        raise ValueError("kmin and kmax must share a layout with unit column stride")
+    q = q.to(kmin.dtype).contiguous()
+    out = torch.empty(n_q, P, device=q.device, dtype=torch.float32)
+    _quest_score_kernel[(n_kv, triton.cdiv(max(P, 1), block_p))](
+        q, kmin, kmax, n_scored, out, q.stride(0), kmin.stride(0), kmin.stride(1), out.stride(0), g, d, P,
+        G_PAD=max(16, next_pow2(g)), D_PAD=max(16, next_pow2(d)), BLOCK_P=block_p,
+        DOT_PRECISION=_dot_precision(kmin.dtype), num_warps=num_warps)
+    return out
+
+
+def quest_page_scores(q, kmin, kmax, n_scored):
+    """Page scores: Triton on CUDA, the torch reference elsewhere."""
+    if use_triton(q, kmin, kmax, n_scored):
+        return quest_page_scores_triton(q, kmin, kmax, n_scored)
+    return quest_page_scores_ref(q, kmin, kmax, n_scored)
 
 
 def _check(q, keys, values, starts, lengths, pages, page_size, softcap=None, window=None, positions=None,
