@@ -14,7 +14,9 @@ alike (each on its own), with x_a = layer l's row, x_b = layer l+1's row:
   the min-max range of the pair's distances with gamma (`gamma`, default 0.05), so that gamma = 0 retains
   nothing and a larger gamma retains more tokens and compresses less (its ablation), a small set at 0.05; it
   retains the highly distinct pairs. We retain the tokens whose angle exceeds the top gamma of that range:
-      retained = {i : d_i > d_max - gamma (d_max - d_min)},   over one KV head's tokens, keys and values apart.
+      retained = {i : d_i > d_max - gamma (d_max - d_min)},   over one KV head's tokens, keys and values apart
+  (our reading of the threshold, fitted to the paper's stated purpose and its gamma ablation; the exact printed
+  inequality could not be checked here, and no official code is public).
   A retained token stays unmerged in both layers: its original rows are stored, exact.
 Stored per pair and KV head (keys and values alike): the merged directions (model dtype) and the retained
 tokens' indices (int32), once for the pair — counted in layer l's bytes; per layer: its magnitudes of the

@@ -279,6 +279,32 @@ def test_engine_minicache_alone_and_composed_with_snapkv(tiny):
             assert set(st.pair.pos[h].tolist()) | set(st.ppos[h][:64 - st.pair.pos[h].numel()].tolist()) == kept[li]
 
 
+def test_engine_decode_reads_the_papers_restoration(tiny):
+    """A decode step over the merged cache gives the logits of the same step over plain layers holding the
+    reference restoration (Eq. 2-3 and retention, computed here from the full cache's rows)."""
+    ids = torch.randint(10, 400, (200,), generator=torch.Generator().manual_seed(4)).tolist()
+    full = Engine(tiny, build_method("full"), query_aware=True)
+    cf = full.new_cache()
+    full.prefill(cf, ids, None, compress=False)
+    la, lb = cf.kv
+    rows = {li: {"k": [], "v": []} for li in range(2)}
+    for h in range(2):
+        ka, va, _ = la.head(h)
+        kb, vb, _ = lb.head(h)
+        for kind, (xa, xb) in (("k", (ka, kb)), ("v", (va, vb))):
+            ra, rb, _ = ref_merge(xa, xb, 0.6, 0.05)
+            rows[0][kind].append(ra.float()), rows[1][kind].append(rb.float())
+    exact = full._forward(cf.clone(), [7], None, "decode")[0]
+    cf.kv = [LayerKV.from_dense(torch.stack(rows[li]["k"]), torch.stack(rows[li]["v"]), torch.arange(200))
+             for li in range(2)]
+    ref = full._forward(cf, [7], None, "decode")[0]
+    eng = Engine(tiny, build_method("minicache", start_layer=0), query_aware=True)
+    cm, m = eng.new_cache(), eng.method.fork()
+    eng.prefill(cm, ids, m, compress=True)
+    got = eng._forward(cm, [7], m, "decode")[0]
+    assert torch.allclose(got, ref, atol=1e-4) and not torch.allclose(got, exact, atol=1e-4)
+
+
 def test_engine_multi_request_clones_the_merged_context(tiny):
     eng = Engine(tiny, build_method("minicache", start_layer=0), query_aware=False, use_chat_template=False)
     ctx = torch.randint(10, 400, (120,), generator=torch.Generator().manual_seed(2)).tolist()
