@@ -26,40 +26,35 @@ SCORERS = ("snapkv", "pyramidkv", "knorm", "tova", "cake", "random")
 def adaptive_head_budgets(scores: torch.Tensor, budget: int, alpha: float) -> list[int]:
     """Per-head kept counts (their +inf tokens included) for (n_kv, L) scores, summing to
     min(budget, L) × n_kv: the official global top-k, then the safeguard mix (see the module docstring).
-    Ties in the global top-k go to the earlier head, then the earlier token (a stable sort)."""
+    Ties in the global top-k go to the earlier head, then the earlier token (a stable sort). Two host syncs
+    (the window counts, the top-k's counts); the mix runs on the host, in float32 like the official code."""
     h, L = scores.shape
     budget = min(budget, L)
     s = scores.float()
     forced = torch.isinf(s) & (s > 0)
-    n_forced = forced.sum(dim=1)                                   # (h,) the window, per head
-    room = L - n_forced                                            # scorable tokens per head
-    base = (budget - n_forced).clamp(min=0)                        # per-head free budget
-    total = int(base.sum())
+    n_forced = forced.sum(dim=1).tolist()                          # the window, per head
+    base = [max(0, budget - f) for f in n_forced]                  # per-head free budget
+    room = [L - f for f in n_forced]                               # scorable tokens per head
+    total = sum(base)
     if total == 0:
-        return n_forced.clamp(max=budget).tolist()
+        return [min(f, budget) for f in n_forced]
     # 1. unconstrained global top-k over every head's non-window scores
     flat = torch.where(forced, float("-inf"), s).reshape(-1)
     top = torch.sort(flat, descending=True, stable=True).indices[:total]
-    counts = torch.bincount(top // L, minlength=h).double()
-    # 2. the safeguard mix, rounded as the official torch.round (half to even)
-    floor_cap = torch.floor(float(alpha) * base.double())
+    counts = torch.bincount(top // L, minlength=h).cpu()
+    # 2. the safeguard mix as the official code: int64 counts × (1 − alpha) in float32, + int(alpha · base)
+    floor_cap = torch.tensor([int(base_h * float(alpha)) for base_h in base])
     raw = counts * (1.0 - float(alpha)) + floor_cap
-    out = torch.minimum(torch.round(raw), room.double())
-    diff = total - int(out.sum())
-    resid = raw - out                                              # > 0: rounded down
-    while diff != 0:
-        if diff > 0:
-            ok = out < room.double()
-            i = int(torch.where(ok, resid, float("-inf")).argmax())
-            out[i] += 1
-            diff -= 1
-        else:
-            ok = out > 0
-            i = int(torch.where(ok, resid, float("inf")).argmin())
-            out[i] -= 1
-            diff += 1
-        resid = raw - out
-    return (out.long() + n_forced).tolist()
+    out = torch.minimum(torch.round(raw), torch.tensor(room, dtype=raw.dtype)).long().tolist()
+    resid = [float(r) - o for r, o in zip(raw.tolist(), out)]      # > 0: rounded down
+    diff = total - sum(out)
+    while diff > 0:   # the heads rounded down the most (then the earlier) get one more, within their room
+        i = max((i for i in range(h) if out[i] < room[i]), key=lambda i: (resid[i], -i))
+        out[i], resid[i], diff = out[i] + 1, resid[i] - 1, diff - 1
+    while diff < 0:   # the heads rounded up the most (then the earlier) give one back
+        i = min((i for i in range(h) if out[i] > 0), key=lambda i: (resid[i], i))
+        out[i], resid[i], diff = out[i] - 1, resid[i] + 1, diff + 1
+    return [o + f for o, f in zip(out, n_forced)]
 
 
 @register_method("adakv")
