@@ -404,8 +404,10 @@ def fed_tokens(tokenizer, context: str, question: str, prefix: str) -> int:
         return ids(context, True) + ids(question + prefix, False)
     full = tokenizer.apply_chat_template([{"role": "user", "content": context + question}], tokenize=False,
                                          add_generation_prompt=True)
-    cut = full.find(context + question) + len(context)
-    return ids(full[:cut], False) + ids(full[cut:] + prefix, False)
+    at = full.find(context + question)
+    if at < 0:  # a template that rewrites the message (the engine refuses it): count the rendered text whole
+        return ids(full + prefix, False)
+    return ids(full[:at + len(context)], False) + ids(full[at + len(context):] + prefix, False)
 
 
 class LengthTooShort(ValueError):
@@ -492,11 +494,11 @@ class Ruler(Task):
                         continue
                     fitted += 1
                     yield sample
-                if (subset, length) in short:
-                    k, need = short[(subset, length)]
-                    warnings.warn(f"{self.name}: {subset} does not fit length {length} ({k} of {self.num_per} "
-                                  f"samples need up to {need} tokens): recorded as failed, the other subtasks run")
-        if short and not fitted:
+        if short and fitted:
+            for (subset, length), (k, need) in short.items():
+                warnings.warn(f"{self.name}: {subset} does not fit length {length} ({k} of {self.num_per} "
+                              f"samples need up to {need} tokens): recorded as failed, the other subtasks run")
+        elif short:
             need = {}
             for (subset, _), (_, n) in short.items():
                 need[subset] = max(need.get(subset, 0), n)

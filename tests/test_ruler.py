@@ -269,7 +269,9 @@ def test_too_short_subtask_fails_alone(tokenizer):
 
 
 def test_no_subtask_fits_is_one_clear_error(tokenizer):
-    with pytest.raises(ValueError) as e:
+    import warnings
+    with warnings.catch_warnings(), pytest.raises(ValueError) as e:
+        warnings.simplefilter("error")  # no "the other subtasks run" warning when none does
         list(Ruler(lengths=[300], subsets=["vt", "qa_1"], num_samples=1).samples(tokenizer))
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("ruler.lengths=[300]: too short for every subtask; allowed: a length")
