@@ -39,7 +39,7 @@ Differences from upstream (same recipe, not the same random draws):
   set of all adjective-noun pairs: the same distribution).
 - VT's solved example is generated per sample from the same recipe; RULER generates one and renames its
   variables and value per sample.
-- CWE past the wonderwords vocabulary (about 8,700 words, over 100K tokens): RULER switches to its
+- CWE past the wonderwords vocabulary (8,166 words, about 100K tokens): RULER switches to its
   english_words.json, which the PyPI package does not ship; here the list stops at the vocabulary (shorter
   than L).
 - qa_2: like RULER, HotpotQA "yes"/"no" answers (about 6% of questions) do not occur in the documents.
