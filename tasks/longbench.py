@@ -256,8 +256,8 @@ class LongBench(Task):
         """Tokens allowed for the prompt (BOS included, chat template not: pred.py builds the chat prompt after
         truncating): max_length, or by default the official length for the window (`official_max_length`:
         3,500 at 4K, 7,500 at 8K, 31,500 at 32K); never more than the window minus this task's generation
-        length and CHAT_RESERVE, which binds only for windows below about 3.3K tokens (where the official
-        500-token margin cannot hold 512 new tokens and a chat template)."""
+        length and CHAT_RESERVE. For the default that cap binds only below 4K windows, for the tasks that
+        generate 512 tokens (at 4K and above the official margin leaves room for them and a template)."""
         limits = [] if self.max_length is None else [self.max_length]
         if max_context_tokens is not None:
             if self.max_length is None:
