@@ -150,15 +150,14 @@ class EigenLayer(EncodedLayer):
         g = n_q // h
         qp = (query.float() @ self.pk).to(self.rows.keys.dtype)  # (n_q, q, r)
         probs = None
-        if q_len == 1 and query.is_cuda and not need_probs and window is None and softcap is None:
-            from kvbench.methods.kernels import use_triton
-            if use_triton(query):
-                from kvbench.methods.kernels.lowrank_decode import lowrank_decode_attention_triton
-                r = self.rows
-                out_r = lowrank_decode_attention_triton(qp[:, 0], [(r.keys, r.values, r.starts, r.lengths, None)],
-                                                        scaling).unsqueeze(1)
-                return self._lift(out_r, h, g).to(query.dtype), None
-        from kvbench.attention import attend
+        from kvbench.attention import _decode_kernel, attend
+        if q_len == 1 and not need_probs and window is None and softcap is None and _decode_kernel(query) == "triton":
+            # CUDA (DECODE_KERNEL "auto"; "triton" also on the CPU interpreter): the lowrank_decode kernel at rank r
+            from kvbench.methods.kernels.lowrank_decode import lowrank_decode_attention_triton
+            r = self.rows
+            out_r = lowrank_decode_attention_triton(qp[:, 0], [(r.keys, r.values, r.starts, r.lengths, None)],
+                                                    scaling).unsqueeze(1)
+            return self._lift(out_r, h, g).to(query.dtype), None
         out_r, probs = attend(qp, self.rows, scaling, need_probs, window, softcap)
         return self._lift(out_r, h, g).to(query.dtype), probs
 

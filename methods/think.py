@@ -146,11 +146,13 @@ class ThinKLayer(EncodedLayer):
                 (f.keys, f.values, f.starts, f.lengths, None)]
 
     def attend(self, query, scaling, need_probs=False, window=None, softcap=None):
-        if query.shape[1] == 1 and query.is_cuda and not need_probs and window is None and softcap is None:
-            from kvbench.methods.kernels import use_triton
-            if use_triton(query):
-                from kvbench.methods.kernels.lowrank_decode import lowrank_decode_attention_triton
-                return lowrank_decode_attention_triton(query[:, 0], self.parts(), scaling).unsqueeze(1), None
+        """On CUDA (kvbench.attention.DECODE_KERNEL "auto"; "triton" also on the CPU interpreter), a decode step
+        runs the lowrank_decode kernel over both row groups; otherwise the torch reference over materialize()."""
+        from kvbench.attention import _decode_kernel
+        if query.shape[1] == 1 and not need_probs and window is None and softcap is None \
+                and _decode_kernel(query) == "triton":
+            from kvbench.methods.kernels.lowrank_decode import lowrank_decode_attention_triton
+            return lowrank_decode_attention_triton(query[:, 0], self.parts(), scaling).unsqueeze(1), None
         return super().attend(query, scaling, need_probs, window, softcap)
 
     # -- mutation ------------------------------------------------------------------------------------

@@ -151,6 +151,7 @@ def test_kernel_matches_reference_under_the_triton_interpreter():
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
+        from kvbench import attention
         from kvbench.cache import LayerKV
         from kvbench.methods.eigen_attention import EigenAttention
         from kvbench.methods.kernels.lowrank_decode import lowrank_decode_attention_ref, lowrank_decode_attention_triton
@@ -172,8 +173,12 @@ def test_kernel_matches_reference_under_the_triton_interpreter():
             for splits in (None, 3):
                 tri = lowrank_decode_attention_triton(qp, parts, 0.2, num_splits=splits, block_n=16)
                 assert torch.allclose(ref, tri, atol=1e-5), (rank, splits, (ref - tri).abs().max())
-            lifted = st._lift(tri.unsqueeze(1), 3, 2)  # what attend() returns on the GPU
-            assert torch.allclose(lifted, st.attend(q.unsqueeze(1), 0.2)[0], atol=1e-5), rank
+            torch_path = st.attend(q.unsqueeze(1), 0.2)[0]  # projected rows through kvbench.attention.attend
+            attention.DECODE_KERNEL = "triton"  # attend()'s GPU dispatch, here on the interpreter
+            via = st.attend(q.unsqueeze(1), 0.2)[0]
+            attention.DECODE_KERNEL = "auto"
+            assert torch.allclose(via, torch_path, atol=1e-5), (rank, (via - torch_path).abs().max())
+            assert torch.allclose(via, st._lift(ref.unsqueeze(1), 3, 2), atol=1e-5), rank
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")

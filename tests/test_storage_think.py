@@ -125,6 +125,7 @@ def test_kernel_matches_reference_under_the_triton_interpreter():
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
+        from kvbench import attention
         from kvbench.cache import LayerKV
         from kvbench.methods.think import ThinK, ThinKLayer
         from kvbench.methods.kernels.lowrank_decode import lowrank_decode_attention_ref, lowrank_decode_attention_triton
@@ -144,6 +145,10 @@ def test_kernel_matches_reference_under_the_triton_interpreter():
             for splits in (None, 3):
                 tri = lowrank_decode_attention_triton(q, st.parts(), 0.2, num_splits=splits, block_n=16)
                 assert torch.allclose(ref, tri, atol=1e-5), (ratio, splits, (ref - tri).abs().max())
+            attention.DECODE_KERNEL = "triton"  # attend()'s GPU dispatch, here on the interpreter
+            via = st.attend(q.unsqueeze(1), 0.2)[0][:, 0]
+            attention.DECODE_KERNEL = "auto"
+            assert torch.allclose(ref, via, atol=1e-5), (ratio, (ref - via).abs().max())
         # keys of dim 9 (gathered query channels) beside values of dim 16, and a part with no row at all
         q = torch.randn(4, 16, generator=g)
         ch = torch.stack([torch.randperm(16, generator=g)[:9].sort().values for _ in range(2)]).to(torch.int16)
