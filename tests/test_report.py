@@ -275,3 +275,115 @@ def test_screenshot(report, tmp_path):
     assert sd.main([str(out), str(png)]) == 0
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+# -- issue 11 (reports) and issue 17 (paper output) -----------------------------------------------------------
+def test_marginals_apart_from_subtasks(tmp_path):
+    """depth= / length= marginals and a subtask at one length are not subtask columns; aggregates (avg_en)
+    follow the subtasks; Overall is the run's own score, not a mean of the columns."""
+    from kvbench.report.load import find_runs, load_table, subtask_kind
+    from kvbench.report.tables import paper_tables
+    assert [subtask_kind(s) for s in ["hotpotqa", "depth=25", "length=1000", "niah_single_1/4096", "avg_en",
+                                      "cat/code", "all"]] == ["subtask", "marginal", "marginal", "marginal",
+                                                             "aggregate", "aggregate", "all"]
+    recs = [record(i, "snapkv", 64, sc, L, {"length": L, "depth": D, "subtask": sub})
+            for i, (L, D, sub, sc) in enumerate([(1000, 0, "a", 1.0), (1000, 100, "a", 0.0), (2000, 0, "b", 1.0),
+                                                 (2000, 100, "b", 1.0)])]
+    d = write_run(tmp_path, "t", "snapkv", 64, recs)
+    s = json.loads((d / "summary.json").read_text())
+    s["extra"].update({"score/depth=0": 1.0, "score/depth=100": 0.5, "score/length=1000": 0.5,
+                       "score/length=2000": 1.0, "score/avg_en": 0.75})
+    (d / "summary.json").write_text(json.dumps(s))
+    tabs = {t.title: t for t in paper_tables(load_table(find_runs(tmp_path)))}
+    per = tabs["t: score ×100 per subtask, budget 64"]
+    assert per.columns == ["a", "b", "avg_en", "Overall"]
+    assert per.rows[0][1] == [0.5, 1.0, 0.75, 0.75]
+    marg = tabs["t: score ×100 by grid slice (marginals), budget 64"]
+    assert marg.columns == ["depth=0", "depth=100", "length=1000", "length=2000", "Overall"]
+    assert marg.rows[0][1] == [1.0, 0.5, 0.5, 1.0, 0.75]
+
+
+def test_dashboard_settings_units_wide_and_unique_rows(tmp_path):
+    root = make_results(tmp_path / "res")
+    # a second seed of one cell with the same numbers: one row in "All runs"
+    recs = [record(i, "snapkv", 64, float((L, D) in FOUND[("snapkv", 64)]), L, {"length": L, "depth": D})
+            for i, (L, D) in enumerate((L, D) for L in LENGTHS for D in DEPTHS)]
+    write_run(root, "niah", "snapkv", 64, recs, seed=1)
+    for sp in root.rglob("summary.json"):
+        s = json.loads(sp.read_text())
+        s.update(conditions={"device": "cpu", "cpu_count": 2, "torch_threads": 1, "loaded": False},
+                 versions={"torch": "2.9.0", "transformers": "5.24.0"}, git_commit_date="2026-11-27T10:00:00+00:00")
+        sp.write_text(json.dumps(s))
+    out = tmp_path / "rep"
+    assert report_main([str(root), "--out", str(out)]) == 0
+    html = (out / "index.html").read_text()
+    settings = html[html.index('id="settings"'):html.index('id="overview"')]
+    for text in ["tiny (dtype –)", "query_aware", "budgets 64, 256", "cpu · 2 CPUs · torch threads 1",
+                 "torch 2.9.0; transformers 5.24.0", "abc (2026-11-27)"]:
+        assert text in settings, text
+    assert "KV MiB" in html and "kv MB" not in html
+    wide = [l for l in html.splitlines() if '<figure class="wide">' in l]
+    assert {l.split('alt="')[1].split("__")[0] for l in wide} == {"latency", "subtasks"}
+    runs = html[html.index('id="runs"'):]
+    tidy = runs[:runs.index("</table>")]
+    assert tidy.count("<tr>") == 1 + 11  # header + 11 distinct whole-run rows (the seed-1 copy merged)
+    md = (out / "table.md").read_text()
+    assert md.count("| tiny | niah | all | snapkv | 64 |") == 1
+
+
+def test_colours_and_markers():
+    from kvbench.report.plots import OKABE_ITO, dodge_factors, method_colors, method_markers, paper_name
+    a = method_colors(["full", "streaming_llm", "snapkv"])
+    b = method_colors(["snapkv", "h2o", "full", "cake"])
+    assert a["snapkv"] == b["snapkv"] == OKABE_ITO[0] and a["full"] == "black"  # same colour in every report
+    assert a["streaming_llm"] == OKABE_ITO[2] and b["h2o"] == OKABE_ITO[3]
+    c = method_colors(["snapkv (q-aware)", "snapkv (q-agnostic)"])
+    assert c["snapkv (q-aware)"] == c["snapkv (q-agnostic)"]  # one method, one colour; markers tell them apart
+    m = method_markers(["snapkv (q-aware)", "snapkv (q-agnostic)", "full"])
+    assert len({m["snapkv (q-aware)"], m["snapkv (q-agnostic)"]}) == 2
+    f = dodge_factors(["full", "snapkv", "streaming_llm", "h2o"])
+    assert f["full"] == 1.0 and f["streaming_llm"] == 1.0 and f["snapkv"] == pytest.approx(1 / 1.03)
+    assert [paper_name(x) for x in ["snapkv", "pyramidkv", "h2o", "streaming_llm", "adakv (q-aware)", "new"]] == \
+        ["SnapKV", "PyramidKV", "H2O", "StreamingLLM", "AdaKV (q-aware)", "new"]
+
+
+def _pdf_fonts(data: bytes) -> tuple[int, int]:
+    """(embedded TrueType font programs, Type 3 fonts) in a matplotlib PDF (its objects are not in streams)."""
+    return data.count(b"/FontFile2"), data.count(b"/Subtype /Type3")
+
+
+def test_paper_output(report, tmp_path):
+    import re
+    import shutil
+    import subprocess
+    root, _ = report
+    out = tmp_path / "rep"
+    assert report_main([str(root), "--out", str(out), "--paper", "--ci", "pm"]) == 0
+    paper = out / "paper"
+    pdfs = sorted((paper / "figures").glob("*.pdf"))
+    assert len(pdfs) == len(EXPECTED_FIGURES) and not list((paper / "figures").glob("*.png"))
+    for pdf in pdfs:
+        data = pdf.read_bytes()
+        embedded, type3 = _pdf_fonts(data)
+        assert data[:5] == b"%PDF-" and embedded >= 1 and type3 == 0, pdf.name
+        box = re.search(rb"/MediaBox \[ *0 0 ([\d.]+) ([\d.]+) *\]", data)
+        width_in = float(box.group(1)) / 72
+        wide = pdf.stem.startswith(("latency", "subtasks"))
+        assert (6.0 < width_in < 7.2) if wide else (2.5 < width_in < 3.6), (pdf.name, width_in)
+    tex = "".join(t.read_text() for t in sorted((paper / "tables").glob("*.tex")))  # paper names, CI as ±
+    assert r"SnapKV & \textbf{50.0{\scriptsize$\pm$10.0}} & \textbf{83.3{\scriptsize$\pm$10.0}} \\" in tex
+    assert "StreamingLLM & " in tex and "streaming" not in tex
+    main = (paper / "main.tex").read_text()
+    assert main.count(r"\begin{figure") == main.count(r"\end{figure") == len(EXPECTED_FIGURES)
+    assert main.count(r"\begin{figure*}") == 4  # latency ×2, subtasks ×2: page-wide
+    for inc in re.findall(r"\\includegraphics\[[^]]*\]\{([^}]*)\}", main):
+        assert (paper / inc).is_file(), inc
+    for inp in re.findall(r"\\input\{([^}]*)\}", main):
+        assert (paper / f"{inp}.tex").is_file(), inp
+    assert main.strip().endswith(r"\end{document}")
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex not installed (apt-get install texlive-latex-recommended): checked structurally")
+    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "main.tex"], cwd=paper,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert (paper / "main.pdf").read_bytes()[:5] == b"%PDF-"

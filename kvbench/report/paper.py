@@ -1,4 +1,4 @@
-"""`kvbench report --paper`: what goes into a paper, in `<out>/paper/`:
+r"""`kvbench report --paper`: what goes into a paper, in `<out>/paper/`:
 
     figures/<name>.pdf   vector, TrueType fonts embedded (pdf.fonttype 42), one-column (3.3 in) or page-wide
                          (6.9 in) sizes, colour-blind-safe palette with one colour and marker per method,
@@ -19,7 +19,7 @@ WIDE_FIGURES = ("latency", "subtasks", "published")
 
 
 def _tex_name(name: str) -> str:
-    """A file name LaTeX's \includegraphics/\input read without extra packages (no dots, no spaces)."""
+    r"""A file name LaTeX's \includegraphics/\input read without extra packages (no dots, no spaces)."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", name.replace(".", "p"))
 
 
@@ -30,6 +30,16 @@ def _wide_table(tex: str, n_cols: int) -> str:
     tex = tex.replace(r"\begin{table}[t]", r"\begin{table*}[t]").replace(r"\end{table}", r"\end{table*}")
     tex = tex.replace(r"\begin{tabular}", r"\resizebox{\textwidth}{!}{\begin{tabular}", 1)
     return tex.replace(r"\end{tabular}", r"\end{tabular}}", 1)
+
+
+def _caption(name: str) -> str:
+    text = name.replace("__", ": ").replace("_", " ")
+    if name.startswith("pareto"):
+        text += ". Score vs the most KV bytes a query held; methods drawn offset by a few percent on the x axis " \
+                "so that equal points stay visible; dotted: the Pareto front"
+    if name.startswith("published"):
+        text += ". Lines with filled markers: ours; hollow markers (dotted line for the full cache): published"
+    return text
 
 
 def write_paper(df, runs, paper_dir: Path, published=None, preset=None, ci_style: str = "paren") -> list[Path]:
@@ -66,7 +76,7 @@ def write_paper(df, runs, paper_dir: Path, published=None, preset=None, ci_style
         env = "figure*" if wide else "figure"
         width = r"\textwidth" if wide else r"\columnwidth"
         body += [rf"\begin{{{env}}}[t]", r"\centering", rf"\includegraphics[width={width}]{{figures/{fname}.pdf}}",
-                 rf"\caption{{{tex_escape(orig.replace('__', ': ').replace('_', ' '))}}}", rf"\end{{{env}}}"]
+                 rf"\caption{{{tex_escape(_caption(orig))}}}", rf"\end{{{env}}}"]
     body += ["", r"\end{document}", ""]
     (paper_dir / "main.tex").write_text("\n".join(body))
     files.append(paper_dir / "main.tex")

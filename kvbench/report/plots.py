@@ -32,7 +32,9 @@ STYLE = {
 # `kvbench report --paper`: sizes of a two-column paper (ACL/NeurIPS/ICML: a column is ~3.3 in, the page ~6.9 in)
 PAPER_STYLE = {**STYLE, "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
                "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.2, "lines.markersize": 4,
-               "savefig.pad_inches": 0.02}
+               # the PDF is exactly one column or the page wide (no tight crop): \includegraphics keeps the font
+               # sizes as set here; constrained layout keeps labels and the legend inside that size
+               "savefig.bbox": None, "figure.constrained_layout.use": True}
 ONE_COLUMN_IN, TWO_COLUMN_IN = 3.3, 6.9
 NIAH_CMAP = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
 FULL_COLOR = "black"
@@ -74,8 +76,8 @@ def _show(label: str) -> str:
 def _legend(ax) -> None:
     """Legend outside the axes (right of them; below them at paper sizes), so it never hides data."""
     if _MODE["paper"]:
-        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, handlelength=1.5,
-                  columnspacing=1.0)
+        ax.figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False,
+                         handlelength=1.5, columnspacing=1.0)
     else:
         ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
@@ -93,9 +95,9 @@ def method_colors(labels) -> dict[str, str]:
     (PREFERRED, in every report), the others follow by name; a method run both ways (q-aware / q-agnostic)
     keeps its colour (and differs by marker); the full cache is black."""
     labels = sorted(set(map(str, labels)) - {"full"})
-    bases = [b for b in PREFERRED if any(_base(l) == b for l in labels)]
-    bases += sorted({_base(l) for l in labels} - set(bases) - {"full"})
-    colour = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(bases)}
+    colour = {b: PALETTE[i] for i, b in enumerate(PREFERRED)}
+    others = sorted({_base(l) for l in labels} - set(PREFERRED) - {"full"})
+    colour.update({b: PALETTE[(len(PREFERRED) + i) % len(PALETTE)] for i, b in enumerate(others)})
     out = {l: colour[_base(l)] for l in labels}
     out["full"] = FULL_COLOR
     return out
@@ -216,8 +218,11 @@ def plot_pareto(fig_s: Figures, g: pd.DataFrame, colors, markers, title: str, na
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
-    ax.set_xlabel(f"max KV cache held (MiB, mean per query; methods offset ±{DODGE * 100:g}% apart)"
-                  if len(dodge) > 2 else "max KV cache held (MiB, mean per query)")
+    if _MODE["paper"]:  # a column is narrow: the offset is said in the caption of main.tex
+        ax.set_xlabel("max KV cache held (MiB)")
+    else:
+        ax.set_xlabel(f"max KV cache held (MiB, mean per query; methods offset ±{DODGE * 100:g}% apart)"
+                      if len(dodge) > 2 else "max KV cache held (MiB, mean per query)")
     ax.set_ylabel("score ×100")
     ax.set_title(title)
     _legend(ax)
@@ -273,7 +278,8 @@ def plot_latency(fig_s: Figures, g: pd.DataFrame, colors, title: str, name: str)
         ax.set_ylabel(ylab)
         ax.grid(axis="x", visible=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    if not _MODE["paper"]:
+        fig.tight_layout()
     fig_s.save(fig, name)
 
 
@@ -346,9 +352,12 @@ def plot_published(fig_s: Figures, g: pd.DataFrame, rows: list[dict], colors, ma
         ax.set_xlabel("KV budget")
     fig.suptitle(title + (f"\n{source}" if source and not _MODE["paper"] else ""),
                  fontsize=9 if _MODE["paper"] else 11)
-    fig.tight_layout()
-    fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=4, frameon=False,
-               bbox_to_anchor=(0.5, 0.0))
+    if _MODE["paper"]:
+        fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncol=3, frameon=False)
+    else:
+        fig.tight_layout()
+        fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=4, frameon=False,
+                   bbox_to_anchor=(0.5, 0.0))
     fig_s.save(fig, name)
 
 
