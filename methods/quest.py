@@ -24,13 +24,17 @@ Selector `quest` (`method.selector=quest`; composes with any method that compres
 `method=snapkv method.selector=quest`: pages are then over each head's kept rows in row order) and method
 `quest` (every token kept, Quest selection at decode).
 Bytes stored = the plain rows + the bounds (2 * d values in the model's dtype per page per KV head). Bytes read
-per decoded token (`read_bytes`) = for each query head of a sparse head, the K/V rows of its selected pages
-(the decode kernel reads each query head's pages, so a page two heads of a group select counts twice) + the
-bounds of the scored pages (all but the last, once per KV head); a dense head or layer reads its rows once.
-What we simplified: the official code pads the metadata and KV pools to a preallocated paged pool
+per decoded token (`read_bytes`), as the decode kernel reads them: in a layer with a sparse head, each query head
+reads the K/V rows of its selected pages (a page two heads of a group both select counts twice; a head with no
+more pages than the budget: all its rows, per query head) + the scoring reads the bounds of the scored pages
+(all but the last, once per KV head); a dense layer (skipped, or short enough) reads each row once.
+What we simplified: the official code keeps the KV cache and the bounds in a preallocated paged pool
 (FlashInfer layout) and tops-k with a RAFT radix kernel; we keep the ragged per-head rows of kvbench.cache,
-pages implicit in row order, and tops-k with torch ops on the device (no host sync). Decode attention over the
-pages: methods/kernels/quest_decode.py (Triton on CUDA, torch reference elsewhere).
+pages implicit in row order, the bounds in a padded (n_kv, pages, d) tensor, and top-k with torch.topk on the
+device (no host sync). token_budget must be a multiple of page_size (the official code floors the division).
+The official *evaluation* path (evaluation/quest_attention.py, a masked-attention simulation) differs in two
+details we do not follow: at least 3 pages, and the newest page not forced; we follow the kernel path above.
+"""
 """
 from __future__ import annotations
 

@@ -197,6 +197,18 @@ def test_kernel_matches_reference_under_the_triton_interpreter():
                                                         num_splits=ns, tile_rows=tile, **kw)
                     err = (ref.float() - tri.float()).abs().max()
                     assert tri.dtype == dtype and err < tol, (dtype, list(kw), ns, err)
+        # a store's own selection fed to the kernel = the store's attention (CPU: the torch reference)
+        from kvbench.cache import LayerKV
+        from kvbench.methods.quest import Quest, QuestLayer
+        layer = LayerKV.from_dense(torch.randn(2, 150, 32, generator=g), torch.randn(2, 150, 32, generator=g),
+                                   torch.arange(150))
+        layer.keep([torch.arange(150), torch.arange(0, 150, 2)])
+        st = QuestLayer.encode(Quest(token_budget=48), layer, True, 8)
+        q = torch.randn(8, 1, 32, generator=g)
+        L = st.layer
+        tri = quest_decode_attention_triton(q[:, 0], L.keys, L.values, L.starts, L.lengths, st.select(q[:, 0]), 16,
+                                            0.2)
+        assert (tri - st.attend(q, 0.2)[0][:, 0]).abs().max() < 1e-5
         # page scores: the bounds of 3 KV heads (a padded tensor: +-inf past a head's pages), g = 4 (fp16, not
         # bf16: the Triton 3.9 interpreter's tl.dot on bf16 operands is wrong, compiled kernels are not)
         from kvbench.methods.kernels.quest_decode import quest_page_scores_ref, quest_page_scores_triton
@@ -295,3 +307,15 @@ def test_bad_knobs_and_compositions_are_one_line():
     with pytest.raises(ValueError) as e:
         build_method("snapkv", budget=64, selector={"name": "quest", "token_budget": 100})
     assert "\n" not in str(e.value)
+
+
+def test_command_line_composition():
+    from kvbench.cli import format_aliases, plan_jobs
+    from kvbench.results import config_hash, method_label
+    (cfg,) = plan_jobs(format_aliases(["method=snapkv", "method.selector=quest", "method.selector.token_budget=256"]),
+                       False)
+    assert cfg["method"]["selector"] == {"name": "quest", "page_size": 16, "token_budget": 256, "skip_layers": 2}
+    assert method_label(cfg["method"]) == "snapkv+quest"
+    (own,) = plan_jobs(["method=quest", "method.token_budget=256"], False)
+    assert own["method"] == {"name": "quest", "page_size": 16, "token_budget": 256, "skip_layers": 2}
+    assert config_hash(cfg) != config_hash(own)
