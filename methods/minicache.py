@@ -18,15 +18,20 @@ alike (each on its own), with x_a = layer l's row, x_b = layer l+1's row:
   (our reading of the threshold, fitted to the paper's stated purpose and its gamma ablation; the exact printed
   inequality could not be checked here, and no official code is public).
   A retained token stays unmerged in both layers: its original rows are stored, exact.
-Stored per pair and KV head (keys and values alike): the merged directions (model dtype) and the retained
-tokens' indices (int32), once for the pair — counted in layer l's bytes; per layer: its magnitudes of the
-merged tokens (model dtype) and its retained rows. A decode step's attention in either layer reads the shared
-directions, so both layers' `read_bytes` include them. What we simplified: merged directions are stored for
-merged tokens only (the paper's figure keeps a full-length merged cache and overwrites the retained tokens
-on restoration); tokens appended after encoding (the question when query_aware=false, decoded tokens) are
-stored plain in each layer — the paper's overview figure also merges decoded tokens across layers, but its
-retention threshold is defined over a set of tokens, not one token arriving at a time. There is no Triton
-kernel for MiniCache: decoding uses the torch reference over the reconstructed layer (`materialize`).
+Decoding (the paper's overview figure): each layer's attention restores its rows from the pair's merge and
+reads its newest tokens as they are; the new tokens are then merged across the pair as well. Ours: tokens
+appended after encoding (the question when query_aware=false, decoded tokens) stay plain rows until the
+pair's upper layer receives the next ones, then the tokens both layers hold are merged (one step later than
+the paper, the same tokens); one is retained when its angle exceeds the threshold fixed at encoding (the
+paper defines the threshold over a set of tokens, not one arriving at a time).
+Stored per pair and KV head (keys and values alike): the merged directions (model dtype), the retained tokens'
+indices (int32) and the threshold (fp32), once for the pair — counted in layer l's bytes; per layer: its
+magnitudes of the merged tokens (model dtype), its retained rows, and its rows not merged (tokens the other
+layer did not keep, appended tokens not merged yet). A decode step's attention in either layer reads the
+shared directions, so both layers' `read_bytes` include them. What we simplified: merged directions are stored
+for merged tokens only (the paper's figure keeps a full-length merged cache and overwrites the retained tokens
+on restoration). There is no Triton kernel for MiniCache: decoding uses the torch reference over the
+reconstructed layer (`materialize`, every step).
 
 Storage format `minicache` (`method.storage=minicache`, cross-layer: per_layer = False, encoded after the
 whole prefill) and method `minicache` (every token kept, layers merged). Composed with an eviction method
@@ -75,89 +80,144 @@ def slerp(ua: torch.Tensor, ub: torch.Tensor, t: float) -> torch.Tensor:
     return torch.where(n > _EPS, e / torch.where(n > _EPS, n, 1.0), ub)
 
 
-def retained_mask(dist: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Tokens kept unmerged: angular distance d above d_max - gamma (d_max - d_min) (see the module docstring)."""
+def threshold(dist: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The retention threshold of a pair's tokens: d_max - gamma (d_max - d_min), fp32 (1,); 1.0 when there are
+    no tokens (nothing is farther than d = 1)."""
     if dist.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool, device=dist.device)
+        return torch.ones(1, device=dist.device)
     lo, hi = dist.min(), dist.max()
-    return dist > hi - gamma * (hi - lo)
+    return (hi - gamma * (hi - lo)).float().view(1)
 
 
 @dataclass
 class _Merged:
-    """One KV head's merge of one of keys / values over a pair's common tokens (n_c, sorted by position):
-    what the pair shares (directions of the merged tokens, indices of the retained ones) and, per layer,
-    magnitudes of the merged tokens and the retained rows."""
-    dirs: torch.Tensor        # (n_c - n_r, d) model dtype, shared
-    ret: torch.Tensor         # (n_r,) int32 local indices into the common tokens, shared
-    mags: list[torch.Tensor]  # per layer of the pair: (n_c - n_r,) model dtype
+    """One KV head's merge of one of keys / values over a pair's n common tokens (in the pair's order): what the
+    pair shares (directions of the merged tokens, indices of the retained ones, the retention threshold) and,
+    per layer, magnitudes of the merged tokens and the retained rows."""
+    n: int                    # common tokens
+    dirs: torch.Tensor        # (n - n_r, d) model dtype, shared
+    ret: torch.Tensor         # (n_r,) int32 indices into the common tokens, shared
+    tau: torch.Tensor         # (1,) fp32 retention threshold on d, fixed at encoding, shared
+    mags: list[torch.Tensor]  # per layer of the pair: (n - n_r,) model dtype
     rows: list[torch.Tensor]  # per layer of the pair: (n_r, d) original rows
 
     def shared_bytes(self) -> int:
-        return tensor_bytes(self.dirs, self.ret)
+        return tensor_bytes(self.dirs, self.ret, self.tau)
 
     def own_bytes(self, role: int) -> int:
         return tensor_bytes(self.mags[role], self.rows[role])
 
-    def restore(self, role: int, n_c: int) -> torch.Tensor:
-        """Layer `role`'s (n_c, d) rows: magnitude x merged direction, retained rows as stored."""
-        d = self.dirs.shape[1]
-        out = self.dirs.new_empty(n_c, d)
-        merged = torch.ones(n_c, dtype=torch.bool, device=self.dirs.device)
+    def restore(self, role: int) -> torch.Tensor:
+        """Layer `role`'s (n, d) rows: magnitude x merged direction (Eq. 2), retained rows as stored."""
+        out = self.dirs.new_empty(self.n, self.dirs.shape[1])
+        merged = torch.ones(self.n, dtype=torch.bool, device=self.dirs.device)
         merged[self.ret.long()] = False
         out[merged] = (self.mags[role].float().unsqueeze(1) * self.dirs.float()).to(out.dtype)
         out[~merged] = self.rows[role]
         return out
 
+    def extend(self, more: "_Merged") -> None:
+        """Tokens merged later (appended tokens) go after the ones held."""
+        self.dirs = torch.cat([self.dirs, more.dirs])
+        self.ret = torch.cat([self.ret, more.ret + self.n])
+        self.mags = [torch.cat([a, b]) for a, b in zip(self.mags, more.mags)]
+        self.rows = [torch.cat([a, b]) for a, b in zip(self.rows, more.rows)]
+        self.n += more.n
+
     def clone(self) -> "_Merged":
-        return _Merged(self.dirs.clone(), self.ret.clone(), [m.clone() for m in self.mags],
+        return _Merged(self.n, self.dirs.clone(), self.ret.clone(), self.tau.clone(), [m.clone() for m in self.mags],
                        [r.clone() for r in self.rows])
 
 
-def merge_pair(xa: torch.Tensor, xb: torch.Tensor, t: float, gamma: float) -> _Merged:
-    """Merge (n, d) rows of layer l (xa) and layer l+1 (xb) of the same tokens and KV head."""
+def merge_pair(xa: torch.Tensor, xb: torch.Tensor, t: float, gamma: float = 0.0,
+               tau: torch.Tensor | None = None) -> _Merged:
+    """Merge (n, d) rows of layer l (xa) and layer l+1 (xb) of the same tokens and KV head; tokens whose
+    angular distance exceeds the threshold `tau` (default: from these tokens' range and gamma) are retained."""
     ua, na = unit_and_norm(xa)
     ub, nb = unit_and_norm(xb)
-    keep = retained_mask(angle(ua, ub) / math.pi, gamma)
+    dist = angle(ua, ub) / math.pi
+    tau = threshold(dist, gamma) if tau is None else tau
+    keep = dist > tau
     m = ~keep
-    return _Merged(dirs=slerp(ua[m], ub[m], t).to(xa.dtype),
-                   ret=keep.nonzero().view(-1).to(torch.int32),
+    return _Merged(n=xa.shape[0], dirs=slerp(ua[m], ub[m], t).to(xa.dtype),
+                   ret=keep.nonzero().view(-1).to(torch.int32), tau=tau.clone(),
                    mags=[na[m].to(xa.dtype), nb[m].to(xb.dtype)],
                    rows=[xa[keep].clone(), xb[keep].clone()])
 
 
 class _Pair:
-    """What layers l and l+1 share: per KV head, the common tokens' positions and the key / value merges."""
+    """What layers l and l+1 share, per KV head: the common tokens' positions and their key / value merges,
+    and each layer's appended tokens not merged yet (`new[role]`: keys, values, positions per head)."""
 
-    def __init__(self, pos: list[torch.Tensor], merged: list[dict[str, _Merged]]):
-        self.pos, self.merged = pos, merged
+    def __init__(self, t: float, pos: list[torch.Tensor], merged: list[dict[str, _Merged]], new: list[list[list]]):
+        self.t, self.pos, self.merged, self.new = t, pos, merged, new
 
     def shared_bytes(self) -> int:
         return sum(m.shared_bytes() for per in self.merged for m in per.values())
 
+    def role_bytes(self, role: int) -> int:
+        """Layer `role`'s own bytes held here: magnitudes, retained rows, appended rows not merged yet."""
+        k, v, _ = self.new[role]
+        return sum(m.own_bytes(role) for per in self.merged for m in per.values()) + tensor_bytes(*k, *v)
+
+    def total_bytes(self) -> int:
+        return self.shared_bytes() + self.role_bytes(0) + self.role_bytes(1)
+
+    def add_new(self, role: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        nk, nv, npos = self.new[role]
+        for h in range(len(nk)):
+            nk[h] = torch.cat([nk[h], k[h].to(nk[h].dtype)])
+            nv[h] = torch.cat([nv[h], v[h].to(nv[h].dtype)])
+            npos[h] = torch.cat([npos[h], positions.to(npos[h].device, torch.long)])
+
+    def merge_new(self) -> None:
+        """Merge the appended tokens both layers hold (decoded tokens, the question), each retained when its
+        angle exceeds the threshold fixed at encoding."""
+        for h in range(len(self.pos)):
+            (ka, va, pa), (kb, vb, pb) = ([x[h] for x in self.new[r]] for r in (0, 1))
+            ia, ib = _common(pa, pb)
+            if ia.numel() == 0:
+                continue
+            per = self.merged[h]
+            for kind, (xa, xb) in (("k", (ka, kb)), ("v", (va, vb))):
+                per[kind].extend(merge_pair(xa[ia], xb[ib], self.t, tau=per[kind].tau))
+            self.pos[h] = torch.cat([self.pos[h], pa[ia]])
+            for r, (k, v, p), i in ((0, (ka, va, pa), ia), (1, (kb, vb, pb), ib)):
+                rest = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
+                rest[i] = False
+                self.new[r][0][h], self.new[r][1][h], self.new[r][2][h] = k[rest], v[rest], p[rest]
+
     def clone(self) -> "_Pair":
-        return _Pair([p.clone() for p in self.pos], [{k: m.clone() for k, m in per.items()} for per in self.merged])
+        return _Pair(self.t, [p.clone() for p in self.pos],
+                     [{k: m.clone() for k, m in per.items()} for per in self.merged],
+                     [[[x.clone() for x in xs] for xs in role] for role in self.new])
+
+
+def _common(pa: torch.Tensor, pb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into pa and into pb of the positions both hold, in position order in both."""
+    oa, ob = torch.argsort(pa), torch.argsort(pb)
+    return oa[torch.isin(pa[oa], pb)], ob[torch.isin(pb[ob], pa)]
 
 
 class MiniCacheLayer(EncodedLayer):
-    """One layer of a merged pair. Per KV head h, rows in order: the pair's common tokens (pair.pos[h], sorted
-    by position; reconstructed from the shared merge), then this layer's plain rows (tokens the other layer of
-    the pair did not keep, then tokens appended after encoding)."""
+    """One layer of a merged pair. Per KV head h, rows in order: the pair's common tokens (pair.pos[h]; rebuilt
+    from the shared merge), this layer's own rows (context tokens the other layer of the pair did not keep),
+    then its appended tokens not merged yet."""
     shared_clone = True  # KVBenchCache.clone passes a memo: the pair's shared tensors are cloned once
 
-    def __init__(self, fmt: "MiniCache", pair: _Pair, role: int, pk, pv, ppos, dtype: torch.dtype, head_dim: int):
+    def __init__(self, fmt: "MiniCache", pair: _Pair, role: int, ok, ov, opos, dtype: torch.dtype, head_dim: int):
         self.fmt, self.pair, self.role = fmt, pair, role  # role 0: layer l (holds the shared bytes), 1: l+1
-        self.pk, self.pv, self.ppos = pk, pv, ppos          # per head: plain keys, values, positions
+        self.ok, self.ov, self.opos = ok, ov, opos          # per head: own keys, values, positions
         self.dtype, self.head_dim = dtype, head_dim
         self.row_bytes = 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     @property
     def head_lengths(self) -> list[int]:
-        return [p.numel() + q.numel() for p, q in zip(self.pair.pos, self.ppos)]
+        new_pos = self.pair.new[self.role][2]
+        return [a.numel() + b.numel() + c.numel() for a, b, c in zip(self.pair.pos, self.opos, new_pos)]
 
     def own_bytes(self) -> int:
-        return (sum(m.own_bytes(self.role) for per in self.pair.merged for m in per.values())
-                + tensor_bytes(*self.pk, *self.pv))
+        return self.pair.role_bytes(self.role) + tensor_bytes(*self.ok, *self.ov)
 
     def nbytes(self) -> int:
         return self.own_bytes() + (self.pair.shared_bytes() if self.role == 0 else 0)
@@ -167,11 +227,11 @@ class MiniCacheLayer(EncodedLayer):
         return self.own_bytes() + self.pair.shared_bytes() + extra_tokens * self.n_heads * self.row_bytes
 
     def head_kv(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n_c = self.pair.pos[h].numel()
         per = self.pair.merged[h]
-        k = torch.cat([per["k"].restore(self.role, n_c), self.pk[h]])
-        v = torch.cat([per["v"].restore(self.role, n_c), self.pv[h]])
-        return k, v, torch.cat([self.pair.pos[h], self.ppos[h]])
+        nk, nv, npos = (x[h] for x in self.pair.new[self.role])
+        return (torch.cat([per["k"].restore(self.role), self.ok[h], nk]),
+                torch.cat([per["v"].restore(self.role), self.ov[h], nv]),
+                torch.cat([self.pair.pos[h], self.opos[h], npos]))
 
     def materialize(self) -> LayerKV:
         kvp = [self.head_kv(h) for h in range(self.n_heads)]
@@ -179,12 +239,15 @@ class MiniCacheLayer(EncodedLayer):
                                torch.cat([x[2] for x in kvp]), self.head_lengths)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        before = self.nbytes()
-        for h in range(self.n_heads):
-            self.pk[h] = torch.cat([self.pk[h], k[h].to(self.dtype)])
-            self.pv[h] = torch.cat([self.pv[h], v[h].to(self.dtype)])
-            self.ppos[h] = torch.cat([self.ppos[h], positions.to(self.ppos[h].device, torch.long)])
-        self._changed(before)
+        """New tokens are plain rows until the pair's upper layer gets the next ones: then the tokens both layers
+        hold are merged, so each layer's attention sees its newest tokens exactly (the paper merges a decoded
+        token right after the step's attention; ours is one step later, the same token)."""
+        before = self.pair.total_bytes()  # (a merge changes both layers' bytes; they share the cache's meter)
+        if self.role == 1:
+            self.pair.merge_new()
+        self.pair.add_new(self.role, k, v, positions)
+        if self.meter is not None:
+            self.meter.add(self.pair.total_bytes() - before)
 
     def clone(self, memo: dict | None = None) -> "MiniCacheLayer":
         """A copy; `memo` (one per cache clone) makes the two layers of a pair share one copy of the pair."""
@@ -192,8 +255,8 @@ class MiniCacheLayer(EncodedLayer):
         pair = memo.get(id(self.pair))
         if pair is None:
             pair = memo[id(self.pair)] = self.pair.clone()
-        return MiniCacheLayer(self.fmt, pair, self.role, [t.clone() for t in self.pk], [t.clone() for t in self.pv],
-                              [p.clone() for p in self.ppos], self.dtype, self.head_dim)
+        return MiniCacheLayer(self.fmt, pair, self.role, [t.clone() for t in self.ok], [t.clone() for t in self.ov],
+                              [p.clone() for p in self.opos], self.dtype, self.head_dim)
 
 
 def encode_pair(fmt: "MiniCache", la: LayerKV, lb: LayerKV) -> tuple[MiniCacheLayer, MiniCacheLayer]:
@@ -204,24 +267,27 @@ def encode_pair(fmt: "MiniCache", la: LayerKV, lb: LayerKV) -> tuple[MiniCacheLa
                              "does not compose with it")
     if la.n_heads != lb.n_heads:
         raise ValueError(f"minicache: layers of a pair have {la.n_heads} and {lb.n_heads} KV heads")
-    pos, merged, plain = [], [], ([], [])
+    pos, merged, own = [], [], ([], [])
     for h in range(la.n_heads):
         ka, va, pa = la.head(h)
         kb, vb, pb = lb.head(h)
-        oa, ob = torch.argsort(pa), torch.argsort(pb)  # by position: the common tokens line up
-        ca, cb = torch.isin(pa[oa], pb), torch.isin(pb[ob], pa)
-        ia, ib = oa[ca], ob[cb]                        # the common tokens, in position order, in both layers
+        ia, ib = _common(pa, pb)  # positions kept in both layers, in position order
         pos.append(pa[ia].clone())
         merged.append({"k": merge_pair(ka[ia], kb[ib], fmt.t, fmt.gamma),
                        "v": merge_pair(va[ia], vb[ib], fmt.t, fmt.gamma)})
-        for role, (k, v, p, o, c) in enumerate(((ka, va, pa, oa, ca), (kb, vb, pb, ob, cb))):
-            own = o[~c]                                # kept in this layer only: plain, as they are
-            plain[role].append((k[own].clone(), v[own].clone(), p[own].clone()))
-    pair = _Pair(pos, merged)
-    d = la.keys.shape[1]
-    return tuple(MiniCacheLayer(fmt, pair, role, [x[0] for x in plain[role]], [x[1] for x in plain[role]],
-                                [x[2] for x in plain[role]], layer.keys.dtype, d)
-                 for role, layer in enumerate((la, lb)))
+        for role, (k, v, p, i) in enumerate(((ka, va, pa, ia), (kb, vb, pb, ib))):
+            rest = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
+            rest[i] = False  # kept in this layer only: plain, as they are (in position order)
+            o = torch.argsort(p)
+            o = o[rest[o]]
+            own[role].append((k[o].clone(), v[o].clone(), p[o].clone()))
+    d, dtype = la.keys.shape[1], la.keys.dtype
+    empty = lambda: [la.keys.new_zeros(0, d) for _ in range(la.n_heads)]
+    new = [[empty(), empty(), [la.positions.new_zeros(0) for _ in range(la.n_heads)]] for _ in range(2)]
+    pair = _Pair(fmt.t, pos, merged, new)
+    return tuple(MiniCacheLayer(fmt, pair, role, [x[0] for x in own[role]], [x[1] for x in own[role]],
+                                [x[2] for x in own[role]], dtype, d)
+                 for role in range(2))
 
 
 @register_storage("minicache")

@@ -106,10 +106,10 @@ def test_merge_matches_the_reference_and_retained_rows_are_exact():
     m = merge_pair(xa, xb, 0.6, 0.3)
     ra, rb, keep = ref_merge(xa, xb, 0.6, 0.3)
     assert m.ret.tolist() == [i for i, k in enumerate(keep) if k] and 0 < m.ret.numel() < 64
-    assert torch.allclose(m.restore(0, 64).double(), ra, atol=1e-5)
-    assert torch.allclose(m.restore(1, 64).double(), rb, atol=1e-5)
+    assert torch.allclose(m.restore(0).double(), ra, atol=1e-5)
+    assert torch.allclose(m.restore(1).double(), rb, atol=1e-5)
     idx = m.ret.long()
-    assert torch.equal(m.restore(0, 64)[idx], xa[idx]) and torch.equal(m.restore(1, 64)[idx], xb[idx])
+    assert torch.equal(m.restore(0)[idx], xa[idx]) and torch.equal(m.restore(1)[idx], xb[idx])
 
 
 # -- the store: bytes, reconstruction, composition, clone ---------------------------------------------------
@@ -129,20 +129,18 @@ def _cache(n_layers=4, h=2, n=40, d=16, dtype=torch.float32, seed=0, noise=0.5, 
     return c
 
 
-def _expected_pair_bytes(la: LayerKV, lb: LayerKV, t, gamma, es):
-    """Hand count: per head and keys / values, r retained of n common tokens (the reference's set): shared =
-    (n - r) directions of d entries + r int32 indices (in layer l's bytes); each layer: n - r magnitudes + r rows."""
-    shared = own = 0
-    d = la.keys.shape[1]
-    for h in range(la.n_heads):
-        ka, va, _ = la.head(h)
-        kb, vb, _ = lb.head(h)
-        for xa, xb in ((ka, kb), (va, vb)):
-            n = xa.shape[0]
-            r = sum(ref_merge(xa.float(), xb.float(), t, gamma)[2])
-            shared += (n - r) * d * es + 4 * r
-            own += (n - r) * es + r * d * es
-    return shared + own, own
+def ref_threshold(xa, xb, gamma) -> float:
+    dist = [ref_distance(a, b) for a, b in zip(xa.double().tolist(), xb.double().tolist())]
+    return max(dist) - gamma * (max(dist) - min(dist))
+
+
+def pair_bytes(retained: list[int], n: int, d: int, es: int, pending=(0, 0), heads=2):
+    """Hand count for a pair with n common tokens per head, r retained of them per (head, keys / values):
+    shared = (n - r) directions of d entries + r int32 indices + an fp32 threshold (in layer l's bytes); each
+    layer: n - r magnitudes + r rows, and its appended rows not merged yet (keys + values)."""
+    shared = sum((n - r) * d * es + 4 * r + 4 for r in retained)
+    own = sum((n - r) * es + r * d * es for r in retained)
+    return [shared + own + pending[0] * heads * 2 * d * es, own + pending[1] * heads * 2 * d * es]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -154,16 +152,39 @@ def test_stored_bytes_count_shared_rows_once(dtype):
     assert fmt.pairs(5) == [(2, 3)]
     fmt.encode_cache(c)
     assert [type(l).__name__ for l in c.kv] == ["LayerKV", "LayerKV", "MiniCacheLayer", "MiniCacheLayer", "LayerKV"]
-    lower, upper = _expected_pair_bytes(plain[2], plain[3], 0.6, 0.2, es)
+    kinds = [(h, x) for h in range(2) for x in (0, 1)]  # (head, keys 0 / values 1)
+    rows = lambda li, h, x: plain[li].head(h)[x].float()
+    r_ctx = [sum(ref_merge(rows(2, h, x), rows(3, h, x), 0.6, 0.2)[2]) for h, x in kinds]
+    lower, upper = pair_bytes(r_ctx, 40, 16, es)
     assert c.kv[2].nbytes() == lower and c.kv[3].nbytes() == upper
     assert c.nbytes() == 3 * 40 * 2 * 2 * 16 * es + lower + upper
     assert c.held.now == c.nbytes()  # the meter moved from the plain rows to the stores
-    shared = lower - upper
-    assert c.kv[3].read_bytes() == upper + shared  # layer l+1's attention reads the shared directions too
-    # tokens appended after encoding: plain rows in each layer
-    c.kv[2].append(torch.randn(2, 3, 16), torch.randn(2, 3, 16), torch.tensor([40, 41, 42]))
+    assert c.kv[3].read_bytes() == c.kv[2].nbytes()  # layer l+1's attention reads the shared directions too
+    # appended tokens: plain rows in each layer until the upper layer gets the next ones, then merged; a new
+    # token is retained when its angle exceeds the encoding's threshold (token 41's keys: opposite in layer 3)
+    g = torch.Generator().manual_seed(5)
+    ka, va = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    kb, vb = ka + 0.1 * torch.randn(2, 3, 16, generator=g), va + 0.1 * torch.randn(2, 3, 16, generator=g)
+    kb[:, 1] = -ka[:, 1]
+    new_pos = torch.tensor([40, 41, 42])
+    c.kv[2].append(ka, va, new_pos)
     assert c.kv[2].nbytes() == lower + 3 * 2 * 2 * 16 * es and c.held.now == c.nbytes()
-    assert c.kv[2].head_lengths == [43, 43] and c.kv[3].head_lengths == [40, 40]
+    c.kv[3].append(kb, vb, new_pos)
+    assert (c.kv[2].head_lengths, c.kv[3].head_lengths) == ([43, 43], [43, 43])
+    assert c.kv[3].nbytes() == upper + 3 * 2 * 2 * 16 * es and c.kv[2].pair.pos[0].numel() == 40
+    one = torch.randn(2, 1, 16, generator=g)
+    c.kv[2].append(one, one, torch.tensor([43]))
+    c.kv[3].append(one, one, torch.tensor([43]))  # tokens 40..42 merge now; 43 stays plain in both
+    assert c.kv[2].pair.pos[1].tolist() == list(range(43)) and c.kv[3].head_lengths == [44, 44]
+    new = {0: (ka, kb), 1: (va, vb)}
+    r_new = [sum(d > ref_threshold(rows(2, h, x), rows(3, h, x), 0.2)
+                 for d in (ref_distance(a, b) for a, b in zip(new[x][0][h].tolist(), new[x][1][h].tolist())))
+             for h, x in kinds]
+    assert r_new[0] == r_new[2] == 1  # the opposite keys, and only them
+    lower, upper = pair_bytes([a + b for a, b in zip(r_ctx, r_new)], 43, 16, es, pending=(1, 1))
+    assert (c.kv[2].nbytes(), c.kv[3].nbytes()) == (lower, upper) and c.held.now == c.nbytes()
+    for li, (k, v) in ((2, (ka, va)), (3, (kb, vb))):  # the retained new keys are the originals
+        assert torch.equal(c.kv[li].materialize().head(0)[0][41], k[0, 1].to(dtype))
 
 
 def test_identical_layers_reconstruct_exactly():
@@ -213,7 +234,7 @@ def test_composition_merges_only_positions_kept_in_both_layers():
             st = c.kv[li]
             assert st.head_lengths[h] == keep[h].numel()
             own = sorted(set(keep[h].tolist()) - set(common))
-            assert st.ppos[h].tolist() == own
+            assert st.opos[h].tolist() == own
             k, v, p = st.materialize().head(h)
             k0, v0, p0 = plain[li].head(h)
             assert sorted(p.tolist()) == sorted(p0.tolist())
@@ -261,22 +282,26 @@ def test_engine_minicache_alone_and_composed_with_snapkv(tiny):
     assert lens == full_lens and all(isinstance(x, MiniCacheLayer) for x in c.kv)
     assert len(out) == len(full_out) and c.kv[0].pair is c.kv[1].pair
     # 300 tokens, fp32, d = 16, 2 heads, keys and values: r retained of 300 per (head, kind)
-    rs = [m.ret.numel() for per in c.kv[0].pair.merged for m in per.values()]
-    assert mb == sum((300 - r) * (16 * 4 + 2 * 4) + 4 * r + 2 * r * 16 * 4 for r in rs) < full_bytes
-    # decoded tokens are plain rows in each layer; attention reads the shared directions in both layers
-    assert c.kv[0].head_lengths == [307, 307] and c.kv[1].ppos[0].tolist() == list(range(300, 307))  # 7 fed back
-    shared = sum((300 - r) * 16 * 4 + 4 * r for r in rs)
-    assert eng.last_read_bytes[0] == mb + shared + 2 * 2 * 2 * 16 * 4  # + the first decoded token
+    # (the retained counts come from the store; test_retention_set_is_the_threshold_definition checks the set)
+    rs = [int((m.ret < 300).sum()) for per in c.kv[0].pair.merged for m in per.values()]
+    pb = pair_bytes(rs, 300, 16, 4)
+    assert mb == sum(pb) < full_bytes
+    # 7 decoded tokens fed back: 300..305 merged across the pair, 306 still plain in both layers
+    assert c.kv[0].head_lengths == [307, 307] and c.kv[0].pair.pos[0][-6:].tolist() == list(range(300, 306))
+    assert [x[2][0].tolist() for x in c.kv[0].pair.new] == [[306], [306]]
+    shared = pb[0] - pb[1]  # read by both layers' attention
+    assert eng.last_read_bytes[0] == sum(pb) + shared + 2 * 2 * 2 * 16 * 4  # + the token being decoded
     # eviction x merging: snapkv's kept positions, merged where both layers kept them
     _, plain, (pb, plens), _ = _run(tiny, "snapkv", budget=64)
     _, sk, (sb, slens), _ = _run(tiny, "snapkv", budget=64, storage={"name": "minicache", "start_layer": 0})
     assert slens == plens and sb < pb
     for h in range(2):
         kept = [set(plain.kv[li].head(h)[2][:64].tolist()) for li in range(2)]
-        assert sk.kv[0].pair.pos[h].tolist() == sorted(kept[0] & kept[1])
+        common = sorted(kept[0] & kept[1])
+        assert sk.kv[0].pair.pos[h].tolist() == common + list(range(300, 306))  # + the decoded tokens merged
         for li in range(2):
             st = sk.kv[li]
-            assert set(st.pair.pos[h].tolist()) | set(st.ppos[h][:64 - st.pair.pos[h].numel()].tolist()) == kept[li]
+            assert st.opos[h].tolist() == sorted(kept[li] - kept[1 - li])  # kept in one layer only: plain
 
 
 def test_engine_decode_reads_the_papers_restoration(tiny):
