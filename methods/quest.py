@@ -35,7 +35,6 @@ device (no host sync). token_budget must be a multiple of page_size (the officia
 The official *evaluation* path (evaluation/quest_attention.py, a masked-attention simulation) differs in two
 details we do not follow: at least 3 pages, and the newest page not forced; we follow the kernel path above.
 """
-"""
 from __future__ import annotations
 
 from dataclasses import dataclass
