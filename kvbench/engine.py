@@ -110,8 +110,15 @@ class Engine:
 
     @torch.inference_mode()
     def decode(self, cache: KVBenchCache, method: Method | None, first_logits: torch.Tensor, max_new_tokens: int,
-               on_step=None) -> tuple[list[int], list[float], list[int]]:
-        """Greedy decoding. Returns (token ids, per-step ms after the first token, per-step FLOPs)."""
+               on_step=None, stop_ids: set[int] | None = None,
+               min_new_tokens: int = 0) -> tuple[list[int], list[float], list[int]]:
+        """Greedy decoding. Returns (token ids, per-step ms after the first token, per-step FLOPs).
+        stop_ids: where to stop (default: the model's EOS ids); min_new_tokens=1: the first token is never a stop
+        id (transformers' min_length, as LongBench's pred.py generates samsum)."""
+        stop = self.stop_ids if stop_ids is None else set(stop_ids)
+        if min_new_tokens > 0 and stop:
+            first_logits = first_logits.clone()
+            first_logits[torch.tensor(sorted(stop), device=first_logits.device)] = float("-inf")
         if self.fast_decode and on_step is None and self.device.type == "cuda" and max_new_tokens > 1:
             from kvbench import fast_decode
             ring = method.decode_ring() if method is not None else None
@@ -123,7 +130,7 @@ class Engine:
                 lens0 = cache.head_lengths()
                 fd = fast_decode.FastDecoder(self.model, cache, max_new_tokens, compile=self.compile_decode,
                                              ring=ring)
-                out, step_ms = fd.decode(int(first_logits.argmax()), max_new_tokens, self.stop_ids)
+                out, step_ms = fd.decode(int(first_logits.argmax()), max_new_tokens, stop)
                 self.last_setup_steps = fd.setup_steps
                 # step i decodes with every head one token longer than before it (+1: the token itself),
                 # a rolling window at most cap + 1 (the engine loop evicts after the step's attention)
@@ -146,7 +153,7 @@ class Engine:
         nxt = int(first_logits.argmax())
         for _ in range(max_new_tokens):
             out.append(nxt)
-            if nxt in self.stop_ids or len(out) == max_new_tokens:
+            if nxt in stop or len(out) == max_new_tokens:
                 break
             lens = [[L + 1 for L in layer] for layer in cache.head_lengths()]  # + the token being decoded
             flops.append(self._linear_flops + attention_flops(lens, self._group, self._head_dim))
@@ -166,7 +173,10 @@ class Engine:
                                  f"model's context of {self.lm.max_context}")
 
     def _answer(self, m: "Measure", cache, method, logits, q: Query) -> None:
-        ids, m.step_ms, m.flops = self.decode(cache, method, logits, q.max_new_tokens)
+        # a query may stop at more than EOS (LongBench samsum: "\n", as pred.py), after at least a few tokens
+        extra = {self.lm.tokenizer.encode(t, add_special_tokens=False)[-1] for t in q.meta.get("stop", [])}
+        ids, m.step_ms, m.flops = self.decode(cache, method, logits, q.max_new_tokens, stop_ids=self.stop_ids | extra,
+                                              min_new_tokens=int(q.meta.get("min_new_tokens", 0)))
         m.setup_steps = self.last_setup_steps
         m.read_bytes = list(self.last_read_bytes)
         m.ids = ids

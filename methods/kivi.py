@@ -216,7 +216,9 @@ class KIVILayer(EncodedLayer):
     def attend(self, query, scaling, need_probs=False, window=None, softcap=None):
         if query.shape[1] == 1 and not need_probs and window is None and softcap is None:
             from kvbench.attention import _decode_kernel
-            if _decode_kernel(query) == "triton":  # dequantize inside the attention tile (GPU, or interpreted)
+            d, g = self.head_dim, self.fmt.group_size
+            kernel_ok = d >= 16 and d & (d - 1) == 0 and g >= 16  # the kernel's tile shapes (else: reference)
+            if kernel_ok and _decode_kernel(query) == "triton":  # dequantize inside the tile (GPU, or interpreted)
                 from kvbench.methods.kernels.kivi_decode import kivi_decode_attention_triton
                 return kivi_decode_attention_triton(query[:, 0], self.flat(), scaling).unsqueeze(1), None
         return super().attend(query, scaling, need_probs, window, softcap)

@@ -324,3 +324,18 @@ def test_batched_keeps_equal_the_per_head_path():
             for t1, t2 in zip(x.head(i), y.head(i)):
                 assert torch.equal(t1, t2)
     assert a.head_lengths == counts and torch.equal(a.head(2)[2], torch.arange(n))
+
+
+def test_decode_stops_at_query_stop_ids_after_min_new_tokens(tiny):
+    """LongBench's pred.py generates samsum with eos_token_id=[EOS, "\\n"] and min_length=context+1: stop at the
+    first stop id, but never at the first new token."""
+    eng, cache, m, pre = prefill(tiny, "full", n=40)
+    free, _, _ = eng.decode(cache.clone(), None, pre.logits, 12, stop_ids=set())
+    third = free[2]
+    got, _, _ = eng.decode(cache.clone(), None, pre.logits, 12, stop_ids={third})
+    assert got == free[:free.index(third) + 1]
+    # the first token is a stop id: min_new_tokens=1 takes the best other token instead
+    first = free[0]
+    got, _, _ = eng.decode(cache.clone(), None, pre.logits, 12, stop_ids={first}, min_new_tokens=1)
+    want = int(pre.logits.clone().index_fill_(0, torch.tensor([first]), float("-inf")).argmax())
+    assert got[0] == want != first

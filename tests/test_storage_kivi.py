@@ -120,6 +120,8 @@ def test_kernel_matches_reference_under_the_triton_interpreter():
             q = torch.randn(6, 32, generator=g)
             ref = kivi_decode_attention_ref(q, st.flat(), 0.2)
             tri = kivi_decode_attention_triton(q, st.flat(), 0.2, block_n=16)
+            tri2 = kivi_decode_attention_triton(q, st.flat(), 0.2, num_splits=3)
+            assert torch.allclose(ref, tri2, atol=1e-4), (bits, (ref - tri2).abs().max())
             assert torch.allclose(ref, tri, atol=1e-4), (bits, (ref - tri).abs().max())
         print("ok")
     """)
