@@ -296,7 +296,8 @@ def test_bad_knobs_and_compositions_are_one_line():
         build_method("quest", skip_layers=-1)
     with pytest.raises(ValueError, match=r"^method.token_budget=8; allowed"):
         build_method("quest", token_budget=8)
-    with pytest.raises(ValueError, match=r"^method.selector.colour is not a knob of selector quest; allowed: page_size, skip_layers, token_budget$"):
+    with pytest.raises(ValueError, match=r"^method.selector.colour is not a knob of selector quest; allowed: "
+                                         r"page_size, skip_layers, token_budget$"):
         build_method("snapkv", budget=64, selector={"name": "quest", "colour": 1})
     with pytest.raises(ValueError, match=r"method.storage='quest' is a selector"):
         build_method("snapkv", budget=64, storage="quest")
