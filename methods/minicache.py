@@ -49,7 +49,6 @@ from kvbench.cache import KVBenchCache, LayerKV
 from kvbench.method import Method, register_method
 from kvbench.store import EncodedLayer, Storage, register_storage, tensor_bytes
 
-KINDS = ("k", "v")
 _EPS = 1e-6
 
 
