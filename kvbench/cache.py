@@ -142,6 +142,10 @@ class LayerKV:
         """Bytes of key+value data actually held (what the method kept)."""
         return self.n_rows * self.row_bytes
 
+    def attention_flops(self, extra_tokens: int, group: int) -> int:
+        """Matmul FLOPs of a decode step's attention over every row (+ `extra_tokens` per head): 2·2·d·L·g."""
+        return 4 * self.keys.shape[1] * group * (self.n_rows + extra_tokens * self.n_heads)
+
     def read_bytes(self, extra_tokens: int = 0) -> int:
         """Bytes a decode step's attention reads: every row, plus `extra_tokens` new ones per head."""
         return (self.n_rows + extra_tokens * self.n_heads) * self.row_bytes
@@ -361,6 +365,10 @@ class KVBenchCache(Cache):
 
     def nbytes(self) -> int:
         return sum(l.nbytes() for l in self.kv if l is not None)
+
+    def attention_flops(self, extra_tokens: int, group: int) -> int:
+        """Matmul FLOPs of one decode step's attention, each layer in its own format (kvbench/store.py)."""
+        return sum(l.attention_flops(extra_tokens, group) for l in self.kv if l is not None)
 
     def read_bytes(self, extra_tokens: int = 0) -> int:
         """K/V bytes one decode step's attention reads with `extra_tokens` new tokens per head appended

@@ -155,8 +155,8 @@ class Engine:
             out.append(nxt)
             if nxt in stop or len(out) == max_new_tokens:
                 break
-            lens = [[L + 1 for L in layer] for layer in cache.head_lengths()]  # + the token being decoded
-            flops.append(self._linear_flops + attention_flops(lens, self._group, self._head_dim))
+            # + the token being decoded; each layer counts what its format computes (rows selected, rank)
+            flops.append(self._linear_flops + cache.attention_flops(1, self._group))
             self.last_read_bytes.append(cache.read_bytes(extra_tokens=1))
             with Timer(self.device) as t:
                 logits, _ = self._forward(cache, [nxt], method, "decode")

@@ -105,6 +105,13 @@ class EncodedLayer:
         (default: everything stored)."""
         return self.nbytes() + extra_tokens * self.n_heads * self.row_bytes
 
+    def attention_flops(self, extra_tokens: int, group: int) -> int:
+        """Matmul FLOPs of one decode step's attention (QK^T and PV per query head, 2 per multiply-add), with
+        `extra_tokens` new rows per head. Default: full-dimension attention over every row (formats that read
+        fewer rows or attend at a lower dimension override it)."""
+        d = getattr(self, "head_dim", None) or self.materialize().keys.shape[1]
+        return 4 * d * group * sum(n + extra_tokens for n in self.head_lengths)
+
     # -- reads ---------------------------------------------------------------------------------------
     def materialize(self) -> LayerKV:
         """A plain copy of what this store represents (dequantized / reconstructed), rows in the order

@@ -131,6 +131,13 @@ class EigenLayer(EncodedLayer):
     def allocated_bytes(self) -> int:
         return self.rows.allocated_bytes()
 
+    def attention_flops(self, extra_tokens: int, group: int) -> int:
+        """Attention at rank r over every row (4 r per row per query head), plus projecting each query head's
+        query (q P_k: 2 d r) and lifting its output ((p V P_v) P_v^T: 2 r d)."""
+        d, r = self.pk.shape
+        n_q = group * self.n_heads
+        return 4 * r * group * (self.rows.n_rows + extra_tokens * self.n_heads) + n_q * 4 * d * r
+
     def materialize(self) -> LayerKV:
         """Reconstructed plain rows: K P_k P_k^T and V P_v P_v^T (attention over them equals attention in the
         low-rank space: q . K P P^T = (q P) . (K P)^T)."""

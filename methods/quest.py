@@ -126,6 +126,20 @@ class QuestLayer(EncodedLayer):
                 total += g * n * self.row_bytes
         return total
 
+    def attention_flops(self, extra_tokens: int, group: int) -> int:
+        """Per query head: QK^T and PV over its selected rows (4 d per row), plus the page scoring (q*min and
+        q*max per channel of every scored page: 4 d per page) on sparse heads; dense heads: every row."""
+        d = self.layer.keys.shape[1]
+        P, B = self.fmt.page_size, self.fmt.page_budget
+        total = 0
+        for n, s in zip([n + extra_tokens for n in self.layer.head_lengths], self.sparse_heads(extra_tokens)):
+            if s:
+                last = n - (n_pages(n, P) - 1) * P
+                total += group * 4 * d * ((B - 1) * P + last + (n_pages(n, P) - 1))
+            else:
+                total += group * 4 * d * n
+        return total
+
     def materialize(self) -> LayerKV:
         """The plain rows themselves (Quest stores them unchanged): read them, never change them."""
         return self.layer

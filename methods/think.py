@@ -123,6 +123,12 @@ class ThinKLayer(EncodedLayer):
     def allocated_bytes(self) -> int:
         return tensor_bytes(self.kp, self.vp, self.ch) + self.full.allocated_bytes()
 
+    def attention_flops(self, extra_tokens: int, group: int) -> int:
+        """QK^T at the kept width dk over the pruned rows and at d over the full ones; PV at d over all rows."""
+        d = self.vp.shape[1]
+        n_p, n_f = sum(self.np_), self.full.n_rows + extra_tokens * self.n_heads
+        return 2 * group * (self.dk * n_p + d * n_f) + 2 * group * d * (n_p + n_f)
+
     def materialize(self) -> LayerKV:
         """Plain rows: a pruned key holds zeros in its pruned channels (so q . k = q[kept] . k_pruned)."""
         ks, vs, ps, counts = [], [], [], []
