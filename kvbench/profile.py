@@ -1,8 +1,9 @@
 """`kvbench profile method=<name> model=<model> [key=value ...]`: offline profiling for the methods that need it
 (duoattention: head gates; razorattention: echo/induction head scores; fastgen: the recovery threshold
 calibrated for a budget; eigen_attention: key/value bases, in a .pt beside the JSON). The profile is stored
-under `results/profiles/<model>/<method>.json` (method knob `profile_dir`, or env KVBENCH_PROFILES) and reused
-on later calls and by `kvbench run`; `force=true` recomputes it. Also here: the profiling data (passkey samples, calibration prompts).
+as `<model>/<method>.json` under ./results/profiles when that directory exists, else ~/.cache/kvbench/profiles
+(env KVBENCH_PROFILES or the method knob `profile_dir` choose another), and found from anywhere by later calls
+and by `kvbench run` (methods/_profiles.py: where it looks); `force=true` recomputes it. Also here: the profiling data (passkey samples, calibration prompts).
 
 Keys: method (required), model (default smollm2-135m), model.path, model.shape (synthetic shapes),
 device, dtype, budget, force, and any knob of the method (`steps`-like knobs, with or without `method.`).
@@ -111,13 +112,16 @@ def run_profile(args: dict, out=None) -> dict:
         if budget is None:
             raise ValueError("fastgen profiling calibrates a threshold per budget: pass budget=<tokens>")
     method = build_method(name, budget=budget, **knobs)
+    print(f"[kvbench] profile {name}: loading {model}", file=sys.stderr, flush=True)
     lm = load_model(name=str(model), path=path, shape=shape, device=device, dtype=dtype, seed=int(seed))
     t0 = time.perf_counter()
     entry, cached = method.prepare(lm, force=force)
     wall = time.perf_counter() - t0
     cost = entry["cost"]
     from kvbench.methods import _profiles
-    where = _profiles.profile_path(_profiles.profile_root(method.profile_dir), lm.name, name)
+    where = next((p for p in (_profiles.profile_path(r, lm.name, name) for r in _profiles.search_roots(method.profile_dir))
+                  if _profiles.read_entry(p, entry.get("key", "")) is not None),
+                 _profiles.profile_path(_profiles.profile_root(method.profile_dir), lm.name, name))
     if cached:
         print(f"[kvbench] profile {name} for {lm.name}: loaded from {where} in {wall:.2f} s "
               f"(computed earlier in {cost['wall_s']:.1f} s over {cost['tokens']} tokens)", file=out)

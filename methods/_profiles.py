@@ -1,8 +1,14 @@
 """Offline profiles shared by the methods that need one (DuoAttention gates, RazorAttention head scores,
 FastGen calibrated thresholds).
 
-A profile lives in `<root>/<model-label>/<method>.json` (root: the method's `profile_dir` knob, default
-`results/profiles`, or the env var KVBENCH_PROFILES); tensors a profile returns under data["tensors"] (Eigen
+A profile lives in `<root>/<model-label>/<method>.json`, wherever kvbench runs from. `root`:
+- `KVBENCH_PROFILES` (or `KVBENCH_PROFILE_DIR`) when set, else a `profile_dir` knob other than the default:
+  that directory alone, read and written;
+- by default (`profile_dir: results/profiles`) profiles are looked up in `./results/profiles` (relative to
+  where kvbench runs: the old place), the checkout's `results/profiles` (those shipped with kvbench) and the
+  user cache `$KVBENCH_CACHE/profiles` (`~/.cache/kvbench/profiles`), first hit wins; a new profile is
+  written to `./results/profiles` when that directory exists, else to the user cache.
+Tensors a profile returns under data["tensors"] (Eigen
 Attention's calibrated bases) go to `<method>.<entry key>.pt` beside it. One file holds several entries keyed by a hash of
 (method, profiling knobs, model fingerprint): changing a profiling knob or the weights makes a new entry,
 never a stale hit. The model fingerprint hashes the architecture and a slice of layer 0's attention weights,
@@ -32,8 +38,58 @@ COMPUTED: Counter = Counter()  # profiles computed (not loaded) in this process,
 
 
 # -- where profiles live ------------------------------------------------------------------------------
+ENV_VARS = ("KVBENCH_PROFILES", "KVBENCH_PROFILE_DIR")
+
+
+def _explicit(root: str | None) -> Path | None:
+    env = next((os.environ[v] for v in ENV_VARS if os.environ.get(v)), None)
+    if env:
+        return Path(env).expanduser()
+    if root is not None and Path(str(root)) != Path(DEFAULT_ROOT):
+        return Path(str(root)).expanduser()
+    return None
+
+
+def user_cache_root() -> Path:
+    return Path(os.environ.get("KVBENCH_CACHE") or Path.home() / ".cache" / "kvbench").expanduser() / "profiles"
+
+
+def checkout_root() -> Path:
+    """`results/profiles` of the checkout kvbench runs from (an editable install; absent in a wheel)."""
+    import kvbench
+    return Path(kvbench.__file__).resolve().parent.parent / DEFAULT_ROOT
+
+
+def search_roots(root: str | None = None) -> list[Path]:
+    """Where profiles are looked for, in order (see the module docstring)."""
+    explicit = _explicit(root)
+    if explicit is not None:
+        return [explicit]
+    out: list[Path] = []
+    for p in (Path.cwd() / DEFAULT_ROOT, checkout_root(), user_cache_root()):
+        if not any(os.path.realpath(p) == os.path.realpath(q) for q in out):
+            out.append(p)
+    return out
+
+
 def profile_root(root: str | None = None) -> Path:
-    return Path(os.environ.get("KVBENCH_PROFILES") or root or DEFAULT_ROOT)
+    """Where a new profile is written: the explicit directory, else ./results/profiles when it exists, else
+    the user cache."""
+    explicit = _explicit(root)
+    if explicit is not None:
+        return explicit
+    here = Path.cwd() / DEFAULT_ROOT
+    return here if here.is_dir() else user_cache_root()
+
+
+def where(root: str | None = None) -> str:
+    """The directories profiles are looked for in, for messages."""
+    return ", ".join(str(p) for p in search_roots(root))
+
+
+def _say(msg: str) -> None:
+    import sys
+    print(f"[kvbench] {msg}", file=sys.stderr, flush=True)
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -120,9 +176,16 @@ def get_or_create(lm, method: str, knobs: dict, compute: Callable, root: str | N
     key = entry_key(method, knobs, fp)
     path = profile_path(profile_root(root), lm.name, method)
     if not force:
-        e = read_entry(path, key)
-        if e is not None:
-            return e, True, path
+        for r in search_roots(root):
+            found = profile_path(r, lm.name, method)
+            e = read_entry(found, key)
+            if e is not None:
+                _say(f"{method}: using the profile of {lm.name} in {found}")
+                return e, True, found
+        _say(f"{method}: no profile of {lm.name} with these knobs in {where(root)}: profiling now, once "
+             f"(`kvbench profile method={method}` does it ahead of a run) -> {path}")
+    else:
+        _say(f"{method}: profiling {lm.name} again (force=true) -> {path}")
     t0 = time.perf_counter()
     data, tokens = compute(lm)
     tensors = data.pop("tensors", None)
@@ -139,15 +202,17 @@ def get_or_create(lm, method: str, knobs: dict, compute: Callable, root: str | N
     if tensors is not None:
         entry["data"]["tensors"] = tensors
     COMPUTED[method] += 1
+    _say(f"{method}: profile computed in {entry['cost']['wall_s']:.1f} s ({int(tokens)} tokens) -> {path}")
     return entry, False, path
 
 
 def lookup_from_module(method: str, knobs: dict, module: torch.nn.Module, root: str | None = None) -> dict:
     """Find a stored profile from the attention module of layer 0 (what a method sees at compression time)."""
     fp = fingerprint(module.config, module)
-    entry = find_entry(profile_root(root), method, entry_key(method, knobs, fp))
+    key = entry_key(method, knobs, fp)
+    entry = next((e for e in (find_entry(r, method, key) for r in search_roots(root)) if e is not None), None)
     if entry is None:
-        raise ValueError(f"no {method} profile for this model under {profile_root(root)}/ (fingerprint {fp}); "
+        raise ValueError(f"no {method} profile for this model in {where(root)} (fingerprint {fp}); "
                          f"run `kvbench profile method={method} model=<your model>` with the same knobs first")
     return entry
 
