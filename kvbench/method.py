@@ -91,10 +91,10 @@ class Method:
 
     @classmethod
     def touches_rows_after_prefill(cls) -> bool:
-        """True when the method's hooks change or score the rows after compression (decode-time eviction,
-        scores accumulated over fed tokens): such methods work on plain rows only."""
-        return (cls.needs_decode_probs or cls.on_decode is not Method.on_decode
-                or cls.observe_prefill is not Method.observe_prefill)
+        """True when the method's hooks change or score the rows while decoding (decode-time eviction): such
+        methods work on plain rows only. (What a method observes of tokens fed after compression — a question
+        on top of an encoded context — is not given to it: it has nothing left to decide there.)"""
+        return cls.needs_decode_probs or cls.on_decode is not Method.on_decode
 
     def encodes_per_layer(self) -> bool:
         """Encode each layer right after its compression (frees its plain rows at once), unless a format

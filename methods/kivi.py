@@ -18,6 +18,7 @@ GPU, a dequantize-then-attend torch reference on the CPU).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -128,8 +129,13 @@ class KIVILayer(EncodedLayer):
     @staticmethod
     def _empty_q(fmt, d, like, values=False) -> _Quantized:
         codes = torch.zeros(0, d * fmt.bits // 8, dtype=torch.uint8, device=like.device)
-        shape = (0, d // fmt.group_size) if values else (0, d)
+        shape = (0, d // fmt.group_size) if values or not fmt.key_per_channel else (0, d)
         return _Quantized(codes, like.new_zeros(shape), like.new_zeros(shape))
+
+    @property
+    def key_dim(self) -> int:
+        """The axis key groups run along: 0 (tokens: per-channel keys, KIVI) or 1 (channels: per token)."""
+        return 0 if self.fmt.key_per_channel else 1
 
     def _quantize(self, x: torch.Tensor, dim: int) -> _Quantized:
         codes, scale, mn = quantize_groups(x, self.fmt.bits, self.fmt.group_size, dim, self.dtype)
@@ -138,9 +144,12 @@ class KIVILayer(EncodedLayer):
     def _flush(self, h: int) -> None:
         """Quantize what KIVI quantizes: keys in whole blocks of R, values beyond the R most recent."""
         R = self.fmt.residual_length
-        nk = (self.kr[h].shape[0] // R) * R
+        if self.fmt.key_per_channel:
+            nk = (self.kr[h].shape[0] // R) * R
+        else:  # per-token keys quantize like values: everything beyond the R most recent
+            nk = max(0, self.kr[h].shape[0] - R)
         if nk:
-            self.kq[h] = self.kq[h].cat(self._quantize(self.kr[h][:nk], dim=0))
+            self.kq[h] = self.kq[h].cat(self._quantize(self.kr[h][:nk], dim=self.key_dim))
             self.kr[h] = self.kr[h][nk:].clone()
         nv = max(0, self.vr[h].shape[0] - R)
         if nv:
@@ -159,7 +168,7 @@ class KIVILayer(EncodedLayer):
         """Head h's dequantized keys and values (n_h, d), rows in order."""
         g = self.fmt.group_size
         kq, vq = self.kq[h], self.vq[h]
-        k = dequantize_groups(unpack(kq.codes, self.fmt.bits), kq.scale, kq.mn, g, 0, self.dtype)
+        k = dequantize_groups(unpack(kq.codes, self.fmt.bits), kq.scale, kq.mn, g, self.key_dim, self.dtype)
         v = dequantize_groups(unpack(vq.codes, self.fmt.bits), vq.scale, vq.mn, g, 1, self.dtype)
         return torch.cat([k, self.kr[h]]), torch.cat([v, self.vr[h]])
 
@@ -184,7 +193,8 @@ class KIVILayer(EncodedLayer):
             "bits": b, "group_size": g, "rows": self.n_rows,
             "meta": torch.tensor(meta, dtype=torch.long, device=self.pos[0].device),
             "kq_codes": cat([q.codes for q in self.kq], d * b // 8, torch.uint8),
-            "kq_scale": cat([q.scale for q in self.kq], d, self.dtype), "kq_min": cat([q.mn for q in self.kq], d, self.dtype),
+            "kq_scale": cat([q.scale for q in self.kq], d if self.key_dim == 0 else d // g, self.dtype),
+            "kq_min": cat([q.mn for q in self.kq], d if self.key_dim == 0 else d // g, self.dtype),
             "kr": cat(self.kr, d, self.dtype),
             "vq_codes": cat([q.codes for q in self.vq], d * b // 8, torch.uint8),
             "vq_scale": cat([q.scale for q in self.vq], d // g, self.dtype),
@@ -217,7 +227,8 @@ class KIVILayer(EncodedLayer):
         if query.shape[1] == 1 and not need_probs and window is None and softcap is None:
             from kvbench.attention import _decode_kernel
             d, g = self.head_dim, self.fmt.group_size
-            kernel_ok = d >= 16 and d & (d - 1) == 0 and g >= 16  # the kernel's tile shapes (else: reference)
+            # the kernel's tile shapes and KIVI's per-channel keys (else: the reference)
+            kernel_ok = d >= 16 and d & (d - 1) == 0 and g >= 16 and self.fmt.key_per_channel
             if kernel_ok and _decode_kernel(query) == "triton":  # dequantize inside the tile (GPU, or interpreted)
                 from kvbench.methods.kernels.kivi_decode import kivi_decode_attention_triton
                 return kivi_decode_attention_triton(query[:, 0], self.flat(), scaling).unsqueeze(1), None
@@ -232,6 +243,7 @@ class KIVI(Storage):
     residual_length: int = 128    # R: recent tokens kept in full precision (a multiple of group_size)
 
     paper = "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (2402.02750)"
+    key_per_channel: ClassVar[bool] = True  # False: keys quantized per token, like values (other formats)
 
     def __post_init__(self):
         if self.bits not in BITS:

@@ -187,3 +187,25 @@ def test_command_line_composition_and_run_identity():
     (bare,) = plan_jobs([], False)
     assert "storage" not in plain["method"] and config_hash(plain) == config_hash(bare)
     assert config_hash(cfg) != config_hash(bare)
+
+
+def test_flexgen_is_a_small_member_of_the_quantization_family(tiny):
+    """FlexGen (2303.06865): 4-bit groups along the head dim for keys and values, no residual — one ~50-line
+    file on KIVI's machinery (the issue's 'a new method of an existing family is one file under 100 lines')."""
+    import inspect
+
+    import kvbench.methods.flexgen as fg
+    assert len(inspect.getsource(fg).splitlines()) < 100
+    layer, k, v = _layer(n=100, h=2, d=32)
+    st = fg.FlexGenQuant(group_size=16).encode(layer, 0, 1)
+    assert [q.n for q in st.kq] == [100, 100] and [t.shape[0] for t in st.kr] == [0, 0]
+    # per head: 100 tokens * 32 ch * 4/8 B codes + 100 * (32/16 groups) * 2 params * 4 B, keys and values alike
+    assert st.nbytes() == 2 * 2 * (100 * 32 // 2 + 100 * 2 * 2 * 4)
+    kd, vd = st.head_kv(1)
+    assert torch.allclose(kd, slow_quantize(k[1], 4, 16, per_channel=False)[0], atol=1e-5)
+    assert torch.allclose(vd, slow_quantize(v[1], 4, 16, per_channel=False)[0], atol=1e-5)
+    st.append(torch.randn(2, 1, 32), torch.randn(2, 1, 32), torch.tensor([100]))  # stored quantized at once
+    assert st.kq[0].n == 101 and st.vq[0].n == 101
+    _, _, (pb, plens), _ = _run(tiny, "snapkv", budget=64)
+    _, c, (fb, flens), out = _run(tiny, "snapkv", budget=64, storage={"name": "flexgen", "group_size": 8})
+    assert flens == plens and fb == len(c.kv) * 2 * 2 * (64 * 16 // 2 + 64 * 2 * 2 * 4) < pb
