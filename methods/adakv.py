@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from kvbench.method import LayerContext, ScoredEviction, build_method, register_method
+from kvbench.methods.snapkv import WindowQueries
 
 SCORERS = ("snapkv", "pyramidkv", "knorm", "tova", "cake", "random")
 
@@ -59,7 +60,7 @@ def adaptive_head_budgets(scores: torch.Tensor, budget: int, alpha: float) -> li
 
 @register_method("adakv")
 @dataclass
-class AdaKV(ScoredEviction):
+class AdaKV(WindowQueries, ScoredEviction):
     scorer: str = "snapkv"
     alpha_safeguard: float = 0.2
     window_size: int = 32

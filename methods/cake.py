@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.method import LayerContext, ScoredEviction, pool1d, register_method, topk_indices, window_attention
+from kvbench.methods.snapkv import WindowQueries
 
 
 def allocate(weights: list[float], total: int, caps: list[int]) -> list[int]:
@@ -70,7 +71,7 @@ def cake_layer_stats(query: torch.Tensor, keys: torch.Tensor, window: int, scali
 
 @register_method("cake")
 @dataclass
-class CAKE(ScoredEviction):
+class CAKE(WindowQueries, ScoredEviction):
     window_size: int = 32
     kernel_size: int = 5
     tau1: float = 1.0
@@ -88,6 +89,7 @@ class CAKE(ScoredEviction):
                                                "tau2", "gamma", "evict_during_decode")}
 
     def reset(self) -> None:
+        super().reset()
         self.state = {}
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
@@ -99,6 +101,7 @@ class CAKE(ScoredEviction):
         return torch.cat([ind, torch.full((ind.shape[0], w), float("inf"), device=ind.device)], dim=1)
 
     def compress_layer(self, ctx: LayerContext) -> None:
+        ctx = self.window_tail().extend(ctx)  # the window's queries across prefill chunks
         layer = ctx.layer
         if not layer.is_uniform():
             raise ValueError("cake compresses a freshly prefilled (uniform) layer")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.method import LayerContext, ScoredEviction, pool1d, register_method, topk_indices, window_attention
+from kvbench.methods.snapkv import WindowQueries
 
 from kvbench.methods.cake import allocate
 
@@ -31,7 +32,7 @@ def retrieval_head_scores(probs: torch.Tensor, n_prefix: int, n_sink: int) -> to
 
 @register_method("compresskv")
 @dataclass
-class CompressKV(ScoredEviction):
+class CompressKV(WindowQueries, ScoredEviction):
     window_size: int = 8
     kernel_size: int = 5
     pooling: str = "avg"
@@ -52,6 +53,7 @@ class CompressKV(ScoredEviction):
                                                "layer_scores")}
 
     def reset(self) -> None:
+        super().reset()
         self.pending = {}
 
     def heads(self, ctx: LayerContext, probs: torch.Tensor, n_prefix: int) -> list[int]:
@@ -81,6 +83,7 @@ class CompressKV(ScoredEviction):
         return [lo + e for e in extra]
 
     def compress_layer(self, ctx: LayerContext) -> None:
+        ctx = self.window_tail().extend(ctx)  # the window's queries across prefill chunks
         layer = ctx.layer
         if not layer.is_uniform():
             raise ValueError("compresskv compresses a freshly prefilled (uniform) layer")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.method import LayerContext, Method, register_method, topk_indices, window_attention
+from kvbench.methods.snapkv import WindowQueries
 
 
 def corm_scores(query: torch.Tensor, keys: torch.Tensor, window: int, scaling: float) -> torch.Tensor:
@@ -30,7 +31,7 @@ def corm_scores(query: torch.Tensor, keys: torch.Tensor, window: int, scaling: f
 
 @register_method("corm")
 @dataclass
-class CORM(Method):
+class CORM(WindowQueries, Method):
     window_size: int = 32
     alpha: float = 1.0
 
@@ -38,6 +39,7 @@ class CORM(Method):
     family = "eviction: recent-query attention threshold"
 
     def compress_layer(self, ctx: LayerContext) -> None:
+        ctx = self.window_tail().extend(ctx)  # the window's queries across prefill chunks
         layer = ctx.layer
         if not layer.is_uniform():
             raise ValueError("corm compresses a freshly prefilled (uniform) layer")

@@ -24,6 +24,7 @@ import torch
 from kvbench.method import LayerContext, Method, register_method, topk_indices, window_attention
 from kvbench.methods.cake import allocate
 from kvbench.methods.h2o import PrefillAttention
+from kvbench.methods.snapkv import WindowQueries
 
 
 def attention_density(query: torch.Tensor, keys: torch.Tensor, window: int, scaling: float) -> float:
@@ -63,7 +64,7 @@ def d2o_merge(k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, evicted: tor
 
 @register_method("d2o")
 @dataclass
-class D2O(Method):
+class D2O(WindowQueries, Method):
     recent_ratio: float = 0.5
     window_size: int = 32
     ema_beta: float = 0.7
@@ -84,13 +85,16 @@ class D2O(Method):
         self._prefill = PrefillAttention()  # per-sample state, not a knob
 
     def reset(self) -> None:
+        super().reset()
         self.pending, self.scores, self.caps, self.tau = {}, {}, {}, {}
         self._prefill.reset()
 
     def observe_prefill(self, ctx: LayerContext) -> None:
+        super().observe_prefill(ctx)
         self._prefill.observe(ctx)
 
     def compress_layer(self, ctx: LayerContext) -> None:
+        ctx = self.window_tail().extend(ctx)  # the window's queries across prefill chunks
         layer = ctx.layer
         if not layer.is_uniform():
             raise ValueError("d2o compresses a freshly prefilled (uniform) layer")

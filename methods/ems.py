@@ -19,6 +19,7 @@ import torch
 
 from kvbench.method import LayerContext, Method, register_method, topk_indices, window_attention
 from kvbench.methods.h2o import PrefillAttention, accumulated_attention
+from kvbench.methods.snapkv import WindowQueries
 
 
 def global_local_scores(query: torch.Tensor, keys: torch.Tensor, window: int, scaling: float,
@@ -59,7 +60,7 @@ def merge_into_kept(k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, merged
 
 @register_method("ems")
 @dataclass
-class EMS(Method):
+class EMS(WindowQueries, Method):
     window_size: int = 32
     merge_ratio: float = 0.5
 
@@ -73,12 +74,15 @@ class EMS(Method):
         self._prefill = PrefillAttention()  # per-sample state, not a knob
 
     def reset(self) -> None:
+        super().reset()
         self._prefill.reset()
 
     def observe_prefill(self, ctx: LayerContext) -> None:
+        super().observe_prefill(ctx)
         self._prefill.observe(ctx)
 
     def compress_layer(self, ctx: LayerContext) -> None:
+        ctx = self.window_tail().extend(ctx)  # the window's queries across prefill chunks
         layer = ctx.layer
         if not layer.is_uniform():
             raise ValueError("ems compresses a freshly prefilled (uniform) layer")

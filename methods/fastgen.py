@@ -32,6 +32,7 @@ from kvbench.method import LayerContext, Method, register_method, window_attenti
 
 from . import _profiles
 from .h2o import PrefillAttention
+from .snapkv import WindowQueries
 
 POLICIES = ("special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full")
 PUNCT = set(string.punctuation) | set("。，、；：？！…—–“”‘’（）《》「」")
@@ -107,7 +108,7 @@ def choose(recov: torch.Tensor, threshold: float) -> int:
 
 @register_method("fastgen")
 @dataclass
-class FastGen(Method):
+class FastGen(WindowQueries, Method):
     recovery: float | str = 0.95   # T; "auto" = the threshold calibrated for this budget by `kvbench profile`
     window: int = 32               # prompt queries whose attention is profiled
     local_ratio: float = 0.3       # no-budget sizes (fractions of the prompt)
@@ -119,6 +120,7 @@ class FastGen(Method):
 
     paper = "Model Tells You What to Discard: Adaptive KV Cache Compression for LLMs (2310.01801)"
     family = "per-head hybrid policy from prompt profiling (special/punct/frequent/local/full)"
+    window_knob = "window"
 
     def __post_init__(self):
         super().__post_init__()
@@ -142,9 +144,11 @@ class FastGen(Method):
         self._prefill = PrefillAttention()     # accumulated attention over the prefill's chunks
 
     def reset(self) -> None:
+        super().reset()
         self._prefill.reset()
 
     def observe_prefill(self, ctx: LayerContext) -> None:
+        super().observe_prefill(ctx)
         self._prefill.observe(ctx)
 
     def fork(self) -> "FastGen":
@@ -209,6 +213,7 @@ class FastGen(Method):
         return half, half
 
     def compress_layer(self, ctx: LayerContext) -> None:
+        ctx = self.window_tail().extend(ctx)  # the window's queries across prefill chunks
         if self._log is None or self._classes is None:
             raise ValueError("fastgen needs the prompt's token ids: call method.prepare(lm) before running")
         if self._threshold is None:

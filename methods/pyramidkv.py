@@ -23,7 +23,7 @@ import torch
 
 from kvbench.method import LayerContext, ScoredEviction, register_method
 
-from kvbench.methods.snapkv import snap_scores
+from kvbench.methods.snapkv import WindowQueries, snap_scores
 
 
 def pyramid_budgets(avg_budget: int, window: int, n_layers: int, beta: float,
@@ -52,7 +52,7 @@ def pyramid_budgets(avg_budget: int, window: int, n_layers: int, beta: float,
 
 @register_method("pyramidkv")
 @dataclass
-class PyramidKV(ScoredEviction):
+class PyramidKV(WindowQueries, ScoredEviction):
     window_size: int = 32
     kernel_size: int = 7
     pooling: str = "max"

@@ -7,12 +7,81 @@ Pooling as the official code: `F.max_pool1d` / `F.avg_pool1d` (padding kernel_si
 count_include_pad=True), on the torch path and the Triton kernel alike.
 A budget smaller than the window clamps the window to the budget (the official code asserts
 budget > window): the layer then keeps the last `budget` prompt tokens, never dropping the last one.
+Chunked prefill (`prefill_chunk>0`): the window's queries are carried across chunks (`QueryTail`, shared by
+every method with an observation window), so a last chunk shorter than the window scores as a whole prompt.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from kvbench.method import LayerContext, ScoredEviction, pool1d, register_method, window_attention
+
+
+class QueryTail:
+    """The observation window's queries across prefill chunks (`prefill_chunk>0`). A method hook sees only the
+    queries of the current forward, so a last chunk shorter than the window would shrink the window. Feed
+    `observe` from `observe_prefill` (every chunk): it keeps, per layer, the last `size` queries of the chunks
+    before the last one (a copy of at most `size` rows). `extend(ctx)` in `compress_layer` returns the context
+    with those rows prepended to the last chunk's queries (still the last tokens of the layer's keys), or `ctx`
+    unchanged when its own queries already cover the window (an unchunked prefill: no copy at all)."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self.tail: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (queries, layer length after them)
+
+    def reset(self) -> None:
+        self.tail = {}
+
+    def observe(self, ctx: LayerContext) -> None:
+        i, n = ctx.layer_idx, ctx.query.shape[1]
+        L = max(ctx.layer.head_lengths)
+        if ctx.is_last_chunk or n >= self.size:
+            if not ctx.is_last_chunk:
+                self.tail[i] = (ctx.query[:, -self.size:].clone(), L)
+            return
+        old = self.tail.get(i)
+        if n == L or old is None or old[1] + n != L:  # a fresh prefill starts, or no chunk to continue
+            q = ctx.query if n == L else None
+        else:
+            q = torch.cat([old[0], ctx.query], dim=1)[:, -self.size:]
+        if q is None:
+            self.tail.pop(i, None)
+        else:
+            self.tail[i] = (q.clone(), L)
+
+    def extend(self, ctx: LayerContext) -> LayerContext:
+        old = self.tail.pop(ctx.layer_idx, None)
+        n = ctx.query.shape[1]
+        if n >= self.size or old is None or old[1] + n != max(ctx.layer.head_lengths):
+            return ctx
+        q = torch.cat([old[0][:, -(self.size - n):].to(ctx.query.dtype), ctx.query], dim=1)
+        return dataclasses.replace(ctx, query=q)
+
+
+class WindowQueries:
+    """Mixin: a method with an observation window of `window_knob` queries keeps them across prefill chunks
+    (see QueryTail). Its hooks: `observe_prefill` feeds the tail, `compress_layer` runs on the extended
+    context; a class with its own hooks calls `self.window_tail().observe(ctx)` / `.extend(ctx)` itself."""
+    window_knob = "window_size"
+
+    def window_tail(self) -> QueryTail:
+        size = int(getattr(self, self.window_knob))
+        tail = self.__dict__.get("_query_tail")
+        if tail is None or tail.size != size:
+            tail = self.__dict__["_query_tail"] = QueryTail(size)
+        return tail
+
+    def reset(self) -> None:
+        super().reset()
+        self.window_tail().reset()
+
+    def observe_prefill(self, ctx: LayerContext) -> None:
+        super().observe_prefill(ctx)
+        self.window_tail().observe(ctx)
+
+    def compress_layer(self, ctx: LayerContext) -> None:
+        super().compress_layer(self.window_tail().extend(ctx))
 
 
 # On CUDA the fused Triton kernel scores the window without materialising (g, w, L) probabilities.
@@ -59,7 +128,7 @@ def snap_scores(ctx: LayerContext, window: int, kernel_size: int, pooling: str,
 
 @register_method("snapkv")
 @dataclass
-class SnapKV(ScoredEviction):
+class SnapKV(WindowQueries, ScoredEviction):
     window_size: int = 32
     kernel_size: int = 7
     pooling: str = "max"

@@ -23,6 +23,7 @@ from fractions import Fraction
 import torch
 
 from kvbench.method import LayerContext, ScoredEviction, register_method, window_attention
+from kvbench.methods.snapkv import WindowQueries
 
 SELECT = ("max", "average")
 
@@ -67,7 +68,7 @@ def window_scores(attn_sum: torch.Tensor, size: int, select: str) -> torch.Tenso
 
 @register_method("windowkv")
 @dataclass
-class WindowKV(ScoredEviction):
+class WindowKV(WindowQueries, ScoredEviction):
     review_window_size: int = 8
     suffix_size: int = 32
     shared_layers: int = 8
@@ -77,6 +78,7 @@ class WindowKV(ScoredEviction):
 
     paper = "WindowKV: Task-Adaptive Group-Wise KV Cache Window Selection (2503.17922)"
     family = "eviction: windows of consecutive tokens, group-shared indices"
+    window_knob = "suffix_size"
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,6 +93,7 @@ class WindowKV(ScoredEviction):
                                                "shared_layers", "beta", "window_select")}
 
     def reset(self) -> None:
+        super().reset()
         self.shared = {}
 
     def kept_windows(self, ctx: LayerContext, prefix_budget: int, n_prefix: int, w: int) -> list[int]:
@@ -114,6 +117,7 @@ class WindowKV(ScoredEviction):
         return [i for i in self.shared[group] if i < n_win]
 
     def compress_layer(self, ctx: LayerContext) -> None:
+        ctx = self.window_tail().extend(ctx)  # the window's queries across prefill chunks
         layer = ctx.layer
         if not layer.is_uniform():
             raise ValueError("windowkv compresses a freshly prefilled (uniform) layer")

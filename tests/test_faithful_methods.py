@@ -295,18 +295,38 @@ def _method(name, lm):
 
 @pytest.mark.parametrize("name", EVICTING)
 def test_chunked_prefill_keeps_the_same_tokens(lm, name):
-    """prefill_chunk=64 over 168 tokens (chunks 64, 64, 40) keeps exactly the tokens of an unchunked prefill,
-    in every layer and head. Accumulating statistics (H2O, D2O, EMS, FastGen) sum every chunk's queries.
-    The observation windows of the defaults (<= 32) lie inside the last chunk: methods read only the last
-    forward's queries, so a last chunk shorter than a method's window would shrink that window (a limit of the
-    hook interface, not tested here). Every evicting method is compared; none legitimately differs at these
-    sizes. Not compared: methods that keep every token (`uses_budget = False`: full and the storage formats,
-    whose layers are encoded, not evicted)."""
+    """prefill_chunk=64 (chunks 64, 64, 40 of 168 tokens) and prefill_chunk=16 (ten chunks of 16, then 8: a
+    last chunk shorter than every default observation window) keep exactly the tokens of an unchunked
+    prefill, in every layer and head. Accumulating statistics (H2O, D2O, EMS, FastGen) sum every chunk's
+    queries; observation windows (SnapKV, PyramidKV, AdaKV, WindowKV, D2O, EMS, FastGen, CAKE, CompressKV,
+    CORM) read their queries across chunks. Every evicting method is compared; none differs. Not compared:
+    methods that keep every token (`uses_budget = False`: full and the storage formats, whose layers are
+    encoded, not evicted)."""
     n = 168
     _, _, whole = run(lm, _method(name, lm), n=n)
-    _, _, chunked = run(lm, _method(name, lm), n=n, chunk=64)
-    assert chunked == whole
     assert any(len(p) < n for layer in whole for p in layer)  # it did compress
+    for chunk in (64, 16):
+        _, _, chunked = run(lm, _method(name, lm), n=n, chunk=chunk)
+        assert chunked == whole, f"prefill_chunk={chunk}"
+
+
+def test_query_tail_carries_the_window_across_chunks(lm):
+    """The window's queries seen by SnapKV's scorer after a chunked prefill (chunks of 5, window 12) equal the
+    last 12 queries of an unchunked prefill (the slow truth: the same layer's queries captured whole)."""
+    got = {}
+    m = build_method("snapkv", budget=20, window_size=12)
+    inner = m.score
+
+    def spy(ctx):
+        got[ctx.layer_idx] = ctx.query.detach().clone()
+        return inner(ctx)
+
+    m.score = spy
+    run(lm, m, n=43, chunk=5)
+    _, cap, _ = run(lm, build_method("snapkv", budget=20, window_size=12), n=43)
+    for l in range(2):
+        assert got[l].shape[1] == 12
+        assert torch.allclose(got[l], cap[l][0][:, -12:], atol=1e-5)
 
 
 # -- 9. average pooling: torch path and Triton kernel --------------------------------------------------------
