@@ -27,22 +27,25 @@ SCORERS = ("snapkv", "pyramidkv", "knorm", "tova", "cake", "random")
 def adaptive_head_budgets(scores: torch.Tensor, budget: int, alpha: float) -> list[int]:
     """Per-head kept counts (their +inf tokens included) for (n_kv, L) scores, summing to
     min(budget, L) × n_kv: the official global top-k, then the safeguard mix (see the module docstring).
-    Ties in the global top-k go to the earlier head, then the earlier token (a stable sort). Two host syncs
-    (the window counts, the top-k's counts); the mix runs on the host, in float32 like the official code."""
+    Ties in the global top-k go to the earlier head, then the earlier token (a stable sort). One host sync
+    (the window and top-k counts together); the mix runs on the host, in float32 like the official code."""
     h, L = scores.shape
     budget = min(budget, L)
     s = scores.float()
     forced = torch.isinf(s) & (s > 0)
-    n_forced = forced.sum(dim=1).tolist()                          # the window, per head
+    n_forced_t = forced.sum(dim=1)                                 # the window, per head
+    total_t = (budget - n_forced_t).clamp(min=0).sum()
+    # 1. unconstrained global top-k over every head's non-window scores (k = total, still on the device)
+    order = torch.sort(torch.where(forced, float("-inf"), s).reshape(-1), descending=True, stable=True).indices
+    picked = (torch.arange(h * L, device=s.device) < total_t).long()
+    counts_t = torch.zeros(h, dtype=torch.long, device=s.device).scatter_add_(0, order // L, picked)
+    n_forced, counts = torch.stack([n_forced_t, counts_t]).tolist()
     base = [max(0, budget - f) for f in n_forced]                  # per-head free budget
     room = [L - f for f in n_forced]                               # scorable tokens per head
     total = sum(base)
     if total == 0:
         return [min(f, budget) for f in n_forced]
-    # 1. unconstrained global top-k over every head's non-window scores
-    flat = torch.where(forced, float("-inf"), s).reshape(-1)
-    top = torch.sort(flat, descending=True, stable=True).indices[:total]
-    counts = torch.bincount(top // L, minlength=h).cpu()
+    counts = torch.tensor(counts)
     # 2. the safeguard mix as the official code: int64 counts × (1 − alpha) in float32, + int(alpha · base)
     floor_cap = torch.tensor([int(base_h * float(alpha)) for base_h in base])
     raw = counts * (1.0 - float(alpha)) + floor_cap
