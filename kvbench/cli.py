@@ -577,15 +577,29 @@ def cmd_experiment(args: list[str]) -> int:
         return EXIT_BAD_INPUT
     if not dry:
         codes = [cmd_run(["-m"] + [a for a in line if a not in ("-m", "--multirun")]) for line in lines]
-        print(f"[kvbench] experiment {preset.name}: next, kvbench report "
-              f"{Path(str(preset.settings.get('results_dir', 'results'))) / preset.sweep}", file=sys.stderr)
+        from kvbench.report.experiments import results_root
+        print(f"[kvbench] experiment {preset.name}: next, kvbench report {results_root(preset, args)}", file=sys.stderr)
         return max(codes)
-    from kvbench.runner import run_dir
-    rows, seen = [], set()
+    from kvbench.runner import normalize_config, run_dir
+    rows, seen, here_needs = [], set(), []
     for line in lines:
         multirun = preset is not None or "-m" in line or "--multirun" in line
-        try:
-            planned = plan_jobs([a for a in line if a not in ("-m", "--multirun")], multirun)
+        try:  # plan_jobs' checks, except that what this machine lacks to run them (network, device) is said,
+            # not refused: a dry run lists the jobs of a sweep that may run elsewhere
+            args = budget_rule([a for a in line if a not in ("-m", "--multirun")])
+            cfgs = [compose_job(job) for job in validate_overrides(args, multirun)]
+            for cfg in cfgs:
+                check_values(cfg)
+            for cfg in cfgs:
+                try:
+                    check_hub(cfg)
+                    check_device(str(cfg.get("device", "auto")))
+                except BadInput as e:
+                    if str(e) not in here_needs:
+                        here_needs.append(str(e))
+            for cfg in cfgs:
+                check_components(cfg, here=False)
+            planned = [normalize_config(cfg) for cfg in cfgs]
         except BadInput as e:
             print(f"kvbench: error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -607,6 +621,8 @@ def cmd_experiment(args: list[str]) -> int:
         print("  ".join(c.ljust(x) for c, x in zip(r, w)).rstrip())
     done = sum(r[6] == "done" for r in rows)
     print(f"{len(rows)} jobs ({done} done, {len(rows) - done} to run); dry run: nothing was run")
+    for need in here_needs:
+        print(f"to run them on this machine: {need}")
     return 0
 
 

@@ -16,7 +16,7 @@ from .tables import PaperTable, df_to_html, formatted, to_html, unique_rows
 TEMPLATES = Path(__file__).parent / "templates"
 
 # Figure sections, by file-name prefix (see plots.make_plots).
-SECTIONS = [("published", "Published vs ours"), ("score_vs_budget", "Score vs budget"),
+SECTIONS = [("published", "Published vs ours, per subtask"), ("score_vs_budget", "Score vs budget"),
             ("pareto", "Score vs KV memory"), ("niah", "NIAH heatmaps"), ("subtasks", "Per-subtask scores"),
             ("latency", "Latency")]
 WIDE = ("published", "subtasks", "latency")  # figures that get the page width
@@ -98,9 +98,11 @@ def render(df: pd.DataFrame, tables: list[PaperTable], figures: list[str], out_d
     pub = None
     if preset is not None:
         from .experiments import HEAD, _cells, model_note, source_line
+        rows = published or []
+        ran = [r for r in rows if r["ours"] == r["ours"]]  # not NaN: cells we ran
         pub = {"title": preset.title, "source": source_line(preset), "notes": preset.notes, "head": HEAD,
-               "rows": [_cells(r) for r in published or []], "note": model_note(preset, published or []),
-               "inside": [r["inside_ci"] for r in published or []]}
+               "rows": [_cells(r) for r in ran], "all_rows": [_cells(r) for r in rows] if len(ran) < len(rows) else [],
+               "n_all": len(rows), "note": model_note(preset, rows)}
     all_runs = unique_rows(formatted(whole))
     sub_rows = unique_rows(formatted(df[df["subtask"] != ALL]))
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)

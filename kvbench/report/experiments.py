@@ -22,7 +22,6 @@ drops the preset's keys inside that group (`model.name`).
 """
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -158,11 +157,19 @@ def expand_experiment(args: list[str]) -> tuple[Preset | None, list[list[str]]]:
     preset = load_preset(exp[0].split("=", 1)[1])
     rest = [a for a in args if a not in exp]
     flags = [a for a in rest if a.startswith("-")]
-    return preset, [flags + c for c in command_lines(preset, rest)]
+    lines = []
+    for c in command_lines(preset, rest):  # grids the user's overrides made identical run once
+        if flags + c not in lines:
+            lines.append(flags + c)
+    return preset, lines
 
 
-def grid_size(grid: dict) -> int:
-    return math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
+def results_root(preset: Preset, args: list[str]) -> Path:
+    """Where the preset's runs go: results_dir (the command line's, else the preset's) / the sweep."""
+    given = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "results_dir"]
+    sweep = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "sweep"]
+    root = given[-1] if given else str(preset.settings.get("results_dir", "results"))
+    return Path(root) / (sweep[-1] if sweep else preset.sweep)
 
 
 # -- published vs ours ------------------------------------------------------------------------------------
@@ -195,11 +202,15 @@ def find_preset_for(runs) -> Preset | None:
     return None
 
 
+AVERAGES = {"avg", "avg_en", "avg_zh", "category_avg"}  # published averages over the row's tasks
+
+
 def published_rows(preset: Preset, df) -> list[dict]:
     """One row per published cell: the published value, ours (×100), the difference, our bootstrap 95% CI
-    and whether the published value lies inside it. Our cell: the whole-run rows of the same method and budget
-    (or compression ratio; the full cache matches any) on the preset's task, the subtask's row for a subtask, the run's `score`
-    for `avg` when the run has no `avg` subtask; repeated runs (seeds) are averaged."""
+    and whether the published value lies inside it. Our cell: the runs of the same method and budget (or
+    compression ratio; the full cache matches any) on the preset's task: the subtask's row for a subtask, the
+    run's `score` for `avg` when the run has no `avg` subtask; repeated runs (seeds) are averaged. A published
+    average (avg, avg_en) is compared only when we ran every task of its row (else ours is not the same mean)."""
     from .load import ALL
     whole = df[df["subtask"] == ALL]
     out = []
@@ -209,13 +220,17 @@ def published_rows(preset: Preset, df) -> list[dict]:
             sel = sel[sel["task"] == pub.task]
         if pub.method != "full":
             if pub.budget is not None:
-                sel = sel[sel["budget"].map(lambda b: _same(None if b != b else b, pub.budget))]
+                sel = sel[sel["budget"].map(lambda b: _same(None if b != b else b, pub.budget)).astype(bool)]
             elif pub.compression_ratio is not None:
-                sel = sel[sel["compression_ratio"].map(lambda r: _same(None if r != r else r, pub.compression_ratio))]
+                sel = sel[sel["compression_ratio"].map(
+                    lambda r: _same(None if r != r else r, pub.compression_ratio)).astype(bool)]
         if pub.query_aware is not None:
             sel = sel[sel["query_aware"] == pub.query_aware]
+        ran = set(sel[sel["subtask_kind"] == "subtask"]["subtask"]) if "subtask_kind" in sel else set()
         for sub, value in pub.scores.items():
             cell = sel[sel["subtask"] == sub]
+            if sub in AVERAGES and not set(pub.scores) - AVERAGES <= ran:
+                cell = cell.iloc[0:0]  # our mean over fewer tasks than the paper's: not the same quantity
             if cell.empty and sub == "avg":
                 cell = sel[sel["subtask"] == ALL]
             ok = cell[cell["score"].notna()]
@@ -299,7 +314,10 @@ def published_text(preset: Preset, rows: list[dict]) -> str:
     note = model_note(preset, rows)
     if note:
         head.append(f"note: {note}")
-    table = [HEAD] + [_cells(r) for r in rows]
+    ran = [r for r in rows if not math.isnan(r["ours"])]
+    if len(ran) < len(rows):
+        head.append(f"{len(rows) - len(ran)} of {len(rows)} published cells not run here (all of them: published.md)")
+    table = [HEAD] + [_cells(r) for r in ran]
     w = [max(len(r[i]) for r in table) for i in range(len(HEAD))]
     fmt = lambda r: "  ".join(c.rjust(x) if i >= 3 else c.ljust(x) for i, (c, x) in enumerate(zip(r, w)))
     return "\n".join(head + [fmt(table[0]), "  ".join("-" * x for x in w)] + [fmt(r) for r in table[1:]])
@@ -314,19 +332,3 @@ def published_latex(preset: Preset, rows: list[dict]) -> str:
             rf"\caption{{{tex_escape('Published vs ours: ' + preset.title + '. Source: ' + source_line(preset))}}}",
             r"\end{table}"]
     return "\n".join(out) + "\n"
-
-
-def jobs_of(preset: Preset, user_args: list[str]) -> list[list[str]]:
-    """Every job's override list (grids expanded), for listing without Hydra."""
-    jobs = []
-    for args in command_lines(preset, user_args):
-        fixed, swept = [], []
-        for a in args:
-            k, _, v = a.partition("=")
-            if "," in v and not v.startswith(("[", "'")):
-                swept.append([f"{k}={x}" for x in v.split(",")])
-            else:
-                fixed.append(a)
-        for combo in itertools.product(*swept):
-            jobs.append(fixed + list(combo))
-    return jobs

@@ -198,7 +198,7 @@ def plot_pareto(fig_s: Figures, g: pd.DataFrame, colors, markers, title: str, na
         return
     fig, ax = plt.subplots(figsize=_size("one", (5, 3.5)))
     dodge = dodge_factors(list(dict.fromkeys(d["method_label"])))
-    for label, mg in d.groupby("method_label", sort=False):
+    for k, (label, mg) in enumerate(d.groupby("method_label", sort=False)):
         full = (mg["method"] == "full").all()
         x = mg["kv_bytes"] / 2**20 * dodge[label]
         # hollow markers: one method's point never hides another's drawn at the same place
@@ -208,8 +208,9 @@ def plot_pareto(fig_s: Figures, g: pd.DataFrame, colors, markers, title: str, na
         if not _MODE["paper"]:
             for xi, (_, r) in zip(x, mg.iterrows()):
                 if not full:
+                    # labels of methods at the same place go above / below their point in turn
                     ax.annotate(r["budget_label"], (xi, r["score"] * 100), fontsize=7, color=colors[label],
-                                xytext=(3, 3), textcoords="offset points")
+                                xytext=(3, 3) if k % 2 else (3, -10), textcoords="offset points")
     front = pareto_front(list(zip(d["kv_bytes"] / 2**20, d["score"] * 100)))
     if len(front) > 1:
         fx, fy = zip(*front)
@@ -305,6 +306,8 @@ def plot_published(fig_s: Figures, g: pd.DataFrame, rows: list[dict], colors, ma
     values as hollow markers of the same colour and shape on the same axes; the full cache as a horizontal
     line (ours dashed, published dotted)."""
     subs = list(dict.fromkeys(r["subtask"] for r in rows))
+    ours = {r["subtask"] for r in rows if not math.isnan(r["ours"])}  # subtasks compared with a run of ours
+    subs = [s for s in subs if s in ours] or subs  # a small run: only the panels it can be compared on
     if not subs:
         return
     tasks = {r.get("task") for r in rows} - {None}
@@ -322,6 +325,8 @@ def plot_published(fig_s: Figures, g: pd.DataFrame, rows: list[dict], colors, ma
         sg = g[g["subtask"] == sub]
         if sub == "avg" and sg.empty:
             sg = g[g["subtask"] == ALL]
+        if sub not in ours:  # e.g. our avg_en over fewer tasks than the paper's: not drawn beside it
+            sg = sg.iloc[0:0]
         full = sg[sg["method"] == "full"]["score"].dropna()
         if len(full):
             handles["Full cache (ours)"] = ax.axhline(full.mean() * 100, color=FULL_COLOR, ls="--", lw=1)
@@ -350,7 +355,8 @@ def plot_published(fig_s: Figures, g: pd.DataFrame, rows: list[dict], colors, ma
         ax.set_ylabel("score ×100")
     for ax in axes[-1, :]:
         ax.set_xlabel("KV budget")
-    fig.suptitle(title + (f"\n{source}" if source and not _MODE["paper"] else ""),
+    import textwrap
+    fig.suptitle(title + (f"\n{textwrap.fill(source, 40 * ncol)}" if source and not _MODE["paper"] else ""),
                  fontsize=9 if _MODE["paper"] else 11)
     if _MODE["paper"]:
         fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncol=3, frameon=False)
@@ -398,7 +404,7 @@ def _all_plots(fig_s, df, runs, colors, markers, multi_model) -> None:
         plot_latency(fig_s, whole, colors, tt, f"latency__{pre}")
         kinds = dict(zip(g["subtask"], g["subtask_kind"])) if "subtask_kind" in g else {}
         subs = [s for s in g["subtask"].unique() if s != ALL and kinds.get(s, "subtask") == "subtask"]
-        if subs:
+        if len(subs) > 1:  # one subtask is the run itself (score vs budget shows it)
             for b in [b for b in dict.fromkeys(g["budget_label"]) if b != "full"] or ["full"]:
                 sel = g[(g["subtask"] != ALL) & ((g["budget_label"] == b) | (g["method"] == "full"))]
                 plot_subtasks(fig_s, sel, colors, subs, f"{tt}, budget {b}", f"subtasks__{pre}__{slug(b)}")

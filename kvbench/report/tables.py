@@ -113,8 +113,9 @@ def paper_tables(df: pd.DataFrame, name=lambda label: label) -> list[PaperTable]
         for b in budgets:
             sel = g[(g["budget_label"] == b) | (g["method"] == "full")]
             for what, cols in groups:
-                if not cols or (what == "per subtask" and all(kinds.get(c) == "aggregate" for c in cols)):
-                    continue
+                real = [c for c in cols if kinds.get(c, "subtask") == "subtask"]
+                if not cols or (what == "per subtask" and len(real) < 2):
+                    continue  # one subtask is the run itself: its column would repeat Overall
                 rows, cis = [], []
                 for label, mg in sel.groupby("method_label", sort=False):
                     is_full = bool((mg["method"] == "full").all())
