@@ -177,3 +177,16 @@ def test_preset_found_by_sweep(toy):
     for r in runs:
         r.config["sweep"] = "pyramidkv_longbench_llama3"
     assert find_preset_for(runs).name == "pyramidkv_longbench_llama3"
+
+
+def test_average_compared_only_over_the_same_tasks(toy):
+    """A published average over tasks we did not all run is not compared with our mean over fewer tasks."""
+    from kvbench.report.load import find_runs, load_table
+    d, root, _ = toy
+    p = dict(PRESET, published=[{"method": "full", "scores": {"qasper": 65.0, "hotpotqa": 55.0, "avg": 60.0}},
+                                {"method": "full", "scores": {"qasper": 65.0, "narrativeqa": 20.0, "avg": 42.5}}])
+    (d / "avg.yaml").write_text(yaml.safe_dump(p))
+    rows = published_rows(load_preset(d / "avg.yaml"), load_table(find_runs(root)))
+    avg = [r for r in rows if r["subtask"] == "avg"]
+    assert avg[0]["ours"] == pytest.approx(55.0) and avg[0]["diff"] == pytest.approx(-5.0)  # both tasks ran
+    assert math.isnan(avg[1]["ours"]) and avg[1]["inside_ci"] is None  # narrativeqa did not run

@@ -229,10 +229,10 @@ def published_rows(preset: Preset, df) -> list[dict]:
         ran = set(sel[sel["subtask_kind"] == "subtask"]["subtask"]) if "subtask_kind" in sel else set()
         for sub, value in pub.scores.items():
             cell = sel[sel["subtask"] == sub]
-            if sub in AVERAGES and not set(pub.scores) - AVERAGES <= ran:
-                cell = cell.iloc[0:0]  # our mean over fewer tasks than the paper's: not the same quantity
             if cell.empty and sub == "avg":
                 cell = sel[sel["subtask"] == ALL]
+            if sub in AVERAGES and not set(pub.scores) - AVERAGES <= ran:
+                cell = cell.iloc[0:0]  # our mean over fewer tasks than the paper's: not the same quantity
             ok = cell[cell["score"].notna()]
             ours = float(ok["score"].mean() * 100) if len(ok) else math.nan
             lo = float(ok["score_ci_low"].mean() * 100) if len(ok) and ok["score_ci_low"].notna().all() else math.nan
