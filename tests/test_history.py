@@ -45,7 +45,7 @@ def test_history_marks_the_regression(dirs, tmp_path, capsys):
     assert lines[3].startswith("3 commits, 1 where compare failed")
     html = (out / "index.html").read_text()
     assert "3 commits, 1 where compare failed" in html
-    assert html.count("❌ failed") == 1 and html.count("✅ ok") == 2
+    assert html.count('<b class="err">FAILED</b>') == 1 and html.count("<td>ok</td>") == 2
     assert "http://" not in html and "https://" not in html and "<script" not in html
     # score, KV MiB, decode GFLOPs (gated) + TTFT, decode ms/token (per device)
     assert html.count("data:image/png;base64,") == 5

@@ -41,6 +41,7 @@ class Commit:
     failed: bool = False
     problems: list[str] = field(default_factory=list)
     against: str = ""   # what it was compared with
+    bad: dict[str, set[str]] = field(default_factory=dict)  # run label -> gated metrics that failed there
 
 
 def _commit_of(run: Run) -> str:
@@ -83,6 +84,10 @@ def gate(commits: list[Commit], baseline: list[Run] | None, tolerance: float, us
         for b, cur in pairs:
             row = check(b, cur, tolerance, use_ci, eps)
             c.problems += [f"{cur.label}: {p}" for p in row.problems]
+            for p in row.problems:
+                metric = ("score" if p.startswith("score") else "kv_bytes" if p.startswith("KV bytes") else
+                          "decode_flops_per_token" if p.startswith("decode FLOPs") else "status")
+                c.bad.setdefault(cur.label, set()).add(metric)
         c.problems += [f"{m.label}: missing" for m in missing]
         c.failed = bool(c.problems)
 
@@ -107,8 +112,9 @@ def series(commits: list[Commit]) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def _figure(commits: list[Commit], data: dict[str, list[float]], ylabel: str, title: str) -> str:
-    """One metric over the commits as a base64 PNG: a line per run, failed commits shaded red and marked."""
+def _figure(commits: list[Commit], data: dict[str, list[float]], ylabel: str, title: str, metric: str = "") -> str:
+    """One metric over the commits as a base64 PNG: a line per run, failed commits shaded red and marked, and
+    a red cross on the point of each run that failed the gate on this metric there."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,6 +125,9 @@ def _figure(commits: list[Commit], data: dict[str, list[float]], ylabel: str, ti
         for k, (label, ys) in enumerate(sorted(data.items())):
             ax.plot(x, ys, marker="o", ms=4, lw=1.2, color=PALETTE[k % len(PALETTE)], label=label)
         for i, c in enumerate(commits):
+            for label, metrics in c.bad.items():
+                if metric in metrics and label in data and data[label][i] == data[label][i]:
+                    ax.scatter([i], [data[label][i]], marker="X", s=80, color="#c81e1e", zorder=5)
             if c.failed:
                 ax.axvspan(i - 0.4, i + 0.4, color="#c81e1e", alpha=0.12, lw=0)
                 ax.annotate("compare failed", (i, 1.0), xycoords=("data", "axes fraction"), ha="center",
@@ -147,12 +156,15 @@ def write_csv(commits: list[Commit], data: dict, path: Path) -> None:
                         w.writerow([c.sha, c.date, c.dated_by, c.failed, metric, label, f"{y:.6g}"])
 
 
+FAILED_CELL = '<b class="err">FAILED</b>'
+
+
 def render(commits: list[Commit], data: dict, dirs: list[str], gate_txt: str) -> str:
     e = html.escape
     figs = []
     for key, ylabel, _ in GATED:
         if data.get(key):
-            figs.append((f"{ylabel} (gated)", _figure(commits, data[key], ylabel, f"{ylabel} per run")))
+            figs.append((f"{ylabel} (gated)", _figure(commits, data[key], ylabel, f"{ylabel} per run", key)))
     for key, ylabel in TIMINGS:
         if data.get(key):
             figs.append((f"{ylabel} (reported, not gated; per device)",
@@ -160,7 +172,7 @@ def render(commits: list[Commit], data: dict, dirs: list[str], gate_txt: str) ->
     rows = "".join(
         f"<tr class=\"{'bad' if c.failed else ''}\"><td><code>{e(c.sha[:10])}</code></td><td>{e(c.date)}</td>"
         f"<td>{e(c.dated_by)}</td><td>{len(c.runs)}</td><td>{e(c.against)}</td>"
-        f"<td>{'❌ failed' if c.failed else '✅ ok'}</td><td>{'<br>'.join(e(p) for p in c.problems) or '–'}</td></tr>"
+        f"<td>{FAILED_CELL if c.failed else 'ok'}</td><td>{'<br>'.join(e(p) for p in c.problems) or '–'}</td></tr>"
         for c in commits)
     n_bad = sum(c.failed for c in commits)
     imgs = "".join(f"<h2>{e(t)}</h2><img alt=\"{e(t)}\" src=\"data:image/png;base64,{b}\">" for t, b in figs)
@@ -173,7 +185,7 @@ header p {{ margin: 4px 0 0; color: #cbd2d9; font-size: 13px; }} main {{ padding
 h2 {{ border-bottom: 2px solid #d9e2ec; padding-bottom: 4px; margin-top: 28px; font-size: 17px; }}
 table {{ border-collapse: collapse; background: #fff; font-size: 13px; }}
 th, td {{ border-bottom: 1px solid #e4e7eb; padding: 4px 10px; text-align: left; vertical-align: top; }}
-tr.bad td {{ background: #fdecec; }} img {{ max-width: 100%; background: #fff; border: 1px solid #d9e2ec; }}
+tr.bad td {{ background: #fdecec; }} .err {{ color: #c81e1e; }} img {{ max-width: 100%; background: #fff; border: 1px solid #d9e2ec; }}
 </style></head><body>
 <header><h1>kvbench history: {len(commits)} commits, {n_bad} where compare failed</h1>
 <p>{e(', '.join(dirs))} &middot; generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}</p></header>
