@@ -50,7 +50,7 @@ try:  # lm-eval is optional for kvbench itself; the bridge needs it
     from lm_eval.api.model import TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as _e:  # pragma: no cover - exercised only without lm-eval
-    raise ImportError("kvbench.lm_eval_bridge needs lm-eval: pip install lm-eval") from _e
+    raise ImportError("kvbench-lm-eval needs lm-eval and its task data tools: pip install 'kvbench[lmeval]'") from _e
 
 
 # -- scoring and decoding on a compressed cache (Engine's public pieces) -----------------------------

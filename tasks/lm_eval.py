@@ -69,7 +69,7 @@ class LMEvalTask(Task):
             try:
                 from lm_eval.tasks import TaskManager
             except ImportError:
-                raise ValueError("task=lm_eval needs lm-eval: pip install lm-eval") from None
+                raise ValueError("task=lm_eval needs lm-eval: pip install 'kvbench[lmeval]'") from None
             tm = TaskManager(include_path=self.include_path, include_defaults=self.include_defaults)
             unknown = [n for n in self.names if n not in tm.all_tasks]
             if unknown:

@@ -192,3 +192,100 @@ def test_same_config_twice_gives_identical_records(tmp_path, reference):
             assert 0 < r["kept_tokens"] < r["context_tokens"] and r["new_tokens"] >= 1
             assert isinstance(r["ttft_ms"], float) and r["ttft_ms"] > 0
         assert stable_summary(summary(d)) == stable_summary(summary(reference[key]))
+
+
+# -- issue 11: CLI conventions ------------------------------------------------------------------------------
+def test_help_lists_every_command_and_version_prints():
+    from kvbench.cli import COMMANDS
+    out = subprocess.run([KVBENCH, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    for cmd in COMMANDS:
+        assert sum(ln.split()[:1] == [cmd] for ln in lines) == 1, (cmd, out.stdout)
+    from importlib.metadata import version
+    out = subprocess.run([KVBENCH, "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"kvbench {version('kvbench')}"
+
+
+def test_list_reads_the_sources_without_torch_and_matches_the_classes():
+    """`kvbench list` reads paper/family/description from the sources (fast, no torch import); what it reads
+    must be exactly what the imported classes say."""
+    code = ("import sys, io, contextlib\nfrom kvbench.cli import main\nbuf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n    rc = main(['list'])\n"
+            "assert rc == 0, rc\nprint('torch' in sys.modules, 'transformers' in sys.modules)\nprint(buf.getvalue())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, listing = out.stdout.split("\n", 1)
+    assert first == "False False", first
+    from kvbench.catalog import static_registry
+    from kvbench.method import load_all_methods
+    from kvbench.store import STORAGES
+    from kvbench.task import load_all_tasks
+    reg = static_registry()
+    for kind, classes in (("method", load_all_methods()), ("task", load_all_tasks()),
+                          ("storage", {k: v for k, v in STORAGES.items() if k != "plain"})):
+        assert set(reg[kind]) == set(classes), kind
+        for name, cls in classes.items():
+            for attr in ("paper", "family", "description"):
+                assert reg[kind][name][attr] == (getattr(cls, attr, "") or ""), (kind, name, attr)
+    rows = [ln for ln in listing.splitlines() if ln.startswith("  snapkv ") or ln.startswith("  h2o ")]
+    assert len(rows) == 2 and rows[0].index("eviction") == rows[1].index("eviction")  # aligned columns
+    assert "compression_ratio=R" in listing
+
+
+def test_progress_lines_and_result_dir_when_not_a_terminal(tmp_path):
+    results = tmp_path / "results"
+    out = kvbench(results, "method=snapkv", "budget=64")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "snapkv@64: 1/2 samples" in out.stderr and "snapkv@64: 2/2 samples" in out.stderr, out.stderr
+    (run,) = [p for p in (results / "default").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert "ok, score" in out.stderr and f"-> {run}" in out.stderr
+    assert f"kvbench report {results / 'default'}" in out.stdout
+    assert "\r" not in out.stderr  # no bar redrawn into the log
+
+
+def test_profiles_found_from_anywhere(tmp_path, monkeypatch, capsys):
+    """Outside the checkout (no ./results/profiles) a profile is written to the user cache and found again from
+    any other directory; inside a directory with results/profiles (the old place) it is written there and
+    still found from elsewhere. Computing one says so, with its destination."""
+    from kvbench.methods import _profiles
+    from kvbench.models import load_model
+    for v in _profiles.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))
+    lm = load_model(name="synthetic", shape="tiny", device="cpu")
+    calls = []
+
+    def compute(lm):
+        calls.append(1)
+        return {"x": 1}, 10
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    entry, cached, path = _profiles.get_or_create(lm, "duoattention", {"k": 1}, compute, "results/profiles")
+    assert not cached and calls == [1] and path.is_relative_to(tmp_path / "cache" / "profiles")
+    err = capsys.readouterr().err
+    assert "profiling now" in err and str(path) in err and "profile computed" in err
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    entry2, cached, path2 = _profiles.get_or_create(lm, "duoattention", {"k": 1}, compute, "results/profiles")
+    assert cached and calls == [1] and path2 == path and entry2["data"] == {"x": 1}
+    assert f"using the profile of {lm.name} in {path}" in capsys.readouterr().err
+    module = _profiles.attention_modules(lm.model)[0]
+    assert _profiles.lookup_from_module("duoattention", {"k": 1}, module, "results/profiles")["data"] == {"x": 1}
+    # the old place: ./results/profiles where it exists is written and read first
+    old = tmp_path / "checkout"
+    (old / "results" / "profiles").mkdir(parents=True)
+    monkeypatch.chdir(old)
+    _, cached, path3 = _profiles.get_or_create(lm, "duoattention", {"k": 2}, compute, "results/profiles")
+    assert not cached and path3.resolve().is_relative_to((old / "results" / "profiles").resolve())
+    monkeypatch.chdir(other)
+    assert _profiles.lookup_from_module("duoattention", {"k": 1}, module, "results/profiles")["data"] == {"x": 1}
+    with pytest.raises(ValueError, match="cache/profiles"):  # k=2 lives in ./results/profiles of the checkout dir only
+        _profiles.lookup_from_module("duoattention", {"k": 2}, module, "results/profiles")
+    # an explicit directory is the only one used
+    monkeypatch.setenv("KVBENCH_PROFILES", str(tmp_path / "explicit"))
+    with pytest.raises(ValueError, match="explicit"):
+        _profiles.lookup_from_module("duoattention", {"k": 1}, module, "results/profiles")
