@@ -492,7 +492,7 @@ def fmt_table(summaries: list[dict]) -> str:
 def _why(s: dict, width: int = 100) -> str:
     """Why a run is not ok, in one short line ("" when it is): the run's own error (it failed as a whole) or
     its first failed sample's."""
-    if s.get("status") in (None, "ok"):
+    if s.get("status") not in ("failed", "partial", "missing"):  # ok; busy: its own line says why
         return ""
     err = str(s.get("error") or "").strip()
     why = f"{s['error_type']}: {err}" if s.get("error_type") and err else (err or str(s.get("error_type") or ""))

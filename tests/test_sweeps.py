@@ -68,9 +68,11 @@ def stable_records(recs: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in RECORD_TIMING} for r in recs]
 
 
-def table_rows(stdout: str) -> list[list[str]]:
+def table_rows(stdout: str) -> list[dict[str, str]]:
+    """The final table's rows, each {column header: cell}."""
     lines = [l for l in stdout.splitlines() if l.startswith("| ")]
-    return [[c.strip() for c in l.strip("|").split("|")] for l in lines[1:]]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in l.strip("|").split("|")))) for l in lines[1:]]
 
 
 def assert_four_ok(out, results):
@@ -82,7 +84,7 @@ def assert_four_ok(out, results):
         assert s["status"] == "ok" and s["n"] == 1 and s["config_hash"] == d.name
         assert [r["sample_id"] for r in records(d)] == ["niah-300-50"]
     rows = table_rows(out.stdout)
-    assert len(rows) == 4 and {r[-1] for r in rows} == {"ok"}
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"} and "why" not in rows[0]
 
 
 # -- launchers ------------------------------------------------------------------------------------------
@@ -126,7 +128,11 @@ def test_failing_jobs_do_not_stop_the_sweep_and_are_retried(tmp_path):
     for d in good:
         assert summary(d)["status"] == "ok" and records(d)[0]["status"] == "ok"
     rows = table_rows(out.stdout)
-    assert sorted(r[-1] for r in rows) == ["failed", "failed", "ok", "ok"]
+    assert sorted(r["status"] for r in rows) == ["failed", "failed", "ok", "ok"]
+    why = sorted(r["why"] for r in rows if r["status"] == "failed")  # the table says why each failed
+    assert why[0].startswith("OutOfMemoryError: sample niah-300-50: CUDA out of memory"), why
+    assert why[1].startswith("RuntimeError: sample niah-300-0: injected crash"), why
+    assert all(r["why"] == "" for r in rows if r["status"] == "ok")
     before = {d: (d / "summary.json").read_bytes() for d in good}
 
     again = kvbench(results, *args)
