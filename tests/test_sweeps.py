@@ -295,3 +295,16 @@ def test_profiles_found_from_anywhere(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KVBENCH_PROFILES", str(tmp_path / "explicit"))
     with pytest.raises(ValueError, match="explicit"):
         _profiles.lookup_from_module("duoattention", {"k": 1}, module, "results/profiles")
+
+
+def test_gguf_dequantization_bar_stays_out_of_logs(capsys):
+    """transformers' GGUF reader draws its bar unconditionally; while kvbench dequantizes, a bar is drawn on a
+    terminal only (here stderr is captured, as in a log)."""
+    import transformers.modeling_gguf_pytorch_utils as g
+    from kvbench.models import _tty_only_bars
+    list(g.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "de-quantizing" in capsys.readouterr().err  # the control: transformers' own bar, in the log
+    with _tty_only_bars():
+        list(g.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "de-quantizing" not in capsys.readouterr().err
+    assert not isinstance(g.tqdm, __import__("functools").partial)  # restored afterwards
