@@ -6,6 +6,8 @@
 # Every table row comes from the run's summary.json (printed by scripts/summarize_runs.py).
 set -o pipefail
 source scripts/device_setup.sh
+# RULER's generator needs wonderwords (its word lists): installed from the carried wheel
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/wonderwords*.whl 2>/dev/null
 OUTDIR=${OUT:-/tmp/out}; mkdir -p "$OUTDIR"
 REPO=$(pwd)
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -14,8 +16,10 @@ run() { python3 -m kvbench.cli run "$@" results_dir=/tmp/res 2>&1 | grep -v "^\[
 case "$1" in
 13)
   N=${N:-5}
-  for T in "task=ruler_niah task.lengths=[4096] task.num_samples=$N query_aware=true sweep=t13_ruler" \
-           "task=niah task.lengths=[1000,2000,4000,8000] query_aware=true sweep=t13_niah"; do
+  RULER="task=ruler_niah task.lengths=[4096] task.num_samples=$N query_aware=true sweep=t13_ruler"
+  NIAH="task=niah task.lengths=[1000,2000,4000,8000] query_aware=true sweep=t13_niah"
+  case "${2:-both}" in ruler) SETS=("$RULER");; niah) SETS=("$NIAH");; *) SETS=("$RULER" "$NIAH");; esac
+  for T in "${SETS[@]}"; do
     run -m method=full,kivi,think,minicache $T
     run method=kivi method.bits=4 $T
     run -m method=eigen_attention method.rank=32,48 $T
