@@ -37,8 +37,8 @@ install: $(VENV)/.core
 install-test: $(VENV)/.test
 
 # The demo: does a method find the needle when it compresses before the question is seen, and when it sees it?
-# 5 runs of NIAH (1K and 2K tokens, needle at 50% depth) on the embedded model, one sweep: 135 s measured on 2
-# shared cores, plus the embedded model's one-time dequantization (17-40 s) on a fresh install.
+# 5 runs of NIAH (1K and 2K tokens, needle at 50% depth) on the embedded model, one sweep: 232 s measured after
+# install on 2 cores shared with other jobs (38 s of it the embedded model's one-time dequantization).
 DEMO := $(BIN)/kvbench run -m budget=512 task.depths=[50] sweep=demo
 demo: install
 	@echo "== query_aware=false (kvbench's default): each context is compressed BEFORE its question is seen (a reusable cache)"
