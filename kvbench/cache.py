@@ -290,6 +290,23 @@ class LayerKV:
             t[s:s + self._lens[h]] = x.to(t)
         self.side[name] = t
 
+    def add_side(self, name: str, per_head) -> None:
+        """Add to row-aligned side data (created as zeros if absent): `per_head` a (h, L) tensor (uniform
+        layer) or one (L_h,) tensor per head. Accumulating scorers (H2O, D2O) keep their scores this way, so
+        every keep, append and removal keeps them beside their rows."""
+        if name not in self.side:
+            self.side[name] = torch.zeros(self.keys.shape[0], dtype=torch.float32, device=self.keys.device)
+        if isinstance(per_head, torch.Tensor) and per_head.dim() == 2 and self.is_uniform():
+            self.side_dense(name).add_(per_head.to(torch.float32))
+            return
+        for h, x in enumerate(per_head.unbind(0) if isinstance(per_head, torch.Tensor) else per_head):
+            self.side_head(name, h).add_(x.to(torch.float32))
+
+    def side_dense(self, name: str) -> torch.Tensor:
+        """(h, L) view of side data; only valid when `is_uniform()` (as `dense()`)."""
+        h, C, L = self.n_heads, self._caps[0], self._lens[0]
+        return self.side[name].view(h, C)[:, :L]
+
     def side_head(self, name: str, h: int) -> torch.Tensor:
         s = self._starts[h]
         return self.side[name][s:s + self._lens[h]]

@@ -62,6 +62,9 @@ def d2o_merge(k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, evicted: tor
     return (torch.where(hit[:, None], num_k / den[:, None], kk), torch.where(hit[:, None], num_v / den[:, None], vv))
 
 
+SCORE = "d2o_score"  # each row's accumulated attention, kept beside it in the cache (LayerKV side data)
+
+
 @register_method("d2o")
 @dataclass
 class D2O(WindowQueries, Method):
@@ -69,7 +72,6 @@ class D2O(WindowQueries, Method):
     window_size: int = 32
     ema_beta: float = 0.7
     pending: dict = field(default_factory=dict, repr=False)   # layer -> (LayerKV, acc scores, density)
-    scores: dict = field(default_factory=dict, repr=False)    # layer -> per-head accumulated scores of kept rows
     caps: dict = field(default_factory=dict, repr=False)      # layer -> tokens per head
     tau: dict = field(default_factory=dict, repr=False)       # (layer, head) -> EMA similarity threshold
 
@@ -86,7 +88,7 @@ class D2O(WindowQueries, Method):
 
     def reset(self) -> None:
         super().reset()
-        self.pending, self.scores, self.caps, self.tau = {}, {}, {}, {}
+        self.pending, self.caps, self.tau = {}, {}, {}
         self._prefill.reset()
 
     def observe_prefill(self, ctx: LayerContext) -> None:
@@ -128,8 +130,8 @@ class D2O(WindowQueries, Method):
         for i, b in zip(ids, budgets):
             layer, acc, _ = self.pending[i]
             self.caps[i] = b
+            layer.set_side(SCORE, acc)  # each row's accumulated attention stays beside it (keep, remove)
             if b >= L:
-                self.scores[i] = list(acc.unbind(0))
                 continue
             recent = min(b, int(round(b * self.recent_ratio)))
             ranked = acc.clone()
@@ -146,7 +148,6 @@ class D2O(WindowQueries, Method):
             for h, (nk, nv) in enumerate(new):
                 k2[h].copy_(nk)
                 v2[h].copy_(nv)
-            self.scores[i] = list(torch.gather(acc, 1, kept).unbind(0))
         self.pending = {}
 
     def on_decode(self, ctx: LayerContext) -> None:
@@ -154,20 +155,16 @@ class D2O(WindowQueries, Method):
         if cap is None:
             return
         layer = ctx.layer
-        scores = self.scores[ctx.layer_idx]
+        layer.add_side(SCORE, [p.float() for p in ctx.probs])  # the new row's score starts at its attention
         recent = min(cap, int(round(cap * self.recent_ratio)))
         for h in range(layer.n_heads):
-            p = ctx.probs[h].float()
-            s = torch.nn.functional.pad(scores[h], (0, p.numel() - scores[h].numel())) + p
-            while s.numel() > cap:
+            while layer.head_lengths[h] > cap:
                 k, v, pos = layer.head(h)
+                s = layer.side_head(SCORE, h)
                 cand = s.masked_fill(pos > pos.max() - recent, float("inf"))
                 j = int(cand.argmin())
                 rest = torch.tensor([r for r in range(s.numel()) if r != j], device=k.device)
                 nk, nv = self._merge_step((ctx.layer_idx, h), k, v, rest, torch.tensor([j], device=k.device))
                 k[rest] = nk.to(k.dtype)  # a head's rows are views into the layer's storage; only a target changes
                 v[rest] = nv.to(v.dtype)
-                layer.remove(h, j)
-                s[j] = s[-1]
-                s = s[:-1]
-            scores[h] = s
+                layer.remove(h, j)  # its score leaves with it (side data)

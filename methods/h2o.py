@@ -78,11 +78,13 @@ class PrefillAttention:
         return acc, n
 
 
+SCORE = "h2o_score"  # the accumulated attention of each row, kept beside it in the cache (LayerKV side data)
+
+
 @register_method("h2o")
 @dataclass
 class H2O(Method):
     recent_ratio: float = 0.5
-    scores: dict = field(default_factory=dict, repr=False)  # layer -> list of per-head (L_h,) tensors
     caps: dict = field(default_factory=dict, repr=False)    # layer -> tokens per head fixed at compression
 
     paper = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs (2306.14048)"
@@ -93,7 +95,6 @@ class H2O(Method):
         return {"budget": self.budget, "compression_ratio": self.compression_ratio, "recent_ratio": self.recent_ratio}
 
     def reset(self) -> None:
-        self.scores = {}
         self.caps = {}
 
     def observe_prefill(self, ctx: LayerContext) -> None:
@@ -101,11 +102,8 @@ class H2O(Method):
         if not layer.is_uniform():
             raise ValueError("h2o observes prefill on a uniform cache")
         keys = layer.dense()[0]
-        acc = accumulated_attention(ctx.query, keys, ctx.scaling)
-        old = self.scores.get(ctx.layer_idx)
-        if old is not None:  # earlier chunks: pad their scores with zeros for the new rows
-            acc = acc + torch.stack([torch.nn.functional.pad(o, (0, acc.shape[1] - o.numel())) for o in old])
-        self.scores[ctx.layer_idx] = list(acc.unbind(0))
+        # the scores live beside their rows (side data): rows fed since the last chunk start at 0
+        layer.add_side(SCORE, accumulated_attention(ctx.query, keys, ctx.scaling))
 
     def _keep_count(self, n: int) -> tuple[int, int]:
         budget = self.target(n)
@@ -119,39 +117,26 @@ class H2O(Method):
         self.caps[ctx.layer_idx] = budget  # the decode-time cap (ratio mode: of the prompt, not the live length)
         if budget >= n:
             return
-        acc = torch.stack(self.scores[ctx.layer_idx])                   # (h, L)
+        acc = layer.side_dense(SCORE)                                   # (h, L)
         pos = layer.dense()[2]
         is_recent = pos >= (pos.max(dim=1, keepdim=True).values - recent + 1)
         ranked = torch.where(is_recent, torch.full_like(acc, float("inf")), acc)
         idx = torch.sort(torch.topk(ranked, budget, dim=-1).indices, dim=-1).values
-        layer.keep(idx)
-        self.scores[ctx.layer_idx] = list(torch.gather(acc, 1, idx).unbind(0))
+        layer.keep(idx)  # the kept rows keep their scores
 
     def on_decode(self, ctx: LayerContext) -> None:
         layer = ctx.layer
-        scores = self.scores.get(ctx.layer_idx)
-        if scores is None:
-            scores = [torch.zeros(0, device=layer.keys.device) for _ in range(layer.n_heads)]
         cap = self.budget if self.budget is not None else self.caps.get(ctx.layer_idx)
         if cap is None and self.compression_ratio is not None:
             # a ratio with no compression before (a context prefilled without it): fixed once, here
             cap = self.caps[ctx.layer_idx] = self._keep_count(max(layer.head_lengths) - 1)[0]
+        layer.add_side(SCORE, [p.float() for p in ctx.probs])  # the new row's score starts at its first attention
+        if cap is None:  # no budget, no ratio: keep everything, only accumulate
+            return
+        recent = int(round(cap * self.recent_ratio))
         for h in range(layer.n_heads):
-            p = ctx.probs[h].float()
-            s = torch.nn.functional.pad(scores[h], (0, p.numel() - scores[h].numel())) + p
-            n = p.numel()
-            if cap is None:  # no budget, no ratio: keep everything, only accumulate
-                scores[h] = s
-                continue
-            recent = int(round(cap * self.recent_ratio))
-            while n > cap:
+            while layer.head_lengths[h] > cap:
                 pos = layer.head(h)[2]
-                newest = int(pos.max())
-                cand = torch.where(pos > newest - recent, torch.full_like(s, float("inf")), s)
-                j = int(cand.argmin())
-                layer.remove(h, j)
-                s[j] = s[n - 1]
-                s = s[: n - 1]
-                n -= 1
-            scores[h] = s
-        self.scores[ctx.layer_idx] = scores
+                s = layer.side_head(SCORE, h)
+                cand = torch.where(pos > int(pos.max()) - recent, torch.full_like(s, float("inf")), s)
+                layer.remove(h, int(cand.argmin()))  # its score leaves with it (side data)

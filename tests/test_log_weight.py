@@ -44,3 +44,17 @@ def test_side_data_follows_its_rows():
     layer.reserve(5)
     c = layer.clone()
     assert c.side_head("log_weight", 0).tolist() == [1, 4, 0] and c.side["log_weight"] is not layer.side["log_weight"]
+
+
+def test_accumulated_scores_ride_with_their_rows():
+    """H2O / D2O keep each row's accumulated attention as side data: new rows start at 0, a keep gathers the
+    kept rows' scores, a removal takes the row's score with it (no hand-written mirror of the score array)."""
+    layer = _layer(n=4, h=2)
+    layer.add_side("s", torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8]]))
+    layer.append(torch.zeros(2, 1, 8), torch.zeros(2, 1, 8), torch.tensor([4]))
+    layer.add_side("s", torch.ones(2, 5))                     # a step's attention over every row, new one included
+    assert layer.side_dense("s").tolist() == [[2, 3, 4, 5, 1], [6, 7, 8, 9, 1]]
+    layer.keep(torch.tensor([[0, 3, 4], [1, 2, 4]]))
+    assert layer.side_dense("s").tolist() == [[2, 5, 1], [7, 8, 1]]
+    layer.remove(0, 0)
+    assert layer.side_head("s", 0).tolist() == [1, 5] and layer.side_head("s", 1).tolist() == [7, 8, 1]
