@@ -339,6 +339,8 @@ def test_colours_and_markers():
     assert a["streaming_llm"] == OKABE_ITO[2] and b["h2o"] == OKABE_ITO[3]
     c = method_colors(["snapkv (q-aware)", "snapkv (q-agnostic)"])
     assert c["snapkv (q-aware)"] == c["snapkv (q-agnostic)"]  # one method, one colour; markers tell them apart
+    d = method_colors(["full (q-aware)", "full (q-agnostic)", "snapkv (q-aware)"])  # the full cache both ways
+    assert d["full (q-aware)"] == d["full (q-agnostic)"] == "black"
     m = method_markers(["snapkv (q-aware)", "snapkv (q-agnostic)", "full"])
     assert len({m["snapkv (q-aware)"], m["snapkv (q-agnostic)"]}) == 2
     f = dodge_factors(["full", "snapkv", "streaming_llm", "h2o"])

@@ -98,6 +98,7 @@ def method_colors(labels) -> dict[str, str]:
     colour = {b: PALETTE[i] for i, b in enumerate(PREFERRED)}
     others = sorted({_base(l) for l in labels} - set(PREFERRED) - {"full"})
     colour.update({b: PALETTE[(len(PREFERRED) + i) % len(PALETTE)] for i, b in enumerate(others)})
+    colour["full"] = FULL_COLOR  # also "full (q-aware)" / "full (q-agnostic)" when the full cache ran both ways
     out = {l: colour[_base(l)] for l in labels}
     out["full"] = FULL_COLOR
     return out
