@@ -121,28 +121,22 @@ class Engine:
             first_logits[torch.tensor(sorted(stop), device=first_logits.device)] = float("-inf")
         if self.fast_decode and on_step is None and self.device.type == "cuda" and max_new_tokens > 1:
             from kvbench import fast_decode
-            ring = method.decode_ring() if method is not None else None
-            # plain rows whose side data the in-place step keeps right: a log-weight (new rows weigh 1, and a
-            # reserved spare row's is 0); a ring overwrites rows, so it takes none
-            plain = all(isinstance(layer, LayerKV) and set(layer.side) <= ({"log_weight"} if ring is None else set())
-                        for layer in cache.kv)
-            if plain and fast_decode.supports(method) and fast_decode.ring_fits(cache, ring):
+            plan = fast_decode.plan(method, cache)  # None: the method's hooks need the loop below
+            if plan is not None:
                 lens0 = cache.head_lengths()
                 fd = fast_decode.FastDecoder(self.model, cache, max_new_tokens, compile=self.compile_decode,
-                                             ring=ring)
+                                             ring=plan.ring, evict=plan.evict)
                 out, step_ms = fd.decode(int(first_logits.argmax()), max_new_tokens, stop)
                 self.last_setup_steps = fd.setup_steps
-                # step i decodes with every head one token longer than before it (+1: the token itself),
-                # a rolling window at most cap + 1 (the engine loop evicts after the step's attention)
-                top = ring[1] + 1 if ring is not None else float("inf")
-                cache.held.observe(sum(layer.row_bytes * sum(min(L + len(step_ms), top) for L in lens)
-                                       for layer, lens in zip(cache.kv, lens0)))
+                # per step, the rows every head holds and reads: before the step + the token being decoded; a head
+                # with a cap is back to it after the step (a victim keeps its row until the next token takes it)
+                rows = [fast_decode.step_rows(lens0, plan.caps(len(lens0)), i) for i in range(len(step_ms))]
+                row_bytes = [layer.row_bytes for layer in cache.kv]
+                read = [sum(b * sum(r) for b, r in zip(row_bytes, step)) for step in rows]
+                cache.held.observe(max(read, default=0))
                 cache.resync_held()
-                flops = [self._linear_flops + attention_flops([[min(L + i + 1, top) for L in layer] for layer in lens0],
-                                                              self._group, self._head_dim)
-                         for i in range(len(step_ms))]
-                self.last_read_bytes = [sum(layer.row_bytes * sum(min(L + i + 1, top) for L in lens)
-                                            for layer, lens in zip(cache.kv, lens0)) for i in range(len(step_ms))]
+                flops = [self._linear_flops + attention_flops(step, self._group, self._head_dim) for step in rows]
+                self.last_read_bytes = read
                 return out, step_ms, flops
         self.last_setup_steps = 0
         cache.reserve(max_new_tokens)

@@ -15,33 +15,126 @@ kernel launches, syncs), which at this size costs as much as the step itself. Th
    which is what is left between a graph of eager kernels and the bandwidth limit. The custom op is opaque
    to the compiler (declared mutations of the cache tensors, applied in place), so the cache layout and the
    Triton kernel are the same as without compiling.
-Qualify (`supports`): methods without decode-time hooks (full, snapkv, pyramidkv, adakv, ...) and methods
+Qualify (`supports`, `plan`): methods without decode-time hooks (full, snapkv, pyramidkv, adakv, ...); methods
 whose decode-time eviction is a rolling window (StreamingLLM, recent: `Method.decode_ring`, run as a ring
-buffer by the append kernel); methods that score while decoding (H2O, TOVA) keep the eager engine loop. On CPU this runs the same
-in-place step eagerly (use_graph=False), which is what the tests compare with the engine loop.
+buffer by the append kernel while no head holds more than the window); and methods that describe their
+decode-time eviction (`decode_eviction(cache) -> DecodeEviction`: H2O, TOVA, and StreamingLLM / recent over a
+question fed on top of the window). For those the step's attention also returns each row's probability
+(summed over the query group), and `kvbench::decode_evict` picks every full head's victim on the device;
+the victim's row is where the next token is written (methods/kernels/decode_evict.py), so a head holds at most
+cap + 1 rows and nothing is shifted. A first step over heads holding more than cap (the question) evicts
+them down to cap at once, eagerly, before the graph is captured. Other methods (CAKE, D2O, ...) keep the
+eager engine loop. On CPU this runs the same in-place step eagerly (use_graph=False), which is what the
+tests compare with the engine loop.
 """
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from kvbench import attention
 from kvbench.attention import session
-from kvbench.cache import KVBenchCache
+from kvbench.cache import KVBenchCache, LayerKV
 from kvbench.compat import cache_kwargs
 from kvbench.method import Method
 
 
+@dataclass(frozen=True)
+class DecodeEviction:
+    """A method's decode-time eviction, declared for the device (`Method.decode_eviction(cache)`): after every
+    decode step's attention, each head holding more than its layer's cap drops the row with the lowest key
+    until it holds cap (methods/kernels/decode_evict.py computes the keys):
+    rank "position": the oldest row; "attention": the step's attention probability of the row (summed over the
+    head's query group); "score": side data `score`, to which every step's attention is added first.
+    Rows at positions < n_sink and at the `recent[layer]` newest positions are never evicted. shared: one
+    victim per layer from the keys summed over heads, the same row in every head."""
+    caps: tuple              # per layer: rows a head keeps between steps (None: that layer never evicts)
+    rank: str                # "position" | "attention" | "score"
+    n_sink: int = 0
+    recent: tuple = ()       # per layer (empty: no protected recent window)
+    shared: bool = False
+    score: str | None = None  # side data accumulating every step's attention (H2O's scores)
+
+    def __post_init__(self):
+        from kvbench.methods.kernels.decode_evict import RANKS
+        if self.rank not in RANKS:
+            raise ValueError(f"rank={self.rank!r}; allowed: {', '.join(RANKS)}")
+        if self.rank == "score" and self.score is None:
+            raise ValueError("rank 'score' needs the side data's name (score=...)")
+        if self.recent and len(self.recent) != len(self.caps):
+            raise ValueError(f"recent has {len(self.recent)} entries for {len(self.caps)} layers")
+
+    @property
+    def needs_probs(self) -> bool:
+        return self.rank != "position" or self.score is not None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the fast path decodes a method over a cache: plain appends, a ring (n_sink, cap), or an eviction."""
+    ring: tuple[int, int] | None = None
+    evict: DecodeEviction | None = None
+
+    def caps(self, n_layers: int) -> list[int | None]:
+        """Per layer: the most rows a head keeps between steps (None: it only grows)."""
+        if self.ring is not None:
+            return [self.ring[1]] * n_layers
+        return list(self.evict.caps) if self.evict is not None else [None] * n_layers
+
+
+def _defined_by(cls: type, name: str) -> type | None:
+    return next((k for k in cls.__mro__ if name in k.__dict__), None)
+
+
+def _describes_eviction(method: Method) -> bool:
+    """The method declares its decode-time eviction, and the class that declares it is the one whose
+    `on_decode` it describes (a subclass with another `on_decode` does not inherit the promise)."""
+    cls = type(method)
+    owner = _defined_by(cls, "decode_eviction")
+    return owner is not None and owner is _defined_by(cls, "on_decode")
+
+
 def supports(method: Method | None) -> bool:
-    """True when the method does nothing at decode time (its hooks would not run inside a graph), or only
-    rolls a window (`Method.decode_ring`: run here as a ring buffer on the device)."""
-    if method is None:
+    """True when the method does nothing at decode time (its hooks would not run inside a graph), rolls a
+    window (`Method.decode_ring`: a ring buffer on the device) or describes its eviction (`decode_eviction`)."""
+    if method is None or _describes_eviction(method):
         return True
     if method.needs_decode_probs:
         return False
     return type(method).on_decode is Method.on_decode or method.decode_ring() is not None
+
+
+def plan(method: Method | None, cache: KVBenchCache) -> Plan | None:
+    """How this method decodes on the fast path over this cache, or None (the engine loop): plain rows only,
+    and only side data the in-place step keeps right (a log-weight: new rows weigh 1, spare rows are zeroed;
+    the eviction's scores; a ring overwrites rows, so it takes none)."""
+    if not supports(method) or not all(isinstance(layer, LayerKV) for layer in cache.kv):
+        return None
+    side = set().union(*(layer.side for layer in cache.kv))
+    if method is None or (type(method).on_decode is Method.on_decode and not method.needs_decode_probs):
+        return Plan() if side <= {"log_weight"} else None
+    ring = method.decode_ring()
+    if ring is not None and not side and ring_fits(cache, ring):
+        return Plan(ring=ring)
+    evict = method.decode_eviction(cache) if _describes_eviction(method) else None
+    if evict is None or not side <= {"log_weight", evict.score}:
+        return None
+    if evict.shared and any(len(set(layer.head_lengths)) > 1 for layer in cache.kv):
+        return None  # one row index for every head needs heads of one length
+    return Plan(evict=evict)
+
+
+def step_rows(lens0: list[list[int]], caps: list[int | None], i: int) -> list[list[int]]:
+    """Rows each head attends over at decode step i (0-based), from its rows before decoding: its rows before
+    the step plus the token being decoded; after a step, a head with a cap is back to at most cap (the first
+    step evicts a question on top down to it). The fast path holds these rows (a victim keeps its row until
+    the next token takes it), the engine loop holds them during the step."""
+    return [[(L if i == 0 else L + i if c is None else min(L + i, c)) + 1 for L in lens]
+            for lens, c in zip(lens0, caps)]
 
 
 def ring_fits(cache: KVBenchCache, ring: tuple[int, int] | None) -> bool:
@@ -67,41 +160,90 @@ def append_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
                             keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                             starts: torch.Tensor, lengths: torch.Tensor, ring_next: torch.Tensor,
                             ring_rows: int, n_sink: int, scaling: float, softcap: float = 0.0,
-                            window: int = 0, log_weight: torch.Tensor | None = None) -> torch.Tensor:
+                            window: int = 0, log_weight: torch.Tensor | None = None,
+                            need_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Append one token (k_new, v_new: (h, d); pos: (1,)) to every KV head's reserved spare row (or, with
-    ring_rows > 0, over its oldest non-sink row once it holds ring_rows: see methods/kernels/append.py), then
-    attend with q (n_q, d) over each head's rows. Returns (n_q, d). Capacity is the caller's promise.
-    softcap / window (0: none): Gemma-2's score soft cap and a sliding window of positions (the new token is
-    at `pos`), as kvbench.attention.attend. log_weight (T,): per-row logit bias of merged rows (RazorAttention's
-    compensation token); the appended rows' entries are 0 already (spare rows are zero-filled by reserve)."""
+    ring_rows > 0, over row ring_next[h] once the head holds ring_rows: see methods/kernels/append.py), then
+    attend with q (n_q, d) over each head's rows. Returns (n_q, d) and, with need_probs, the (T,) row-aligned
+    attention probabilities summed over each head's query group (else an empty tensor). Capacity is the
+    caller's promise. softcap / window (0: none): Gemma-2's score soft cap and a sliding window of positions
+    (the new token is at `pos`), as kvbench.attention.attend. log_weight (T,): per-row logit bias of merged
+    rows (RazorAttention's compensation token); the appended rows' entries are 0 already (spare rows and
+    evicted rows are zeroed)."""
     from kvbench.methods import kernels
     args = (k_new, v_new, pos, keys, values, positions, starts, lengths)
     opts = dict(softcap=softcap or None, window=window or None, positions=positions, q_pos=pos,
-                log_weight=log_weight)
+                log_weight=log_weight, return_probs=need_probs)
     if attention._decode_kernel(q) == "triton":
         kernels.ragged_append_triton(*args, ring_next=ring_next, ring_rows=ring_rows, n_sink=n_sink)
-        return kernels.ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling, **opts)
-    kernels.ragged_append_ref(*args, ring_next=ring_next, ring_rows=ring_rows, n_sink=n_sink)
-    return kernels.ragged_decode_attention_ref(q, keys, values, starts, lengths, scaling, **opts)
+        res = kernels.ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling, **opts)
+    else:
+        kernels.ragged_append_ref(*args, ring_next=ring_next, ring_rows=ring_rows, n_sink=n_sink)
+        res = kernels.ragged_decode_attention_ref(q, keys, values, starts, lengths, scaling, **opts)
+    return res if need_probs else (res, q.new_empty(0, dtype=torch.float32))
 
 
 @append_decode_attention.register_fake
 def _(q, k_new, v_new, pos, keys, values, positions, starts, lengths, ring_next, ring_rows, n_sink, scaling,
-      softcap=0.0, window=0, log_weight=None):
-    return torch.empty_like(q)
+      softcap=0.0, window=0, log_weight=None, need_probs=False):
+    return torch.empty_like(q), q.new_empty(keys.shape[0] if need_probs else 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("kvbench::decode_evict", mutates_args=("slots", "score", "log_weight"))
+def decode_evict(probs: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                 slots: torch.Tensor, score: torch.Tensor | None, log_weight: torch.Tensor | None,
+                 q_pos: torch.Tensor, rows: int, rank: str, n_sink: int, recent: int, shared: bool) -> None:
+    """After a step's attention: every full head's victim, chosen on the device (methods/kernels/decode_evict.py)."""
+    from kvbench.methods.kernels import evict_one
+    evict_one(probs if probs.numel() else None, positions, starts, lengths, slots, score, log_weight, q_pos, rows,
+              rank, n_sink, recent, shared)
+
+
+@decode_evict.register_fake
+def _(probs, positions, starts, lengths, slots, score, log_weight, q_pos, rows, rank, n_sink, recent, shared):
+    return None
+
+
+class _Evict(NamedTuple):
+    """One layer's eviction inside the step (constants of the captured graph)."""
+    rank: str
+    n_sink: int
+    recent: int
+    shared: bool
+    score: str | None
+    needs_probs: bool
+    overflow: tuple | None = None  # first step over heads of more than cap rows: (rows held per head, cap)
+
+
+class _LayerStep(NamedTuple):
+    ring_rows: int   # > 0: a head holding this many rows overwrites row ring_next[h] (append.py's ring mode)
+    n_sink: int      # the ring's sinks (a rolling window)
+    evict: _Evict | None = None
 
 
 def inplace_attention(module, query, key, value, state, scaling, window=None, softcap=None):
     """The attention function's fast path (kvbench/attention.py routes here while a FastDecoder runs)."""
     if query.shape[0] != 1 or query.shape[2] != 1:
         raise ValueError(f"fast decode feeds one token at batch 1, got query shape {tuple(query.shape)}")
-    layers, pos, ring_next, ring_rows, n_sink = state
+    layers, pos, slots, steps = state
     i = module.layer_idx
-    layer = layers[i]
-    out = append_decode_attention(query[0, :, 0], key[0, :, 0], value[0, :, 0], pos.view(1), layer.keys,
-                                  layer.values, layer.positions, layer.starts, layer.lengths, ring_next[i],
-                                  ring_rows, n_sink, scaling, float(softcap or 0.0), int(window or 0),
-                                  layer.side.get("log_weight"))
+    layer, step = layers[i], steps[i]
+    ev = step.evict
+    log_weight = layer.side.get("log_weight")
+    out, probs = append_decode_attention(query[0, :, 0], key[0, :, 0], value[0, :, 0], pos.view(1), layer.keys,
+                                         layer.values, layer.positions, layer.starts, layer.lengths, slots[i],
+                                         step.ring_rows, step.n_sink, scaling, float(softcap or 0.0),
+                                         int(window or 0), log_weight, ev is not None and ev.needs_probs)
+    if ev is not None and ev.overflow is None:
+        decode_evict(probs, layer.positions, layer.starts, layer.lengths, slots[i],
+                     layer.side[ev.score] if ev.score else None, log_weight, pos.view(1), step.ring_rows,
+                     ev.rank, ev.n_sink, ev.recent, ev.shared)
+    elif ev is not None:  # the first step over a question on top: plain torch, never compiled or captured
+        from kvbench.methods.kernels import evict_down_to
+        held, cap = ev.overflow
+        evict_down_to(probs if probs.numel() else None, layer.keys, layer.values, layer.positions, layer.starts,
+                      layer.lengths, layer.side, ev.score, pos.view(1), list(held), cap, ev.rank, ev.n_sink,
+                      ev.recent, ev.shared)
     return out.view(1, 1, *out.shape), None  # (1, q=1, n_q, d) as transformers expects
 
 
@@ -156,18 +298,31 @@ def default_compile() -> bool:
     return v == "1"
 
 
+def _zero_spare_side(layer: LayerKV) -> None:
+    """Side data of rows outside every head (spare capacity; rows left behind by an engine-loop removal) to
+    0: the in-place step appends there, and a new row has weight 1 and no score."""
+    if not layer.side:
+        return
+    r = torch.arange(layer.keys.shape[0], device=layer.keys.device).unsqueeze(0)
+    owned = ((r >= layer.starts.unsqueeze(1)) & (r < (layer.starts + layer.lengths).unsqueeze(1))).any(0)
+    for t in layer.side.values():
+        t.masked_fill_(~owned, 0)
+
+
 class FastDecoder:
     """Greedy decoding of up to `max_new_tokens` on top of a prefilled (and compressed) cache.
 
     `decode(first_token, max_new_tokens, stop_ids)` has the engine's semantics (`Engine.decode`): the first
     token comes from the prefill logits, every later one costs one forward. `use_graph` defaults to True on
     CUDA. `compile`: False, True (Inductor) or a torch.compile backend name (tests use "aot_eager").
+    `ring` (n_sink, cap) or `evict` (a DecodeEviction): the method's decode-time eviction (see `plan`).
     Call `finish()` afterwards (decode does) so the cache's host-side lengths and `seen_tokens` match.
     """
 
+    @torch.inference_mode()  # the cache's tensors are inference tensors: changed in place here
     def __init__(self, model: torch.nn.Module, cache: KVBenchCache, max_new_tokens: int,
                  use_graph: bool | None = None, warmup_steps: int = 1, compile: bool | str = False,
-                 ring: tuple[int, int] | None = None):
+                 ring: tuple[int, int] | None = None, evict: DecodeEviction | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; allowed: >= 1")
         dev = next(model.parameters()).device
@@ -179,20 +334,33 @@ class FastDecoder:
                              "'auto' or 'triton' (the torch reference reads host-side lengths)")
         if any(layer is None for layer in cache.kv):
             raise ValueError("fast decode needs a prefilled cache (every layer holds tokens)")
-        n_sink, ring_rows = 0, 0
+        if ring is not None and evict is not None:
+            raise ValueError("give ring or evict, not both")
+        n_layers = len(cache.kv)
+        self.evict = evict
         if ring is not None:  # a rolling window (Method.decode_ring): a head never exceeds cap + 1 rows
             n_sink, cap = ring
             if not ring_fits(cache, ring):
                 raise ValueError(f"a head holds more than the window's cap {cap}; allowed: heads of <= cap rows "
-                                 "(use the engine loop)")
+                                 "(use the engine loop, or evict=the method's decode_eviction)")
             ring_rows = cap + 1  # the window plus the token being decoded, as the engine loop attends
             _sort_rows_by_position(cache)
             for layer in cache.kv:
                 layer.reserve(max(0, max(min(max_new_tokens, ring_rows - n) for n in layer.head_lengths)))
+            self.steps_plan = [_LayerStep(ring_rows, n_sink)] * n_layers
+            self.first_plan = self.steps_plan
+        elif evict is not None:
+            self.steps_plan, self.first_plan = self._plan_eviction(cache, evict, max_new_tokens)
         else:
             cache.reserve(max_new_tokens)  # capacity for every new token: the buffers never move while decoding
-        self.ring_rows, self.n_sink = ring_rows, n_sink
-        self.ring_next = [torch.full((layer.n_heads,), n_sink, dtype=torch.long, device=dev) for layer in cache.kv]
+            self.steps_plan = self.first_plan = [_LayerStep(0, 0)] * n_layers
+        for layer in cache.kv:
+            _zero_spare_side(layer)
+        # the first step evicts a question on top down to the cap, eagerly (its shapes differ from later steps)
+        self.overflow = self.first_plan != self.steps_plan
+        # per layer, per head: the ring's next row, or the row of the last victim (where the next token goes)
+        self.slots = [torch.full((layer.n_heads,), self.steps_plan[i].n_sink, dtype=torch.long, device=dev)
+                      for i, layer in enumerate(cache.kv)]
         self.model, self.base, self.capacity = model, cache, max_new_tokens
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1, 1), cache.seen_tokens, dtype=torch.long, device=dev)
@@ -204,24 +372,55 @@ class FastDecoder:
         self.graph_error: str | None = None
         self.logits: torch.Tensor | None = None
         self.steps = 0
+        self.victims_dropped = False
         self.setup_steps = 0  # leading steps that also compiled, warmed up or captured (one-time costs)
 
-    def _step(self) -> None:
-        state = (self.base.kv, self.pos, self.ring_next, self.ring_rows, self.n_sink)
+    @staticmethod
+    def _plan_eviction(cache: KVBenchCache, evict: DecodeEviction, max_new_tokens: int):
+        """Per layer, the steady step and the first step; reserves each head's rows (cap + 1 at most)."""
+        if len(evict.caps) != len(cache.kv):
+            raise ValueError(f"evict has caps for {len(evict.caps)} layers, the cache has {len(cache.kv)}")
+        steady, first = [], []
+        for i, layer in enumerate(cache.kv):
+            cap = evict.caps[i]
+            rows = 0 if cap is None else cap + 1  # the kept rows plus the token being decoded
+            lens = layer.head_lengths
+            if evict.shared and len(set(lens)) > 1:
+                raise ValueError(f"shared eviction needs heads of one length; layer {i} has {lens}")
+            # a head grows to `rows` and stays there; one over it needs one more row for the first step only
+            layer.reserve(max_new_tokens if rows == 0 else
+                          max(min(max_new_tokens, rows - n) if n < rows else 1 for n in lens))
+            if evict.score is not None and evict.score not in layer.side:
+                layer.side[evict.score] = torch.zeros(layer.keys.shape[0], device=layer.keys.device)
+            ev = None
+            if rows or evict.score is not None:
+                ev = _Evict(evict.rank, evict.n_sink, evict.recent[i] if evict.recent else 0, evict.shared,
+                            evict.score, evict.needs_probs)
+            steady.append(_LayerStep(rows, 0, ev))
+            over = rows > 0 and max(lens) >= rows
+            first.append(_LayerStep(0, 0, ev._replace(overflow=(tuple(n + 1 for n in lens), cap))) if over
+                         else steady[-1])
+        return steady, first
+
+    def _step(self, first: bool = False) -> None:
+        plan = self.first_plan if first else self.steps_plan
+        state = (self.base.kv, self.pos, self.slots, plan)
+        step_fn = _step if first else self.step_fn  # the first step over a question runs once: never compiled
         with session(self.cache, None, "decode"), attention.inplace_decode(state):
-            self.logits = self.step_fn(self.model, self.ids, self.pos, self.cache)
+            self.logits = step_fn(self.model, self.ids, self.pos, self.cache)
 
     def _run_one(self) -> None:
         if self.steps >= self.capacity:
             raise ValueError(f"fast decode: step {self.steps + 1} exceeds the reserved capacity {self.capacity}")
         self.steps += 1
-        if self.graph is None and (self.use_graph or (self.compiled and self.steps == 1)):
+        first = self.overflow and self.steps == 1
+        if self.graph is None and (self.use_graph or (self.compiled and self.steps == 1 + self.overflow)):
             self.setup_steps += 1
-        if not self.use_graph:
-            return self._step()
+        if not self.use_graph or first:
+            return self._step(first)
         if self.graph is not None:
             return self.graph.replay()
-        if self.steps <= self.warmup_steps:  # real steps on a side stream: compile, Triton, cuBLAS initialise
+        if self.steps <= self.warmup_steps + self.overflow:  # real steps on a side stream: compile, Triton, cuBLAS
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -262,9 +461,18 @@ class FastDecoder:
         return out, step_ms
 
     def finish(self) -> None:
-        """Bring the cache's host-side bookkeeping up to date and release the graph."""
+        """Bring the cache's host-side bookkeeping up to date and release the graph. With an eviction, the
+        last step's victims (still stored, waiting for a next token) are dropped: the cache is left as the
+        engine loop leaves it (the same rows and side data; a ring keeps its cap + 1 rows)."""
         for layer in self.base.kv:
             layer._lens = layer.lengths.tolist()  # the device lengths moved on; the host copies did not
+        if self.evict is not None and self.steps > 0 and not self.victims_dropped:
+            self.victims_dropped = True  # (finish may be called again)
+            for layer, step, slots in zip(self.base.kv, self.steps_plan, self.slots):
+                full = [h for h, n in enumerate(layer._lens) if step.ring_rows and n == step.ring_rows]
+                victims = slots.tolist() if full else []
+                for h in full:
+                    layer.remove(h, victims[h])
         self.base.seen_tokens = int(self.pos)
         self.cache.seen_tokens = self.base.seen_tokens
         self.graph = None

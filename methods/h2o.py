@@ -7,11 +7,14 @@ the rest with the highest-scoring older tokens ("heavy hitters"). Eviction conti
 every step each head drops its lowest-scoring non-recent tokens, so it never holds more than the budget.
 With `compression_ratio` the per-head cap is fixed once, at compression time (round(n·(1 − ratio)) of the
 n-token prompt, as TOVA does), and decoding keeps that many tokens: the cache does not shrink further.
+`decode_eviction` declares the same decode-time rule for the GPU decode path (kvbench/fast_decode.py), which
+evicts on the device inside its CUDA graph.
 """
 from dataclasses import dataclass, field
 
 import torch
 
+from kvbench.fast_decode import DecodeEviction
 from kvbench.method import LayerContext, Method, register_method
 
 
@@ -124,12 +127,24 @@ class H2O(Method):
         idx = torch.sort(torch.topk(ranked, budget, dim=-1).indices, dim=-1).values
         layer.keep(idx)  # the kept rows keep their scores
 
+    def _decode_cap(self, layer_idx: int, n_before: int) -> int | None:
+        """The per-head cap while decoding (None: keep everything); n_before: the layer's longest head before
+        the step. A ratio with no compression before (a context prefilled without it) fixes it once, here."""
+        cap = self.budget if self.budget is not None else self.caps.get(layer_idx)
+        if cap is None and self.compression_ratio is not None:
+            cap = self.caps[layer_idx] = self._keep_count(n_before)[0]
+        return cap
+
+    def decode_eviction(self, cache) -> DecodeEviction:
+        """`on_decode` for the device: every step's attention adds to the scores, then each head over its cap
+        drops its lowest-scoring row outside the protected recent window."""
+        caps = tuple(self._decode_cap(i, max(layer.head_lengths)) for i, layer in enumerate(cache.kv))
+        recent = tuple(0 if c is None else int(round(c * self.recent_ratio)) for c in caps)
+        return DecodeEviction(caps=caps, rank="score", score=SCORE, recent=recent)
+
     def on_decode(self, ctx: LayerContext) -> None:
         layer = ctx.layer
-        cap = self.budget if self.budget is not None else self.caps.get(ctx.layer_idx)
-        if cap is None and self.compression_ratio is not None:
-            # a ratio with no compression before (a context prefilled without it): fixed once, here
-            cap = self.caps[ctx.layer_idx] = self._keep_count(max(layer.head_lengths) - 1)[0]
+        cap = self._decode_cap(ctx.layer_idx, max(layer.head_lengths) - 1)
         layer.add_side(SCORE, [p.float() for p in ctx.probs])  # the new row's score starts at its first attention
         if cap is None:  # no budget, no ratio: keep everything, only accumulate
             return

@@ -1,10 +1,13 @@
 """Recent-window baseline: keep only the last `budget` tokens of each head (a sliding window without the
 attention sinks of StreamingLLM). With `evict_during_decode` the window keeps rolling while generating, so
-the cache never holds more than `budget` tokens per head."""
+the cache never holds more than `budget` tokens per head. On the GPU decode path (kvbench/fast_decode.py) the
+window is a ring buffer (`decode_ring`), or, over heads holding more than the budget (a question fed on top),
+an eviction on the device (`decode_eviction`)."""
 from dataclasses import dataclass
 
 import torch
 
+from kvbench.fast_decode import DecodeEviction
 from kvbench.method import LayerContext, ScoredEviction, register_method
 
 
@@ -34,6 +37,11 @@ class Recent(ScoredEviction):
 
     def decode_ring(self) -> tuple[int, int] | None:
         return (0, self.budget) if self.evict_during_decode and self.budget is not None else None
+
+    def decode_eviction(self, cache) -> DecodeEviction:
+        """`on_decode` for the device: each head over the budget drops its oldest row."""
+        return DecodeEviction(caps=(self.budget if self.evict_during_decode else None,) * len(cache.kv),
+                              rank="position")
 
     def on_decode(self, ctx: LayerContext) -> None:
         if not self.evict_during_decode or self.budget is None:

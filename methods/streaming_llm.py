@@ -2,11 +2,14 @@
 
 Keeps the first `n_sink` tokens (attention sinks) and the most recent `budget - n_sink` tokens. As in the
 paper the window rolls during decoding too (`evict_during_decode`), so the cache never grows past the budget.
+On the GPU decode path (kvbench/fast_decode.py) the window is a ring buffer (`decode_ring`), or, over heads
+holding more than the budget (a question fed on top), an eviction on the device (`decode_eviction`).
 """
 from dataclasses import dataclass
 
 import torch
 
+from kvbench.fast_decode import DecodeEviction
 from kvbench.method import LayerContext, ScoredEviction, register_method
 
 
@@ -39,6 +42,12 @@ class StreamingLLM(ScoredEviction):
 
     def decode_ring(self) -> tuple[int, int] | None:
         return (self.n_sink, self.budget) if self.evict_during_decode and self.budget is not None else None
+
+    def decode_eviction(self, cache) -> DecodeEviction:
+        """`on_decode` for the device: each head over the budget drops its oldest non-sink row (no budget, or
+        no decode-time eviction: nothing is evicted)."""
+        cap = self.budget if self.evict_during_decode else None
+        return DecodeEviction(caps=(cap,) * len(cache.kv), rank="position", n_sink=self.n_sink)
 
     def on_decode(self, ctx: LayerContext) -> None:
         if not self.evict_during_decode:

@@ -7,11 +7,14 @@ As the paper and its official code (`TOVACache.reduce`: the last query's attenti
 one top-k for the layer) the default `per_head=False` decides per layer from the head-averaged attention of
 the last token and drops the same tokens in every head. `per_head=True` is a knob (not in the paper): scores
 averaged over the query heads of each KV head only, so every KV head keeps its own tokens.
+`decode_eviction` declares the same decode-time rule for the GPU decode path (kvbench/fast_decode.py), which
+evicts on the device inside its CUDA graph.
 """
 from dataclasses import dataclass, field
 
 import torch
 
+from kvbench.fast_decode import DecodeEviction
 from kvbench.method import LayerContext, ScoredEviction, register_method, window_attention
 
 
@@ -42,6 +45,12 @@ class TOVA(ScoredEviction):
     def compress_layer(self, ctx: LayerContext) -> None:
         super().compress_layer(ctx)
         self.caps[ctx.layer_idx] = max(ctx.layer.head_lengths)
+
+    def decode_eviction(self, cache) -> DecodeEviction:
+        """`on_decode` for the device: each head over its cap drops the row the new token attends to least
+        (per_head=False: the least summed over all heads, the same row in every head)."""
+        caps = tuple(self.budget if self.budget is not None else self.caps.get(i) for i in range(len(cache.kv)))
+        return DecodeEviction(caps=caps, rank="attention", shared=not self.per_head)
 
     def on_decode(self, ctx: LayerContext) -> None:
         layer = ctx.layer

@@ -127,9 +127,11 @@ def test_compiled_fast_decode_matches_engine_loop(tiny, backend):
 
 
 def test_fast_decode_refuses_decode_time_methods_and_overflow(tiny):
-    assert not supports(build_method("h2o", budget=32))  # it scores and evicts while decoding
-    assert not supports(build_method("tova", budget=32))
+    assert supports(build_method("h2o", budget=32))  # they declare their eviction: run on the device
+    assert supports(build_method("tova", budget=32))  # (tests/test_decode_eviction.py)
     assert supports(build_method("streaming_llm", budget=32))  # a rolling window: the device ring buffer
+    assert not supports(build_method("cake", budget=32))  # its decode-time hooks need the engine loop
+    assert not supports(build_method("d2o", budget=32))
     _, cache, _, pre = prefilled(tiny, "snapkv")
     fd = FastDecoder(tiny.model, cache, 4, use_graph=False)
     with pytest.raises(ValueError, match="capacity"):

@@ -6,13 +6,18 @@ once for all g query heads of the group and keeps a running max / sum / weighted
 (online softmax, Milakov & Gimelshein 2018); a second kernel merges the chunks of each query head.
 
 With `return_probs=True` it also returns, per cached token, the softmax probability of the new query
-summed over the g query heads of its KV head (what H2O accumulates and TOVA ranks at decode time),
-computed by a second pass over the keys that reuses the merged log-sum-exp.
+summed over the g query heads of its KV head (what H2O accumulates and TOVA ranks at decode time). The split
+kernel then also writes every row's final logits (g floats per row, softcap, log-weight and window applied),
+and a third small kernel normalizes them with the merged log-sum-exp: exp2(logit - lse), summed over the
+group. Why not recompute the logits from the keys (as `colsum` does for a prefill): normalizing needs the
+log-sum-exp over all splits, known only after the merge, and re-reading a key costs d values per row (256
+bytes at d = 128 in bf16) where the stored logits cost g floats (16 bytes at g = 4) written and read once.
 
 Two options follow transformers' eager attention: `softcap` (Gemma-2: each scaled score x becomes
 softcap * tanh(x / softcap)) and `window` (sliding-window layers: the new token at position `q_pos` sees the
 rows whose original position, `positions[row]`, is > q_pos - window; rows may be evicted or reordered, so the
-window is by position, never by row). The probabilities of `return_probs` know neither (the reference does).
+window is by position, never by row). The probabilities know both, and the log-weights of merged rows (a
+row outside the window has probability 0), as the reference does.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 
 from . import (HAS_TRITON, check_layout, check_regions, check_triton_inputs, group_size, next_pow2,
                num_programs_hint, resolve_scaling, use_triton)
-from .colsum import LOG2E, _dot_precision, ragged_colsum_triton
+from .colsum import LOG2E, _dot_precision
 
 if HAS_TRITON:
     import triton
@@ -28,10 +33,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_split_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, lengths_ptr, work_ptr, pos_ptr, qpos_ptr, lw_ptr,
-                             stride_qh, stride_kt, stride_vt, G, D, scale_log2, softcap_log2, window,
+                             logits_ptr, stride_qh, stride_kt, stride_vt, stride_lg, G, D, scale_log2,
+                             softcap_log2, window,
                              NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
                              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                             HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LOGW: tl.constexpr):
+                             HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LOGW: tl.constexpr,
+                             STORE_LOGITS: tl.constexpr):
         # grid: (n_kv, NUM_SPLITS)
         h = tl.program_id(0)
         split = tl.program_id(1)
@@ -69,6 +76,9 @@ if HAS_TRITON:
                 kpos = tl.load(pos_ptr + start + rows, mask=ok, other=0)
                 ok = ok & (kpos > q_pos - window)
             s = tl.where(ok[None, :], s, float("-inf"))
+            if STORE_LOGITS:  # logits[h*G + r, start + row] (base 2), normalized by _decode_probs_kernel
+                tl.store(logits_ptr + (h * G + offs_g)[:, None] * stride_lg + (start + rows)[None, :], s,
+                         mask=(offs_g < G)[:, None] & (rows < hi)[None, :])
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a window may hide a whole tile
             alpha = tl.exp2(m_i - m_safe)
@@ -105,6 +115,27 @@ if HAS_TRITON:
         out = tl.sum(w[:, None] * acc, 0) / safe_den  # an empty head attends to nothing: output 0
         tl.store(out_ptr + j * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
         tl.store(lse_ptr + j, tl.where(den > 0, m_ref + tl.log2(safe_den), float("-inf")))
+
+    @triton.jit
+    def _decode_probs_kernel(logits_ptr, lse_ptr, starts_ptr, lengths_ptr, out_ptr, stride_lg, G, NUM_PROGS,
+                             G_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+        # grid: (n_kv, NUM_PROGS); program p handles row tiles p, p + NUM_PROGS, ... of its head
+        h = tl.program_id(0)
+        start = tl.load(starts_ptr + h)
+        length = tl.load(lengths_ptr + h)
+        offs_g = tl.arange(0, G_PAD)
+        offs_n = tl.arange(0, BLOCK_N)
+        g_ok = offs_g < G
+        lse = tl.load(lse_ptr + h * G + offs_g, mask=g_ok, other=float("-inf"))
+        seen = lse > float("-inf")  # a query head that saw no row (empty head, whole window out) gives 0
+        lse_safe = tl.where(seen, lse, 0.0)
+        for b in range(tl.program_id(1), tl.cdiv(length, BLOCK_N), NUM_PROGS):
+            rows = b * BLOCK_N + offs_n
+            ok = rows < length
+            s = tl.load(logits_ptr + (h * G + offs_g)[:, None] * stride_lg + (start + rows)[None, :],
+                        mask=g_ok[:, None] & ok[None, :], other=float("-inf"))
+            p = tl.where(seen[:, None], tl.exp2(s - lse_safe[:, None]), 0.0)
+            tl.store(out_ptr + start + rows, tl.sum(p, 0), mask=ok)
 
 
 def _check(q, keys, values, starts, lengths, softcap=None, window=None, positions=None, q_pos=None,
@@ -173,9 +204,6 @@ def ragged_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: 
     (an int works too, at the price of a host-to-device copy).
     """
     g = _check(q, keys, values, starts, lengths, softcap, window, positions, q_pos, log_weight)
-    if return_probs and (softcap is not None or window is not None or log_weight is not None):
-        raise ValueError("return_probs with softcap, window or log_weight: the probabilities pass knows none; "
-                         "use ragged_decode_attention_ref")
     check_triton_inputs(q, keys, values, starts, lengths)
     n_q, d = q.shape
     n_kv = starts.numel()
@@ -199,22 +227,26 @@ def ragged_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: 
     lw = starts if log_weight is None else log_weight.float()
     # one allocation for the partial max, sum and accumulator (host overhead matters at decode)
     work = torch.empty(n_q, num_splits, d_pad + 2, device=dev, dtype=torch.float32)
+    # (n_q, T) logits of every row, only written with return_probs (else any pointer will do)
+    logits = torch.empty(n_q, keys.shape[0], device=dev, dtype=torch.float32) if return_probs else work
     scale_log2 = resolve_scaling(scaling, d) * LOG2E
     _decode_split_kernel[(n_kv, num_splits)](
-        q, keys, values, starts, lengths, work, positions, q_pos, lw, q.stride(0), keys.stride(0), values.stride(0),
-        g, d, scale_log2, (softcap or 1.0) * LOG2E, int(window or 0), NUM_SPLITS=num_splits,
-        G_PAD=max(16, next_pow2(g)), D_PAD=d_pad, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(keys.dtype),
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, HAS_LOGW=log_weight is not None,
-        num_warps=num_warps)
+        q, keys, values, starts, lengths, work, positions, q_pos, lw, logits, q.stride(0), keys.stride(0),
+        values.stride(0), logits.stride(0), g, d, scale_log2, (softcap or 1.0) * LOG2E, int(window or 0),
+        NUM_SPLITS=num_splits, G_PAD=max(16, next_pow2(g)), D_PAD=d_pad, BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(keys.dtype), HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
+        HAS_LOGW=log_weight is not None, STORE_LOGITS=return_probs, num_warps=num_warps)
     out = torch.empty(n_q, d, device=dev, dtype=out_dtype)
     lse = torch.empty(n_q, device=dev, dtype=torch.float32)
     _decode_reduce_kernel[(n_q,)](work, out, lse, out.stride(0), d, NUM_SPLITS=num_splits,
                                   S_PAD=next_pow2(num_splits), D_PAD=d_pad, num_warps=num_warps)
     if not return_probs:
         return out
-    # the new token is the last position of every head: a window of w = 1 sees all the head's keys
-    probs = ragged_colsum_triton(q.unsqueeze(1), lse.unsqueeze(1), keys, starts, lengths, scale_log2,
-                                 causal=False, block_m=16, block_n=block_n, num_warps=num_warps)
+    probs = torch.zeros(keys.shape[0], device=dev, dtype=torch.float32)  # rows outside every head: 0
+    n_progs = max(1, min(triton.cdiv(max(keys.shape[0] // max(n_kv, 1), 1), block_n),
+                         triton.cdiv(num_programs_hint(dev), n_kv)))  # programs loop over tiles: any count is right
+    _decode_probs_kernel[(n_kv, n_progs)](logits, lse, starts, lengths, probs, logits.stride(0), g, n_progs,
+                                          G_PAD=max(2, next_pow2(g)), BLOCK_N=block_n, num_warps=num_warps)
     return out, probs
 
 
@@ -223,10 +255,8 @@ def ragged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
                             softcap: float | None = None, window: int | None = None,
                             positions: torch.Tensor | None = None, q_pos=None,
                             log_weight: torch.Tensor | None = None):
-    """Decode attention over the ragged cache: Triton on CUDA, torch reference elsewhere (and for the
-    probabilities under a softcap, window or log-weights, which the Triton pass does not compute)."""
+    """Decode attention over the ragged cache: Triton on CUDA, torch reference elsewhere."""
     opts = dict(softcap=softcap, window=window, positions=positions, q_pos=q_pos, log_weight=log_weight)
-    exotic = softcap is not None or window is not None or log_weight is not None
-    if use_triton(q, keys, values, starts, lengths) and not (return_probs and exotic):
+    if use_triton(q, keys, values, starts, lengths):
         return ragged_decode_attention_triton(q, keys, values, starts, lengths, scaling, return_probs, **opts)
     return ragged_decode_attention_ref(q, keys, values, starts, lengths, scaling, return_probs, **opts)
