@@ -32,6 +32,7 @@ def group_options(group: str) -> list[str]:
 # Launchers shipped in conf/hydra/launcher/ (plus Hydra's in-process `basic`) and the plugin each needs.
 LAUNCHER_PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
                     "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+                    "gpus": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
                     "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher")}
 GROUPS = ("method", "task", "model", "method/storage", "method/selector")
 # `method.storage=kivi` reads better than Hydra's group syntax `method/storage=kivi`: both work
@@ -50,6 +51,21 @@ def format_aliases(args: list[str]) -> list[str]:
 # schemas and says so in a deprecation warning, noise for kvbench users. Set at import, so that it also
 # holds in launcher workers, which import this module to unpickle the job function.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*' is validated against ConfigStore schema")
+
+
+def _register_resolvers() -> None:
+    """`${kvbench_gpus:}`: the GPUs this process may use (conf/hydra/launcher/gpus.yaml makes them all visible
+    to every job). Registered at import, so that launcher workers, which import this module, resolve it too."""
+    from omegaconf import OmegaConf
+
+    def n_gpus() -> int:
+        from kvbench.gpus import host_gpus, visible
+        return len(visible(host_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES")))
+    if not OmegaConf.has_resolver("kvbench_gpus"):
+        OmegaConf.register_new_resolver("kvbench_gpus", n_gpus)
+
+
+_register_resolvers()
 DEVICE_RE = r"auto|cpu|mps|cuda(:\d+)?"
 # Jobs of these launchers run on other machines: this one's device and network say nothing about theirs.
 REMOTE_LAUNCHERS = ("hydra/launcher=submitit_slurm",)
@@ -258,6 +274,9 @@ def check_values(cfg: dict) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise BadInput(f"{key}={v!r}; allowed: an integer >= 0")
     m = cfg["model"]
+    from kvbench.models import DEVICE_MAPS
+    if m.get("device_map") is not None and m.get("device_map") not in DEVICE_MAPS:
+        raise BadInput(f"model.device_map={m.get('device_map')!r}; allowed: null, {', '.join(DEVICE_MAPS)}")
     mc = m.get("max_context")
     if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc <= 0):
         raise BadInput(f"model.max_context={mc!r}; allowed: a positive integer or null")
@@ -525,6 +544,11 @@ def cmd_run(args: list[str]) -> int:
             print(f"kvbench: error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
     import hydra
+    try:  # submitit's launchers: a job killed from outside Python fails alone (kvbench/launchers.py)
+        from kvbench.launchers import install
+        install()
+    except ImportError:  # hydra-submitit-launcher not installed: nothing to adjust
+        pass
     app = hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(_hydra_job)
     sys.argv = ["kvbench run"] + args
     code = 0
@@ -555,7 +579,7 @@ def cmd_run(args: list[str]) -> int:
     bad = {st: sum(1 for s in summaries if s.get("status") == st) for st in ("failed", "partial", "missing")}
     if any(bad.values()):
         what = ", ".join(f"{n} {st}" for st, n in bad.items() if n)
-        where = ("see their summary.json" if not bad["missing"] else
+        where = ("see the why column; details in each run's summary.json or job_error.json" if not bad["missing"] else
                  "missing runs left no summary: see the errors above")
         print(f"[kvbench] {len(summaries)} runs: {what} ({where}; the same command reruns what failed and "
               f"resumes what is missing)", file=sys.stderr)
@@ -639,13 +663,23 @@ def _collect(planned: list[dict]) -> list[dict]:
         s = rd.read_summary()
         if s is None:
             busy = _locked_elsewhere(rd)
+            killed = None if busy else _job_error(rd.path)  # a launcher saw its job die (kvbench/launchers.py)
             s = {"run_id": rd.hash, "config_hash": rd.hash, "task": cfg["task"]["name"],
                  "method": cfg["method"]["name"], "budget": cfg.get("budget"), "query_aware": cfg.get("query_aware"),
-                 "status": "busy" if busy else "missing",
-                 "error": (f"another process is executing it ({rd.path})" if busy
-                           else f"the job left no summary in {rd.path}: it did not finish")}
+                 "status": "busy" if busy else "failed" if killed else "missing",
+                 "error_type": "JobKilled" if killed else None, "run_error": bool(killed),
+                 "error": (f"another process is executing it ({rd.path})" if busy else killed
+                           or f"the job left no summary in {rd.path}: it did not finish")}
         out.append(s)
     return out
+
+
+def _job_error(path: Path) -> str | None:
+    try:
+        from kvbench.launchers import read_job_error
+    except ImportError:  # no hydra-submitit-launcher: no launcher wrote one
+        return None
+    return read_job_error(path)
 
 
 def _locked_elsewhere(rd) -> bool:

@@ -9,22 +9,32 @@ import time
 import torch
 
 
-class Timer:
-    """Wall time of a block, synchronising the GPU so queued kernels are counted."""
+def cuda_devices(device) -> list[torch.device]:
+    """The CUDA devices among `device` (one, or several: a model spread over GPUs)."""
+    devs = device if isinstance(device, (list, tuple)) else [device]
+    return [d for d in devs if d.type == "cuda"]
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+
+def synchronize(devices: list[torch.device]) -> None:
+    for d in devices:  # torch.cuda.synchronize() alone waits for the current device only
+        torch.cuda.synchronize(d)
+
+
+class Timer:
+    """Wall time of a block, synchronising the GPU(s) so queued kernels are counted. `device`: one device or a
+    list (every GPU of a model spread over several)."""
+
+    def __init__(self, device):
+        self.gpus = cuda_devices(device)
         self.s = 0.0
 
     def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        synchronize(self.gpus)
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
+        synchronize(self.gpus)
         self.s = time.perf_counter() - self.t0
 
     @property
@@ -67,23 +77,31 @@ class PeakMemory:
     `uncounted()`: what they allocate is left out of the peak for the rest of the block.
     """
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device):
+        self.gpus = cuda_devices(device)  # several: a model spread over GPUs; `peak` sums their peaks
+        self.cuda = bool(self.gpus)
         self.peak = 0
         self.excluded = 0  # bytes allocated inside uncounted() blocks
+        self.per_device: dict[str, int] = {}  # with several GPUs: each one's own peak growth
 
     def _now(self) -> int:
         if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.memory_allocated()
+            synchronize(self.gpus)
+            return sum(torch.cuda.memory_allocated(d) for d in self.gpus)
         return _rss_hwm()[0]
 
     def _high(self) -> int:
-        return torch.cuda.max_memory_allocated() if self.cuda else _rss_hwm()[1]
+        if self.cuda and len(self.gpus) > 1:
+            for d in self.gpus:
+                k = str(d)
+                grow = torch.cuda.max_memory_allocated(d) - self._base_dev.get(k, 0)
+                self.per_device[k] = max(self.per_device.get(k, 0), grow)
+        return sum(torch.cuda.max_memory_allocated(d) for d in self.gpus) if self.cuda else _rss_hwm()[1]
 
     def _reset_high(self) -> None:
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+            for d in self.gpus:
+                torch.cuda.reset_peak_memory_stats(d)
             return
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -95,6 +113,7 @@ class PeakMemory:
         self._now()  # (syncs the GPU)
         self._reset_high()
         self.base = self._now()
+        self._base_dev = {str(d): torch.cuda.memory_allocated(d) for d in self.gpus}
         return self
 
     def _close_segment(self) -> None:

@@ -104,9 +104,17 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     name: str
-    device: torch.device
+    device: torch.device     # where inputs go (the embeddings' device)
     dtype: torch.dtype
     max_context: int
+    devices: tuple = ()      # every device holding weights (several with model.device_map); () = (device,)
+
+    def __post_init__(self):
+        self.devices = tuple(self.devices) or (self.device,)
+
+
+# accelerate's placements for a model spread over GPUs (model.device_map); null = one device (`device`)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def _quiet_transformers() -> None:
@@ -122,9 +130,49 @@ def cache_dir() -> Path:
 
 def pick_device(device: str = "auto") -> torch.device:
     import torch
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "auto":  # the current CUDA device: a sweep's job has made its claimed GPU current (gpus.py)
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(device)
+
+
+def _synthetic_spread(config, dt, device_map: str, seed: int):
+    """A synthetic model too large for one card, built straight onto its GPUs: the skeleton on the meta
+    device (no memory), accelerate's placement, then each weight drawn on its own device (N(0, 0.02), norms
+    1, as transformers initialises Llama) and accelerate's hooks that move activations between devices.
+    Never a full copy in host memory (a 70B model is 140 GB in bf16)."""
+    import torch
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+    with init_empty_weights():  # buffers (RoPE's inv_freq) stay real, on the CPU; dispatch moves them
+        model = AutoModelForCausalLM.from_config(config, dtype=dt)
+    no_split = getattr(model, "_no_split_modules", None) or []
+    kw = {}
+    if device_map != "sequential":
+        kw["max_memory"] = get_balanced_memory(model, dtype=dt, no_split_module_classes=no_split,
+                                               low_zero=device_map == "balanced_low_0")
+    dmap = infer_auto_device_map(model, dtype=dt, no_split_module_classes=no_split, **kw)
+    if any(d in ("disk", "cpu") for d in dmap.values()) and torch.cuda.is_available():
+        raise ModelError(f"model.device_map={device_map}: the synthetic model does not fit the GPUs' memory "
+                         f"(placement: {sorted(set(map(str, dmap.values())))}); allowed: a smaller shape or more GPUs")
+    std = getattr(config, "initializer_range", 0.02)
+    torch.manual_seed(seed)
+    for name, p in list(model.named_parameters()):
+        prefix = max((k for k in dmap if k == "" or name == k or name.startswith(k + ".")), key=len)
+        dev = dmap[prefix]
+        dev = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+        w = torch.empty(p.shape, dtype=dt, device=dev)
+        w.fill_(1.0) if p.dim() == 1 and "norm" in name else w.normal_(0.0, std)
+        set_module_tensor_to_device(model, name, dev, value=w)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return dispatch_model(model, device_map=dmap)
+
+
+def model_devices(model) -> list:
+    """The devices holding the model's weights, embeddings' first."""
+    first = model.get_input_embeddings().weight.device
+    return [first] + sorted({p.device for p in model.parameters()} - {first}, key=str)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -232,11 +280,15 @@ def _set_attn(model, attn: str):
 
 def load_model(name: str = "smollm2-135m", path: str | None = None, shape: str | None = None,
                device: str = "auto", dtype: str = "auto", attn: str = "kvbench", seed: int = 0,
-               max_context: int | None = None, **_ignored) -> LoadedModel:
+               max_context: int | None = None, device_map: str | None = None, **_ignored) -> LoadedModel:
+    """device_map (accelerate: auto, balanced, balanced_low_0, sequential): the layers spread over every visible
+    GPU, each layer's KV cache on its layer's device; `device` is then ignored."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     _quiet_transformers()
-    dev = pick_device(device)
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ModelError(f"model.device_map={device_map!r}; allowed: null, {', '.join(DEVICE_MAPS)}")
+    dev = pick_device("auto" if device_map else device)
     dt = pick_dtype(dtype, dev)
     if name == "synthetic":
         if shape not in SYNTHETIC_SHAPES:
@@ -246,8 +298,11 @@ def load_model(name: str = "smollm2-135m", path: str | None = None, shape: str |
             check_model_config(kw, f"synthetic-{shape}")
         config = AutoConfig.for_model(**kw)
         torch.manual_seed(seed)
-        with dev:
-            model = AutoModelForCausalLM.from_config(config, dtype=dt)
+        if device_map:
+            model = _synthetic_spread(config, dt, device_map, seed)
+        else:
+            with dev:
+                model = AutoModelForCausalLM.from_config(config, dtype=dt)
         tok = load_tokenizer("smollm2-135m")
         label = f"synthetic-{shape}"
     else:
@@ -257,11 +312,15 @@ def load_model(name: str = "smollm2-135m", path: str | None = None, shape: str |
             if attn == "kvbench":  # before any weight is read: refuse what kvbench's attention would get wrong
                 check_model_config(model_config_dict(src), name)
             tok = AutoTokenizer.from_pretrained(src)
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dt).to(dev)
+            if device_map:  # accelerate places the layers as the weights are read
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=dt, device_map=device_map)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=dt).to(dev)
         except OSError as e:
             raise ModelError(f"model {name!r} could not be loaded from {src!r}: {str(e).splitlines()[0]}") from e
         label = name
     model.eval()
     _set_attn(model, attn)
     limit = max_context or getattr(model.config, "max_position_embeddings", None) or 4096
-    return LoadedModel(model, tok, label, dev, dt, int(limit))
+    devices = model_devices(model)
+    return LoadedModel(model, tok, label, devices[0], dt, int(limit), tuple(devices))

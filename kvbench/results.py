@@ -38,7 +38,7 @@ from pathlib import Path
 SCHEMA_VERSION = 2  # 2: warm-up before timing, ttft_reused_ms apart, kv_bytes_held_max, conditions
 
 # Keys that change where/how results are written but not what is measured.
-NON_IDENTITY_KEYS = {"results_dir", "sweep", "force", "logger", "progress", "hydra"}
+NON_IDENTITY_KEYS = {"results_dir", "sweep", "force", "logger", "progress", "hydra", "gpu_lock"}
 
 # Record fields that depend on the machine's load, not on the config (excluded from determinism checks).
 TIMING_FIELDS = ("ttft_ms", "ttft_reused_ms", "prefill_ms", "compress_ms", "question_ms", "decode_ms_per_token",
@@ -123,7 +123,7 @@ def versions() -> dict:
          "kvbench": _kvbench_version(), "schema": SCHEMA_VERSION}
     if torch.cuda.is_available():
         v["cuda"] = torch.version.cuda
-        v["gpu"] = torch.cuda.get_device_name(0)
+        v["gpu"] = torch.cuda.get_device_name(torch.cuda.current_device())
     try:
         import triton
         v["triton"] = triton.__version__

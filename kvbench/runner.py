@@ -48,15 +48,41 @@ _FORCED: set[str] = set()  # runs already rerun with force=true by this process
 
 
 def get_model(mcfg: dict, device: str, dtype: str, seed: int):
-    key = (mcfg.get("name"), mcfg.get("path"), mcfg.get("shape"), device, dtype, mcfg.get("max_context"), seed)
+    key = (mcfg.get("name"), mcfg.get("path"), mcfg.get("shape"), device, dtype, mcfg.get("max_context"), seed,
+           mcfg.get("device_map"))
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         _MODEL_CACHE[key] = load_model(name=mcfg["name"], path=mcfg.get("path"), shape=mcfg.get("shape"),
-                                       device=device, dtype=dtype, seed=seed, max_context=mcfg.get("max_context"))
+                                       device=device, dtype=dtype, seed=seed, max_context=mcfg.get("max_context"),
+                                       device_map=mcfg.get("device_map"))
     return _MODEL_CACHE[key]
+
+
+def take_gpu(cfg: dict) -> dict:
+    """With `device=auto` and `gpu_lock` on (the default), claim one free GPU of this host for this process and
+    make it the current CUDA device (kvbench/gpus.py); returns what records say of it (gpu_index: as nvidia-smi
+    numbers it, gpu_uuid, gpu_name). A model spread over several GPUs (model.device_map) claims none."""
+    if str(cfg.get("device", "auto")) != "auto" or not cfg.get("gpu_lock", True) or cfg["model"].get("device_map"):
+        return {}
+    from kvbench import gpus
+    gpu = gpus.claim_for_job(log=_log)
+    if gpu is None or not torch.cuda.is_available():
+        return {}
+    torch.cuda.set_device(gpus.torch_index(gpu))
+    return {"gpu_index": gpu.index, "gpu_uuid": gpu.uuid, "gpu_name": gpu.name}
+
+
+def model_size(lm) -> dict:
+    """Parameters and their bytes as loaded (capacity planning subtracts them from the card's memory), and
+    the devices the model's weights sit on."""
+    params = list(lm.model.parameters())
+    devices = sorted({str(p.device) for p in params})
+    return {"model_params": sum(p.numel() for p in params),
+            "model_weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "model_devices": devices}
 
 
 def build_task(tcfg: dict):
@@ -83,6 +109,9 @@ def normalize_config(cfg: dict) -> dict:
     if not uses_budget(cfg.get("method", {}).get("name")) and (cfg.get("budget") is not None
                                                         or cfg.get("compression_ratio") is not None):
         cfg = {**cfg, "budget": None, "compression_ratio": None}
+    mod = cfg.get("model")
+    if isinstance(mod, dict) and "device_map" in mod and mod["device_map"] is None:
+        cfg = {**cfg, "model": {k: v for k, v in mod.items() if k != "device_map"}}  # one device: as before the knob
     m = cfg.get("method")
     if isinstance(m, dict) and any(isinstance(m.get(k), dict) and m[k].get("name") == "plain"
                                    for k in ("storage", "selector")):
@@ -252,6 +281,7 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
         return {**done, "_skipped": True, "_dir": str(rd.path)}
     rd.start(force=force)
     rd.summary_path.unlink(missing_ok=True)  # a stale summary must not mark a half-redone run complete
+    (rd.path / "job_error.json").unlink(missing_ok=True)  # a launcher's note that its last job was killed
     records = rd.resume_records()
     started, t0 = now(), time.perf_counter()
     setup: dict = {}       # one-time costs, measured apart from every recorded timing
@@ -261,10 +291,12 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
         seed_everything(seed)
         method = method_from_cfg(cfg)
         task = build_task(cfg["task"])
+        conditions.update(take_gpu(cfg))  # device=auto with several jobs at once: this job's own GPU
         t_load = time.perf_counter()
         lm = get_model(cfg["model"], cfg.get("device", "auto"), cfg.get("dtype", "auto"), seed)
         setup["model_load_ms"] = (time.perf_counter() - t_load) * 1e3  # ~0 when this process already had it
         conditions.update(run_conditions(lm.device))
+        conditions.update(model_size(lm))
         if hasattr(method, "prepare"):  # methods that need the model itself: token ids, stored head profiles
             method.prepare(lm)
         engine = Engine(lm, method, query_aware=bool(cfg.get("query_aware", False)),

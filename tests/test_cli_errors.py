@@ -86,7 +86,7 @@ def test_composed_job_equals_hydra_compose():
     assert all(f == {"name": "plain"} for f in formats.values()), formats  # the default storage/selector
     assert cfg["method"] == {"name": "pyramidkv", "window_size": 8, "kernel_size": 7, "pooling": "max", "beta": 20.0}
     assert cfg["budget"] == 128 and cfg["task"]["lengths"] == [400, 500] and cfg["query_aware"] is True
-    assert cfg["model"] == {"name": "synthetic", "path": None, "shape": "tiny-mha", "max_context": None}
+    assert cfg["model"] == {"name": "synthetic", "path": None, "shape": "tiny-mha", "max_context": None, "device_map": None}
 
 
 # -- issue 11: more bad input refused up front (exit 2, one line, no run directory) ------------------------

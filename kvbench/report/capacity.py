@@ -174,7 +174,7 @@ def decode_held_bytes(record: dict) -> float | None:
     plus every token appended after it (the question when it was fed after compression, the answer), each at
     the full cache's bytes per token (plain storage; a quantized format holds less), at most its measured
     kv_bytes_held_max (methods that evict while decoding hold less). None when the record cannot say (a
-    query-agnostic first query: its question's length is not recorded)."""
+    query-agnostic first query of a run written before records carried `question_tokens`)."""
     held_max = record.get("kv_bytes_held_max")
     meta = record.get("meta") or {}
     ctx, new = record.get("context_tokens"), record.get("new_tokens")
@@ -184,6 +184,8 @@ def decode_held_bytes(record: dict) -> float | None:
         appended = meta["cache_tokens_before_answer"] - ctx  # multi-turn: questions and earlier turns' answers
     elif record.get("query_aware") is True:
         appended = 0  # the question was compressed with the context (context_tokens counts it)
+    elif record.get("question_tokens") is not None:
+        appended = record["question_tokens"]  # fed on top of the compressed context (recorded since issue 14)
     else:
         return None
     if not ctx or new is None or record.get("kv_bytes") is None or not record.get("kv_bytes_full"):
