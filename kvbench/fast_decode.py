@@ -133,8 +133,7 @@ def step_rows(lens0: list[list[int]], caps: list[int | None], i: int) -> list[li
     the step plus the token being decoded; after a step, a head with a cap is back to at most cap (the first
     step evicts a question on top down to it). The fast path holds these rows (a victim keeps its row until
     the next token takes it), the engine loop holds them during the step."""
-    return [[(L if i == 0 else L + i if c is None else min(L + i, c)) + 1 for L in lens]
-            for lens, c in zip(lens0, caps)]
+    return [[(L + i if c is None or i == 0 else min(L + i, c)) + 1 for L in lens] for lens, c in zip(lens0, caps)]
 
 
 def ring_fits(cache: KVBenchCache, ring: tuple[int, int] | None) -> bool:
@@ -473,6 +472,7 @@ class FastDecoder:
                 victims = slots.tolist() if full else []
                 for h in full:
                     layer.remove(h, victims[h])
+        self.base.resync_held()  # the in-place steps never told the meter (the engine observes their peak)
         self.base.seen_tokens = int(self.pos)
         self.cache.seen_tokens = self.base.seen_tokens
         self.graph = None

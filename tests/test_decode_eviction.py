@@ -130,3 +130,142 @@ def test_fast_eviction_matches_engine_loop(tiny, name, knobs, cap):
     assert max(max(map(max, step)) for step in rows[1:]) == cap + 1  # at most cap + 1 rows after the first step
     flops = [eng._linear_flops + attention_flops(step, eng._group, eng._head_dim) for step in rows]
     assert flops == flops_ref
+
+
+@pytest.mark.parametrize("name,knobs", [("h2o", dict(budget=24)), ("tova", dict(budget=24))], ids=["h2o", "tova"])
+def test_fast_eviction_from_a_cache_at_its_cap(tiny, name, knobs):
+    """query_aware=true: the heads start at the cap, every step (the first included) evicts one row."""
+    eng, c1, m1, logits = with_question(tiny, name, query_aware=True, **knobs)
+    _, c2, m2, _ = with_question(tiny, name, query_aware=True, **knobs)
+    assert c2.head_lengths() == [[24, 24]] * 2
+    ids_ref, _, _ = eng.decode(c1, m1, logits, STEPS)
+    ids_fast, fd = fast(tiny, c2, m2, logits)
+    assert not fd.overflow and ids_fast == ids_ref
+    assert kept(c2, "h2o_score" if name == "h2o" else None).__len__() == 2
+    for layer1, layer2 in zip(kept(c1), kept(c2)):
+        assert [set(h) for h in layer2] == [set(h) for h in layer1]
+
+
+WRONG_RULES = [  # (method, knobs, a wrong description of its on_decode)
+    ("h2o", dict(budget=24), dict(rank="attention")),     # TOVA's rule over H2O's cache
+    ("h2o", dict(budget=24), dict(recent=(0, 0))),        # no protected recent window
+    ("tova", dict(budget=24), dict(shared=False)),        # per head instead of per layer
+    ("streaming_llm", dict(budget=16, n_sink=4), dict(n_sink=0)),  # the sinks evicted
+]
+
+
+@pytest.mark.parametrize("name,knobs,wrong", WRONG_RULES, ids=_id)
+def test_a_wrong_victim_rule_is_detected(tiny, name, knobs, wrong):
+    """The comparison above has teeth: the fast path run with a wrong rule keeps other positions than the
+    engine loop (which runs the method's own on_decode)."""
+    eng, c1, m1, logits = with_question(tiny, name, **knobs)
+    _, c2, m2, _ = with_question(tiny, name, **knobs)
+    eng.decode(c1, m1, logits, STEPS)
+    bad = dataclasses.replace(fast_decode.plan(m2, c2).evict, **wrong)
+    fast(tiny, c2, m2, logits, evict=bad)
+    assert any(set(h2) != set(h1) for l1, l2 in zip(kept(c1), kept(c2)) for h1, h2 in zip(l1, l2))
+
+
+def test_finish_leaves_the_engine_loops_cache(tiny):
+    """After decoding, the last step's victims are gone (heads hold the cap, as the engine loop leaves them),
+    finish() twice changes nothing, and a clone decodes on like the engine loop would (multi-turn)."""
+    eng, c1, m1, logits = with_question(tiny, "h2o", budget=24)
+    _, c2, m2, _ = with_question(tiny, "h2o", budget=24)
+    eng.decode(c1, m1, logits, 12)
+    _, fd = fast(tiny, c2, m2, logits, steps=12)
+    fd.finish()
+    assert c2.head_lengths() == c1.head_lengths() == [[24, 24]] * 2
+    assert c2.held.now == c2.nbytes() and c2.nbytes() == c1.nbytes()
+    # both caches go on through the engine loop: same tokens (the state, scores included, is the same)
+    nxt = torch.zeros(tiny.model.config.vocab_size)
+    nxt[123] = 1.0
+    a, _, _ = eng.decode(c1.clone(), m1.fork(), nxt, 8)
+    b, _, _ = eng.decode(c2.clone(), m2.fork(), nxt, 8)
+    assert a == b
+
+
+def test_plan_routes_methods(tiny):
+    """Which methods the fast path takes, and how."""
+    _, c, m, _ = with_question(tiny, "streaming_llm", query_aware=True, budget=16, n_sink=4)
+    assert fast_decode.plan(m, c).ring == (4, 16)  # the window fits: the ring buffer
+    _, c, m, _ = with_question(tiny, "streaming_llm", budget=16, n_sink=4)
+    p = fast_decode.plan(m, c)
+    assert p.ring is None and p.evict.rank == "position" and p.evict.n_sink == 4  # a question on top
+    _, c, m, _ = with_question(tiny, "tova", budget=24)
+    assert fast_decode.plan(m, c).evict.shared
+    _, c, m, _ = with_question(tiny, "h2o")  # no budget: the cap is the context fixed at compression (as on_decode)
+    p = fast_decode.plan(m, c)
+    assert p.evict.caps == (N_CTX, N_CTX) and p.evict.score == "h2o_score"
+    _, c, m, _ = with_question(tiny, "streaming_llm", budget=16, evict_during_decode=False)
+    assert fast_decode.plan(m, c).evict.caps == (None, None)  # nothing evicted while decoding: plain appends
+    _, c, m, _ = with_question(tiny, "d2o", budget=24)
+    assert fast_decode.plan(m, c) is None  # its decode-time hooks keep the engine loop
+
+
+_TRITON = textwrap.dedent("""
+    import math, torch
+    from kvbench.methods import kernels as K
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    for grp in (1, 3, 4):                         # GQA groups (3: padded to a power of two)
+        lens = [0, 1, 37, 70, 5]                  # ragged, with an empty head
+        starts, row = [], 2
+        for n in lens:
+            starts.append(row); row += n + 3      # spare rows between the heads
+        T = row
+        k, v = torch.randn(T, d, generator=g), torch.randn(T, d, generator=g)
+        q = torch.randn(len(lens) * grp, d, generator=g)
+        starts, lengths = torch.tensor(starts), torch.tensor(lens)
+        positions = torch.randint(0, 200, (T,), generator=g)
+        lw = torch.log(torch.randint(1, 4, (T,), generator=g).float())   # merged rows weigh 1..3
+        for opts in (dict(), dict(log_weight=lw), dict(log_weight=lw, softcap=2.0),
+                     dict(log_weight=lw, window=60, positions=positions, q_pos=torch.tensor([200]))):
+            ref = K.ragged_decode_attention_ref(q, k, v, starts, lengths, 0.4, return_probs=True,
+                                                **{**opts, "q_pos": 200} if "window" in opts else opts)
+            tri = K.ragged_decode_attention_triton(q, k, v, starts, lengths, 0.4, return_probs=True, num_splits=3,
+                                                   block_n=16, **opts)
+            torch.testing.assert_close(tri[0], ref[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(tri[1], ref[1], atol=1e-5, rtol=1e-4)
+            for a, n in zip(starts.tolist(), lens):
+                s = float(tri[1][a:a + n].sum())
+                assert n == 0 or abs(s - grp) < 1e-4 or "window" in opts, s   # each query head's sum is 1
+            outside = torch.ones(T, dtype=torch.bool)
+            for a, n in zip(starts.tolist(), lens):
+                outside[a:a + n] = False
+            assert bool((tri[1][outside] == 0).all())    # rows outside every head: 0 (added to scores as is)
+    print("PROBS_OK")
+
+    # the whole fast step with the Triton kernels (append in ring mode, decode + probabilities), H2O over a
+    # question on top, against the engine loop (torch reference, the method's own on_decode)
+    import tests.test_decode_eviction as T
+    from kvbench import attention, fast_decode
+    from kvbench.models import load_model
+    lm = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
+    lm.tokenizer = T._NoTokenizer()
+    for name, knobs in (("h2o", dict(budget=24)), ("tova", dict(budget=24))):
+        eng, c1, m1, logits = T.with_question(lm, name, **knobs)
+        _, c2, m2, _ = T.with_question(lm, name, **knobs)
+        ids_ref, _, _ = eng.decode(c1, m1, logits, 12)
+        attention.DECODE_KERNEL = "triton"
+        ids_fast, _ = T.fast(lm, c2, m2, logits, steps=12)
+        attention.DECODE_KERNEL = "auto"
+        assert ids_fast == ids_ref, (ids_fast, ids_ref)
+        score = "h2o_score" if name == "h2o" else None
+        for l1, l2 in zip(T.kept(c1, score), T.kept(c2, score)):
+            for h1, h2 in zip(l1, l2):
+                assert set(h1) == set(h2)
+                if score:
+                    torch.testing.assert_close(torch.tensor([h2[p] for p in sorted(h1)]),
+                                               torch.tensor([h1[p] for p in sorted(h1)]), rtol=1e-4, atol=1e-4)
+    print("STEP_OK")
+""")
+
+
+def test_triton_probabilities_and_step_match_reference():
+    """Triton (interpreter) vs torch reference: the decode kernel's probabilities (ragged heads, GQA groups,
+    log-weights, softcap, window), then the whole in-place step with eviction vs the engine loop."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _TRITON], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+    assert "PROBS_OK" in r.stdout and "STEP_OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

@@ -235,3 +235,50 @@ def test_cuda_graph_decode_matches_eager(name, compile):
     eng.fast_decode, eng.compile_decode = True, compile  # the engine's own CUDA path: same tokens, FLOPs, cache
     ids_eng, _, flops_eng = eng.decode(c3, m3, pre.logits, 24)
     assert ids_eng == ids_ref and flops_eng == flops_ref and c3.head_lengths() == c2.head_lengths()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,knobs,compile", [("h2o", {"budget": 24}, False), ("h2o", {"budget": 24}, True),
+                                                ("tova", {"budget": 24}, False),
+                                                ("tova", {"budget": 24, "per_head": True}, True),
+                                                ("streaming_llm", {"budget": 16, "n_sink": 4}, False),
+                                                ("recent", {"budget": 16}, False)])
+def test_cuda_graph_eviction_matches_eager(name, knobs, compile):
+    """Decode-time eviction inside the CUDA graph (a question fed on top: the first step evicts it, eagerly;
+    later steps replay the graph): the eager engine loop's tokens, kept positions, FLOPs and bytes read."""
+    from kvbench import fast_decode
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_speed
+    finally:
+        sys.path.pop(0)
+    lm = gpu_speed.build_model("tiny", device="cuda", dtype="float32")
+    lm.tokenizer = _NoTokenizer()
+
+    def with_question():
+        method = build_method(name, **knobs)
+        eng = Engine(lm, method, query_aware=False)
+        eng.stop_ids = set()
+        cache = eng.new_cache()
+        eng.prefill(cache, random_ids(100, seed=1), method, compress=True)
+        return eng, cache, method, eng.prefill(cache, random_ids(9, seed=2), method, compress=False).logits
+
+    eng, c1, m1, logits = with_question()
+    _, c2, m2, _ = with_question()
+    _, c3, m3, _ = with_question()
+    eng.fast_decode = False
+    ids_ref, _, flops_ref = eng.decode(c1, m1, logits, 24)
+    read_ref = list(eng.last_read_bytes)
+    plan = fast_decode.plan(m2, c2)
+    assert plan is not None and plan.evict is not None
+    fd = FastDecoder(lm.model, c2, 24, compile=compile, evict=plan.evict)
+    ids_fast, _ = fd.decode(int(logits.argmax()), 24)
+    assert fd.graph_error is None and fd.graph is None and fd.overflow  # captured, replayed, released
+    assert ids_fast == ids_ref
+    for a, b in zip(c1.kv, c2.kv):
+        assert [set(a.head(h)[2].tolist()) for h in range(a.n_heads)] == \
+               [set(b.head(h)[2].tolist()) for h in range(b.n_heads)]
+    eng.fast_decode, eng.compile_decode = True, compile  # the engine's own CUDA path: same tokens, FLOPs, bytes
+    ids_eng, _, flops_eng = eng.decode(c3, m3, logits, 24)
+    assert ids_eng == ids_ref and flops_eng == flops_ref and eng.last_read_bytes == read_ref
+    assert c3.head_lengths() == c1.head_lengths()
