@@ -40,6 +40,12 @@ SYNTHETIC_SHAPES = {
                          max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # too large for one 80 GB card (~141 GB in bf16): for model.device_map=auto over several GPUs
+    "llama-3.1-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                          max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, head_dim=128, vocab_size=152064,
                        max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False),
