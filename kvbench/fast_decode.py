@@ -20,11 +20,12 @@ whose decode-time eviction is a rolling window (StreamingLLM, recent: `Method.de
 buffer by the append kernel while no head holds more than the window); and methods that describe their
 decode-time eviction (`decode_eviction(cache) -> DecodeEviction`: H2O, TOVA, and StreamingLLM / recent over a
 question fed on top of the window). For those the step's attention also returns each row's probability
-(summed over the query group), and `kvbench::decode_evict` picks every full head's victim on the device;
-the victim's row is where the next token is written (methods/kernels/decode_evict.py), so a head holds at most
-cap + 1 rows and nothing is shifted. A first step over heads holding more than cap (the question) evicts
-them down to cap at once, eagerly, before the graph is captured. Other methods (CAKE, D2O, ...) keep the
-eager engine loop. On CPU this runs the same in-place step eagerly (use_graph=False), which is what the
+(summed over the query group), and `kvbench::decode_evict` removes every over-full head's victim on the
+device as the engine loop's `LayerKV.remove` does (the last row moves into the victim's row: one row copied,
+the engine loop's row order kept, so equal keys pick the same victim; methods/kernels/decode_evict.py); a head
+holds at most cap + 1 rows, during the step. A first step over heads holding more than cap (a question fed
+on top) repeats the removal down to cap, eagerly, before the graph is captured. Other methods (CAKE, D2O,
+...) keep the eager engine loop. On CPU this runs the same in-place step eagerly (use_graph=False), which is what the
 tests compare with the engine loop.
 """
 from __future__ import annotations
@@ -131,9 +132,25 @@ def plan(method: Method | None, cache: KVBenchCache) -> Plan | None:
 def step_rows(lens0: list[list[int]], caps: list[int | None], i: int) -> list[list[int]]:
     """Rows each head attends over at decode step i (0-based), from its rows before decoding: its rows before
     the step plus the token being decoded; after a step, a head with a cap is back to at most cap (the first
-    step evicts a question on top down to it). The fast path holds these rows (a victim keeps its row until
-    the next token takes it), the engine loop holds them during the step."""
+    step evicts a question on top down to it)."""
     return [[(L + i if c is None or i == 0 else min(L + i, c)) + 1 for L in lens] for lens, c in zip(lens0, caps)]
+
+
+def held_peak(lens0: list[list[int]], caps: list[int | None], row_bytes: list[int], n_steps: int,
+              ring: bool = False) -> int:
+    """The most K/V bytes held at any point of n_steps decode steps. Layer by layer a step appends the new
+    token (+1 row per head), attends, then evicts back to the cap; a ring keeps its cap + 1 rows between
+    steps (its oldest row waits for the next token)."""
+    now = [b * sum(lens) for b, lens in zip(row_bytes, lens0)]
+    total = peak = sum(now)
+    for i in range(n_steps):
+        during = [b * sum(r) for b, r in zip(row_bytes, step_rows(lens0, caps, i))]
+        after = during if ring else [b * (sum(r) - len(r)) for b, r in zip(row_bytes, step_rows(lens0, caps, i + 1))]
+        for layer in range(len(now)):
+            peak = max(peak, total - now[layer] + during[layer])
+            total += after[layer] - now[layer]
+        now = after
+    return peak
 
 
 def ring_fits(cache: KVBenchCache, ring: tuple[int, int] | None) -> bool:
@@ -188,18 +205,22 @@ def _(q, k_new, v_new, pos, keys, values, positions, starts, lengths, ring_next,
     return torch.empty_like(q), q.new_empty(keys.shape[0] if need_probs else 0, dtype=torch.float32)
 
 
-@torch.library.custom_op("kvbench::decode_evict", mutates_args=("slots", "score", "log_weight"))
-def decode_evict(probs: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-                 slots: torch.Tensor, score: torch.Tensor | None, log_weight: torch.Tensor | None,
-                 q_pos: torch.Tensor, rows: int, rank: str, n_sink: int, recent: int, shared: bool) -> None:
-    """After a step's attention: every full head's victim, chosen on the device (methods/kernels/decode_evict.py)."""
-    from kvbench.methods.kernels import evict_one
-    evict_one(probs if probs.numel() else None, positions, starts, lengths, slots, score, log_weight, q_pos, rows,
-              rank, n_sink, recent, shared)
+@torch.library.custom_op("kvbench::decode_evict",
+                         mutates_args=("probs", "keys", "values", "positions", "lengths", "score", "log_weight"))
+def decode_evict(probs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                 starts: torch.Tensor, lengths: torch.Tensor, score: torch.Tensor | None,
+                 log_weight: torch.Tensor | None, q_pos: torch.Tensor, cap: int, width: int, repeat: int,
+                 rank: str, n_sink: int, recent: int, shared: bool) -> None:
+    """After a step's attention: the scores accumulate, every head over `cap` removes its victim, `repeat`
+    times (methods/kernels/decode_evict.py). probs: the step's (T,) probabilities, or empty if unused."""
+    from kvbench.methods.kernels import evict_rows
+    evict_rows(probs if probs.numel() else None, keys, values, positions, starts, lengths, score, log_weight, q_pos,
+               cap, width, repeat, rank, n_sink, recent, shared)
 
 
 @decode_evict.register_fake
-def _(probs, positions, starts, lengths, slots, score, log_weight, q_pos, rows, rank, n_sink, recent, shared):
+def _(probs, keys, values, positions, starts, lengths, score, log_weight, q_pos, cap, width, repeat, rank, n_sink,
+      recent, shared):
     return None
 
 
@@ -211,7 +232,9 @@ class _Evict(NamedTuple):
     shared: bool
     score: str | None
     needs_probs: bool
-    overflow: tuple | None = None  # first step over heads of more than cap rows: (rows held per head, cap)
+    cap: int      # a head holding more rows than this removes one per repeat
+    width: int    # the most rows a head holds during the step (cap + 1; more on a first step over a question)
+    repeat: int   # removals per head: 1, the excess on a first step over a question, 0 to only accumulate
 
 
 class _LayerStep(NamedTuple):
@@ -224,25 +247,19 @@ def inplace_attention(module, query, key, value, state, scaling, window=None, so
     """The attention function's fast path (kvbench/attention.py routes here while a FastDecoder runs)."""
     if query.shape[0] != 1 or query.shape[2] != 1:
         raise ValueError(f"fast decode feeds one token at batch 1, got query shape {tuple(query.shape)}")
-    layers, pos, slots, steps = state
+    layers, pos, ring_next, steps = state
     i = module.layer_idx
     layer, step = layers[i], steps[i]
     ev = step.evict
     log_weight = layer.side.get("log_weight")
     out, probs = append_decode_attention(query[0, :, 0], key[0, :, 0], value[0, :, 0], pos.view(1), layer.keys,
-                                         layer.values, layer.positions, layer.starts, layer.lengths, slots[i],
+                                         layer.values, layer.positions, layer.starts, layer.lengths, ring_next[i],
                                          step.ring_rows, step.n_sink, scaling, float(softcap or 0.0),
                                          int(window or 0), log_weight, ev is not None and ev.needs_probs)
-    if ev is not None and ev.overflow is None:
-        decode_evict(probs, layer.positions, layer.starts, layer.lengths, slots[i],
-                     layer.side[ev.score] if ev.score else None, log_weight, pos.view(1), step.ring_rows,
-                     ev.rank, ev.n_sink, ev.recent, ev.shared)
-    elif ev is not None:  # the first step over a question on top: plain torch, never compiled or captured
-        from kvbench.methods.kernels import evict_down_to
-        held, cap = ev.overflow
-        evict_down_to(probs if probs.numel() else None, layer.keys, layer.values, layer.positions, layer.starts,
-                      layer.lengths, layer.side, ev.score, pos.view(1), list(held), cap, ev.rank, ev.n_sink,
-                      ev.recent, ev.shared)
+    if ev is not None:
+        decode_evict(probs, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths,
+                     layer.side[ev.score] if ev.score else None, log_weight, pos.view(1), ev.cap, ev.width,
+                     ev.repeat, ev.rank, ev.n_sink, ev.recent, ev.shared)
     return out.view(1, 1, *out.shape), None  # (1, q=1, n_q, d) as transformers expects
 
 
@@ -357,9 +374,8 @@ class FastDecoder:
             _zero_spare_side(layer)
         # the first step evicts a question on top down to the cap, eagerly (its shapes differ from later steps)
         self.overflow = self.first_plan != self.steps_plan
-        # per layer, per head: the ring's next row, or the row of the last victim (where the next token goes)
-        self.slots = [torch.full((layer.n_heads,), self.steps_plan[i].n_sink, dtype=torch.long, device=dev)
-                      for i, layer in enumerate(cache.kv)]
+        self.ring_next = [torch.full((layer.n_heads,), self.steps_plan[i].n_sink, dtype=torch.long, device=dev)
+                          for i, layer in enumerate(cache.kv)]
         self.model, self.base, self.capacity = model, cache, max_new_tokens
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1, 1), cache.seen_tokens, dtype=torch.long, device=dev)
@@ -371,7 +387,6 @@ class FastDecoder:
         self.graph_error: str | None = None
         self.logits: torch.Tensor | None = None
         self.steps = 0
-        self.victims_dropped = False
         self.setup_steps = 0  # leading steps that also compiled, warmed up or captured (one-time costs)
 
     @staticmethod
@@ -382,28 +397,29 @@ class FastDecoder:
         steady, first = [], []
         for i, layer in enumerate(cache.kv):
             cap = evict.caps[i]
-            rows = 0 if cap is None else cap + 1  # the kept rows plus the token being decoded
             lens = layer.head_lengths
             if evict.shared and len(set(lens)) > 1:
                 raise ValueError(f"shared eviction needs heads of one length; layer {i} has {lens}")
-            # a head grows to `rows` and stays there; one over it needs one more row for the first step only
-            layer.reserve(max_new_tokens if rows == 0 else
-                          max(min(max_new_tokens, rows - n) if n < rows else 1 for n in lens))
+            # a head grows to cap + 1 rows during a step and is back to cap after it; one over the cap needs
+            # one more row for the first step only
+            layer.reserve(max_new_tokens if cap is None else
+                          max(min(max_new_tokens, cap + 1 - n) if n <= cap else 1 for n in lens))
             if evict.score is not None and evict.score not in layer.side:
                 layer.side[evict.score] = torch.zeros(layer.keys.shape[0], device=layer.keys.device)
-            ev = None
-            if rows or evict.score is not None:
-                ev = _Evict(evict.rank, evict.n_sink, evict.recent[i] if evict.recent else 0, evict.shared,
-                            evict.score, evict.needs_probs)
-            steady.append(_LayerStep(rows, 0, ev))
-            over = rows > 0 and max(lens) >= rows
-            first.append(_LayerStep(0, 0, ev._replace(overflow=(tuple(n + 1 for n in lens), cap))) if over
-                         else steady[-1])
+            if cap is None and evict.score is None:
+                steady.append(_LayerStep(0, 0))
+                first.append(steady[-1])
+                continue
+            ev = _Evict(evict.rank, evict.n_sink, evict.recent[i] if evict.recent else 0, evict.shared,
+                        evict.score, evict.needs_probs, cap=cap or 0, width=(cap or 0) + 1, repeat=int(cap is not None))
+            steady.append(_LayerStep(0, 0, ev))
+            over = max(lens) + 1 - cap if cap is not None else 0
+            first.append(_LayerStep(0, 0, ev._replace(width=max(lens) + 1, repeat=over)) if over > 1 else steady[-1])
         return steady, first
 
     def _step(self, first: bool = False) -> None:
         plan = self.first_plan if first else self.steps_plan
-        state = (self.base.kv, self.pos, self.slots, plan)
+        state = (self.base.kv, self.pos, self.ring_next, plan)
         step_fn = _step if first else self.step_fn  # the first step over a question runs once: never compiled
         with session(self.cache, None, "decode"), attention.inplace_decode(state):
             self.logits = step_fn(self.model, self.ids, self.pos, self.cache)
@@ -460,18 +476,9 @@ class FastDecoder:
         return out, step_ms
 
     def finish(self) -> None:
-        """Bring the cache's host-side bookkeeping up to date and release the graph. With an eviction, the
-        last step's victims (still stored, waiting for a next token) are dropped: the cache is left as the
-        engine loop leaves it (the same rows and side data; a ring keeps its cap + 1 rows)."""
+        """Bring the cache's host-side bookkeeping up to date and release the graph."""
         for layer in self.base.kv:
             layer._lens = layer.lengths.tolist()  # the device lengths moved on; the host copies did not
-        if self.evict is not None and self.steps > 0 and not self.victims_dropped:
-            self.victims_dropped = True  # (finish may be called again)
-            for layer, step, slots in zip(self.base.kv, self.steps_plan, self.slots):
-                full = [h for h, n in enumerate(layer._lens) if step.ring_rows and n == step.ring_rows]
-                victims = slots.tolist() if full else []
-                for h in full:
-                    layer.remove(h, victims[h])
         self.base.resync_held()  # the in-place steps never told the meter (the engine observes their peak)
         self.base.seen_tokens = int(self.pos)
         self.cache.seen_tokens = self.base.seen_tokens

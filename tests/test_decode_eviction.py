@@ -40,9 +40,9 @@ def tiny():
     return lm
 
 
-def random_ids(n, seed):
+def random_ids(n, seed, vocab=40000):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, 40000, (n,), generator=g).tolist()
+    return torch.randint(10, vocab, (n,), generator=g).tolist()
 
 
 def with_question(lm, name, query_aware=False, **knobs):
@@ -51,7 +51,8 @@ def with_question(lm, name, query_aware=False, **knobs):
     eng = Engine(lm, method, query_aware=query_aware)
     eng.stop_ids = set()  # random weights: never stop early, decode the full length
     cache = eng.new_cache()
-    ctx, question = random_ids(N_CTX, seed=1), random_ids(N_QUESTION, seed=2)
+    vocab = min(40000, lm.model.config.vocab_size)
+    ctx, question = random_ids(N_CTX, seed=1, vocab=vocab), random_ids(N_QUESTION, seed=2, vocab=vocab)
     if query_aware:
         pre = eng.prefill(cache, ctx + question, method, compress=True)
     else:
@@ -105,6 +106,7 @@ def test_fast_eviction_matches_engine_loop(tiny, name, knobs, cap):
     assert min(min(lens) for lens in c2.head_lengths()) > cap  # the question sits on top: a ring would not fit
     if m2.decode_ring() is not None:
         assert not fast_decode.ring_fits(c2, m2.decode_ring())
+    c1.held.reset_peak()
     ids_ref, _, flops_ref = eng.decode(c1, m1, logits, STEPS)
     read_ref = list(eng.last_read_bytes)
     lens0 = c2.head_lengths()
@@ -130,6 +132,7 @@ def test_fast_eviction_matches_engine_loop(tiny, name, knobs, cap):
     assert max(max(map(max, step)) for step in rows[1:]) == cap + 1  # at most cap + 1 rows after the first step
     flops = [eng._linear_flops + attention_flops(step, eng._group, eng._head_dim) for step in rows]
     assert flops == flops_ref
+    assert fast_decode.held_peak(lens0, caps, row_bytes, STEPS - 1) == c1.held.peak  # the engine loop's meter
 
 
 @pytest.mark.parametrize("name,knobs", [("h2o", dict(budget=24)), ("tova", dict(budget=24))], ids=["h2o", "tova"])
@@ -144,6 +147,36 @@ def test_fast_eviction_from_a_cache_at_its_cap(tiny, name, knobs):
     assert kept(c2, "h2o_score" if name == "h2o" else None).__len__() == 2
     for layer1, layer2 in zip(kept(c1), kept(c2)):
         assert [set(h) for h in layer2] == [set(h) for h in layer1]
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova"])
+def test_fast_eviction_with_window_and_softcap(name):
+    """Gemma-2 (layer 0 slides over 8 positions, scores soft-capped): the step's probabilities know the window
+    (rows out of it have probability 0, the first TOVA evicts) and the cap, as the engine loop's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from kvbench.attention import register
+    from kvbench.models import LoadedModel
+    config = AutoConfig.for_model("gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
+                                  max_position_embeddings=256, sliding_window=8, attn_logit_softcapping=5.0,
+                                  final_logit_softcapping=30.0, query_pre_attn_scalar=16, initializer_range=0.1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    register()
+    model.set_attn_implementation("kvbench")
+    lm = LoadedModel(model, _NoTokenizer(), "gemma2", torch.device("cpu"), torch.float32, 256)
+    eng, c1, m1, logits = with_question(lm, name, budget=12)
+    _, c2, m2, _ = with_question(lm, name, budget=12)
+    ids_ref, _, _ = eng.decode(c1, m1, logits, 20)
+    ids_fast, _ = fast(lm, c2, m2, logits, steps=20)
+    assert ids_fast == ids_ref
+    score = "h2o_score" if name == "h2o" else None
+    for l1, l2 in zip(kept(c1, score), kept(c2, score)):
+        for h1, h2 in zip(l1, l2):
+            assert set(h2) == set(h1) and len(h1) == 12
+            if score:
+                torch.testing.assert_close(torch.tensor([h2[p] for p in sorted(h1)]),
+                                           torch.tensor([h1[p] for p in sorted(h1)]), rtol=1e-5, atol=1e-5)
 
 
 WRONG_RULES = [  # (method, knobs, a wrong description of its on_decode)

@@ -8,18 +8,15 @@ evicted first, +inf never:
 - rank "score": side data that accumulates every step's attention, this step's included (H2O);
 rows at positions < n_sink, and the `recent` newest positions (> q_pos - recent), are never evicted; with
 `shared`, one victim per layer from the keys summed over heads, the same row in every head (TOVA's per-layer
-choice: every head then holds the same positions in the same rows).
+choice: every head holds the same positions in the same rows).
 
-Steady state (`evict_one`): a head holds at most `rows` = cap + 1 rows during a step (the token being
-decoded included); a full head's new token overwrites local row `slots[h]` (the append kernel's ring mode).
-The victim of a full head is not moved: its local index becomes `slots[h]`, where the next token is written,
-and its side data is zeroed (the next row starts with weight 1 and no score). Nothing is shifted, so rows
-are in no particular order; the last step's victim is still stored when decoding ends (the caller drops it).
-
-First step over an overfull cache (`evict_down_to`: a question fed on top of the compressed context): each
-head drops its n - cap lowest rows at once, then its kept rows move to its front, in order. That is what the
-engine loop's repeated argmin does: no key changes between its removals. The counts are known on the host, so
-this needs no sync either (this step is never captured: it runs once, before the graph).
+A removal is the engine loop's (`LayerKV.remove`): the head's last row moves into the victim's row (its side
+data and probability with it), the freed last row's side data is zeroed (the next token is appended there:
+weight 1, no score), and the head's length drops by one. Doing exactly what the engine loop does keeps the
+rows in the engine loop's order, so equal keys (rows outside a sliding window all have probability 0) pick
+the same victim. Each step removes one row per head holding more than `cap`; the first step over a question
+fed on top of the compressed context repeats it until every head is back to cap (no key changes between
+removals but the moved rows', as in the engine loop's `while` over argmin).
 """
 from __future__ import annotations
 
@@ -57,59 +54,27 @@ def eviction_keys(rows: torch.Tensor, valid: torch.Tensor, positions: torch.Tens
     return key
 
 
-def evict_one(probs: torch.Tensor | None, positions: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-              slots: torch.Tensor, score: torch.Tensor | None, log_weight: torch.Tensor | None,
-              q_pos: torch.Tensor, rows: int, rank: str, n_sink: int = 0, recent: int = 0,
-              shared: bool = False) -> None:
-    """One step's eviction, in place. probs (T,): the step's attention, row-aligned, 0 outside the heads (None
-    when nothing reads it); score (T,): accumulates probs first; rows: cap + 1 (0: nothing is evicted)."""
+def evict_rows(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               starts: torch.Tensor, lengths: torch.Tensor, score: torch.Tensor | None,
+               log_weight: torch.Tensor | None, q_pos: torch.Tensor, cap: int, width: int, repeat: int,
+               rank: str, n_sink: int = 0, recent: int = 0, shared: bool = False) -> None:
+    """After a step's attention, in place: `score` (T,) += probs (T,: the step's attention, row-aligned, 0
+    outside the heads; None when nothing reads it), then `repeat` times, every head holding more than `cap`
+    rows removes its lowest-keyed row. width: the most rows a head holds now (sizes the fixed-shape grid)."""
     if score is not None:
         score.add_(probs)  # the new row's score starts at its first attention, as the engine loop's add_side
-    if rows == 0:
-        return
-    grid, valid = _grid(starts, lengths, rows, positions.numel())
-    victim = eviction_keys(grid, valid, positions, probs, score, q_pos, rank, n_sink, recent, shared).argmin(-1)
-    full = lengths >= rows
-    slots.copy_(torch.where(full, victim, slots))
-    # the victim's side data is cleared for the token that will take its row; a head that is not full rewrites
-    # its own first row unchanged (its region always has one), so no two heads ever write one row
-    dead = starts + torch.where(full, victim, torch.zeros_like(victim))
-    for t in (score, log_weight):
-        if t is not None:
-            t.index_put_((dead,), torch.where(full, torch.zeros((), dtype=t.dtype, device=t.device), t[dead]))
-
-
-def evict_down_to(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                  starts: torch.Tensor, lengths: torch.Tensor, side: dict[str, torch.Tensor],
-                  score_name: str | None, q_pos: torch.Tensor, held: list[int], cap: int, rank: str,
-                  n_sink: int = 0, recent: int = 0, shared: bool = False) -> None:
-    """Evict every head down to `cap` rows, in place. held: the rows each head holds during this step (host
-    ints, = the device lengths); kept rows move to the front of their head in order, freed rows' side data
-    is zeroed (new tokens are appended there)."""
-    from kvbench.cache import long_tensor
-    score = side.get(score_name) if score_name is not None else None
-    if score is not None:
-        score.add_(probs)
-    dev, h = keys.device, len(held)
-    keep = [min(n, cap) for n in held]
-    drop = [n - k for n, k in zip(held, keep)]
-    width = max(held)
-    grid, valid = _grid(starts, lengths, width, positions.numel())
-    key = eviction_keys(grid, valid, positions, probs, score, q_pos, rank, n_sink, recent, shared)
-    keep_t, drop_t = long_tensor([keep, drop], dev)
-    order = torch.sort(key, dim=-1, stable=True).indices  # lowest first; equal keys in row order
-    local = torch.arange(width, device=dev).expand(h, width)
-    rank_of = torch.empty_like(order).scatter_(1, order, local)
-    kept = valid & (rank_of >= drop_t.unsqueeze(1))
-    kept_local = torch.sort(torch.where(kept, local, width), dim=-1).values  # kept rows first, in row order
-    # head h's keep[h] rows, heads back to back (sizes known on the host: no sync)
-    head = torch.repeat_interleave(torch.arange(h, device=dev), keep_t, output_size=sum(keep))
-    j = torch.arange(sum(keep), device=dev) - (torch.cumsum(keep_t, 0) - keep_t)[head]
-    src, dst = starts[head] + kept_local[head, j], starts[head] + j
-    for t in (keys, values, positions, *side.values()):
-        t.index_copy_(0, dst, t.index_select(0, src))  # index_select copies first: moving rows down is safe
-    gone = torch.repeat_interleave(torch.arange(h, device=dev), drop_t, output_size=sum(drop))
-    freed = starts[gone] + keep_t[gone] + torch.arange(sum(drop), device=dev) - (torch.cumsum(drop_t, 0) - drop_t)[gone]
-    for t in side.values():
-        t.index_fill_(0, freed, 0)
-    lengths.copy_(keep_t)
+    moving = [t for t in (keys, values, positions, probs, score, log_weight) if t is not None]
+    for _ in range(repeat):
+        grid, valid = _grid(starts, lengths, width, positions.numel())
+        victim = eviction_keys(grid, valid, positions, probs, score, q_pos, rank, n_sink, recent, shared).argmin(-1)
+        full = lengths > cap
+        # a head with nothing to evict copies its own first row onto itself (its region always has one row):
+        # every head reads and writes only its own rows, so no two heads touch one row
+        src = torch.where(full, starts + lengths - 1, starts)
+        dst = torch.where(full, starts + victim, starts)
+        for t in moving:
+            t.index_copy_(0, dst, t.index_select(0, src))  # index_select copies first: a self-copy is a no-op
+        for t in (score, log_weight):
+            if t is not None:
+                t.index_put_((src,), torch.where(full, torch.zeros((), dtype=t.dtype, device=t.device), t[src]))
+        lengths.sub_(full.long())
