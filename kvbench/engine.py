@@ -49,7 +49,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prompts = PromptBuilder(lm.tokenizer, use_chat_template)
         self.n_layers = self.model.config.num_hidden_layers
-        self.device = lm.device
+        self.device = lm.device  # where inputs go (the embeddings' device)
+        self.devices = list(getattr(lm, "devices", ()) or (lm.device,))  # a model spread over GPUs: all of them
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if lm.tokenizer.eos_token_id is not None:
@@ -70,6 +71,7 @@ class Engine:
         self.compile_decode = default_compile()  # KVBENCH_COMPILE_DECODE=1: torch.compile the step first
         self.last_setup_steps = 0  # leading decode steps of the last decode() that compiled / captured a graph
         self.last_read_bytes: list[int] = []  # per decode step of the last decode(): K/V bytes attention read
+        self.last_decode_path = ""  # how the last decode() ran: "graph", "compiled graph", "eager: <why>"
 
     # -- the loop's pieces ---------------------------------------------------------------------------
     def new_cache(self) -> KVBenchCache:
@@ -95,13 +97,13 @@ class Engine:
         phase = "prefill" if compress else "extend"
         step = self.prefill_chunk if self.prefill_chunk > 0 else len(ids)
         comp = 0.0
-        with Timer(self.device) as t:
+        with Timer(self.devices) as t:
             for i in range(0, len(ids), step):
                 last = i + step >= len(ids)
                 logits, c = self._forward(cache, ids[i:i + step], method, phase, last)
                 comp += c
             if compress and method is not None:
-                with Timer(self.device) as t2:
+                with Timer(self.devices) as t2:
                     method.after_prefill(cache)
                     if method.formats() and not method.encodes_per_layer():
                         method.encode_cache(cache)  # cross-layer formats, or after a cross-layer allocation
@@ -119,7 +121,9 @@ class Engine:
         if min_new_tokens > 0 and stop:
             first_logits = first_logits.clone()
             first_logits[torch.tensor(sorted(stop), device=first_logits.device)] = float("-inf")
-        if self.fast_decode and on_step is None and self.device.type == "cuda" and max_new_tokens > 1:
+        self.last_decode_path = f"eager: {self._why_eager(method, on_step, max_new_tokens)}"
+        if self.fast_decode and on_step is None and self.device.type == "cuda" and max_new_tokens > 1 \
+                and len(self.devices) == 1:
             from kvbench import fast_decode
             plan = fast_decode.plan(method, cache)  # None: the method's hooks need the loop below
             if plan is not None:
@@ -128,6 +132,8 @@ class Engine:
                                              ring=plan.ring, evict=plan.evict)
                 out, step_ms = fd.decode(int(first_logits.argmax()), max_new_tokens, stop)
                 self.last_setup_steps = fd.setup_steps
+                self.last_decode_path = ("compiled graph" if fd.compiled else "graph") if fd.graph_error is None \
+                    else f"eager: CUDA graph capture failed: {fd.graph_error}"
                 # per step, the rows every head reads: before the step + the token being decoded; a head with a
                 # cap is back to it after the step (a ring keeps cap + 1)
                 caps = plan.caps(len(lens0))
@@ -154,13 +160,26 @@ class Engine:
             # + the token being decoded; each layer counts what its format computes (rows selected, rank)
             flops.append(self._linear_flops + cache.attention_flops(1, self._group))
             self.last_read_bytes.append(cache.read_bytes(extra_tokens=1))
-            with Timer(self.device) as t:
+            with Timer(self.devices) as t:
                 logits, _ = self._forward(cache, [nxt], method, "decode")
                 nxt = int(logits.argmax())
             step_ms.append(t.ms)
             if on_step is not None:
                 on_step(cache)
         return out, step_ms, flops
+
+    def _why_eager(self, method, on_step, max_new_tokens: int) -> str:
+        """Why a decode would not take the graph path, before the method and cache are looked at."""
+        if self.device.type != "cuda":
+            return f"{self.device.type} device"
+        if len(self.devices) > 1:  # one CUDA graph is captured on one device's stream
+            return f"model spread over {len(self.devices)} devices"
+        if not self.fast_decode:
+            return "KVBENCH_FAST_DECODE=0"
+        if on_step is not None or max_new_tokens <= 1:
+            return "a per-step callback or a single new token"
+        name = "the full cache" if method is None else getattr(method, "name", None) or type(method).__name__.lower()
+        return f"{name}: its decode-time hooks, storage format or cache shape (kvbench.fast_decode.supports)"
 
     # -- one sample ----------------------------------------------------------------------------------
     def _check_length(self, n_prompt: int, q: Query):
@@ -174,6 +193,7 @@ class Engine:
         ids, m.step_ms, m.flops = self.decode(cache, method, logits, q.max_new_tokens, stop_ids=self.stop_ids | extra,
                                               min_new_tokens=int(q.meta.get("min_new_tokens", 0)))
         m.setup_steps = self.last_setup_steps
+        m.decode_path = self.last_decode_path
         m.read_bytes = list(self.last_read_bytes)
         m.ids = ids
         m.text = self.lm.tokenizer.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
@@ -202,7 +222,7 @@ class Engine:
             q_ids = self.prompts.encode(q_text)
             self._check_length(len(ctx_ids) + len(q_ids), q)
             m = Measure(query_aware=self.query_aware)
-            with PeakMemory(self.device) as mem, HostLoad() as load:
+            with PeakMemory(self.devices) as mem, HostLoad() as load:
                 if self.query_aware:
                     cache, qm = self.new_cache(), (method.fork() if method is not None else None)
                     pre = self.prefill(cache, ctx_ids + q_ids, qm, compress=True)
@@ -224,6 +244,7 @@ class Engine:
                     if qi > 0:
                         cache.held.reset_peak()  # this query's peak: the context as kept, question, answer
                     m.context(pre0, len(ctx_ids), cache0, reused=qi > 0)
+                    m.question_tokens = len(q_ids)
                     qpre = self.prefill(cache, q_ids, qm, compress=False)
                     m.question_ms, logits = qpre.ms, qpre.logits
                 self._answer(m, cache, qm, logits, q)
@@ -232,8 +253,15 @@ class Engine:
                     m.held_max = max(m.held_max, prefill_peak)  # the context's prefill is query 0's
             m.peak_mem = mem.peak
             m.other_cores = load.other_cores
-            records.append(m.record(sample, qi, q, self._full_bytes_per_token))
+            records.append(self._per_device(m.record(sample, qi, q, self._full_bytes_per_token), m, mem))
         return records
+
+    def _per_device(self, rec: dict, m: "Measure", mem: PeakMemory) -> dict:
+        """A model spread over GPUs: what each GPU held (KV bytes of the compressed context, peak growth)."""
+        if len(self.devices) > 1:
+            rec["kv_bytes_per_device"] = dict(m.kv_bytes_per_device)
+            rec["peak_mem_bytes_per_device"] = dict(mem.per_device)
+        return rec
 
     def _run_multi_turn(self, sample: Sample, method) -> list[dict]:
         records = []
@@ -242,7 +270,7 @@ class Engine:
         pre = None
         for qi, q in enumerate(sample.queries):
             m = Measure(query_aware=self.query_aware)
-            with PeakMemory(self.device) as mem, HostLoad() as load:
+            with PeakMemory(self.devices) as mem, HostLoad() as load:
                 if qi == 0:
                     ctx_text, q_text = self.prompts.first_turn(sample.context, q.question, q.answer_prefix,
                                                                sample.chat_template)
@@ -256,6 +284,7 @@ class Engine:
                     else:
                         pre = self.prefill(cache, ctx_ids, method, compress=True)
                         m.context(pre, len(ctx_ids), cache)
+                        m.question_tokens = len(q_ids)
                         qpre = self.prefill(cache, q_ids, method, compress=False)
                         m.question_ms, logits = qpre.ms, qpre.logits
                     history = [{"role": "user", "content": sample.context + q.question}]
@@ -265,6 +294,7 @@ class Engine:
                                                                        sample.chat_template))
                     self._check_length(cache.seen_tokens + len(q_ids), q)
                     m.context(pre, m_first.n_ctx, None, reused=True, kv_bytes=m_first.kv_bytes, kept=m_first.kept)
+                    m.question_tokens = len(q_ids)
                     qpre = self.prefill(cache, q_ids, method, compress=False)
                     m.question_ms, logits = qpre.ms, qpre.logits
                     history.append({"role": "user", "content": q.question})
@@ -279,7 +309,7 @@ class Engine:
             m.peak_mem = mem.peak
             m.other_cores = load.other_cores
             m.meta = {"turn": qi, "cache_tokens_before_answer": cache.seen_tokens}
-            records.append(m.record(sample, qi, q, self._full_bytes_per_token))
+            records.append(self._per_device(m.record(sample, qi, q, self._full_bytes_per_token), m, mem))
             if qi < len(sample.queries) - 1:
                 gold = q.answers[0] if q.answers else ""
                 g_ids = self.prompts.encode(self.prompts.golden_answer(history, gold, q.answer_prefix,
@@ -307,6 +337,7 @@ class Measure:
     prefill_ms: float = 0.0        # the context's prefill + compression (shared by reusing queries)
     compress_ms: float = 0.0
     question_ms: float = 0.0       # feeding the question on top of the compressed context
+    question_tokens: int = 0       # tokens fed on top of the compressed context before answering (0: query-aware)
     n_ctx: int = 0
     kv_bytes: int = 0              # right after compression
     kept: float = 0.0
@@ -317,6 +348,8 @@ class Measure:
     flops: list = field(default_factory=list)
     read_bytes: list = field(default_factory=list)  # per decode step: K/V bytes attention read
     setup_steps: int = 0
+    decode_path: str = ""          # graph / compiled graph / eager: why
+    kv_bytes_per_device: dict = field(default_factory=dict)  # a model spread over GPUs: the context's KV on each
     ids: list = field(default_factory=list)
     text: str = ""
     meta: dict = field(default_factory=dict)
@@ -326,6 +359,11 @@ class Measure:
         self.reused, self.n_ctx = reused, n_ctx
         self.prefill_ms, self.compress_ms = pre.ms, pre.compress_ms
         self.kv_bytes = cache.nbytes() if kv_bytes is None else kv_bytes
+        if cache is not None and len({str(l.keys.device) for l in cache.kv if l is not None and hasattr(l, "keys")}) > 1:
+            for l in cache.kv:
+                if l is not None and hasattr(l, "keys"):
+                    d = str(l.keys.device)
+                    self.kv_bytes_per_device[d] = self.kv_bytes_per_device.get(d, 0) + l.nbytes()
         self.kept = _mean_len(cache) if kept is None else kept
 
     def record(self, sample: Sample, qi: int, q: Query, full_bytes_per_token: int) -> dict:
@@ -343,11 +381,11 @@ class Measure:
             "ttft_ms": None if self.reused else ttft, "ttft_reused_ms": ttft if self.reused else None,
             "prefill_ms": self.prefill_ms, "compress_ms": self.compress_ms, "question_ms": self.question_ms,
             "decode_ms_per_token": (sum(steady) / len(steady)) if steady else None,
-            "decode_setup_ms": sum(self.step_ms[:w]),
+            "decode_setup_ms": sum(self.step_ms[:w]), "decode_path": self.decode_path,
             "kv_bytes": self.kv_bytes, "kv_bytes_held_max": self.held_max,
             "kv_bytes_full": self.n_ctx * full_bytes_per_token, "peak_mem_bytes": self.peak_mem,
             "decode_flops_per_token": (sum(self.flops) / len(self.flops)) if self.flops else None,
             "kv_bytes_read_per_token": (sum(self.read_bytes) / len(self.read_bytes)) if self.read_bytes else None,
-            "context_tokens": self.n_ctx, "kept_tokens": self.kept, "context_reused": self.reused,
+            "context_tokens": self.n_ctx, "question_tokens": self.question_tokens, "kept_tokens": self.kept, "context_reused": self.reused,
             "query_aware": self.query_aware, "mode": sample.mode, "other_cores": self.other_cores, "meta": meta,
         }
