@@ -255,6 +255,15 @@ def attention_options(module, dropout: float = 0.0, **kwargs) -> tuple[int | Non
 
 
 def kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if query.is_cuda and query.device.index != torch.cuda.current_device():
+        # a model spread over GPUs (model.device_map): Triton launches its kernels, and CUDA events record, on
+        # the *current* device, so this layer's work must run with its own GPU current
+        with torch.cuda.device(query.device):
+            return _kvbench_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    return _kvbench_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def _kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     window, softcap = attention_options(module, dropout, **kwargs)
     if _INPLACE is not None:

@@ -68,10 +68,19 @@ def take_gpu(cfg: dict) -> dict:
     if str(cfg.get("device", "auto")) != "auto" or not cfg.get("gpu_lock", True) or cfg["model"].get("device_map"):
         return {}
     from kvbench import gpus
-    gpu = gpus.claim_for_job(log=_log)
+    try:
+        gpu = gpus.claim_for_job(log=_log)
+    except OSError as e:  # the lock dir cannot be written: run as before the claim existed, and say so
+        _log(f"no GPU claimed ({gpus.lock_dir()}: {e}); set KVBENCH_GPU_LOCK_DIR or gpu_lock=false")
+        return {}
     if gpu is None or not torch.cuda.is_available():
         return {}
     torch.cuda.set_device(gpus.torch_index(gpu))
+    n_jobs = len(gpus.visible(gpus.host_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES")))
+    if n_jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # one job per GPU runs at once: each takes its share of the host's cores (torch's default, every core
+        # in every job, oversubscribes the host N times)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
     return {"gpu_index": gpu.index, "gpu_uuid": gpu.uuid, "gpu_name": gpu.name}
 
 
@@ -283,15 +292,17 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
     rd.summary_path.unlink(missing_ok=True)  # a stale summary must not mark a half-redone run complete
     (rd.path / "job_error.json").unlink(missing_ok=True)  # a launcher's note that its last job was killed
     records = rd.resume_records()
-    started, t0 = now(), time.perf_counter()
     setup: dict = {}       # one-time costs, measured apart from every recorded timing
     conditions: dict = {}  # the machine the run is timed on (each record carries it)
+    t_wait = time.perf_counter()
+    conditions.update(take_gpu(cfg))  # device=auto with several jobs at once: this job's own GPU (may wait)
+    setup["gpu_wait_ms"] = (time.perf_counter() - t_wait) * 1e3
+    started, t0 = now(), time.perf_counter()  # the run starts once it has its GPU
     seed = int(cfg.get("seed", 42))
     try:
         seed_everything(seed)
         method = method_from_cfg(cfg)
         task = build_task(cfg["task"])
-        conditions.update(take_gpu(cfg))  # device=auto with several jobs at once: this job's own GPU
         t_load = time.perf_counter()
         lm = get_model(cfg["model"], cfg.get("device", "auto"), cfg.get("dtype", "auto"), seed)
         setup["model_load_ms"] = (time.perf_counter() - t_load) * 1e3  # ~0 when this process already had it

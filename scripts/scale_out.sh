@@ -29,11 +29,10 @@ sweep)
   done
   python3 "$REPO/scripts/compare_sweeps.py" /tmp/res_* | tee "$OUTDIR/sweep_compare.txt" ;;
 spread)
-  for m in full snapkv streaming_llm; do
-    python3 -m kvbench.cli run model=synthetic model.shape=llama-3.1-70b model.device_map=auto method=$m budget=1024 \
-      task=niah 'task.lengths=[32000]' 'task.depths=[50]' task.max_new_tokens=32 results_dir=/tmp/res_spread \
-      2>&1 | grep -v "^\[kvbench\] .*samples" | tail -4
-  done
+  # one process (Hydra's basic launcher): the model is built once and serves the three runs
+  python3 -m kvbench.cli run -m model=synthetic model.shape=llama-3.1-70b model.device_map=auto \
+    method=full,snapkv,streaming_llm budget=1024 task=niah 'task.lengths=[32000]' 'task.depths=[50]' \
+    task.max_new_tokens=32 results_dir=/tmp/res_spread 2>&1 | tail -8
   python3 "$REPO/scripts/compare_sweeps.py" --spread /tmp/res_spread | tee "$OUTDIR/spread.txt" ;;
 esac
 cp -r /tmp/res_* "$OUTDIR/" 2>/dev/null
