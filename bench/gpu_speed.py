@@ -8,7 +8,11 @@ budget (kept tokens per KV head per layer, default 1024), then decodes greedily.
   decode ms/tok median step time after warm-up, host readback of the token included, of kvbench's fastest
                 path: `compiled` = kvbench/fast_decode.py with torch.compile (Inductor) captured in a CUDA graph,
                 `graph` = the same without compiling (also printed), `eager` = the engine's per-layer loop
-                (also printed: what methods that score while decoding use); the compile itself (~1 min, once per process) is a warm-up, not timed
+                (also printed: what methods that score while decoding use); the compile itself (~1 min, once per process) is a warm-up, not timed;
+                every path decodes as the engine's `Engine.decode` does: `fast_decode.plan(method, cache)` picks
+                plain appends, a ring (streaming_llm) or the method's device eviction (h2o, tova)
+  x full        decode ms/tok / the full cache's decode ms/tok on its fast path, same length (the issue's
+                target for decode-time methods: <= 1.3)
   roofline ms   (weight bytes read per step + mean KV bytes) / measured copy bandwidth, where the bandwidth is
                 (bytes read + bytes written) / time of a large device-to-device copy, and the weight bytes count
                 every parameter except the input embedding table (a step reads one row of it)
@@ -47,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("kvbench") is None:  # a plain checkout (find_spec imports nothing of kvbench)
     sys.path.insert(0, str(ROOT))
 
-METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv")
+METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv", "h2o", "tova")
+KVPRESS_METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv")  # those with a kvpress press here
 
 
 # -- arithmetic (unit-tested on CPU) --------------------------------------------------------------------
@@ -65,6 +70,14 @@ def kv_bytes_per_token(n_layers: int, n_kv: int, head_dim: int, elem: int) -> in
 def roofline_ms(weight_bytes: float, kv_bytes: float, bandwidth: float) -> float:
     """Time to stream the weights and the cache once at the given bytes/s."""
     return (weight_bytes + kv_bytes) / bandwidth * 1e3
+
+
+def x_full(row: dict, full_row: dict | None) -> float | None:
+    """Decode ms/token of `row` over the full cache's on its fast path (graph or compiled), same length;
+    None when the full cache has no fast-path time."""
+    if full_row is None or full_row.get("path") in (None, "eager") or not full_row.get("decode_ms"):
+        return None
+    return row["decode_ms"] / full_row["decode_ms"]
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:
@@ -133,7 +146,7 @@ def build_model(shape: str, device: str = "cuda", dtype: str = "bfloat16"):
 def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: int, bw: float, wbytes: int,
                 full_ttft: float | None, compile_decode: bool = True) -> dict:
     from kvbench.engine import Engine
-    from kvbench.fast_decode import FastDecoder, supports
+    from kvbench import fast_decode
     from kvbench.method import build_method
     method = build_method(name, budget=None if name == "full" else budget)
     eng = Engine(lm, method, query_aware=True)
@@ -164,20 +177,24 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
     row["overhead_pct"] = None if full_ttft is None else 100.0 * (row["ttft_ms"] - full_ttft) / full_ttft
     first = int(pre.logits.argmax())
     # eager engine loop on a copy (every method); where it applies, the CUDA-graph path on a copy, then the
-    # compiled CUDA-graph path (kvbench's fastest) on the original
+    # compiled CUDA-graph path (kvbench's fastest) on the original. Each decode gets its own fork of the
+    # method: decode-time hooks may change its state (the next decode must start where this one did)
     c_eager = cache.clone()
     eng.fast_decode = False  # the engine's own loop, per-layer hooks and all
-    _, eager_ms, _ = eng.decode(c_eager, m, pre.logits, steps)
+    _, eager_ms, _ = eng.decode(c_eager, m.fork(), pre.logits, steps)
     del c_eager
     row["eager_ms"] = median(eager_ms[2:])
     row["path"] = "eager"
     row["decode_ms"] = row["eager_ms"]
-    if supports(m):
+    plan = fast_decode.plan(m.fork(), cache)  # as Engine.decode: None keeps the engine loop
+    row["fast_plan"] = None if plan is None else "ring" if plan.ring else "evict" if plan.evict else "append"
+    if plan is not None:
         for path, comp in (("graph", False), ("compiled", True)):
             if path == "compiled" and not compile_decode:
                 continue
             c = cache.clone() if path == "graph" and compile_decode else cache
-            fd = FastDecoder(lm.model, c, steps, compile=comp, ring=m.decode_ring())
+            p = fast_decode.plan(m.fork(), c)  # the plan of this copy (an eviction may carry the method's state)
+            fd = fast_decode.FastDecoder(lm.model, c, steps, compile=comp, ring=p.ring, evict=p.evict)
             t0 = time.perf_counter()
             _, g_ms = fd.decode(first, steps)
             row[f"{path}_first_s"] = time.perf_counter() - t0 - sum(g_ms[1:]) / 1e3  # warm-up (compile) + capture
@@ -207,7 +224,7 @@ def kvpress_press(name: str, ratio: float):
         return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=4)
     if name == "adakv":
         return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, window_size=32, kernel_size=7))
-    raise ValueError(f"no kvpress press for method={name!r}; allowed: {', '.join(METHODS)}")
+    raise ValueError(f"no kvpress press for method={name!r}; allowed: {', '.join(KVPRESS_METHODS)}")
 
 
 def build_plain_model(shape: str, device: str = "cuda"):
@@ -300,7 +317,8 @@ def fmt(row: dict) -> str:
         v = row.get(k)
         return none if v is None else format(v, spec)
     return (f"{row['n']:>7} {row['method']:<22} {f('ttft_ms', '9.1f')} {f('overhead_pct', '+8.2f')} "
-            f"{f('decode_ms', '8.2f')} {row.get('path', '-'):>8} {f('eager_ms', '8.2f')} {f('graph_ms', '8.2f')} "
+            f"{f('decode_ms', '8.2f')} {f('x_full', '6.2f')} {row.get('path', '-'):>8} {f('eager_ms', '8.2f')} "
+            f"{f('graph_ms', '8.2f')} "
             f"{f('roofline_ms', '8.2f')} "
             f"{f('decode_over_roofline', '6.2f')} {row['kv_bytes'] / 2**20:9.1f} {f('alloc_over_kept', '6.3f')} "
             f"{f('peak_gib', '7.2f')}" + (f"  (cold {row['decode_cold_ms']:.2f})" if row.get('decode_cold_ms') else ""))
@@ -331,7 +349,7 @@ def ratio_table(rows: list[dict], device: str = "") -> str:
     return "\n".join(lines)
 
 
-HEADER = (f"{'n':>7} {'method':<22} {'prefill':>9} {'ovh %':>8} {'dec ms':>8} {'path':>8} {'eager':>8} "
+HEADER = (f"{'n':>7} {'method':<22} {'prefill':>9} {'ovh %':>8} {'dec ms':>8} {'x full':>6} {'path':>8} {'eager':>8} "
           f"{'graph':>8} {'roof ms':>8} {'x roof':>6} {'KV MB':>9} {'alloc/kept':>6} {'peak GiB':>7}")
 
 
@@ -375,9 +393,12 @@ def run_framework(args) -> None:
     for n in args.lengths:
         g = torch.Generator().manual_seed(n)
         ids = torch.randint(10, min(model.config.vocab_size, 49152), (n,), generator=g).tolist()
-        full_ttft = None
+        full_ttft, full_row = None, None
         for name in args.methods:
             tag = f"{'kvpress:' if args.framework == 'kvpress' else ''}{name}"
+            if args.framework == "kvpress" and name not in KVPRESS_METHODS:
+                print(f"{n:>7} {tag:<22} skipped: no kvpress press here", flush=True)
+                continue
             if args.deadline_s and time.time() - t_start > args.deadline_s:
                 print(f"{n:>7} {tag:<22} skipped: --deadline-s {args.deadline_s:.0f} reached", flush=True)
                 continue
@@ -389,7 +410,8 @@ def run_framework(args) -> None:
                 print(f"{n:>7} {tag:<22} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
                 continue
             if name == "full":
-                full_ttft = row["ttft_ms"]
+                full_ttft, full_row = row["ttft_ms"], row
+            row["x_full"] = x_full(row, full_row)
             print(fmt(row), flush=True)
             if out:
                 out.write(json.dumps(row) + "\n")

@@ -207,6 +207,18 @@ def test_roofline_arithmetic():
                  decode_over_roofline=11.0, kv_bytes=400, peak_gib=2.0)]
     last = gpu_speed.ratio_table(rows).splitlines()[-1].split()
     assert last == ["8", "snapkv", "1.20", "+3.00", "10.00", "10.00", "4.00", "2.00"]
+    # decode ms/token over the full cache's fast path at the same length; none against an eager full cache
+    full = dict(n=8, method="full", decode_ms=4.0, path="compiled")
+    assert gpu_speed.x_full(dict(decode_ms=5.0), full) == pytest.approx(1.25)
+    assert gpu_speed.x_full(dict(decode_ms=5.0), dict(full, path="eager")) is None
+    assert gpu_speed.x_full(dict(decode_ms=5.0), None) is None
+    row = dict(n=8, method="h2o", ttft_ms=10.0, decode_ms=6.0, path="graph", eager_ms=60.0, graph_ms=6.0,
+               roofline_ms=5.0, decode_over_roofline=1.2, kv_bytes=2**20, peak_gib=1.0)
+    row["x_full"] = gpu_speed.x_full(row, full)
+    cells = gpu_speed.fmt(row).split()
+    assert cells[:6] == ["8", "h2o", "10.0", "-", "6.00", "1.50"] and cells[6] == "graph"
+    assert gpu_speed.HEADER.split()[5:9] == ["dec", "ms", "x", "full"]  # the column after dec ms
+    assert {"h2o", "tova"} <= set(gpu_speed.METHODS) and "h2o" not in gpu_speed.KVPRESS_METHODS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
