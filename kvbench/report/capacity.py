@@ -1,28 +1,7 @@
 """Capacity planning: what a run's measured KV bytes mean for serving on a given GPU.
 
-## Capacity planning
-
-`kvbench report` also writes `capacity.md` (and adds its tables to `table.md` and the dashboard): per model and
-GPU, one row per run, turning the run's *measured* KV bytes into serving capacity, after Fu et al. 2024
-("Challenges in Deploying Long-Context Transformers: A Theoretical Peak Performance Analysis", arXiv 2405.08944):
-- **max sequences** = floor((GPU memory × `--gpu-mem-util` − weight bytes) / KV bytes per sequence), with KV bytes
-  per sequence = the K+V bytes one sequence holds while it decodes (compressed context + question + answer),
-  derived from the run's records; where they cannot give it (a query-agnostic first query does not record its
-  question's length), the run's `kv_bytes_held_max` (the most it held at any point, prefill included: higher);
-- **longest context** for one sequence = (GPU memory × util − weights) / (`kv_bytes_held_max` / context tokens):
-  a linear extrapolation of the bytes held per context token at the measured length;
-- **decode tok/s bound** at batch B: decoding is memory-bound, so a step reads the weights once and each
-  sequence's KV: tokens/s ≤ B × bandwidth / (weights + B × `kv_bytes_read_per_token`), at B = max sequences and
-  B = 1, beside the measured single-sequence tokens/s (1000 / `decode_ms_per_token`) and the device measured on.
-`--gpu NAME` (repeatable; default h100-80gb): h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s-48gb (memory as
-the driver reports it), or a custom card `--gpu mem_gb=80,bw_tbs=3.35[,name=mycard]` (`mem_gib=` for GiB).
-`--gpu-mem-util` (default 0.9, as vLLM's gpu_memory_utilization) is the fraction of the card weights and KV may
-take. Weight bytes come from the summary (`conditions.model_weight_bytes`) or, for older runs of a synthetic shape,
-its parameter count; else the capacity cells are "-". Bytes are as measured, in the run's dtype (a float32 CPU
-run holds twice bf16); activations, allocator slack and a prefill in flight are not counted: upper bounds.
-
-Pure functions (no torch): GPU specs and their parsing, the arithmetic, parameter counts of synthetic shapes, and
-the tables built from loaded runs (kvbench.report.load).
+The README's "Capacity planning" section gives the formulas (after Fu et al. 2024, arXiv 2405.08944); the
+functions below implement them.
 """
 from __future__ import annotations
 
