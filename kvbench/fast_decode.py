@@ -18,15 +18,16 @@ kernel launches, syncs), which at this size costs as much as the step itself. Th
 Qualify (`supports`, `plan`): methods without decode-time hooks (full, snapkv, pyramidkv, adakv, ...); methods
 whose decode-time eviction is a rolling window (StreamingLLM, recent: `Method.decode_ring`, run as a ring
 buffer by the append kernel while no head holds more than the window); and methods that describe their
-decode-time eviction (`decode_eviction(cache) -> DecodeEviction`: H2O, TOVA, and StreamingLLM / recent over a
-question fed on top of the window). For those the step's attention also returns each row's probability
-(summed over the query group), and `kvbench::decode_evict` removes every over-full head's victim on the
-device as the engine loop's `LayerKV.remove` does (the last row moves into the victim's row: one row copied,
-the engine loop's row order kept, so equal keys pick the same victim; methods/kernels/decode_evict.py); a head
-holds at most cap + 1 rows, during the step. A first step over heads holding more than cap (a question fed
-on top) repeats the removal down to cap, eagerly, before the graph is captured. Other methods (CAKE, D2O,
-...) keep the eager engine loop. On CPU this runs the same in-place step eagerly (use_graph=False), which is what the
-tests compare with the engine loop.
+decode-time eviction (`decode_eviction(cache) -> DecodeEviction`: H2O, TOVA, StreamingLLM / recent over a
+question fed on top of the window, CAKE, LaCache, DuoAttention's streaming heads). For those the step's
+attention also returns each row's probability where the rule reads it (summed over the query group), and
+`kvbench::decode_evict` removes every over-full head's victim on the device as the engine loop's
+`LayerKV.remove` does (the last row moves into the victim's row: one row copied, the engine loop's row order
+kept, so equal keys pick the same victim; methods/kernels/decode_evict.py); a head holds at most cap + 1 rows,
+during the step. A first step over heads holding more than cap (a question fed on top) repeats the removal
+down to cap, eagerly, before the graph is captured. Other methods (D2O: see `plan`) keep the eager engine
+loop. On CPU this runs the same in-place step eagerly (use_graph=False), which is what the tests compare with
+the engine loop.
 """
 from __future__ import annotations
 
@@ -47,18 +48,26 @@ from kvbench.method import Method
 @dataclass(frozen=True)
 class DecodeEviction:
     """A method's decode-time eviction, declared for the device (`Method.decode_eviction(cache)`): after every
-    decode step's attention, each head holding more than its layer's cap drops the row with the lowest key
-    until it holds cap (methods/kernels/decode_evict.py computes the keys):
+    decode step's attention, each head holding more than its cap drops the row with the lowest key until it
+    holds cap (methods/kernels/decode_evict.py computes the keys):
     rank "position": the oldest row; "attention": the step's attention probability of the row (summed over the
-    head's query group); "score": side data `score`, to which every step's attention is added first.
+    head's query group; with `pool` > 1 average-pooled over the head's rows in position order, CAKE); "score":
+    side data `score`, to which every step's attention is added first; "scheduled": the row whose position has
+    the rank `schedule` gives (a rule that depends only on how many rows a head holds: LaCache's ladder).
     Rows at positions < n_sink and at the `recent[layer]` newest positions are never evicted. shared: one
-    victim per layer from the keys summed over heads, the same row in every head."""
-    caps: tuple              # per layer: rows a head keeps between steps (None: that layer never evicts)
-    rank: str                # "position" | "attention" | "score"
+    victim per layer from the keys summed over heads, the same row in every head.
+    schedule(layer, rows, commit) -> per step, the ranks (in position order, before the step's removals) the
+    step removes, where rows[i] is how many rows each head holds during step i; with commit the method's own
+    state moves on by those steps (the decoder calls it so once it knows how many steps it took)."""
+    caps: tuple              # per layer: rows a head keeps between steps (None: that layer never evicts), or a
+                             # tuple of per-head caps (None: that head never evicts; DuoAttention's retrieval heads)
+    rank: str                # "position" | "attention" | "score" | "scheduled"
     n_sink: int = 0
     recent: tuple = ()       # per layer (empty: no protected recent window)
     shared: bool = False
     score: str | None = None  # side data accumulating every step's attention (H2O's scores)
+    pool: int = 0            # rank "attention": average-pooling kernel over position order (0, 1: none)
+    schedule: object = None  # rank "scheduled": the callable above
 
     def __post_init__(self):
         from kvbench.methods.kernels.decode_evict import RANKS
@@ -66,12 +75,25 @@ class DecodeEviction:
             raise ValueError(f"rank={self.rank!r}; allowed: {', '.join(RANKS)}")
         if self.rank == "score" and self.score is None:
             raise ValueError("rank 'score' needs the side data's name (score=...)")
+        if (self.rank == "scheduled") != (self.schedule is not None):
+            raise ValueError("rank 'scheduled' and schedule=... go together")
+        if self.pool > 1 and self.rank != "attention":
+            raise ValueError(f"pool={self.pool} pools the step's attention; allowed with rank 'attention' only")
         if self.recent and len(self.recent) != len(self.caps):
             raise ValueError(f"recent has {len(self.recent)} entries for {len(self.caps)} layers")
 
     @property
     def needs_probs(self) -> bool:
-        return self.rank != "position" or self.score is not None
+        return self.rank in ("attention", "score") or self.score is not None
+
+
+def head_caps(cap, n_heads: int) -> list:
+    """One layer's entry of `caps` (an int, None, or a per-head tuple) as a per-head list."""
+    if isinstance(cap, (tuple, list)):
+        if len(cap) != n_heads:
+            raise ValueError(f"{len(cap)} per-head caps for a layer of {n_heads} heads")
+        return list(cap)
+    return [cap] * n_heads
 
 
 @dataclass(frozen=True)
@@ -80,8 +102,8 @@ class Plan:
     ring: tuple[int, int] | None = None
     evict: DecodeEviction | None = None
 
-    def caps(self, n_layers: int) -> list[int | None]:
-        """Per layer: the most rows a head keeps between steps (None: it only grows)."""
+    def caps(self, n_layers: int) -> list:
+        """Per layer: the most rows a head keeps between steps (None: it only grows; a tuple: per head)."""
         if self.ring is not None:
             return [self.ring[1]] * n_layers
         return list(self.evict.caps) if self.evict is not None else [None] * n_layers
@@ -124,19 +146,20 @@ def plan(method: Method | None, cache: KVBenchCache) -> Plan | None:
     evict = method.decode_eviction(cache) if _describes_eviction(method) else None
     if evict is None or not side <= {"log_weight", evict.score}:
         return None
-    if evict.shared and any(len(set(layer.head_lengths)) > 1 for layer in cache.kv):
-        return None  # one row index for every head needs heads of one length
+    if (evict.shared or evict.rank == "scheduled") and any(len(set(layer.head_lengths)) > 1 for layer in cache.kv):
+        return None  # one row index (one schedule) for every head needs heads of one length
     return Plan(evict=evict)
 
 
-def step_rows(lens0: list[list[int]], caps: list[int | None], i: int) -> list[list[int]]:
+def step_rows(lens0: list[list[int]], caps: list, i: int) -> list[list[int]]:
     """Rows each head attends over at decode step i (0-based), from its rows before decoding: its rows before
     the step plus the token being decoded; after a step, a head with a cap is back to at most cap (the first
-    step evicts a question on top down to it)."""
-    return [[(L + i if c is None or i == 0 else min(L + i, c)) + 1 for L in lens] for lens, c in zip(lens0, caps)]
+    step evicts a question on top down to it). caps: per layer an int, None or per-head caps."""
+    return [[(L + i if c is None or i == 0 else min(L + i, c)) + 1 for L, c in zip(lens, head_caps(cap, len(lens)))]
+            for lens, cap in zip(lens0, caps)]
 
 
-def held_peak(lens0: list[list[int]], caps: list[int | None], row_bytes: list[int], n_steps: int,
+def held_peak(lens0: list[list[int]], caps: list, row_bytes: list[int], n_steps: int,
               ring: bool = False) -> int:
     """The most K/V bytes held at any point of n_steps decode steps. Layer by layer a step appends the new
     token (+1 row per head), attends, then evicts back to the cap; a ring keeps its cap + 1 rows between
@@ -206,35 +229,53 @@ def _(q, k_new, v_new, pos, keys, values, positions, starts, lengths, ring_next,
 
 
 @torch.library.custom_op("kvbench::decode_evict",
-                         mutates_args=("probs", "keys", "values", "positions", "lengths", "score", "log_weight"))
+                         mutates_args=("probs", "keys", "values", "positions", "lengths", "score", "log_weight",
+                                       "done"))
 def decode_evict(probs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                  starts: torch.Tensor, lengths: torch.Tensor, score: torch.Tensor | None,
-                 log_weight: torch.Tensor | None, q_pos: torch.Tensor, cap: int, width: int, repeat: int,
-                 rank: str, n_sink: int, recent: int, shared: bool) -> None:
-    """After a step's attention: the scores accumulate, every head over `cap` removes its victim, `repeat`
-    times (methods/kernels/decode_evict.py). probs: the step's (T,) probabilities, or empty if unused."""
+                 log_weight: torch.Tensor | None, q_pos: torch.Tensor, caps: torch.Tensor,
+                 ranks: torch.Tensor | None, done: torch.Tensor | None, width: int, repeat: int, rank: str,
+                 n_sink: int, recent: int, shared: bool, pool: int) -> None:
+    """After a step's attention: the scores accumulate, every head over its cap (caps: (h,)) removes its
+    victim, `repeat` times (methods/kernels/decode_evict.py). probs: the step's (T,) probabilities, or empty
+    if unused; ranks / done: a scheduled rank's ranks and each head's removals so far."""
     from kvbench.methods.kernels import evict_rows
     evict_rows(probs if probs.numel() else None, keys, values, positions, starts, lengths, score, log_weight, q_pos,
-               cap, width, repeat, rank, n_sink, recent, shared)
+               caps, width, repeat, rank, n_sink, recent, shared, pool, ranks, done)
 
 
 @decode_evict.register_fake
-def _(probs, keys, values, positions, starts, lengths, score, log_weight, q_pos, cap, width, repeat, rank, n_sink,
-      recent, shared):
+def _(probs, keys, values, positions, starts, lengths, score, log_weight, q_pos, caps, ranks, done, width, repeat,
+      rank, n_sink, recent, shared, pool):
     return None
 
 
+NO_CAP = 2 ** 62  # a head's cap on the device when it never evicts
+
+
 class _Evict(NamedTuple):
-    """One layer's eviction inside the step (constants of the captured graph)."""
+    """One layer's eviction inside the step (constants of the captured graph; its device tensors are in
+    `_EvictTensors`)."""
     rank: str
     n_sink: int
     recent: int
     shared: bool
     score: str | None
     needs_probs: bool
-    cap: int      # a head holding more rows than this removes one per repeat
-    width: int    # the most rows a head holds during the step (cap + 1; more on a first step over a question)
+    pool: int
+    width: int    # the most rows an evicting head holds during the step (cap + 1; more on a first step over a question)
     repeat: int   # removals per head: 1, the excess on a first step over a question, 0 to only accumulate
+
+
+class _EvictTensors(NamedTuple):
+    caps: torch.Tensor                  # (h,) a head holding more rows than this removes one per repeat
+    ranks: torch.Tensor | None = None   # rank "scheduled": the position rank of every removal, in order
+    done: torch.Tensor | None = None    # (h,) removals so far (indexes ranks)
+
+
+def _in_removal_order(ranks: list[int]) -> list[int]:
+    """Ranks in position order before any removal -> the rank of each at its turn, the earlier ones removed."""
+    return [r - sum(o < r for o in ranks[:k]) for k, r in enumerate(ranks)]
 
 
 class _LayerStep(NamedTuple):
@@ -247,7 +288,7 @@ def inplace_attention(module, query, key, value, state, scaling, window=None, so
     """The attention function's fast path (kvbench/attention.py routes here while a FastDecoder runs)."""
     if query.shape[0] != 1 or query.shape[2] != 1:
         raise ValueError(f"fast decode feeds one token at batch 1, got query shape {tuple(query.shape)}")
-    layers, pos, ring_next, steps = state
+    layers, pos, ring_next, steps, evict_tensors = state
     i = module.layer_idx
     layer, step = layers[i], steps[i]
     ev = step.evict
@@ -257,9 +298,10 @@ def inplace_attention(module, query, key, value, state, scaling, window=None, so
                                          step.ring_rows, step.n_sink, scaling, float(softcap or 0.0),
                                          int(window or 0), log_weight, ev is not None and ev.needs_probs)
     if ev is not None:
+        t = evict_tensors[i]
         decode_evict(probs, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths,
-                     layer.side[ev.score] if ev.score else None, log_weight, pos.view(1), ev.cap, ev.width,
-                     ev.repeat, ev.rank, ev.n_sink, ev.recent, ev.shared)
+                     layer.side[ev.score] if ev.score else None, log_weight, pos.view(1), t.caps, t.ranks, t.done,
+                     ev.width, ev.repeat, ev.rank, ev.n_sink, ev.recent, ev.shared, ev.pool)
     return out.view(1, 1, *out.shape), None  # (1, q=1, n_q, d) as transformers expects
 
 
@@ -354,6 +396,9 @@ class FastDecoder:
             raise ValueError("give ring or evict, not both")
         n_layers = len(cache.kv)
         self.evict = evict
+        self.lens0 = cache.head_lengths()
+        self.evict_tensors: list[_EvictTensors | None] = [None] * n_layers
+        self.committed = 0  # steps whose schedule the method's state has taken (rank "scheduled")
         if ring is not None:  # a rolling window (Method.decode_ring): a head never exceeds cap + 1 rows
             n_sink, cap = ring
             if not ring_fits(cache, ring):
@@ -366,7 +411,7 @@ class FastDecoder:
             self.steps_plan = [_LayerStep(ring_rows, n_sink)] * n_layers
             self.first_plan = self.steps_plan
         elif evict is not None:
-            self.steps_plan, self.first_plan = self._plan_eviction(cache, evict, max_new_tokens)
+            self.steps_plan, self.first_plan, self.evict_tensors = self._plan_eviction(cache, evict, max_new_tokens)
         else:
             cache.reserve(max_new_tokens)  # capacity for every new token: the buffers never move while decoding
             self.steps_plan = self.first_plan = [_LayerStep(0, 0)] * n_layers
@@ -391,35 +436,60 @@ class FastDecoder:
 
     @staticmethod
     def _plan_eviction(cache: KVBenchCache, evict: DecodeEviction, max_new_tokens: int):
-        """Per layer, the steady step and the first step; reserves each head's rows (cap + 1 at most)."""
+        """Per layer, the steady step, the first step and the device tensors; reserves each head's rows
+        (cap + 1 at most for a head with a cap)."""
         if len(evict.caps) != len(cache.kv):
             raise ValueError(f"evict has caps for {len(evict.caps)} layers, the cache has {len(cache.kv)}")
-        steady, first = [], []
+        steady, first, tensors = [], [], []
         for i, layer in enumerate(cache.kv):
-            cap = evict.caps[i]
             lens = layer.head_lengths
-            if evict.shared and len(set(lens)) > 1:
-                raise ValueError(f"shared eviction needs heads of one length; layer {i} has {lens}")
+            caps = head_caps(evict.caps[i], layer.n_heads)
+            if (evict.shared or evict.rank == "scheduled") and len(set(lens)) > 1:
+                raise ValueError(f"{'shared' if evict.shared else 'scheduled'} eviction needs heads of one length; "
+                                 f"layer {i} has {lens}")
             # a head grows to cap + 1 rows during a step and is back to cap after it; one over the cap needs
             # one more row for the first step only
-            layer.reserve(max_new_tokens if cap is None else
-                          max(min(max_new_tokens, cap + 1 - n) if n <= cap else 1 for n in lens))
+            layer.reserve(max(max_new_tokens if c is None else min(max_new_tokens, c + 1 - n) if n <= c else 1
+                              for n, c in zip(lens, caps)))
             if evict.score is not None and evict.score not in layer.side:
                 layer.side[evict.score] = torch.zeros(layer.keys.shape[0], device=layer.keys.device)
-            if cap is None and evict.score is None:
+            capped = [(n, c) for n, c in zip(lens, caps) if c is not None]
+            if not capped and evict.score is None:
                 steady.append(_LayerStep(0, 0))
                 first.append(steady[-1])
+                tensors.append(None)
                 continue
+            width = max((c + 1 for _, c in capped), default=1)
             ev = _Evict(evict.rank, evict.n_sink, evict.recent[i] if evict.recent else 0, evict.shared,
-                        evict.score, evict.needs_probs, cap=cap or 0, width=(cap or 0) + 1, repeat=int(cap is not None))
+                        evict.score, evict.needs_probs, evict.pool, width=width, repeat=int(bool(capped)))
             steady.append(_LayerStep(0, 0, ev))
-            over = max(lens) + 1 - cap if cap is not None else 0
-            first.append(_LayerStep(0, 0, ev._replace(width=max(lens) + 1, repeat=over)) if over > 1 else steady[-1])
-        return steady, first
+            over = max((n + 1 - c for n, c in capped), default=0)
+            first.append(_LayerStep(0, 0, ev._replace(width=max(width, max(n for n, _ in capped) + 1), repeat=over))
+                         if over > 1 else steady[-1])
+            dev = layer.keys.device
+            t = _EvictTensors(torch.tensor([NO_CAP if c is None else c for c in caps], device=dev))
+            if evict.rank == "scheduled" and capped:
+                rows = [step_rows([lens], [caps], k)[0][0] for k in range(max_new_tokens)]
+                ranks = [r for step in evict.schedule(i, rows, False) for r in _in_removal_order(step)]
+                t = t._replace(ranks=torch.tensor(ranks or [0], device=dev),
+                               done=torch.zeros(layer.n_heads, dtype=torch.long, device=dev))
+            tensors.append(t)
+        return steady, first, tensors
+
+    def _commit_schedule(self) -> None:
+        """A scheduled rank: the method's state moves on by the steps taken since the last commit."""
+        if self.evict is None or self.evict.schedule is None or self.steps <= self.committed:
+            return
+        for i, t in enumerate(self.evict_tensors):
+            if t is not None and t.ranks is not None:
+                caps = head_caps(self.evict.caps[i], len(self.lens0[i]))
+                rows = [step_rows([self.lens0[i]], [caps], k)[0][0] for k in range(self.committed, self.steps)]
+                self.evict.schedule(i, rows, True)
+        self.committed = self.steps
 
     def _step(self, first: bool = False) -> None:
         plan = self.first_plan if first else self.steps_plan
-        state = (self.base.kv, self.pos, self.ring_next, plan)
+        state = (self.base.kv, self.pos, self.ring_next, plan, self.evict_tensors)
         step_fn = _step if first else self.step_fn  # the first step over a question runs once: never compiled
         with session(self.cache, None, "decode"), attention.inplace_decode(state):
             self.logits = step_fn(self.model, self.ids, self.pos, self.cache)
@@ -482,4 +552,5 @@ class FastDecoder:
         self.base.resync_held()  # the in-place steps never told the meter (the engine observes their peak)
         self.base.seen_tokens = int(self.pos)
         self.cache.seen_tokens = self.base.seen_tokens
+        self._commit_schedule()
         self.graph = None

@@ -9,6 +9,9 @@ layers 0..m in proportion to their preferences, and the layers already compresse
 — memory never exceeds the total, and the final split is the one a full view of all layers would give.
 While decoding each layer stays at its budget: every step drops the token (outside the last `window`
 positions) with the lowest pooled attention from the new token, as the official code does.
+`decode_eviction` declares that rule for the GPU decode path (kvbench/fast_decode.py), which evicts on the
+device inside its CUDA graph: the layer budgets are fixed once the prefill's cascade ends (decoding never
+changes them), so they are constants of the captured step.
 Simplifications: average pooling ignores padding at the edges; rounding a layer's share never lets it
 grow back past what it already holds (it was evicted), the remainder goes to the other layers.
 """
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvbench.fast_decode import DecodeEviction
 from kvbench.method import LayerContext, ScoredEviction, pool1d, register_method, topk_indices, window_attention
 from kvbench.methods.snapkv import WindowQueries
 
@@ -130,6 +134,16 @@ class CAKE(WindowQueries, ScoredEviction):
             win = torch.arange(n_pre, n_pre + wi, device=idx.device).expand(idx.shape[0], wi)
             lay.keep(torch.cat([idx, win], dim=1))  # kept rows stay in position order: prefix, then window
             st["layers"][i][2] = torch.gather(sc, 1, idx)
+
+    def decode_eviction(self, cache) -> DecodeEviction:
+        """`on_decode` for the device: each head over its layer's budget drops the row with the lowest
+        attention from the new token, average-pooled over the head's rows in position order, outside the
+        layer's last `window` positions."""
+        n = len(cache.kv)
+        budgets = self.state.get("budgets", {}) if self.evict_during_decode else {}
+        caps = tuple(budgets.get(i) for i in range(n))
+        recent = tuple(0 if c is None else self.state["layers"][i][3] for i, c in enumerate(caps))
+        return DecodeEviction(caps=caps, rank="attention", recent=recent, pool=self.kernel_size)
 
     def on_decode(self, ctx: LayerContext) -> None:
         if not self.evict_during_decode or "budgets" not in self.state:

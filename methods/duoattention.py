@@ -8,7 +8,9 @@ frozen, and the gates are optimized with AdamW (lr 0.02, no weight decay, α ini
 states against the full-attention model at the answer tokens (mean over the hidden dim, averaged over those
 tokens) and L1 is the mean |α| (λ = 0.05), as in the official training script. At deployment the heads with
 the largest gates are retrieval heads (full cache); the others are streaming heads (sinks + recent window,
-rolling during decoding).
+rolling during decoding). `decode_eviction` declares the streaming heads' roll for the GPU decode path
+(kvbench/fast_decode.py: per-head caps, retrieval heads uncapped), which evicts on the device inside its CUDA
+graph.
 
 NOT AS THE PAPER — PREFILL: the official code prefills streaming heads with streaming attention (each query
 sees only the sinks and its recent window). Here every head, streaming heads included, gets *full* attention
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvbench.fast_decode import DecodeEviction
 from kvbench.method import LayerContext, Method, register_method
 
 from . import _profiles
@@ -240,6 +243,12 @@ class DuoAttention(Method):
         keep = [torch.arange(L, device=dev) if c is None else _profiles.sink_recent_indices(L, sinks, c - sinks, dev)
                 for c, L in zip(caps, lens)]
         layer.keep(keep)
+
+    def decode_eviction(self, cache) -> DecodeEviction:
+        """`on_decode` for the device: each streaming head over its size drops its oldest non-sink row; a
+        retrieval head (cap None) only grows."""
+        caps = tuple(tuple(self._caps[i]) if i in self._caps else None for i in range(len(cache.kv)))
+        return DecodeEviction(caps=caps, rank="position", n_sink=self._n_sink)
 
     def on_decode(self, ctx: LayerContext) -> None:
         """Streaming heads roll: the oldest non-sink token leaves once a head is over its size."""

@@ -10,6 +10,10 @@ after = min(ceil(span / (span − overlap)), before) (the official code's geomet
 Iterative compaction: a cursor walks over the old region; when it reaches the `recent` newest tokens it starts
 over after the sinks and compacts the already-compacted tokens again, so older context becomes sparser. The
 same rule runs during generation, one token per step, so a layer never holds more than its budget.
+`decode_eviction` declares that rule for the GPU decode path (kvbench/fast_decode.py): the ladder depends
+only on how many rows a layer holds, never on the data, so the ranks (in position order) of every step's
+removals are scheduled on the host before decoding and the device removes the row of each rank inside its
+CUDA graph; the cursor moves on once the decoder knows how many steps it took.
 Simplification: the official code compacts whole ladders at once and may undershoot the budget; we stop at
 exactly the budget (a partly compacted group resumes at the next step).
 """
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvbench.fast_decode import DecodeEviction
 from kvbench.method import LayerContext, Method, register_method
 
 
@@ -101,6 +106,22 @@ class LaCache(Method):
         gone = set(self._plan(ctx.layer_idx, ctx.n_layers, L, L - cap))
         keep = torch.tensor([i for i in range(L) if i not in gone], dtype=torch.long, device=layer.keys.device)
         layer.keep(keep.expand(layer.n_heads, -1))  # positions are 0..L-1 in row order right after prefill
+
+    def decode_eviction(self, cache) -> DecodeEviction:
+        """`on_decode` for the device: every step removes the rows of the ranks `_plan` gives (a rank
+        schedule: see kvbench.fast_decode.DecodeEviction)."""
+        n_layers = len(cache.kv)
+        caps = tuple(self.state[i][2] if i in self.state else None for i in range(n_layers))
+
+        def schedule(layer_idx: int, rows: list[int], commit: bool) -> list[list[int]]:
+            saved = list(self.state[layer_idx])
+            cap = saved[2]
+            out = [self._plan(layer_idx, n_layers, n, n - cap) if n > cap else [] for n in rows]
+            if not commit:
+                self.state[layer_idx] = saved  # _plan moved the cursor: put it back
+            return out
+
+        return DecodeEviction(caps=caps, rank="scheduled", schedule=schedule)
 
     def on_decode(self, ctx: LayerContext) -> None:
         st = self.state.get(ctx.layer_idx)

@@ -45,9 +45,14 @@ def random_ids(n, seed, vocab=40000):
     return torch.randint(10, vocab, (n,), generator=g).tolist()
 
 
+DUO_GATES = {"data": {"gates": [[0.9, 0.1], [0.2, 0.8]]}}  # retrieval heads (0, 0) and (1, 1): no profiling
+
+
 def with_question(lm, name, query_aware=False, **knobs):
     """(engine, cache, method, logits): the context compressed, then (query_aware=False) a question fed on top."""
     method = build_method(name, **knobs)
+    if name == "duoattention":
+        method._entry = DUO_GATES
     eng = Engine(lm, method, query_aware=query_aware)
     eng.stop_ids = set()  # random weights: never stop early, decode the full length
     cache = eng.new_cache()
@@ -84,13 +89,17 @@ def fast(lm, cache, method, logits, steps=STEPS, evict=None):
     return ids, fd
 
 
-CASES = [  # (method, knobs, the per-head cap while decoding)
+CASES = [  # (method, knobs, the per-head cap while decoding; None: the plan's per-layer / per-head caps)
     ("h2o", dict(budget=24), 24),
     ("h2o", dict(compression_ratio=0.75), 25),  # the cap is fixed at compression: 25 of the 100-token context
     ("tova", dict(budget=24), 24),
     ("tova", dict(budget=24, per_head=True), 24),
     ("streaming_llm", dict(budget=16, n_sink=4), 16),
     ("recent", dict(budget=16), 16),
+    ("cake", dict(budget=24, window_size=4), None),  # per-layer budgets of the cascade; pooled attention
+    ("lacache", dict(budget=48, span=1, n_sink=4, recent=8), 48),  # the ladder's scheduled ranks
+    # streaming heads (0, 1) and (1, 0) roll at (4·60 − 2·100)/2 = 20 rows with 7 sinks; retrieval heads grow
+    ("duoattention", dict(budget=60, min_stream_frac=0.0), None),
 ]
 
 
@@ -98,12 +107,23 @@ def _id(x):
     return x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else str(x)
 
 
+def head_caps(evict, cache):
+    """Per layer, per head: the cap the plan gives (None: the head only grows)."""
+    return [fast_decode.head_caps(c, layer.n_heads) for c, layer in zip(evict.caps, cache.kv)]
+
+
 @pytest.mark.parametrize("name,knobs,cap", CASES, ids=_id)
 def test_fast_eviction_matches_engine_loop(tiny, name, knobs, cap):
-    """Same greedy tokens, and per layer and head the same kept positions (and H2O scores) as the engine loop."""
+    """Same greedy tokens, and per layer and head the same kept positions (and H2O scores) as the engine loop;
+    the same rows read, FLOPs and held peak as the engine loop measures; the method's state moves on alike."""
     eng, c1, m1, logits = with_question(tiny, name, **knobs)
     _, c2, m2, _ = with_question(tiny, name, **knobs)
-    assert min(min(lens) for lens in c2.head_lengths()) > cap  # the question sits on top: a ring would not fit
+    caps = head_caps(fast_decode.plan(m2, c2).evict, c2)
+    if cap is not None:
+        assert caps == [[cap] * layer.n_heads for layer in c2.kv]
+    assert any(c is not None for layer in caps for c in layer)
+    for lens, layer_caps in zip(c2.head_lengths(), caps):  # the question sits on top: a ring would not fit
+        assert all(c is None or n > c for n, c in zip(lens, layer_caps))
     if m2.decode_ring() is not None:
         assert not fast_decode.ring_fits(c2, m2.decode_ring())
     c1.held.reset_peak()
@@ -115,24 +135,30 @@ def test_fast_eviction_matches_engine_loop(tiny, name, knobs, cap):
     assert c2.seen_tokens == c1.seen_tokens == N_CTX + N_QUESTION + STEPS - 1
     score = "h2o_score" if name == "h2o" else None
     k1, k2 = kept(c1, score), kept(c2, score)
-    for layer1, layer2 in zip(k1, k2):
-        for h1, h2 in zip(layer1, layer2):
+    for layer1, layer2, layer_caps, lens in zip(k1, k2, caps, lens0):
+        for h1, h2, c, n in zip(layer1, layer2, layer_caps, lens):
             assert set(h2) == set(h1)
-            assert len(h1) == cap
+            assert len(h1) == (n + STEPS - 1 if c is None else c)
             if score:
                 torch.testing.assert_close(torch.tensor([h2[p] for p in sorted(h1)]),
                                            torch.tensor([h1[p] for p in sorted(h1)]), rtol=1e-5, atol=1e-5)
     if name == "tova" and not knobs.get("per_head"):  # one choice per layer: every head keeps the same tokens
         assert all(set(h) == set(layer[0]) for layer in k2 for h in layer)
+    if name == "lacache":  # the ladder's cursor moved on as the engine loop's (a next turn goes on from there)
+        assert m2.state == m1.state
+        fd.finish()
+        assert m2.state == m1.state  # once only
     # the rows each step reads (the engine's fast-path bookkeeping) are what the engine loop read
-    caps = list(fd.evict.caps)
+    plan_caps = list(fd.evict.caps)
     row_bytes = [layer.row_bytes for layer in c2.kv]
-    rows = [fast_decode.step_rows(lens0, caps, i) for i in range(STEPS - 1)]
+    rows = [fast_decode.step_rows(lens0, plan_caps, i) for i in range(STEPS - 1)]
     assert [sum(b * sum(r) for b, r in zip(row_bytes, step)) for step in rows] == read_ref
-    assert max(max(map(max, step)) for step in rows[1:]) == cap + 1  # at most cap + 1 rows after the first step
+    for step in rows[1:]:  # at most cap + 1 rows after the first step
+        assert all(c is None or r <= c + 1 for rs, cs in zip(step, caps) for r, c in zip(rs, cs))
+    assert any(r == c + 1 for rs, cs in zip(rows[-1], caps) for r, c in zip(rs, cs) if c is not None)
     flops = [eng._linear_flops + attention_flops(step, eng._group, eng._head_dim) for step in rows]
     assert flops == flops_ref
-    assert fast_decode.held_peak(lens0, caps, row_bytes, STEPS - 1) == c1.held.peak  # the engine loop's meter
+    assert fast_decode.held_peak(lens0, plan_caps, row_bytes, STEPS - 1) == c1.held.peak  # the engine loop's meter
 
 
 @pytest.mark.parametrize("name,knobs", [("h2o", dict(budget=24)), ("tova", dict(budget=24))], ids=["h2o", "tova"])
@@ -184,6 +210,10 @@ WRONG_RULES = [  # (method, knobs, a wrong description of its on_decode)
     ("h2o", dict(budget=24), dict(recent=(0, 0))),        # no protected recent window
     ("tova", dict(budget=24), dict(shared=False)),        # per head instead of per layer
     ("streaming_llm", dict(budget=16, n_sink=4), dict(n_sink=0)),  # the sinks evicted
+    ("cake", dict(budget=24, window_size=4), dict(pool=0)),   # the raw attention, not pooled
+    ("cake", dict(budget=24, window_size=4), dict(recent=(0, 0))),  # the window evicted
+    ("lacache", dict(budget=48, span=1, n_sink=4, recent=8), dict(rank="position", schedule=None)),  # oldest first
+    ("duoattention", dict(budget=60, min_stream_frac=0.0), dict(n_sink=0)),  # the streaming heads' sinks evicted
 ]
 
 
@@ -231,6 +261,15 @@ def test_plan_routes_methods(tiny):
     assert p.evict.caps == (N_CTX, N_CTX) and p.evict.score == "h2o_score"
     _, c, m, _ = with_question(tiny, "streaming_llm", budget=16, evict_during_decode=False)
     assert fast_decode.plan(m, c).evict.caps == (None, None)  # nothing evicted while decoding: plain appends
+    _, c, m, _ = with_question(tiny, "cake", budget=24, window_size=4)
+    p = fast_decode.plan(m, c)
+    assert p.evict.rank == "attention" and p.evict.pool == 5 and p.evict.recent == (4, 4)
+    _, c, m, _ = with_question(tiny, "cake", budget=24, window_size=4, evict_during_decode=False)
+    assert fast_decode.plan(m, c).evict.caps == (None, None)
+    _, c, m, _ = with_question(tiny, "lacache", budget=48, span=1, n_sink=4, recent=8)
+    assert fast_decode.plan(m, c).evict.rank == "scheduled"
+    _, c, m, _ = with_question(tiny, "duoattention", budget=60, min_stream_frac=0.0)
+    assert fast_decode.plan(m, c).evict.caps == ((None, 20), (20, None))  # retrieval heads only grow
     _, c, m, _ = with_question(tiny, "d2o", budget=24)
     assert fast_decode.plan(m, c) is None  # its decode-time hooks keep the engine loop
 
@@ -275,7 +314,7 @@ _TRITON = textwrap.dedent("""
     from kvbench.models import load_model
     lm = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
     lm.tokenizer = T._NoTokenizer()
-    for name, knobs in (("h2o", dict(budget=24)), ("tova", dict(budget=24))):
+    for name, knobs in (("h2o", dict(budget=24)), ("tova", dict(budget=24)), ("cake", dict(budget=24, window_size=4))):
         eng, c1, m1, logits = T.with_question(lm, name, **knobs)
         _, c2, m2, _ = T.with_question(lm, name, **knobs)
         ids_ref, _, _ = eng.decode(c1, m1, logits, 12)
@@ -302,3 +341,19 @@ def test_triton_probabilities_and_step_match_reference():
     r = subprocess.run([sys.executable, "-c", _TRITON], env=env, capture_output=True, text=True, timeout=300,
                        cwd=ROOT)
     assert "PROBS_OK" in r.stdout and "STEP_OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name,knobs", [("lacache", dict(budget=48, span=1, n_sink=4, recent=8)),
+                                        ("cake", dict(budget=24, window_size=4))], ids=["lacache", "cake"])
+def test_compiled_eviction_matches_engine_loop(tiny, name, knobs):
+    """The eviction through torch.compile (aot_eager: traced and functionalized as the GPU compiles it before
+    capturing): the in-place removals, the pooled probabilities and the schedule's removal counter survive."""
+    eng, c1, m1, logits = with_question(tiny, name, **knobs)
+    _, c2, m2, _ = with_question(tiny, name, **knobs)
+    ids_ref, _, _ = eng.decode(c1, m1, logits, 12)
+    fd = FastDecoder(tiny.model, c2, 12, use_graph=False, compile="aot_eager", evict=fast_decode.plan(m2, c2).evict)
+    ids, _ = fd.decode(int(logits.argmax()), 12)
+    assert ids == ids_ref
+    assert [[set(h) for h in layer] for layer in kept(c2)] == [[set(h) for h in layer] for layer in kept(c1)]
+    if name == "lacache":
+        assert m2.state == m1.state

@@ -130,8 +130,10 @@ def test_fast_decode_refuses_decode_time_methods_and_overflow(tiny):
     assert supports(build_method("h2o", budget=32))  # they declare their eviction: run on the device
     assert supports(build_method("tova", budget=32))  # (tests/test_decode_eviction.py)
     assert supports(build_method("streaming_llm", budget=32))  # a rolling window: the device ring buffer
-    assert not supports(build_method("cake", budget=32))  # its decode-time hooks need the engine loop
-    assert not supports(build_method("d2o", budget=32))
+    assert supports(build_method("cake", budget=32))  # pooled attention, fixed layer budgets: on the device
+    assert supports(build_method("lacache", budget=32))  # the ladder's ranks scheduled on the host
+    assert supports(build_method("duoattention", budget=32))  # per-head caps: streaming heads roll
+    assert not supports(build_method("d2o", budget=32))  # its merging keeps the engine loop
     _, cache, _, pre = prefilled(tiny, "snapkv")
     fd = FastDecoder(tiny.model, cache, 4, use_graph=False)
     with pytest.raises(ValueError, match="capacity"):
@@ -254,7 +256,10 @@ def test_cuda_graph_decode_matches_eager(name, compile):
                                                 ("tova", {"budget": 24}, False),
                                                 ("tova", {"budget": 24, "per_head": True}, True),
                                                 ("streaming_llm", {"budget": 16, "n_sink": 4}, False),
-                                                ("recent", {"budget": 16}, False)])
+                                                ("recent", {"budget": 16}, False),
+                                                ("cake", {"budget": 24, "window_size": 4}, False),
+                                                ("lacache", {"budget": 48, "span": 1, "n_sink": 4, "recent": 8},
+                                                 True)])
 def test_cuda_graph_eviction_matches_eager(name, knobs, compile):
     """Decode-time eviction inside the CUDA graph (a question fed on top: the first step evicts it, eagerly;
     later steps replay the graph): the eager engine loop's tokens, kept positions, FLOPs and bytes read."""

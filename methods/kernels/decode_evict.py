@@ -6,7 +6,12 @@ evicted first, +inf never:
 - rank "position": the row's original position (the oldest goes: StreamingLLM, recent);
 - rank "attention": the new token's attention probability of the row, summed over its query group (TOVA);
 - rank "score": side data that accumulates every step's attention, this step's included (H2O);
-rows at positions < n_sink, and the `recent` newest positions (> q_pos - recent), are never evicted; with
+- rank "scheduled": the row whose position has a given rank among the head's rows, the ranks scheduled on the
+  host before decoding (`ranks`, one per removal, `done` counts the head's removals so far): for rules that
+  depend only on how many rows a head holds, never on the data (LaCache's ladder);
+with `pool` > 1 the step's probabilities are first average-pooled over each head's rows in position order
+(kernel `pool`, zero padding counted: `kvbench.method.pool1d`), once per step, and the pooled values rank
+(CAKE); rows at positions < n_sink, and the `recent` newest positions (> q_pos - recent), are never evicted; with
 `shared`, one victim per layer from the keys summed over heads, the same row in every head (TOVA's per-layer
 choice: every head holds the same positions in the same rows).
 
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-RANKS = ("position", "attention", "score")
+RANKS = ("position", "attention", "score", "scheduled")
 
 
 def _grid(starts: torch.Tensor, lengths: torch.Tensor, width: int, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +44,7 @@ def eviction_keys(rows: torch.Tensor, valid: torch.Tensor, positions: torch.Tens
     if rank not in RANKS:
         raise ValueError(f"rank={rank!r}; allowed: {', '.join(RANKS)}")
     pos = positions[rows]
-    if rank == "position":
+    if rank in ("position", "scheduled"):
         key = pos.double()  # exact for any position
     else:
         key = (probs if rank == "attention" else score)[rows]
@@ -54,20 +59,42 @@ def eviction_keys(rows: torch.Tensor, valid: torch.Tensor, positions: torch.Tens
     return key
 
 
+def pool_by_position(probs: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                     width: int, kernel_size: int) -> torch.Tensor:
+    """(T,) the probabilities average-pooled over each head's rows in position order (as `pool1d` over the
+    head's rows sorted by position), 0 outside the heads. width: the most rows a head holds."""
+    from kvbench.method import pool1d
+    grid, valid = _grid(starts, lengths, width, positions.numel())
+    order = positions[grid].masked_fill(~valid, torch.iinfo(torch.long).max).argsort(-1)  # empty slots last
+    p = probs[grid].masked_fill(~valid, 0.0).gather(1, order)  # zeros after a head's rows: pool1d's padding
+    pooled = torch.empty_like(p).scatter_(1, order, pool1d(p, kernel_size, "avg")).masked_fill_(~valid, 0.0)
+    # each held row appears once in the grid; empty slots (clamped, maybe another head's rows) add 0
+    return torch.zeros_like(probs).index_put_((grid.flatten(),), pooled.flatten(), accumulate=True)
+
+
 def evict_rows(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                starts: torch.Tensor, lengths: torch.Tensor, score: torch.Tensor | None,
-               log_weight: torch.Tensor | None, q_pos: torch.Tensor, cap: int, width: int, repeat: int,
-               rank: str, n_sink: int = 0, recent: int = 0, shared: bool = False) -> None:
+               log_weight: torch.Tensor | None, q_pos: torch.Tensor, caps: torch.Tensor, width: int, repeat: int,
+               rank: str, n_sink: int = 0, recent: int = 0, shared: bool = False, pool: int = 0,
+               ranks: torch.Tensor | None = None, done: torch.Tensor | None = None) -> None:
     """After a step's attention, in place: `score` (T,) += probs (T,: the step's attention, row-aligned, 0
-    outside the heads; None when nothing reads it), then `repeat` times, every head holding more than `cap`
-    rows removes its lowest-keyed row. width: the most rows a head holds now (sizes the fixed-shape grid)."""
+    outside the heads; None when nothing reads it), then `repeat` times, every head holding more than its
+    `caps[h]` rows (caps: (h,) on the device) removes its lowest-keyed row. width: the most rows an evicting
+    head holds now (sizes the fixed-shape grid). pool, ranks, done: see the module doc."""
     if score is not None:
         score.add_(probs)  # the new row's score starts at its first attention, as the engine loop's add_side
+    if pool > 1 and repeat:  # pooled once, then moved with the rows (the engine loop pools once per step)
+        probs.copy_(pool_by_position(probs, positions, starts, lengths, width, pool))
     moving = [t for t in (keys, values, positions, probs, score, log_weight) if t is not None]
     for _ in range(repeat):
         grid, valid = _grid(starts, lengths, width, positions.numel())
-        victim = eviction_keys(grid, valid, positions, probs, score, q_pos, rank, n_sink, recent, shared).argmin(-1)
-        full = lengths > cap
+        key = eviction_keys(grid, valid, positions, probs, score, q_pos, rank, n_sink, recent, shared)
+        if rank == "scheduled":  # the row of the scheduled position rank
+            nth = ranks[done.clamp(max=ranks.numel() - 1)]
+            victim = key.argsort(-1).gather(1, nth.unsqueeze(1)).squeeze(1)
+        else:
+            victim = key.argmin(-1)
+        full = lengths > caps
         # a head with nothing to evict copies its own first row onto itself (its region always has one row):
         # every head reads and writes only its own rows, so no two heads touch one row
         src = torch.where(full, starts + lengths - 1, starts)
@@ -78,3 +105,5 @@ def evict_rows(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Ten
             if t is not None:
                 t.index_put_((src,), torch.where(full, torch.zeros((), dtype=t.dtype, device=t.device), t[src]))
         lengths.sub_(full.long())
+        if done is not None:
+            done.add_(full.long())
