@@ -58,6 +58,7 @@ def test_param_counts_match_published_figures():
     # (q/k/v biases); Mistral-7B-v0.3 7,248,023,552
     counts = {k: param_count(SYNTHETIC_SHAPES[k]) for k in SYNTHETIC_SHAPES}
     assert counts["llama-3.1-8b"] == 8_030_261_248
+    assert counts["llama-3.1-70b"] == 70_553_706_496  # Llama-3.1-70B: 70.55B (the model card's 70B)
     assert counts["smollm2-135m"] == 134_515_008
     assert counts["qwen2.5-7b"] == 7_615_616_512
     assert counts["mistral-7b"] == 7_248_023_552
