@@ -112,11 +112,12 @@ def test_take_gpu_only_for_device_auto_with_the_lock_on(monkeypatch):
     from kvbench import runner
     called = []
     monkeypatch.setattr(gpus, "claim_for_job", lambda log=None: called.append(1) or HOST[2])
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: False)  # a GPU machine too: nothing made current
     base = {"device": "auto", "gpu_lock": True, "model": {"name": "synthetic"}}
     for cfg in ({**base, "device": "cuda:1"}, {**base, "gpu_lock": False},
                 {**base, "model": {"name": "synthetic", "device_map": "auto"}}):
         assert runner.take_gpu(cfg) == {} and not called
-    got = runner.take_gpu(base)  # this CPU machine: claimed, but no CUDA to make current
+    got = runner.take_gpu(base)  # claimed, but no CUDA to make current
     assert called == [1] and got == {}
 
 
