@@ -19,18 +19,19 @@ Qualify (`supports`, `plan`): methods without decode-time hooks (full, snapkv, p
 whose decode-time eviction is a rolling window (StreamingLLM, recent: `Method.decode_ring`, run as a ring
 buffer by the append kernel while no head holds more than the window); and methods that describe their
 decode-time eviction (`decode_eviction(cache) -> DecodeEviction`: H2O, TOVA, StreamingLLM / recent over a
-question fed on top of the window, CAKE, LaCache, DuoAttention's streaming heads). For those the step's
+question fed on top of the window, CAKE, D2O, LaCache, DuoAttention's streaming heads). For those the step's
 attention also returns each row's probability where the rule reads it (summed over the query group), and
 `kvbench::decode_evict` removes every over-full head's victim on the device as the engine loop's
 `LayerKV.remove` does (the last row moves into the victim's row: one row copied, the engine loop's row order
 kept, so equal keys pick the same victim; methods/kernels/decode_evict.py); a head holds at most cap + 1 rows,
 during the step. A first step over heads holding more than cap (a question fed on top) repeats the removal
-down to cap, eagerly, before the graph is captured. Other methods (D2O: see `plan`) keep the eager engine
-loop. On CPU this runs the same in-place step eagerly (use_graph=False), which is what the tests compare with
-the engine loop.
+down to cap, eagerly, before the graph is captured. A method with decode-time hooks that declares neither
+keeps the eager engine loop, and so does a cache the step cannot keep right (see `plan`). On CPU this runs
+the same in-place step eagerly (use_graph=False), which is what the tests compare with the engine loop.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -58,7 +59,10 @@ class DecodeEviction:
     victim per layer from the keys summed over heads, the same row in every head.
     schedule(layer, rows, commit) -> per step, the ranks (in position order, before the step's removals) the
     step removes, where rows[i] is how many rows each head holds during step i; with commit the method's own
-    state moves on by those steps (the decoder calls it so once it knows how many steps it took)."""
+    state moves on by those steps (the decoder calls it so once it knows how many steps it took).
+    merge_tau (D2O): per layer, per head, the similarity threshold (None: the first removal sets it); each
+    victim first merges into its most similar row (methods/kernels/decode_evict.py's merge_victims), the
+    thresholds move on as an EMA of weight merge_beta, and store_tau(layer, taus) hands them back after decoding."""
     caps: tuple              # per layer: rows a head keeps between steps (None: that layer never evicts), or a
                              # tuple of per-head caps (None: that head never evicts; DuoAttention's retrieval heads)
     rank: str                # "position" | "attention" | "score" | "scheduled"
@@ -68,6 +72,9 @@ class DecodeEviction:
     score: str | None = None  # side data accumulating every step's attention (H2O's scores)
     pool: int = 0            # rank "attention": average-pooling kernel over position order (0, 1: none)
     schedule: object = None  # rank "scheduled": the callable above
+    merge_tau: tuple = ()    # per layer, per head (empty: no merging)
+    merge_beta: float = 0.0
+    store_tau: object = None  # callable(layer, taus) with merge_tau
 
     def __post_init__(self):
         from kvbench.methods.kernels.decode_evict import RANKS
@@ -79,6 +86,8 @@ class DecodeEviction:
             raise ValueError("rank 'scheduled' and schedule=... go together")
         if self.pool > 1 and self.rank != "attention":
             raise ValueError(f"pool={self.pool} pools the step's attention; allowed with rank 'attention' only")
+        if self.merge_tau and (len(self.merge_tau) != len(self.caps) or self.store_tau is None):
+            raise ValueError("merge_tau needs one entry per layer and store_tau=...")
         if self.recent and len(self.recent) != len(self.caps):
             raise ValueError(f"recent has {len(self.recent)} entries for {len(self.caps)} layers")
 
@@ -230,23 +239,24 @@ def _(q, k_new, v_new, pos, keys, values, positions, starts, lengths, ring_next,
 
 @torch.library.custom_op("kvbench::decode_evict",
                          mutates_args=("probs", "keys", "values", "positions", "lengths", "score", "log_weight",
-                                       "done"))
+                                       "done", "tau"))
 def decode_evict(probs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                  starts: torch.Tensor, lengths: torch.Tensor, score: torch.Tensor | None,
                  log_weight: torch.Tensor | None, q_pos: torch.Tensor, caps: torch.Tensor,
-                 ranks: torch.Tensor | None, done: torch.Tensor | None, width: int, repeat: int, rank: str,
-                 n_sink: int, recent: int, shared: bool, pool: int) -> None:
+                 ranks: torch.Tensor | None, done: torch.Tensor | None, tau: torch.Tensor | None, width: int,
+                 repeat: int, rank: str, n_sink: int, recent: int, shared: bool, pool: int, beta: float) -> None:
     """After a step's attention: the scores accumulate, every head over its cap (caps: (h,)) removes its
     victim, `repeat` times (methods/kernels/decode_evict.py). probs: the step's (T,) probabilities, or empty
-    if unused; ranks / done: a scheduled rank's ranks and each head's removals so far."""
+    if unused; ranks / done: a scheduled rank's ranks and each head's removals so far; tau: D2O's merge
+    thresholds (h,), moved on with weight beta."""
     from kvbench.methods.kernels import evict_rows
     evict_rows(probs if probs.numel() else None, keys, values, positions, starts, lengths, score, log_weight, q_pos,
-               caps, width, repeat, rank, n_sink, recent, shared, pool, ranks, done)
+               caps, width, repeat, rank, n_sink, recent, shared, pool, ranks, done, tau, beta)
 
 
 @decode_evict.register_fake
-def _(probs, keys, values, positions, starts, lengths, score, log_weight, q_pos, caps, ranks, done, width, repeat,
-      rank, n_sink, recent, shared, pool):
+def _(probs, keys, values, positions, starts, lengths, score, log_weight, q_pos, caps, ranks, done, tau, width,
+      repeat, rank, n_sink, recent, shared, pool, beta):
     return None
 
 
@@ -263,6 +273,7 @@ class _Evict(NamedTuple):
     score: str | None
     needs_probs: bool
     pool: int
+    beta: float   # D2O's threshold EMA weight (merging when the layer's tensors hold tau)
     width: int    # the most rows an evicting head holds during the step (cap + 1; more on a first step over a question)
     repeat: int   # removals per head: 1, the excess on a first step over a question, 0 to only accumulate
 
@@ -271,6 +282,7 @@ class _EvictTensors(NamedTuple):
     caps: torch.Tensor                  # (h,) a head holding more rows than this removes one per repeat
     ranks: torch.Tensor | None = None   # rank "scheduled": the position rank of every removal, in order
     done: torch.Tensor | None = None    # (h,) removals so far (indexes ranks)
+    tau: torch.Tensor | None = None     # (h,) float64 D2O's merge thresholds (NaN: unset)
 
 
 def _in_removal_order(ranks: list[int]) -> list[int]:
@@ -301,7 +313,7 @@ def inplace_attention(module, query, key, value, state, scaling, window=None, so
         t = evict_tensors[i]
         decode_evict(probs, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths,
                      layer.side[ev.score] if ev.score else None, log_weight, pos.view(1), t.caps, t.ranks, t.done,
-                     ev.width, ev.repeat, ev.rank, ev.n_sink, ev.recent, ev.shared, ev.pool)
+                     t.tau, ev.width, ev.repeat, ev.rank, ev.n_sink, ev.recent, ev.shared, ev.pool, ev.beta)
     return out.view(1, 1, *out.shape), None  # (1, q=1, n_q, d) as transformers expects
 
 
@@ -461,7 +473,8 @@ class FastDecoder:
                 continue
             width = max((c + 1 for _, c in capped), default=1)
             ev = _Evict(evict.rank, evict.n_sink, evict.recent[i] if evict.recent else 0, evict.shared,
-                        evict.score, evict.needs_probs, evict.pool, width=width, repeat=int(bool(capped)))
+                        evict.score, evict.needs_probs, evict.pool, evict.merge_beta, width=width,
+                        repeat=int(bool(capped)))
             steady.append(_LayerStep(0, 0, ev))
             over = max((n + 1 - c for n, c in capped), default=0)
             first.append(_LayerStep(0, 0, ev._replace(width=max(width, max(n for n, _ in capped) + 1), repeat=over))
@@ -473,6 +486,9 @@ class FastDecoder:
                 ranks = [r for step in evict.schedule(i, rows, False) for r in _in_removal_order(step)]
                 t = t._replace(ranks=torch.tensor(ranks or [0], device=dev),
                                done=torch.zeros(layer.n_heads, dtype=torch.long, device=dev))
+            if evict.merge_tau and capped:
+                taus = [float("nan") if x is None else x for x in evict.merge_tau[i]]
+                t = t._replace(tau=torch.tensor(taus, dtype=torch.float64, device=dev))
             tensors.append(t)
         return steady, first, tensors
 
@@ -553,4 +569,7 @@ class FastDecoder:
         self.base.seen_tokens = int(self.pos)
         self.cache.seen_tokens = self.base.seen_tokens
         self._commit_schedule()
+        for i, t in enumerate(self.evict_tensors):  # D2O: the thresholds as the engine loop leaves them
+            if t is not None and t.tau is not None:
+                self.evict.store_tau(i, [None if math.isnan(x) else x for x in t.tau.tolist()])
         self.graph = None

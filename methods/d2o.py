@@ -10,6 +10,9 @@ the kept token with the most similar key (cosine) when that similarity reaches a
 exponential moving average (`ema_beta`) of the similarities seen. Merging mixes keys and values with
 weights exp(u_e) / (Σ exp(u) + e) for the merged tokens and e / (Σ exp(u) + e) for the kept one.
 Eviction (with merging) continues while decoding, so each layer stays within its budget.
+`decode_eviction` declares the decode-time rule for the GPU decode path (kvbench/fast_decode.py), which evicts
+and merges on the device inside its CUDA graph: the victim's most similar row is found among the head's
+fixed-size rows, the merge is a masked write of one row, and each head's EMA threshold is a device scalar.
 Simplification: the paper's density statistic and EMA constants are not restated here; we use the entropy-
 based density above and initialise each head's threshold to the mean similarity of its first evictions.
 All layers must be scored before the split, so compression happens in `after_prefill` (the prefill peak
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvbench.fast_decode import DecodeEviction
 from kvbench.method import LayerContext, Method, register_method, topk_indices, window_attention
 from kvbench.methods.cake import allocate
 from kvbench.methods.h2o import PrefillAttention
@@ -149,6 +153,24 @@ class D2O(WindowQueries, Method):
                 k2[h].copy_(nk)
                 v2[h].copy_(nv)
         self.pending = {}
+
+    def decode_eviction(self, cache) -> DecodeEviction | None:
+        """`on_decode` for the device: every step's attention adds to the scores, each head over its layer's
+        budget merges its lowest-scoring row outside the recent window into its most similar row (when the
+        similarity reaches the head's threshold), then drops it. None (the engine loop) when a layer has no
+        budget (no compression ran): on_decode neither scores nor evicts there."""
+        caps = tuple(self.caps.get(i) for i in range(len(cache.kv)))
+        if any(c is None for c in caps):
+            return None
+        recent = tuple(min(c, int(round(c * self.recent_ratio))) for c in caps)
+        taus = tuple(tuple(self.tau.get((i, h)) for h in range(layer.n_heads)) for i, layer in enumerate(cache.kv))
+        return DecodeEviction(caps=caps, rank="score", score=SCORE, recent=recent, merge_tau=taus,
+                              merge_beta=self.ema_beta, store_tau=self._store_tau)
+
+    def _store_tau(self, layer_idx: int, taus: list) -> None:
+        for h, t in enumerate(taus):
+            if t is not None:
+                self.tau[(layer_idx, h)] = t
 
     def on_decode(self, ctx: LayerContext) -> None:
         cap = self.caps.get(ctx.layer_idx)

@@ -100,7 +100,21 @@ CASES = [  # (method, knobs, the per-head cap while decoding; None: the plan's p
     ("lacache", dict(budget=48, span=1, n_sink=4, recent=8), 48),  # the ladder's scheduled ranks
     # streaming heads (0, 1) and (1, 0) roll at (4·60 − 2·100)/2 = 20 rows with 7 sinks; retrieval heads grow
     ("duoattention", dict(budget=60, min_stream_frac=0.0), None),
+    ("d2o", dict(budget=24, window_size=8), None),  # density budgets per layer; merging with EMA thresholds
+    ("d2o", dict(budget=100, window_size=8), 100),  # nothing merged at prefill: the first removal sets tau
 ]
+SCORES = {"h2o": "h2o_score", "d2o": "d2o_score"}  # side data the method accumulates
+
+
+def same_rows(c1, c2):
+    """Per head, the same keys and values at the same positions (D2O's merges change kept rows)."""
+    for a, b in zip(c1.kv, c2.kv):
+        for h in range(a.n_heads):
+            (ka, va, pa), (kb, vb, pb) = a.head(h), b.head(h)
+            oa, ob = torch.argsort(pa), torch.argsort(pb)
+            assert torch.equal(pa[oa], pb[ob])
+            torch.testing.assert_close(kb[ob], ka[oa], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(vb[ob], va[oa], rtol=1e-5, atol=1e-5)
 
 
 def _id(x):
@@ -133,7 +147,7 @@ def test_fast_eviction_matches_engine_loop(tiny, name, knobs, cap):
     ids_fast, fd = fast(tiny, c2, m2, logits)
     assert ids_fast == ids_ref
     assert c2.seen_tokens == c1.seen_tokens == N_CTX + N_QUESTION + STEPS - 1
-    score = "h2o_score" if name == "h2o" else None
+    score = SCORES.get(name)
     k1, k2 = kept(c1, score), kept(c2, score)
     for layer1, layer2, layer_caps, lens in zip(k1, k2, caps, lens0):
         for h1, h2, c, n in zip(layer1, layer2, layer_caps, lens):
@@ -148,6 +162,10 @@ def test_fast_eviction_matches_engine_loop(tiny, name, knobs, cap):
         assert m2.state == m1.state
         fd.finish()
         assert m2.state == m1.state  # once only
+    if name == "d2o":  # merged keys and values, and the thresholds the engine loop leaves
+        same_rows(c1, c2)
+        assert m2.tau.keys() == m1.tau.keys() and len(m1.tau) == 4
+        assert all(m2.tau[k] == pytest.approx(m1.tau[k], rel=1e-6) for k in m1.tau)
     # the rows each step reads (the engine's fast-path bookkeeping) are what the engine loop read
     plan_caps = list(fd.evict.caps)
     row_bytes = [layer.row_bytes for layer in c2.kv]
@@ -214,6 +232,7 @@ WRONG_RULES = [  # (method, knobs, a wrong description of its on_decode)
     ("cake", dict(budget=24, window_size=4), dict(recent=(0, 0))),  # the window evicted
     ("lacache", dict(budget=48, span=1, n_sink=4, recent=8), dict(rank="position", schedule=None)),  # oldest first
     ("duoattention", dict(budget=60, min_stream_frac=0.0), dict(n_sink=0)),  # the streaming heads' sinks evicted
+    ("d2o", dict(budget=24, window_size=8), dict(recent=(0, 0))),  # no protected recent window
 ]
 
 
@@ -227,6 +246,19 @@ def test_a_wrong_victim_rule_is_detected(tiny, name, knobs, wrong):
     bad = dataclasses.replace(fast_decode.plan(m2, c2).evict, **wrong)
     fast(tiny, c2, m2, logits, evict=bad)
     assert any(set(h2) != set(h1) for l1, l2 in zip(kept(c1), kept(c2)) for h1, h2 in zip(l1, l2))
+
+
+def test_d2o_merging_is_detected(tiny):
+    """D2O's merges change kept rows: without them the fast path keeps the engine loop's positions but not its
+    keys and values (the key comparison of the equivalence test has teeth)."""
+    eng, c1, m1, logits = with_question(tiny, "d2o", budget=24, window_size=8)
+    _, c2, m2, _ = with_question(tiny, "d2o", budget=24, window_size=8)
+    eng.decode(c1, m1, logits, STEPS)
+    evict = fast_decode.plan(m2, c2).evict
+    fast(tiny, c2, m2, logits, evict=dataclasses.replace(evict, merge_tau=(), store_tau=None))
+    assert [[set(h) for h in layer] for layer in kept(c2)] == [[set(h) for h in layer] for layer in kept(c1)]
+    with pytest.raises(AssertionError):
+        same_rows(c1, c2)
 
 
 def test_finish_leaves_the_engine_loops_cache(tiny):
@@ -271,7 +303,8 @@ def test_plan_routes_methods(tiny):
     _, c, m, _ = with_question(tiny, "duoattention", budget=60, min_stream_frac=0.0)
     assert fast_decode.plan(m, c).evict.caps == ((None, 20), (20, None))  # retrieval heads only grow
     _, c, m, _ = with_question(tiny, "d2o", budget=24)
-    assert fast_decode.plan(m, c) is None  # its decode-time hooks keep the engine loop
+    p = fast_decode.plan(m, c)
+    assert p.evict.score == "d2o_score" and len(p.evict.merge_tau) == 2 and p.evict.merge_beta == m.ema_beta
 
 
 _TRITON = textwrap.dedent("""
@@ -344,10 +377,12 @@ def test_triton_probabilities_and_step_match_reference():
 
 
 @pytest.mark.parametrize("name,knobs", [("lacache", dict(budget=48, span=1, n_sink=4, recent=8)),
-                                        ("cake", dict(budget=24, window_size=4))], ids=["lacache", "cake"])
+                                        ("cake", dict(budget=24, window_size=4)),
+                                        ("d2o", dict(budget=24, window_size=8))], ids=["lacache", "cake", "d2o"])
 def test_compiled_eviction_matches_engine_loop(tiny, name, knobs):
     """The eviction through torch.compile (aot_eager: traced and functionalized as the GPU compiles it before
-    capturing): the in-place removals, the pooled probabilities and the schedule's removal counter survive."""
+    capturing): the in-place removals, the pooled probabilities, the schedule's removal counter and D2O's
+    merges and thresholds survive."""
     eng, c1, m1, logits = with_question(tiny, name, **knobs)
     _, c2, m2, _ = with_question(tiny, name, **knobs)
     ids_ref, _, _ = eng.decode(c1, m1, logits, 12)
@@ -357,3 +392,6 @@ def test_compiled_eviction_matches_engine_loop(tiny, name, knobs):
     assert [[set(h) for h in layer] for layer in kept(c2)] == [[set(h) for h in layer] for layer in kept(c1)]
     if name == "lacache":
         assert m2.state == m1.state
+    if name == "d2o":
+        same_rows(c1, c2)
+        assert all(m2.tau[k] == pytest.approx(m1.tau[k], rel=1e-6) for k in m1.tau)

@@ -133,7 +133,7 @@ def test_fast_decode_refuses_decode_time_methods_and_overflow(tiny):
     assert supports(build_method("cake", budget=32))  # pooled attention, fixed layer budgets: on the device
     assert supports(build_method("lacache", budget=32))  # the ladder's ranks scheduled on the host
     assert supports(build_method("duoattention", budget=32))  # per-head caps: streaming heads roll
-    assert not supports(build_method("d2o", budget=32))  # its merging keeps the engine loop
+    assert supports(build_method("d2o", budget=32))  # merging into the most similar row, on the device
     _, cache, _, pre = prefilled(tiny, "snapkv")
     fd = FastDecoder(tiny.model, cache, 4, use_graph=False)
     with pytest.raises(ValueError, match="capacity"):
@@ -259,7 +259,8 @@ def test_cuda_graph_decode_matches_eager(name, compile):
                                                 ("recent", {"budget": 16}, False),
                                                 ("cake", {"budget": 24, "window_size": 4}, False),
                                                 ("lacache", {"budget": 48, "span": 1, "n_sink": 4, "recent": 8},
-                                                 True)])
+                                                 True),
+                                                ("d2o", {"budget": 24, "window_size": 8}, True)])
 def test_cuda_graph_eviction_matches_eager(name, knobs, compile):
     """Decode-time eviction inside the CUDA graph (a question fed on top: the first step evicts it, eagerly;
     later steps replay the graph): the eager engine loop's tokens, kept positions, FLOPs and bytes read."""

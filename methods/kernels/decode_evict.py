@@ -11,7 +11,8 @@ evicted first, +inf never:
   depend only on how many rows a head holds, never on the data (LaCache's ladder);
 with `pool` > 1 the step's probabilities are first average-pooled over each head's rows in position order
 (kernel `pool`, zero padding counted: `kvbench.method.pool1d`), once per step, and the pooled values rank
-(CAKE); rows at positions < n_sink, and the `recent` newest positions (> q_pos - recent), are never evicted; with
+(CAKE); with `tau` (D2O) each victim is first merged into the most similar other row of its head (see
+`merge_victims`); rows at positions < n_sink, and the `recent` newest positions (> q_pos - recent), are never evicted; with
 `shared`, one victim per layer from the keys summed over heads, the same row in every head (TOVA's per-layer
 choice: every head holds the same positions in the same rows).
 
@@ -24,6 +25,8 @@ fed on top of the compressed context repeats it until every head is back to cap 
 removals but the moved rows', as in the engine loop's `while` over argmin).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -72,15 +75,41 @@ def pool_by_position(probs: torch.Tensor, positions: torch.Tensor, starts: torch
     return torch.zeros_like(probs).index_put_((grid.flatten(),), pooled.flatten(), accumulate=True)
 
 
+def merge_victims(keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, grid: torch.Tensor,
+                  valid: torch.Tensor, victim: torch.Tensor, full: torch.Tensor, tau: torch.Tensor,
+                  beta: float) -> None:
+    """D2O, before the removal, in place: each evicting head's victim merges into the other row of the head
+    whose key is the most similar (cosine) when that similarity reaches the head's threshold tau (h,: an EMA
+    of the similarities seen, float64; NaN: unset, the first similarity sets it), with D2O's weights (the
+    kept row e, the victim exp(sim): methods/d2o.py's d2o_merge); then tau moves on. As the engine loop's
+    `D2O._merge_step`, in the same float32 / float64 arithmetic."""
+    src = starts + victim
+    a = torch.nn.functional.normalize(keys[src].float(), dim=-1)                  # (h, d)
+    b = torch.nn.functional.normalize(keys[grid].float(), dim=-1)                 # (h, width, d)
+    sim = torch.bmm(a.unsqueeze(1), b.transpose(1, 2)).squeeze(1)                  # (h, width)
+    local = torch.arange(grid.shape[1], device=grid.device)
+    sim = sim.masked_fill(~valid | (local == victim.unsqueeze(1)), float("-inf"))
+    best, col = sim.max(dim=1)
+    tau_now = torch.where(tau.isnan(), best.double(), tau)
+    ok = (full & (best >= tau_now.float())).unsqueeze(1)  # the engine compares in float32
+    dst = starts + col
+    w = best.exp().unsqueeze(1)
+    for t in (keys, values):
+        merged = (t[dst].float() * math.e + t[src].float() * w) / (math.e + w)
+        t.index_copy_(0, dst, torch.where(ok, merged.to(t.dtype), t[dst]))
+    tau.copy_(torch.where(full, beta * best.double() + (1 - beta) * tau_now, tau))
+
+
 def evict_rows(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                starts: torch.Tensor, lengths: torch.Tensor, score: torch.Tensor | None,
                log_weight: torch.Tensor | None, q_pos: torch.Tensor, caps: torch.Tensor, width: int, repeat: int,
                rank: str, n_sink: int = 0, recent: int = 0, shared: bool = False, pool: int = 0,
-               ranks: torch.Tensor | None = None, done: torch.Tensor | None = None) -> None:
+               ranks: torch.Tensor | None = None, done: torch.Tensor | None = None,
+               tau: torch.Tensor | None = None, beta: float = 0.0) -> None:
     """After a step's attention, in place: `score` (T,) += probs (T,: the step's attention, row-aligned, 0
     outside the heads; None when nothing reads it), then `repeat` times, every head holding more than its
     `caps[h]` rows (caps: (h,) on the device) removes its lowest-keyed row. width: the most rows an evicting
-    head holds now (sizes the fixed-shape grid). pool, ranks, done: see the module doc."""
+    head holds now (sizes the fixed-shape grid). pool, ranks, done, tau (with beta): see the module doc."""
     if score is not None:
         score.add_(probs)  # the new row's score starts at its first attention, as the engine loop's add_side
     if pool > 1 and repeat:  # pooled once, then moved with the rows (the engine loop pools once per step)
@@ -95,6 +124,8 @@ def evict_rows(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Ten
         else:
             victim = key.argmin(-1)
         full = lengths > caps
+        if tau is not None:
+            merge_victims(keys, values, starts, grid, valid, victim, full, tau, beta)
         # a head with nothing to evict copies its own first row onto itself (its region always has one row):
         # every head reads and writes only its own rows, so no two heads touch one row
         src = torch.where(full, starts + lengths - 1, starts)
