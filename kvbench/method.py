@@ -255,6 +255,15 @@ def load_all_methods() -> dict[str, type[Method]]:
     return METHODS
 
 
+def check_knobs(cls: type, knobs: dict, prefix: str, owner: str) -> None:
+    """Refuse a knob the dataclass `cls` does not have: one line naming it and the allowed ones (methods and
+    storage formats alike)."""
+    allowed = {f.name for f in fields(cls)}
+    bad = sorted(set(knobs) - allowed)
+    if bad:
+        raise ValueError(f"{prefix}.{bad[0]} is not a knob of {owner}; allowed: {', '.join(sorted(allowed)) or 'none'}")
+
+
 def build_method(name: str, budget=None, compression_ratio=None, storage=None, selector=None, **knobs) -> Method:
     """A method from its config: its knobs, plus how kept rows are stored (`storage`) and what attention reads
     (`selector`): None, a format name, or {name: ..., knob: value} (kvbench.store)."""
@@ -263,10 +272,7 @@ def build_method(name: str, budget=None, compression_ratio=None, storage=None, s
     if name not in methods:
         raise ValueError(f"method={name!r}; allowed: {', '.join(sorted(methods))}")
     cls = methods[name]
-    allowed = {f.name for f in fields(cls)}
-    bad = sorted(set(knobs) - allowed)
-    if bad:
-        raise ValueError(f"method.{bad[0]} is not a knob of {name}; allowed: {', '.join(sorted(allowed))}")
+    check_knobs(cls, knobs, "method", name)
     method = cls(budget=budget, compression_ratio=compression_ratio, **knobs)
     for slot, spec in (("storage", storage), ("selector", selector)):
         fmt = build_storage(spec, slot)

@@ -162,7 +162,7 @@ def register_storage(name: str) -> Callable[[type[Storage]], type[Storage]]:
 def build_storage(spec, slot: str = "storage") -> Storage:
     """A storage format from a config: None / "plain", a name, or {name: ..., knob: value, ...}.
     slot: the config key it came from (storage or selector), named in errors."""
-    from kvbench.method import load_all_methods
+    from kvbench.method import check_knobs, load_all_methods
     load_all_methods()  # formats live in methods/ beside the methods that introduce them
     if spec is None:
         return Storage()
@@ -171,9 +171,5 @@ def build_storage(spec, slot: str = "storage") -> Storage:
     if name not in STORAGES:
         raise ValueError(f"method.{slot}={name!r}; allowed: {', '.join(sorted(STORAGES))}")
     cls = STORAGES[name]
-    allowed = {f.name for f in fields(cls)}
-    bad = sorted(set(knobs) - allowed)
-    if bad:
-        raise ValueError(f"method.{slot}.{bad[0]} is not a knob of {cls.kind} {name}; "
-                         f"allowed: {', '.join(sorted(allowed)) or 'none'}")
+    check_knobs(cls, knobs, f"method.{slot}", f"{cls.kind} {name}")
     return cls(**knobs)
