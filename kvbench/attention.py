@@ -151,8 +151,7 @@ def attend(query: torch.Tensor, layer: LayerKV, scaling: float, need_probs: bool
     h = layer.n_heads
     g = n_q // h
     lw = layer.log_weight()
-    if q_len == 1 and _decode_kernel(query) == "triton" and not (need_probs and (window or softcap or lw is not None)):
-        # (the kernel's probabilities know neither window, softcap nor log-weights: such steps take the reference)
+    if q_len == 1 and _decode_kernel(query) == "triton":  # its probabilities know windows, softcap, log-weights
         return _attend_decode_triton(query, layer, scaling, need_probs, window, softcap)
     plain = window is None and softcap is None and lw is None
     if layer.is_uniform() and (plain or need_probs):

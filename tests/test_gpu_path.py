@@ -161,22 +161,38 @@ _DISPATCH = textwrap.dedent("""
     from kvbench.cache import LayerKV
     g = torch.Generator().manual_seed(0)
     n_kv, grp, d = 2, 3, 16
+    kernel, calls = attention._attend_decode_triton, []
+    attention._attend_decode_triton = lambda *a, **kw: calls.append(1) or kernel(*a, **kw)  # every step takes it
     for lens in ([7, 7], [5, 19]):            # uniform, then ragged (per-head budgets)
         k = torch.randn(sum(lens) + 6, d, generator=g)   # spare rows: capacity as after reserve()
         v = torch.randn(sum(lens) + 6, d, generator=g)
         starts = torch.tensor([0, lens[0] + 3]); lengths = torch.tensor(lens)
-        layer = LayerKV(k, v, torch.zeros(k.shape[0], dtype=torch.long), starts, lengths, lengths + 3)
+        # each head's rows: shuffled older positions (evicted, reordered), the new token (position 40) last
+        pos = torch.zeros(k.shape[0], dtype=torch.long)
+        for a, n in zip(starts.tolist(), lens):
+            pos[a:a + n - 1] = torch.randperm(39, generator=g)[:n - 1]
+            pos[a + n - 1] = 40
+        layer = LayerKV(k, v, pos, starts, lengths, lengths + 3)
         q = torch.randn(n_kv * grp, 1, d, generator=g)
-        for need in (False, True):
-            attention.DECODE_KERNEL = "ref"
-            o_ref, p_ref = attention.attend(q, layer, 0.3, need)
-            attention.DECODE_KERNEL = "triton"
-            o_tri, p_tri = attention.attend(q, layer, 0.3, need)
-            torch.testing.assert_close(o_tri, o_ref, atol=1e-4, rtol=1e-4)
-            if need:
-                for a, b in zip(p_tri, p_ref):
-                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-                    assert abs(float(a.sum()) - grp) < 1e-4   # each query head's probabilities sum to 1
+        merged = torch.log(torch.randint(1, 4, (k.shape[0],), generator=g).float())  # rows weighing 1..3
+        for opts in (dict(), dict(window=12), dict(softcap=2.0), dict(log_weight=True),
+                     dict(window=12, softcap=2.0, log_weight=True)):
+            layer.side.pop("log_weight", None)
+            if opts.pop("log_weight", False):
+                layer.side["log_weight"] = merged
+            for need in (False, True):
+                attention.DECODE_KERNEL = "ref"
+                o_ref, p_ref = attention.attend(q, layer, 0.3, need, **opts)
+                attention.DECODE_KERNEL = "triton"
+                o_tri, p_tri = attention.attend(q, layer, 0.3, need, **opts)
+                torch.testing.assert_close(o_tri, o_ref, atol=1e-4, rtol=1e-4)
+                if need:
+                    for a, b in zip(p_tri, p_ref):
+                        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+                        assert abs(float(a.sum()) - grp) < 1e-4   # each query head's probabilities sum to 1
+                        if "window" in opts:
+                            assert int((a == 0).sum()) > 0   # rows out of the window: probability 0
+    assert len(calls) == 2 * 5 * 2, len(calls)   # no step, probabilities or not, fell back to the reference
     print("DISPATCH_OK")
 """)
 
