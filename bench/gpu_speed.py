@@ -8,9 +8,9 @@ budget (kept tokens per KV head per layer, default 1024), then decodes greedily.
   decode ms/tok median step time after warm-up, host readback of the token included, of kvbench's fastest
                 path: `compiled` = kvbench/fast_decode.py with torch.compile (Inductor) captured in a CUDA graph,
                 `graph` = the same without compiling (also printed), `eager` = the engine's per-layer loop
-                (also printed: what methods that score while decoding use); the compile itself (~1 min, once per process) is a warm-up, not timed;
+                (also printed: what a method without a device plan would use); the compile itself (~1 min, once per process) is a warm-up, not timed;
                 every path decodes as the engine's `Engine.decode` does: `fast_decode.plan(method, cache)` picks
-                plain appends, a ring (streaming_llm) or the method's device eviction (h2o, tova)
+                plain appends, a ring (streaming_llm) or the method's device eviction (h2o, tova, cake, d2o, lacache)
   x full        decode ms/tok / the full cache's decode ms/tok on its fast path, same length (the issue's
                 target for decode-time methods: <= 1.3)
   roofline ms   (weight bytes read per step + mean KV bytes) / measured copy bandwidth, where the bandwidth is
@@ -30,7 +30,8 @@ pass over the same key lengths (`decode_cold_ms`: the first pass; see `run_kvpre
 cross-checks the kvpress process against kvpress used alone.
 
     python bench/gpu_speed.py [--lengths 8192 32768] [--budget 1024] [--steps 32] [--reps 3]
-                              [--methods full snapkv streaming_llm pyramidkv adakv] [--with-kvpress]
+                              [--methods full snapkv streaming_llm pyramidkv adakv h2o tova cake d2o lacache]
+                              [--with-kvpress]
                               [--deadline-s 500] [--json out.json] [--framework kvbench|kvpress]
 """
 from __future__ import annotations
@@ -51,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("kvbench") is None:  # a plain checkout (find_spec imports nothing of kvbench)
     sys.path.insert(0, str(ROOT))
 
-METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv", "h2o", "tova")
+# the decode-time methods (h2o ... lacache) evict on the device; duoattention needs a trained profile (not here)
+METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv", "h2o", "tova", "cake", "d2o", "lacache")
 KVPRESS_METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv")  # those with a kvpress press here
 
 
@@ -143,6 +145,14 @@ def build_model(shape: str, device: str = "cuda", dtype: str = "bfloat16"):
 
 
 # -- kvbench -------------------------------------------------------------------------------------------
+def fork_sharing_cache(method, cache):
+    """A copy of the method's per-sample state for one decode pass (decode-time hooks may move it on: LaCache's
+    cursor, D2O's thresholds), sharing the cache's layers it refers to (CAKE keeps them) instead of copying
+    the KV cache into GPU memory the peak would count."""
+    import copy
+    return copy.deepcopy(method, memo={id(layer): layer for layer in cache.kv})
+
+
 def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: int, bw: float, wbytes: int,
                 full_ttft: float | None, compile_decode: bool = True) -> dict:
     from kvbench.engine import Engine
@@ -181,19 +191,19 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
     # method: decode-time hooks may change its state (the next decode must start where this one did)
     c_eager = cache.clone()
     eng.fast_decode = False  # the engine's own loop, per-layer hooks and all
-    _, eager_ms, _ = eng.decode(c_eager, m.fork(), pre.logits, steps)
+    _, eager_ms, _ = eng.decode(c_eager, fork_sharing_cache(m, cache), pre.logits, steps)
     del c_eager
     row["eager_ms"] = median(eager_ms[2:])
     row["path"] = "eager"
     row["decode_ms"] = row["eager_ms"]
-    plan = fast_decode.plan(m.fork(), cache)  # as Engine.decode: None keeps the engine loop
+    plan = fast_decode.plan(fork_sharing_cache(m, cache), cache)  # as Engine.decode: None keeps the engine loop
     row["fast_plan"] = None if plan is None else "ring" if plan.ring else "evict" if plan.evict else "append"
     if plan is not None:
         for path, comp in (("graph", False), ("compiled", True)):
             if path == "compiled" and not compile_decode:
                 continue
             c = cache.clone() if path == "graph" and compile_decode else cache
-            p = fast_decode.plan(m.fork(), c)  # the plan of this copy (an eviction may carry the method's state)
+            p = fast_decode.plan(fork_sharing_cache(m, cache), c)  # an eviction may carry the method's state
             fd = fast_decode.FastDecoder(lm.model, c, steps, compile=comp, ring=p.ring, evict=p.evict)
             t0 = time.perf_counter()
             _, g_ms = fd.decode(first, steps)

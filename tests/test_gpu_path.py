@@ -236,7 +236,26 @@ def test_roofline_arithmetic():
     cells = gpu_speed.fmt(row).split()
     assert cells[:6] == ["8", "h2o", "10.0", "-", "6.00", "1.50"] and cells[6] == "graph"
     assert gpu_speed.HEADER.split()[5:9] == ["dec", "ms", "x", "full"]  # the column after dec ms
-    assert {"h2o", "tova"} <= set(gpu_speed.METHODS) and "h2o" not in gpu_speed.KVPRESS_METHODS
+    assert {"h2o", "tova", "cake", "d2o", "lacache"} <= set(gpu_speed.METHODS)
+    assert "h2o" not in gpu_speed.KVPRESS_METHODS
+
+
+def test_bench_forks_the_method_per_decode_without_the_cache(tiny):
+    """bench/gpu_speed.py decodes each pass with its own copy of the method's state (LaCache's cursor moves on)
+    that shares the cache's layers (CAKE refers to them) instead of copying the KV cache."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_speed
+    finally:
+        sys.path.pop(0)
+    _, cache, m, _ = prefilled(tiny, "cake", budget=24, window_size=4)
+    f = gpu_speed.fork_sharing_cache(m, cache)
+    assert f.state is not m.state and f.state["budgets"] == m.state["budgets"]
+    assert all(f.state["layers"][i][0] is cache.kv[i] for i in range(len(cache.kv)))
+    _, cache, m, _ = prefilled(tiny, "lacache", budget=48, span=1, n_sink=4, recent=8)
+    f = gpu_speed.fork_sharing_cache(m, cache)
+    f.state[0][0] += 1
+    assert f.state[0][0] == m.state[0][0] + 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
