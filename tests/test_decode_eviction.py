@@ -261,6 +261,26 @@ def test_d2o_merging_is_detected(tiny):
         same_rows(c1, c2)
 
 
+def test_pooling_by_position_on_ragged_heads():
+    """CAKE's key on the device: per head, the probabilities average-pooled in position order (rows shuffled),
+    as pool1d over the head's rows alone, even where the fixed-width grid reaches into the next head's rows."""
+    from kvbench.method import pool1d
+    from kvbench.methods.kernels.decode_evict import pool_by_position
+    g = torch.Generator().manual_seed(0)
+    lens, starts, T = [5, 9, 3], [0, 5, 16], 21  # heads 0 and 1 touch; spare rows after heads 1 and 2
+    positions = torch.zeros(T, dtype=torch.long)
+    probs = torch.zeros(T)
+    for a, n in zip(starts, lens):
+        positions[a:a + n] = torch.randperm(50, generator=g)[:n]
+        probs[a:a + n] = torch.rand(n, generator=g)
+    got = pool_by_position(probs, positions, torch.tensor(starts), torch.tensor(lens), width=9, kernel_size=5)
+    want = torch.zeros(T)
+    for a, n in zip(starts, lens):
+        order = torch.argsort(positions[a:a + n])
+        want[a + order] = pool1d(probs[a:a + n][order].unsqueeze(0), 5, "avg")[0]
+    torch.testing.assert_close(got, want)
+
+
 def test_finish_leaves_the_engine_loops_cache(tiny):
     """After decoding, the last step's victims are gone (heads hold the cap, as the engine loop leaves them),
     finish() twice changes nothing, and a clone decodes on like the engine loop would (multi-turn)."""

@@ -72,7 +72,7 @@ def pool_by_position(probs: torch.Tensor, positions: torch.Tensor, starts: torch
     p = probs[grid].masked_fill(~valid, 0.0).gather(1, order)  # zeros after a head's rows: pool1d's padding
     pooled = torch.empty_like(p).scatter_(1, order, pool1d(p, kernel_size, "avg")).masked_fill_(~valid, 0.0)
     # each held row appears once in the grid; empty slots (clamped, maybe another head's rows) add 0
-    return torch.zeros_like(probs).index_put_((grid.flatten(),), pooled.flatten(), accumulate=True)
+    return torch.zeros_like(probs).scatter_add_(0, grid.flatten(), pooled.flatten())
 
 
 def merge_victims(keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, grid: torch.Tensor,
