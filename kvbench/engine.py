@@ -179,7 +179,7 @@ class Engine:
         if on_step is not None or max_new_tokens <= 1:
             return "a per-step callback or a single new token"
         name = "the full cache" if method is None else getattr(method, "name", None) or type(method).__name__.lower()
-        return f"{name}: its decode-time hooks, storage format or cache shape (kvbench.fast_decode.supports)"
+        return f"{name}: its decode-time hooks, storage format or cache shape (kvbench.fast_decode.plan)"
 
     # -- one sample ----------------------------------------------------------------------------------
     def _check_length(self, n_prompt: int, q: Query):

@@ -308,6 +308,20 @@ def test_window_triton_matches_ref(g, w, pooling, kernel_size, num_splits, inter
 
 
 @needs_triton
+@pytest.mark.parametrize("g,m", [(1, 37), (3, 37), (4, 20)])
+def test_h2o_scores_take_the_colsum_kernel_on_cuda(g, m, interpret_env):
+    """H2O's accumulated attention (its torch loop, methods/h2o.py) and the Triton kernel it dispatches to on
+    CUDA give the same sums: whole prefills (m = L) and chunks on top of earlier rows (m < L), GQA groups."""
+    from kvbench.methods.h2o import accumulated_attention
+    keys = randn(2, 37, 64, seed=g)
+    q = randn(2 * g, m, 64, seed=m)
+    loop = accumulated_attention(q, keys, 64 ** -0.5, chunk=8)  # CPU tensors: the torch loop
+    got = K.attention_colsum_triton(*to(DEV, q, keys), 64 ** -0.5, block_m=16, block_n=16)
+    assert (got.cpu() - loop).abs().max() < 1e-4
+    assert (K.attention_colsum_ref(q, keys, 64 ** -0.5) - loop).abs().max() < 1e-5
+
+
+@needs_triton
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("g,m", [(1, 37), (4, 37), (8, 20)])
 def test_colsum_triton_matches_ref(causal, g, m, interpret_env):
