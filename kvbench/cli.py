@@ -663,7 +663,7 @@ def _collect(planned: list[dict]) -> list[dict]:
         s = rd.read_summary()
         if s is None:
             busy = _locked_elsewhere(rd)
-            killed = None if busy else _job_error(rd.path)  # a launcher saw its job die (kvbench/launchers.py)
+            killed = None if busy else rd.job_error()  # a launcher saw its job die (kvbench/launchers.py)
             s = {"run_id": rd.hash, "config_hash": rd.hash, "task": cfg["task"]["name"],
                  "method": cfg["method"]["name"], "budget": cfg.get("budget"), "query_aware": cfg.get("query_aware"),
                  "status": "busy" if busy else "failed" if killed else "missing",
@@ -672,14 +672,6 @@ def _collect(planned: list[dict]) -> list[dict]:
                            or f"the job left no summary in {rd.path}: it did not finish")}
         out.append(s)
     return out
-
-
-def _job_error(path: Path) -> str | None:
-    try:
-        from kvbench.launchers import read_job_error
-    except ImportError:  # no hydra-submitit-launcher: no launcher wrote one
-        return None
-    return read_job_error(path)
 
 
 def _locked_elsewhere(rd) -> bool:

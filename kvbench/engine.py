@@ -359,11 +359,12 @@ class Measure:
         self.reused, self.n_ctx = reused, n_ctx
         self.prefill_ms, self.compress_ms = pre.ms, pre.compress_ms
         self.kv_bytes = cache.nbytes() if kv_bytes is None else kv_bytes
-        if cache is not None and len({str(l.keys.device) for l in cache.kv if l is not None and hasattr(l, "keys")}) > 1:
-            for l in cache.kv:
-                if l is not None and hasattr(l, "keys"):
-                    d = str(l.keys.device)
-                    self.kv_bytes_per_device[d] = self.kv_bytes_per_device.get(d, 0) + l.nbytes()
+        per_device: dict[str, int] = {}
+        for layer in (cache.kv if cache is not None else []):
+            if isinstance(layer, LayerKV):
+                d = str(layer.keys.device)
+                per_device[d] = per_device.get(d, 0) + layer.nbytes()
+        self.kv_bytes_per_device = per_device if len(per_device) > 1 else {}  # a model spread over GPUs only
         self.kept = _mean_len(cache) if kept is None else kept
 
     def record(self, sample: Sample, qi: int, q: Query, full_bytes_per_token: int) -> dict:

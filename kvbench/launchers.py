@@ -17,15 +17,10 @@ Everything else (executor, parameters, job arrays, the job function) is the plug
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from unittest import mock
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as plugin
-
-JOB_ERROR = "job_error.json"
 
 
 def _reason(job, exc: BaseException) -> str:
@@ -81,11 +76,7 @@ def record_job_error(launcher, overrides: list[str], reason: str, job_id: str) -
         with open_dict(cfg):
             del cfg["hydra"]  # as Hydra hands the job its config (its hydra.* needs the job's runtime)
         c = OmegaConf.to_container(cfg, resolve=True)
-        rd = run_dir(normalize_config(c))
-        rd.path.mkdir(parents=True, exist_ok=True)
-        tmp = rd.path / f".{JOB_ERROR}.{os.getpid()}"
-        tmp.write_text(json.dumps({"error": reason, "job_id": str(job_id), "overrides": list(overrides)}))
-        tmp.replace(rd.path / JOB_ERROR)
+        run_dir(normalize_config(c)).write_job_error(reason, job_id, list(overrides))
     except Exception as e:  # never lose the sweep over the note itself
         print(f"[kvbench] could not record the failure of job {job_id} ({' '.join(overrides)}): {e}", flush=True)
     print(f"[kvbench] {reason} ({' '.join(overrides)}); rerun the same command to resume it", flush=True)
@@ -97,11 +88,3 @@ _PLUGIN_LAUNCH = plugin.BaseSubmititLauncher.launch
 def install() -> None:
     """Make the submitit launchers (local and SLURM) read each job's result on its own. Idempotent."""
     plugin.BaseSubmititLauncher.launch = _launch_each_on_its_own
-
-
-def read_job_error(path: Path) -> str | None:
-    """The reason a launcher recorded for a run directory's job, if any."""
-    try:
-        return json.loads((Path(path) / JOB_ERROR).read_text()).get("error")
-    except (OSError, ValueError):
-        return None

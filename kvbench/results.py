@@ -263,6 +263,7 @@ class RunDir:
         self.path = Path(root) / sweep / self.hash
         self.records_path = self.path / "records.jsonl"
         self.summary_path = self.path / "summary.json"
+        self.job_error_path = self.path / "job_error.json"  # a launcher saw the job die (kvbench/launchers.py)
         self._lock_fd: int | None = None
 
     def read_summary(self, warn: bool = False) -> dict | None:
@@ -392,6 +393,18 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.summary_path, json.dumps(summary, indent=2, default=str))
+
+    def write_job_error(self, reason: str, job_id: str, overrides: list[str]) -> None:
+        """Why the job that ran this run died without a result (written by its launcher, removed when the run
+        starts again)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.job_error_path, json.dumps({"error": reason, "job_id": str(job_id), "overrides": overrides}))
+
+    def job_error(self) -> str | None:
+        try:
+            return json.loads(self.job_error_path.read_text()).get("error")
+        except (OSError, ValueError):
+            return None
 
 
 def needs_work(summary: dict | None, records: list[dict]) -> bool:

@@ -76,7 +76,7 @@ def take_gpu(cfg: dict) -> dict:
     if gpu is None or not torch.cuda.is_available():
         return {}
     torch.cuda.set_device(gpus.torch_index(gpu))
-    n_jobs = len(gpus.visible(gpus.host_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES")))
+    n_jobs = torch.cuda.device_count()  # the pool: every GPU this process sees, one job on each
     if n_jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         # one job per GPU runs at once: each takes its share of the host's cores (torch's default, every core
         # in every job, oversubscribes the host N times)
@@ -290,7 +290,7 @@ def _execute_locked(cfg: dict, rd: RunDir, force: bool) -> dict:
         return {**done, "_skipped": True, "_dir": str(rd.path)}
     rd.start(force=force)
     rd.summary_path.unlink(missing_ok=True)  # a stale summary must not mark a half-redone run complete
-    (rd.path / "job_error.json").unlink(missing_ok=True)  # a launcher's note that its last job was killed
+    rd.job_error_path.unlink(missing_ok=True)  # a launcher's note that its last job was killed
     records = rd.resume_records()
     setup: dict = {}       # one-time costs, measured apart from every recorded timing
     conditions: dict = {}  # the machine the run is timed on (each record carries it)

@@ -22,28 +22,10 @@ from kvbench.engine import Engine
 from kvbench.fast_decode import FastDecoder
 from kvbench.method import build_method
 from kvbench.metrics import attention_flops
-from kvbench.models import load_model
+from test_gpu_path import _NoTokenizer, random_ids, tiny  # noqa: F401  (tiny: the same model fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CTX, N_QUESTION, STEPS = 100, 9, 31
-
-
-class _NoTokenizer:  # the engine reads only these two attributes; prompts here are raw token ids
-    eos_token_id = None
-    chat_template = None
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    lm = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
-    lm.tokenizer = _NoTokenizer()
-    return lm
-
-
-def random_ids(n, seed, vocab=40000):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, vocab, (n,), generator=g).tolist()
-
 
 DUO_GATES = {"data": {"gates": [[0.9, 0.1], [0.2, 0.8]]}}  # retrieval heads (0, 0) and (1, 1): no profiling
 
@@ -390,7 +372,8 @@ def test_triton_probabilities_and_step_match_reference():
     """Triton (interpreter) vs torch reference: the decode kernel's probabilities (ragged heads, GQA groups,
     log-weights, softcap, window), then the whole in-place step with eviction vs the engine loop."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",  # tests/: this module imports test_gpu_path
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", _TRITON], env=env, capture_output=True, text=True, timeout=300,
                        cwd=ROOT)
     assert "PROBS_OK" in r.stdout and "STEP_OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

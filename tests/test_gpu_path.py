@@ -36,9 +36,9 @@ def tiny():
     return lm
 
 
-def random_ids(n, seed=0):
+def random_ids(n, seed=0, vocab=40000):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, 40000, (n,), generator=g).tolist()
+    return torch.randint(10, vocab, (n,), generator=g).tolist()
 
 
 def prefilled(lm, name, n=120, budget=40, **knobs):
