@@ -248,10 +248,15 @@ def decode_evict(probs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """After a step's attention: the scores accumulate, every head over its cap (caps: (h,)) removes its
     victim, `repeat` times (methods/kernels/decode_evict.py). probs: the step's (T,) probabilities, or empty
     if unused; ranks / done: a scheduled rank's ranks and each head's removals so far; tau: D2O's merge
-    thresholds (h,), moved on with weight beta."""
-    from kvbench.methods.kernels import evict_rows
-    evict_rows(probs if probs.numel() else None, keys, values, positions, starts, lengths, score, log_weight, q_pos,
-               caps, width, repeat, rank, n_sink, recent, shared, pool, ranks, done, tau, beta)
+    thresholds (h,), moved on with weight beta. The common case (kernels.fused_evict_ok) takes one Triton
+    launch where the decode kernel is Triton; the rest, and the CPU, the torch ops."""
+    from kvbench.methods import kernels
+    args = (probs if probs.numel() else None, keys, values, positions, starts, lengths, score, log_weight, q_pos,
+            caps, width, repeat, rank, n_sink, recent, shared, pool, ranks, done, tau, beta)
+    if attention._decode_kernel(keys) == "triton" and kernels.fused_evict_ok(rank, pool, tau, repeat, shared, score):
+        kernels.evict_rows_triton(*args)
+    else:
+        kernels.evict_rows(*args)
 
 
 @decode_evict.register_fake

@@ -23,12 +23,18 @@ rows in the engine loop's order, so equal keys (rows outside a sliding window al
 the same victim. Each step removes one row per head holding more than `cap`; the first step over a question
 fed on top of the compressed context repeats it until every head is back to cap (no key changes between
 removals but the moved rows', as in the engine loop's `while` over argmin).
+
+`evict_rows` is the torch version (every case, ~25 small ops per layer); `evict_rows_triton` does the common
+case (`fused_evict_ok`: ranks position / attention / score, no pooling, no merging, at most one removal) in
+one launch per layer, with the same effect bit for bit.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from . import HAS_TRITON, check_layout, check_triton_inputs, next_pow2
 
 RANKS = ("position", "attention", "score", "scheduled")
 
@@ -138,3 +144,240 @@ def evict_rows(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Ten
         lengths.sub_(full.long())
         if done is not None:
             done.add_(full.long())
+
+
+# --- the fused common case: one Triton launch per layer --------------------------------------------------
+
+FUSED_RANKS = ("position", "attention", "score")
+
+
+def _unfused_option(rank: str, pool: int, tau, repeat: int, shared: bool, score) -> str | None:
+    """The option that keeps a call off the fused kernel (None: the kernel does it)."""
+    if rank not in FUSED_RANKS:
+        return f"rank={rank!r} (fused: {', '.join(FUSED_RANKS)})"
+    if pool > 1:
+        return f"pool={pool} (fused: pool <= 1)"
+    if tau is not None:
+        return "tau (D2O's merging)"
+    if repeat not in (0, 1):
+        return f"repeat={repeat} (fused: 0 or 1)"
+    if shared and (rank == "score" or score is not None):
+        return "shared with a score (fused: shared ranks position / attention, no score)"
+    return None
+
+
+def fused_evict_ok(rank: str, pool: int, tau, repeat: int, shared: bool, score) -> bool:
+    """Whether `evict_rows_triton` does this call (else `evict_rows`)."""
+    return _unfused_option(rank, pool, tau, repeat, shared, score) is None
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _protected(pos, ok, q_pos, n_sink, recent, HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr):
+        """Rows that are never evicted: outside the head (or the grid's width), sinks, the recent window."""
+        blocked = ~ok
+        if HAS_SINK:
+            blocked = blocked | (pos < n_sink)
+        if HAS_RECENT:
+            blocked = blocked | (pos > q_pos - recent)
+        return blocked
+
+    @triton.jit
+    def _shared_term(j, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr, q_pos, n_sink, recent,
+                     RANK: tl.constexpr, HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr):
+        """Head j's (blocked, key) at local rows r; a head past the last adds 0 and blocks nothing."""
+        there = j < n_heads
+        start = tl.load(starts_ptr + j, mask=there, other=0)
+        length = tl.load(lengths_ptr + j, mask=there, other=0)
+        ok = (r < length) & (r < width)
+        pos = tl.load(pos_ptr + start + r, mask=ok, other=0)
+        if RANK == 0:
+            val = pos
+        else:
+            val = tl.load(probs_ptr + start + r, mask=ok, other=0.0)
+        blocked = _protected(pos, ok, q_pos, n_sink, recent, HAS_SINK, HAS_RECENT) & there
+        return blocked, tl.where(blocked | ~there, tl.zeros_like(val), val)
+
+    @triton.jit
+    def _move_row(h, victim, k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, starts_ptr,
+                  lengths_ptr, caps_ptr, stride_kt, stride_vt, D, HAS_PROBS: tl.constexpr,
+                  HAS_SCORE: tl.constexpr, HAS_LOGW: tl.constexpr, HAS_DONE: tl.constexpr, D_PAD: tl.constexpr):
+        """LayerKV.remove for head h if it holds more than its cap: its last row moves into row `victim`, the
+        freed row's score and log-weight become 0, the length drops by one."""
+        start = tl.load(starts_ptr + h)
+        length = tl.load(lengths_ptr + h)
+        full = length > tl.load(caps_ptr + h)
+        src = start + length - 1
+        dst = start + victim
+        moved = full & (dst != src)  # a last-row victim is a self-copy (a no-op); its score is still zeroed
+        offs_d = tl.arange(0, D_PAD)
+        cols = offs_d < tl.where(moved, D, 0)  # (a scalar & a vector mask trips the interpreter)
+        k = tl.load(k_ptr + src * stride_kt + offs_d, mask=cols)
+        v = tl.load(v_ptr + src * stride_vt + offs_d, mask=cols)
+        pos = tl.load(pos_ptr + src, mask=moved)
+        if HAS_PROBS:
+            p = tl.load(probs_ptr + src, mask=moved)
+        if HAS_SCORE:
+            s = tl.load(score_ptr + src, mask=moved)
+        if HAS_LOGW:
+            w = tl.load(lw_ptr + src, mask=moved)
+        if HAS_DONE:
+            n_done = tl.load(done_ptr + h)
+        tl.debug_barrier()  # every thread has read the last row (and the counter) before any thread writes
+        tl.store(k_ptr + dst * stride_kt + offs_d, k, mask=cols)
+        tl.store(v_ptr + dst * stride_vt + offs_d, v, mask=cols)
+        tl.store(pos_ptr + dst, pos, mask=moved)
+        if HAS_PROBS:
+            tl.store(probs_ptr + dst, p, mask=moved)
+        if HAS_SCORE:
+            tl.store(score_ptr + dst, s, mask=moved)
+            tl.store(score_ptr + src, tl.zeros_like(s), mask=full)
+        if HAS_LOGW:
+            tl.store(lw_ptr + dst, w, mask=moved)
+            tl.store(lw_ptr + src, tl.zeros_like(w), mask=full)
+        tl.store(lengths_ptr + h, length - 1, mask=full)
+        if HAS_DONE:
+            tl.store(done_ptr + h, n_done + 1, mask=full)
+
+    @triton.jit
+    def _evict_kernel(k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, starts_ptr, lengths_ptr,
+                      caps_ptr, qpos_ptr, stride_kt, stride_vt, D, n_heads, width, n_sink, recent,
+                      RANK: tl.constexpr, SHARED: tl.constexpr, REPEAT: tl.constexpr, HAS_PROBS: tl.constexpr,
+                      HAS_SCORE: tl.constexpr, HAS_LOGW: tl.constexpr, HAS_DONE: tl.constexpr,
+                      HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, BLOCK: tl.constexpr,
+                      D_PAD: tl.constexpr):
+        """`evict_rows` with repeat <= 1, ranks position (RANK 0) / attention (1) / score (2), no pooling or
+        merging, fused: score += probs, the victims' keys and argmin, and the row moves of LayerKV.remove.
+        grid: (n_heads,), one program per head; SHARED: (1,), one program for the layer, since every head
+        reads every head's keys and the moves of one head must not race with the others' reads."""
+        offs = tl.arange(0, BLOCK)
+        q_pos = 0
+        if HAS_RECENT:
+            q_pos = tl.load(qpos_ptr)
+        best = tl.full([], float("inf"), tl.float64)  # running (min key, first local row holding it)
+        victim = tl.full([], 0, tl.int64)  # all keys +inf: row 0, as torch's argmin
+        if SHARED:
+            # one key per local row: the sum over heads (+inf if any head protects the row), summed in
+            # torch's CUDA order (ATen Reduce.cuh: 4 interleaved accumulators combined in order; for up to 4
+            # heads the plain order, the CPU's too); positions are integers, exact in any order
+            n = tl.minimum(tl.load(lengths_ptr), width)  # rows past head 0's are +inf in the sum
+            for r0 in range(0, n, BLOCK):
+                r = r0 + offs
+                blocked, acc0 = _shared_term(0, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
+                                             q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
+                b, acc1 = _shared_term(1, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
+                                       q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
+                blocked = blocked | b
+                b, acc2 = _shared_term(2, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
+                                       q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
+                blocked = blocked | b
+                b, acc3 = _shared_term(3, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
+                                       q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
+                blocked = blocked | b
+                for j0 in range(4, n_heads, 4):  # accumulator i takes heads i, i + 4, ...
+                    b, v = _shared_term(j0, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
+                                        q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
+                    blocked = blocked | b
+                    acc0 = acc0 + v
+                    b, v = _shared_term(j0 + 1, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
+                                        q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
+                    blocked = blocked | b
+                    acc1 = acc1 + v
+                    b, v = _shared_term(j0 + 2, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
+                                        q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
+                    blocked = blocked | b
+                    acc2 = acc2 + v
+                    b, v = _shared_term(j0 + 3, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
+                                        q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
+                    blocked = blocked | b
+                    acc3 = acc3 + v
+                key = tl.where(blocked, float("inf"), (((acc0 + acc1) + acc2) + acc3).to(tl.float64))
+                low = tl.min(key, 0)
+                better = low < best  # strictly: an equal key later on never beats the first
+                victim = tl.where(better, r0 + tl.argmin(key, 0, tie_break_left=True), victim)
+                best = tl.where(better, low, best)
+            if REPEAT:
+                tl.debug_barrier()  # all heads' keys are read before any head's rows move
+                for j in range(0, n_heads):
+                    _move_row(j, victim, k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr,
+                              starts_ptr, lengths_ptr, caps_ptr, stride_kt, stride_vt, D, HAS_PROBS, HAS_SCORE,
+                              HAS_LOGW, HAS_DONE, D_PAD)
+        else:
+            h = tl.program_id(0)
+            start = tl.load(starts_ptr + h)
+            length = tl.load(lengths_ptr + h)
+            for r0 in range(0, length, BLOCK):  # every held row: the score grows past the grid's width too
+                r = r0 + offs
+                ok = r < length
+                pos = tl.load(pos_ptr + start + r, mask=ok, other=0)
+                if RANK == 1 or HAS_SCORE:
+                    p = tl.load(probs_ptr + start + r, mask=ok, other=0.0)
+                if HAS_SCORE:  # rows outside the heads have probability 0: only held rows change
+                    s = tl.load(score_ptr + start + r, mask=ok, other=0.0) + p
+                    tl.store(score_ptr + start + r, s, mask=ok)
+                if REPEAT:
+                    if RANK == 0:
+                        val = pos.to(tl.float64)  # exact: positions < 2**53
+                    elif RANK == 1:
+                        val = p.to(tl.float64)  # widening keeps order and ties
+                    else:
+                        val = s.to(tl.float64)
+                    blocked = _protected(pos, ok & (r < width), q_pos, n_sink, recent, HAS_SINK, HAS_RECENT)
+                    key = tl.where(blocked, float("inf"), val)
+                    low = tl.min(key, 0)
+                    better = low < best
+                    victim = tl.where(better, r0 + tl.argmin(key, 0, tie_break_left=True), victim)
+                    best = tl.where(better, low, best)
+            if REPEAT:
+                tl.debug_barrier()  # the score stores above are seen by the threads that move the last row
+                _move_row(h, victim, k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, starts_ptr,
+                          lengths_ptr, caps_ptr, stride_kt, stride_vt, D, HAS_PROBS, HAS_SCORE, HAS_LOGW,
+                          HAS_DONE, D_PAD)
+
+
+def evict_rows_triton(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
+                      positions: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                      score: torch.Tensor | None, log_weight: torch.Tensor | None, q_pos: torch.Tensor,
+                      caps: torch.Tensor, width: int, repeat: int, rank: str, n_sink: int = 0, recent: int = 0,
+                      shared: bool = False, pool: int = 0, ranks: torch.Tensor | None = None,
+                      done: torch.Tensor | None = None, tau: torch.Tensor | None = None, beta: float = 0.0,
+                      block: int | None = None, num_warps: int = 4) -> None:
+    """`evict_rows` in one launch, for the calls `fused_evict_ok` accepts (ValueError names the option of any
+    other). Same arguments and effect; `probs` must be 0 on rows outside the heads (the decode kernel's are),
+    as only held rows' scores are updated. No host sync: capturable in a CUDA graph. block: rows per tile."""
+    why = _unfused_option(rank, pool, tau, repeat, shared, score)
+    if why is not None:
+        raise ValueError(f"evict_rows_triton does not fuse {why}; use evict_rows")
+    if probs is not None and probs.numel() == 0:
+        probs = None
+    if probs is None and (rank == "attention" or score is not None):
+        raise ValueError(f"rank={rank!r} with score={score is not None} needs the step's probabilities")
+    if rank == "score" and score is None:
+        raise ValueError("rank='score' needs score (T,)")
+    check_layout(keys, starts, lengths, values)
+    n_rows = keys.shape[0]
+    for name, t in (("positions", positions), ("probs", probs), ("score", score), ("log_weight", log_weight)):
+        if t is not None and t.shape != (n_rows,):
+            raise ValueError(f"{name} {tuple(t.shape)} must have one entry per row of keys ({n_rows},)")
+    if caps.shape != starts.shape or q_pos.numel() != 1:
+        raise ValueError(f"caps {tuple(caps.shape)} must be ({starts.numel()},), q_pos one position")
+    if repeat == 0 and score is None:
+        return  # nothing accumulates, nothing is removed
+    extra = [t for t in (probs, score, log_weight, done) if t is not None]
+    check_triton_inputs(keys, values, positions, starts, lengths, caps, q_pos, *extra)
+    n_heads, d = starts.numel(), keys.shape[1]
+    if block is None:  # a head's rows in a few tiles (width: about the most an evicting head holds)
+        block = max(32, min(1024, next_pow2(width)))
+    # no two warps hold one row's score: a copy loaded after another warp's `score += probs` would be wrong
+    num_warps = max(1, min(num_warps, block // 32))
+    _evict_kernel[(1 if shared else n_heads,)](
+        keys, values, positions, probs if probs is not None else positions,  # unused pointers: any will do
+        score if score is not None else positions, log_weight if log_weight is not None else positions,
+        done if done is not None else lengths, starts, lengths, caps, q_pos, keys.stride(0), values.stride(0), d,
+        n_heads, int(width), int(n_sink), int(recent), RANK=FUSED_RANKS.index(rank), SHARED=bool(shared),
+        REPEAT=bool(repeat), HAS_PROBS=probs is not None, HAS_SCORE=score is not None,
+        HAS_LOGW=log_weight is not None, HAS_DONE=done is not None, HAS_SINK=bool(n_sink),
+        HAS_RECENT=bool(recent), BLOCK=block, D_PAD=max(16, next_pow2(d)), num_warps=num_warps)

@@ -1,0 +1,223 @@
+"""The fused decode-time eviction kernel (methods/kernels/decode_evict.py: `evict_rows_triton`) against the
+torch ops it replaces (`evict_rows`): bit for bit on every tensor either mutates, over random ragged layouts
+and the edge cases of the victim choice; and a few fast-decoder steps of H2O and TOVA through the custom op's
+Triton dispatch.
+
+The Triton parts run under TRITON_INTERPRET=1 in a subprocess (it must be set before triton is imported, and
+other test modules may have imported it already); the subprocess imports this module and calls its `_check_*`
+functions.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvbench.methods.kernels.decode_evict import evict_rows, evict_rows_triton, fused_evict_ok
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_CAP = 2 ** 62
+MUTATED = ("keys", "values", "positions", "probs", "score", "log_weight", "lengths", "done")
+
+
+def _layout(g, lens, d, equal_positions=False, dtype=torch.float32):
+    """A ragged cache: heads in a random order in the buffer, spare rows before, between and after them;
+    distinct positions per head, rows not in position order. Probabilities on a coarse grid (ties, many 0s),
+    0 outside the heads; score and log-weights everywhere (rows outside the heads must stay as they are)."""
+    order = torch.randperm(len(lens), generator=g).tolist()
+    starts, row = [0] * len(lens), int(torch.randint(0, 4, (1,), generator=g))
+    for h in order:
+        starts[h] = row
+        row += lens[h] + int(torch.randint(0, 4, (1,), generator=g))
+    T = row + 1
+    positions = torch.randint(0, 300, (T,), generator=g)
+    probs = torch.zeros(T)
+    shared_pos = torch.randperm(60, generator=g)[:max(lens, default=0)]
+    for h, (a, n) in enumerate(zip(starts, lens)):
+        positions[a:a + n] = shared_pos[:n] if equal_positions else torch.randperm(60, generator=g)[:n]
+        probs[a:a + n] = torch.randint(0, 4, (n,), generator=g).float() / 8  # a quarter of the rows at 0
+    t = dict(keys=torch.randn(T, d, generator=g).to(dtype), values=torch.randn(T, d, generator=g).to(dtype),
+             positions=positions, probs=probs,
+             score=torch.randint(0, 16, (T,), generator=g).float() / 16,  # coarse: sums tie too
+             log_weight=torch.randn(T, generator=g), starts=torch.tensor(starts), lengths=torch.tensor(lens),
+             done=torch.randint(0, 5, (len(lens),), generator=g))
+    return t, 60  # q_pos: every position is older
+
+
+def _run_both(t, q_pos, caps, width, repeat, rank, n_sink=0, recent=0, shared=False, with_probs=True,
+              with_score=True, with_logw=True, with_done=False, block=16):
+    """Both versions on copies of t; asserts every mutated tensor equal, returns the reference's copy."""
+    results = []
+    for fn in (evict_rows, evict_rows_triton):
+        c = {k: v.clone() for k, v in t.items()}
+        kw = dict(block=block) if fn is evict_rows_triton else {}
+        fn(c["probs"] if with_probs else None, c["keys"], c["values"], c["positions"], c["starts"], c["lengths"],
+           c["score"] if with_score else None, c["log_weight"] if with_logw else None,
+           torch.tensor([q_pos]), torch.tensor(caps), width, repeat, rank, n_sink, recent, shared,
+           done=c["done"] if with_done else None, **kw)
+        results.append(c)
+    want, got = results
+    case = dict(lens=t["lengths"].tolist(), caps=caps, width=width, repeat=repeat, rank=rank, n_sink=n_sink,
+                recent=recent, shared=shared, probs=with_probs, score=with_score, logw=with_logw, block=block)
+    for name in MUTATED:
+        assert torch.equal(got[name], want[name]), (name, case, got[name], want[name])
+    return want
+
+
+def _check_random_layouts(n_cases=120):
+    """Random layouts x every fused option, against evict_rows."""
+    g = torch.Generator().manual_seed(0)
+    moved = 0
+    for case in range(n_cases):
+        rank = ("position", "attention", "score")[case % 3]
+        shared = case % 5 == 4 and rank != "score"
+        n_heads = int(torch.randint(1, 5 if shared else 7, (1,), generator=g))
+        if shared:  # equal lengths, the same positions in the same rows
+            lens = [int(torch.randint(0, 30, (1,), generator=g))] * n_heads
+        else:
+            lens = torch.randint(0, 40, (n_heads,), generator=g).tolist()
+        d = (8, 16, 20)[case % 3]
+        t, q_pos = _layout(g, lens, d, equal_positions=shared, dtype=torch.bfloat16 if case % 7 == 0 else torch.float32)
+        # caps: some heads over (by one or more), some at or under it, some never evicting
+        caps = [max(0, n - int(torch.randint(-1, 3, (1,), generator=g))) if i % 3 else NO_CAP
+                for i, n in enumerate(lens)]
+        if shared:
+            caps = [max(0, lens[0] - 1)] * n_heads
+        evicting = [n for n, c in zip(lens, caps) if n > c]
+        width = max(evicting + [1]) if case % 2 else max(lens + [1])  # non-evicting heads may hold more
+        score = rank == "score" or (not shared and case % 4 == 1)
+        want = _run_both(t, q_pos, caps, width, repeat=int(case % 9 != 0), rank=rank,
+                         n_sink=(0, 3, 20)[case % 3 if case % 2 else 0], recent=(0, 5, 70)[(case // 3) % 3],
+                         shared=shared, with_probs=rank != "position" or score or case % 2 == 0,
+                         with_score=score, with_logw=case % 3 != 2, with_done=case % 4 == 3,
+                         block=(16, 32, 1024)[case % 3])
+        moved += int((want["lengths"] != t["lengths"]).sum())
+    assert moved > n_cases // 2, moved  # the cases do remove rows
+
+
+def _check_edge_cases():
+    """The victim is the last row; every row protected; ties; repeat 0; an empty head; a head of one row."""
+    g = torch.Generator().manual_seed(1)
+    t, q_pos = _layout(g, [6, 9, 0, 1], 16)
+    a, n = int(t["starts"][1]), 9
+    # position: head 1's last row is its oldest -> a self-copy, then its score and log-weight zeroed
+    t["positions"][a:a + n] = torch.arange(n, 0, -1) + 10
+    want = _run_both(t, q_pos, [5, 8, NO_CAP, 0], 9, 1, "position")
+    assert want["score"][a + n - 1] == 0 and want["lengths"].tolist() == [5, 8, 0, 0]
+    # attention: the last row alone has the lowest probability
+    t["probs"][a:a + n] = torch.linspace(1.0, 0.5, n)
+    _run_both(t, q_pos, [6, 8, NO_CAP, 1], 9, 1, "attention")
+    # all protected (sinks, then the recent window): victim row 0, the last row moves there
+    want = _run_both(t, q_pos, [5, 8, NO_CAP, 0], 9, 1, "position", n_sink=1000)
+    assert torch.equal(want["keys"][a], t["keys"][a + n - 1])
+    _run_both(t, q_pos, [5, 8, NO_CAP, 0], 9, 1, "score", recent=1000)
+    # ties: all probabilities 0 -> the first row; equal scores after the update; tiles of 16 rows
+    t["probs"].zero_()
+    _run_both(t, q_pos, [5, 8, NO_CAP, 0], 9, 1, "attention", block=16)
+    t["score"].fill_(0.25)
+    _run_both(t, q_pos, [5, 8, NO_CAP, 0], 9, 1, "score", n_sink=12, block=16)
+    # repeat 0: the scores accumulate, nothing moves
+    want = _run_both(t, q_pos, [0, 0, NO_CAP, 0], 9, 0, "score")
+    assert torch.equal(want["lengths"], t["lengths"])
+    # a tie across tiles: the lowest key in tile 0 and again in tile 2 -> tile 0's row
+    t, q_pos = _layout(g, [40], 16)
+    t["probs"][int(t["starts"][0]):int(t["starts"][0]) + 40] = 0.5
+    t["probs"][int(t["starts"][0]) + 7] = t["probs"][int(t["starts"][0]) + 35] = 0.125
+    want = _run_both(t, q_pos, [39], 40, 1, "attention", block=16)
+    assert want["positions"][int(t["starts"][0]) + 7] == t["positions"][int(t["starts"][0]) + 39]
+    # shared: the keys summed over heads, sinks and the recent window by position; every head drops one row
+    for rank in ("position", "attention"):
+        t, q_pos = _layout(g, [20] * 4, 16, equal_positions=True)
+        _run_both(t, q_pos, [19] * 4, 20, 1, rank, n_sink=5, recent=8, shared=True, with_score=False, block=16)
+    # the float32 sum over heads in the reference's order: every row holds the same values, permuted over the
+    # heads, so the sums differ only by rounding and the order decides the victim
+    for n_heads, seed in ((3, 6), (4, 9)):  # seeds where another order picks another victim
+        gs = torch.Generator().manual_seed(seed)
+        vals = torch.rand(n_heads, generator=gs)
+        x = vals[torch.stack([torch.randperm(n_heads, generator=gs) for _ in range(24)], 1)]  # (heads, rows)
+        assert (((x[0] + x[2]) + x[1]) + x[3:].sum(0)).argmin() != x.sum(0).argmin()  # the case has teeth
+        t, q_pos = _layout(g, [24] * n_heads, 16, equal_positions=True)
+        for h in range(n_heads):
+            t["probs"][int(t["starts"][h]):int(t["starts"][h]) + 24] = x[h]
+        _run_both(t, q_pos, [23] * n_heads, 24, 1, "attention", shared=True, with_score=False, block=16)
+    t, q_pos = _layout(g, [20] * 8, 16, equal_positions=True)  # positions are integers: any head count is exact
+    _run_both(t, q_pos, [19] * 8, 20, 1, "position", shared=True, with_score=False, with_probs=False)
+
+
+def _check_decoder_steps():
+    """H2O and TOVA through the fast decoder with attention.DECODE_KERNEL="triton" (the fused eviction) keep
+    the positions of the same decoder on the torch path (the first step, over a question, repeats the removal:
+    torch ops; the later ones take the kernel)."""
+    import test_decode_eviction as T
+    from kvbench import attention
+    from kvbench.methods import kernels
+    from kvbench.models import load_model
+    lm = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
+    lm.tokenizer = T._NoTokenizer()
+    calls = []
+    fused = kernels.evict_rows_triton
+    kernels.evict_rows_triton = lambda *a, **k: (calls.append(1), fused(*a, **k))[1]
+    for name in ("h2o", "tova"):
+        runs = []
+        for kernel in ("ref", "triton"):
+            _, cache, method, logits = T.with_question(lm, name, budget=24)
+            attention.DECODE_KERNEL = kernel
+            try:
+                ids, _ = T.fast(lm, cache, method, logits, steps=6)
+            finally:
+                attention.DECODE_KERNEL = "auto"
+            runs.append((ids, cache))
+        (ids_ref, c_ref), (ids_tri, c_tri) = runs
+        assert ids_tri == ids_ref, (name, ids_tri, ids_ref)
+        for a, b in zip(c_ref.kv, c_tri.kv):
+            assert torch.equal(a.lengths, b.lengths)
+            for h in range(a.n_heads):
+                assert torch.equal(a.head(h)[2], b.head(h)[2]), (name, h)  # same positions, same rows
+    assert len(calls) == 2 * 2 * 4, len(calls)  # 2 methods x 2 layers x the 4 steps after the first
+
+
+def _interpreted(*checks):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    code = "import test_evict_kernel as T\n" + "".join(f"T.{c}()\nprint('{c} OK')\n" for c in checks)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    for c in checks:
+        assert f"{c} OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_fused_kernel_matches_evict_rows():
+    """Random ragged layouts and the victim's edge cases: every mutated tensor equal (torch.equal)."""
+    _interpreted("_check_random_layouts", "_check_edge_cases")
+
+
+def test_decoder_steps_take_the_fused_kernel():
+    """H2O and TOVA decode steps through the custom op keep the torch path's positions (see _check_decoder_steps)."""
+    _interpreted("_check_decoder_steps")
+
+
+UNFUSED = [  # (option, what the error names)
+    (dict(pool=5), "pool"),
+    (dict(tau=torch.zeros(2, dtype=torch.float64)), "tau"),
+    (dict(rank="scheduled"), "scheduled"),
+    (dict(repeat=2), "repeat"),
+    (dict(shared=True), "shared"),                   # with a score
+    (dict(shared=True, rank="score"), "shared"),
+]
+
+
+@pytest.mark.parametrize("opts,word", UNFUSED, ids=[w + str(i) for i, (_, w) in enumerate(UNFUSED)])
+def test_unfused_options_are_rejected(opts, word):
+    """fused_evict_ok says no, and evict_rows_triton raises naming the option (before touching anything)."""
+    base = dict(rank="attention", pool=0, tau=None, repeat=1, shared=False)
+    args = {**base, **opts}
+    t, q_pos = _layout(torch.Generator().manual_seed(0), [5, 7], 16)
+    assert fused_evict_ok(**base, score=t["score"])
+    assert not fused_evict_ok(**args, score=t["score"])
+    with pytest.raises(ValueError, match=word):
+        evict_rows_triton(t["probs"], t["keys"], t["values"], t["positions"], t["starts"], t["lengths"], t["score"],
+                          None, torch.tensor([q_pos]), torch.tensor([4, 6]), 7, args["repeat"], args["rank"],
+                          shared=args["shared"], pool=args["pool"], tau=args["tau"])
+    assert fused_evict_ok("attention", 1, None, 0, True, None)  # pool 1 is no pooling; shared without a score
