@@ -1,0 +1,144 @@
+"""bench/sweep_vs_kvpress.py's pure parts: compression ratio, samples/s, reading kvbench's records, the table.
+No model runs and kvpress is never imported."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sv():
+    spec = importlib.util.spec_from_file_location("sweep_vs_kvpress", ROOT / "bench" / "sweep_vs_kvpress.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_module_import_is_light(sv):
+    src = (ROOT / "bench" / "sweep_vs_kvpress.py").read_text()
+    top = [l for l in src.splitlines() if l.startswith(("import ", "from "))]
+    assert not any(m in l for l in top for m in ("torch", "kvpress", "kvbench", "transformers"))
+
+
+def test_compression_ratio(sv):
+    assert sv.compression_ratio(256, 1024) == pytest.approx(0.75)
+    assert sv.compression_ratio(256, 4000) == pytest.approx(1 - 256 / 4000)
+    assert sv.compression_ratio(256, 200) == 0.0      # context smaller than the budget: nothing dropped
+    assert sv.compression_ratio(256, 256) == 0.0
+    assert sv.compression_ratio(256, 0) == 0.0
+    # kvpress keeps int(n * (1 - r)) tokens: the budget, up to rounding
+    for n in (895, 3900, 7900):
+        r = sv.compression_ratio(256, n)
+        assert abs(n * (1 - r) - 256) < 1e-6
+
+
+def test_samples_per_s_and_ratio(sv):
+    assert sv.samples_per_s(600, 300.0) == pytest.approx(2.0)
+    assert sv.samples_per_s(600, 0) is None
+    assert sv.samples_per_s(600, None) is None
+    assert sv.speed_ratio(4.0, 2.0) == pytest.approx(2.0)
+    assert sv.speed_ratio(None, 2.0) is None
+    assert sv.speed_ratio(4.0, 0) is None
+
+
+def _write_run(root: Path, name: str, method: str, recs: list[dict], summary: dict | None = None, torn=False):
+    d = root / "default" / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(f"method:\n  name: {method}\nbudget: 256\n")
+    lines = [json.dumps(r) for r in recs]
+    (d / "records.jsonl").write_text("\n".join(lines) + "\n" + ('{"sample_id": "x", "sta' if torn else ""))
+    if summary is not None:
+        (d / "summary.json").write_text(json.dumps(summary))
+
+
+def _rec(sid, length, subset, score, status="ok", ctx=900, q=40):
+    return {"sample_id": sid, "query_idx": 0, "status": status, "score": score if status == "ok" else None,
+            "context_tokens": ctx if status == "ok" else None, "question_tokens": q if status == "ok" else None,
+            "meta": {"length": length, "subtask": subset}}
+
+
+def test_read_kvbench_records(sv, tmp_path):
+    _write_run(tmp_path, "aaa", "full", [_rec("a", 4096, "niah_single_1", 1.0), _rec("b", 8192, "niah_single_1", 0.0)],
+               {"wall_s": 10.0, "setup": {"warmup_ms": 1000.0, "model_load_ms": 2000.0}})
+    _write_run(tmp_path, "bbb", "snapkv", [_rec("a", 4096, "niah_single_1", 1.0),
+                                            _rec("b", 8192, "niah_single_1", None, status="failed")],
+               {"wall_s": 5.0, "setup": {"warmup_ms": 500.0}}, torn=True)
+    records, summaries = sv.read_kvbench_records(tmp_path)
+    assert len(records) == 4  # the torn last line is skipped
+    assert sorted({r["_method"] for r in records}) == ["full", "snapkv"]
+    assert sv.kvbench_loop_s(summaries) == pytest.approx((10 - 3) + (5 - 0.5))
+    rows = sv.normalize_kvbench(records)
+    s = sv.summarize(rows)
+    assert s[("full", 4096)] == dict(samples=1, failed=0, accuracy=100.0, prompt_tokens=940.0)
+    assert s[("snapkv", 8192)]["failed"] == 1 and s[("snapkv", 8192)]["accuracy"] is None
+    assert sv.mean_prompt_tokens(rows) == pytest.approx(940.0)
+
+
+def test_kvbench_loop_s_missing(sv):
+    assert sv.kvbench_loop_s([]) is None
+    assert sv.kvbench_loop_s([{"setup": {}}]) is None
+
+
+def test_table_from_fake_rows(sv):
+    def rows(method, scores, failed=0):
+        out = [dict(method=method, length=4096, subset="niah_single_1", ok=True, score=s, prompt_tokens=3900)
+               for s in scores]
+        return out + [dict(method=method, length=4096, subset="niah_single_1", ok=False, score=None,
+                           prompt_tokens=None)] * failed
+    per_fw = {"kvbench": dict(rows=rows("full", [1, 1]) + rows("snapkv", [1, 0]), wall_s=2.0, loop_s=1.0),
+              "kvpress": dict(rows=rows("full", [1, 0]) + rows("snapkv", [0, 0], failed=0), wall_s=8.0, loop_s=4.0)}
+    t = sv.totals(per_fw)
+    assert t["kvbench"]["samples_per_s"] == pytest.approx(2.0)
+    assert t["kvpress"]["samples_per_s"] == pytest.approx(0.5)
+    assert t["kvbench"]["loop_samples_per_s"] == pytest.approx(4.0)
+    table = sv.build_table(per_fw, ["full", "snapkv"])
+    lines = table.splitlines()
+    assert any(l.split()[:3] == ["kvbench", "full", "4096"] and "100.0" in l for l in lines)
+    assert any(l.split()[:3] == ["kvpress", "snapkv", "4096"] and "0.0" in l for l in lines)
+    assert "end to end 4.00x" in table and "loop only 4.00x" in table
+
+
+def test_table_counts_failures(sv):
+    per_fw = {"kvpress": dict(rows=[dict(method="adakv", length=8192, subset="s", ok=False, score=None,
+                                         prompt_tokens=None)] * 3, wall_s=3.0, loop_s=None)}
+    table = sv.build_table(per_fw, ["adakv"])
+    row = next(l for l in table.splitlines() if l.startswith("kvpress   adakv"))
+    assert row.split()[3:6] == ["3", "3", "-"]
+    assert sv.totals(per_fw)["kvpress"]["failed"] == 3
+    assert "kvbench/kvpress" not in table  # no ratio with one side only
+
+
+class _Tok:
+    """A tokenizer stub with a chat template rendered like SmolLM2's (the user message verbatim)."""
+    chat_template = "x"
+    bos_token = "<s>"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def test_kvpress_split_matches_kvbench_split(sv):
+    from kvbench.prompts import PromptBuilder
+    tok = _Tok()
+    ctx, q, pre = "Long haystack text.\n", "What is the number?", " The number is"
+    assert sv.kvpress_split(tok, ctx, q, pre) == PromptBuilder(tok).first_turn(ctx, q, pre)
+    tok.chat_template = None
+    assert sv.kvpress_split(tok, ctx, q, pre) == ("<s>" + ctx, q + "\n" + pre)
+
+
+def test_side_reuse_needs_same_sweep(sv, tmp_path):
+    import argparse
+    args = argparse.Namespace(samples=20, lengths=[4096, 8192], model="smollm2-135m", methods=list(sv.METHODS),
+                              budget=256, device="auto")
+    assert sv.load_side(tmp_path, "kvbench", args) is None
+    (tmp_path / "kvbench_wall.json").write_text(json.dumps(dict(wall_s=12.5, rc=0, key=sv.side_key(args))))
+    assert sv.load_side(tmp_path, "kvbench", args)["wall_s"] == 12.5
+    args.budget = 128  # another sweep: not reused
+    assert sv.load_side(tmp_path, "kvbench", args) is None
