@@ -235,22 +235,53 @@ class LayerKV:
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more tokens per head (one reallocation instead of one per step)."""
         if any(c - n < extra for c, n in zip(self._caps, self._lens)):
-            self._repack([n + extra for n in self._lens])
+            self._grow([n + extra for n in self._lens])
+
+    def _grow(self, new_caps: list[int]) -> None:
+        """More capacity, every row kept in place. A uniform layer (a full cache, or one compressed to one
+        budget per head) grows as a dense (h, cap, d) view: one strided copy per tensor, no index tensors or
+        host-to-device copies (this runs in every layer when a question is fed on top of a context)."""
+        if not (self.is_uniform() and len(set(new_caps)) == 1):
+            return self._repack(new_caps)
+        h, C, L, cap = self.n_heads, self._caps[0], self._lens[0], new_caps[0]
+
+        def grow(t: torch.Tensor, zeros: bool) -> torch.Tensor:
+            shape = t.shape[1:]
+            new = (t.new_zeros if zeros else t.new_empty)((h * cap, *shape))
+            new.view(h, cap, *shape)[:, :L] = t.view(h, C, *shape)[:, :L]
+            return new
+
+        # positions and side data of spare rows are 0, as _repack leaves them
+        self.keys, self.values = grow(self.keys, False), grow(self.values, False)
+        self.positions = grow(self.positions, True)
+        self.side = {n: grow(t, True) for n, t in self.side.items()}
+        dev = self.keys.device
+        self.starts = torch.arange(h, device=dev, dtype=torch.long) * cap
+        self.caps = torch.full((h,), cap, device=dev, dtype=torch.long)
+        self._starts, self._caps = [i * cap for i in range(h)], [cap] * h
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v: (h, q, d) new tokens of every head; positions: (q,)."""
         q = k.shape[1]
         if any(c - n < q for c, n in zip(self._caps, self._lens)):
             grow = max(q, 64, max(self._lens) // 8)
-            self._repack([n + grow for n in self._lens])
+            self._grow([n + grow for n in self._lens])
         dev = self.keys.device
-        rows = (self.starts + self.lengths).unsqueeze(1) + torch.arange(q, device=dev).unsqueeze(0)  # (h, q)
-        rows = rows.reshape(-1)
-        self.keys[rows] = k.reshape(-1, k.shape[-1]).to(self.keys.dtype)
-        self.values[rows] = v.reshape(-1, v.shape[-1]).to(self.values.dtype)
-        self.positions[rows] = positions.to(dev, torch.long).repeat(self.n_heads)
-        for t in self.side.values():
-            t[rows] = 0  # a new row: no score yet, weight 1 (log_weight 0)
+        if self.is_uniform():  # dense (h, cap, d) views: strided copies, no index tensors
+            h, C, L, d = self.n_heads, self._caps[0], self._lens[0], self.keys.shape[1]
+            self.keys.view(h, C, d)[:, L:L + q] = k.to(self.keys.dtype)
+            self.values.view(h, C, d)[:, L:L + q] = v.to(self.values.dtype)
+            self.positions.view(h, C)[:, L:L + q] = positions.to(dev, torch.long)
+            for t in self.side.values():
+                t.view(h, C)[:, L:L + q] = 0  # a new row: no score yet, weight 1 (log_weight 0)
+        else:
+            rows = (self.starts + self.lengths).unsqueeze(1) + torch.arange(q, device=dev).unsqueeze(0)  # (h, q)
+            rows = rows.reshape(-1)
+            self.keys[rows] = k.reshape(-1, k.shape[-1]).to(self.keys.dtype)
+            self.values[rows] = v.reshape(-1, v.shape[-1]).to(self.values.dtype)
+            self.positions[rows] = positions.to(dev, torch.long).repeat(self.n_heads)
+            for t in self.side.values():
+                t[rows] = 0  # a new row: no score yet, weight 1 (log_weight 0)
         self.lengths = self.lengths + q
         self._lens = [n + q for n in self._lens]
         self._held(q * self.n_heads)

@@ -339,3 +339,45 @@ def test_decode_stops_at_query_stop_ids_after_min_new_tokens(tiny):
     got, _, _ = eng.decode(cache.clone(), None, pre.logits, 12, stop_ids={first}, min_new_tokens=1)
     want = int(pre.logits.clone().index_fill_(0, torch.tensor([first]), float("-inf")).argmax())
     assert got[0] == want != first
+
+
+@pytest.mark.parametrize("side", [False, True])
+def test_uniform_append_and_reserve_equal_the_indexed_path(side):
+    """A uniform layer grows and appends through dense views (no index tensors): every row, position, side
+    value, start, cap and held byte equals what the indexed path (_repack + index writes) gives."""
+    from kvbench.cache import HeldBytes, LayerKV
+    g = torch.Generator().manual_seed(0)
+    h, n, d = 3, 5, 4
+
+    def fresh():
+        layer = LayerKV.from_dense(torch.randn(h, n, d, generator=g), torch.randn(h, n, d, generator=g),
+                                   torch.arange(n))
+        layer.meter = HeldBytes(layer.nbytes())
+        if side:
+            layer.set_side("score", torch.rand(h, n, generator=g))
+        return layer
+
+    fast = fresh()
+    slow = LayerKV(fast.keys.clone(), fast.values.clone(), fast.positions.clone(), fast.starts.clone(),
+                   fast.lengths.clone(), fast.caps.clone(), side={k: t.clone() for k, t in fast.side.items()})
+    slow.meter = HeldBytes(slow.nbytes())
+    slow.is_uniform = lambda: False  # force the indexed path on an identical layer
+    for q, pos0 in ((2, n), (70, n + 2)):  # the second append outgrows the first growth
+        k, v = torch.randn(h, q, d, generator=g), torch.randn(h, q, d, generator=g)
+        for layer in (fast, slow):
+            layer.append(k, v, torch.arange(pos0, pos0 + q))
+    fast.reserve(40)
+    slow.reserve(40)
+    # spare rows' keys/values are uninitialised; their positions and side data are 0 on both paths
+    for a, b in ((fast.positions, slow.positions), (fast.starts, slow.starts), (fast.lengths, slow.lengths),
+                 (fast.caps, slow.caps)):
+        assert torch.equal(a, b)
+    assert fast.head_lengths == slow.head_lengths == [n + 72] * h
+    assert (fast._starts, fast._caps) == (slow._starts, slow._caps)
+    assert fast.meter.now == slow.meter.now and fast.allocated_bytes() == slow.allocated_bytes()
+    for name in fast.side:
+        assert torch.equal(fast.side[name], slow.side[name])
+    for j in range(h):
+        for a, b in zip(fast.head(j), slow.head(j)):
+            assert torch.equal(a, b)
+        assert torch.equal(fast.head(j)[2], torch.arange(n + 72))
