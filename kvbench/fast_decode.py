@@ -248,13 +248,17 @@ def decode_evict(probs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """After a step's attention: the scores accumulate, every head over its cap (caps: (h,)) removes its
     victim, `repeat` times (methods/kernels/decode_evict.py). probs: the step's (T,) probabilities, or empty
     if unused; ranks / done: a scheduled rank's ranks and each head's removals so far; tau: D2O's merge
-    thresholds (h,), moved on with weight beta. The common case (kernels.fused_evict_ok) takes one Triton
-    launch where the decode kernel is Triton; the rest, and the CPU, the torch ops."""
+    thresholds (h,), moved on with weight beta. Where the decode kernel is Triton, the common case
+    (kernels.fused_evict_ok) takes one launch, the others' steady steps their torch choice and one launch
+    for the moves (kernels.evict_rows_split); the first step over a question, and the CPU, the torch ops."""
     from kvbench.methods import kernels
     args = (probs if probs.numel() else None, keys, values, positions, starts, lengths, score, log_weight, q_pos,
             caps, width, repeat, rank, n_sink, recent, shared, pool, ranks, done, tau, beta)
-    if attention._decode_kernel(keys) == "triton" and kernels.fused_evict_ok(rank, pool, tau, repeat, shared, score):
+    triton = attention._decode_kernel(keys) == "triton"
+    if triton and kernels.fused_evict_ok(rank, pool, tau, repeat, shared, score):
         kernels.evict_rows_triton(*args)
+    elif triton and repeat == 1:  # CAKE's pooling, LaCache's schedule, D2O's merge: torch chooses, Triton moves
+        kernels.evict_rows_split(*args)
     else:
         kernels.evict_rows(*args)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvbench.methods.kernels.decode_evict import evict_rows, evict_rows_triton, fused_evict_ok
+from kvbench.methods.kernels.decode_evict import evict_rows, evict_rows_split, evict_rows_triton, fused_evict_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_CAP = 2 ** 62
@@ -178,6 +178,78 @@ def _check_decoder_steps():
     assert len(calls) == 2 * 2 * 4, len(calls)  # 2 methods x 2 layers x the 4 steps after the first
 
 
+def _check_split():
+    """evict_rows_split (torch's choice, one Triton launch for the moves) against evict_rows, for what the fused
+    kernel does not choose: CAKE's pooling, LaCache's scheduled ranks, D2O's merge with its thresholds."""
+    g = torch.Generator().manual_seed(3)
+    moved = 0
+    for case in range(36):
+        kind = ("pool", "scheduled", "merge")[case % 3]
+        n_heads = int(torch.randint(1, 6, (1,), generator=g))
+        lens = [int(torch.randint(2, 30, (1,), generator=g))] * n_heads if kind == "scheduled" \
+            else torch.randint(2, 30, (n_heads,), generator=g).tolist()
+        t, q_pos = _layout(g, lens, (8, 16)[case % 2])
+        caps = [n - int(torch.randint(0, 2, (1,), generator=g)) if i % 2 == 0 else NO_CAP for i, n in enumerate(lens)]
+        width = max(lens)
+        kw = dict(n_sink=(0, 3)[case % 2], recent=(0, 5)[(case // 2) % 2], shared=kind == "scheduled" and case % 2 == 0)
+        if kind == "pool":
+            kw.update(rank="attention", pool=(3, 5)[case % 2])
+        elif kind == "scheduled":
+            kw.update(rank="scheduled", ranks=torch.randint(0, 3, (8,), generator=g))
+        else:
+            taus = torch.rand(n_heads, generator=g, dtype=torch.float64) * 0.5
+            taus[::2] = float("nan")  # unset: the first similarity sets it
+            kw.update(rank="score", tau=taus, beta=0.3)
+        with_score, with_done = kind == "merge", kind == "scheduled"
+        results = []
+        for fn in (evict_rows, evict_rows_split):
+            c = {k: v.clone() for k, v in t.items()}
+            opts = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            fn(c["probs"], c["keys"], c["values"], c["positions"], c["starts"], c["lengths"],
+               c["score"] if with_score else None, c["log_weight"], torch.tensor([q_pos]), torch.tensor(caps), width, 1,
+               done=c["done"] if with_done else None, **opts)
+            results.append((c, opts))
+        (want, kw_want), (got, kw_got) = results
+        for name in MUTATED:
+            assert torch.equal(got[name], want[name]), (kind, case, name)
+        if kind == "merge":
+            assert torch.allclose(kw_got["tau"], kw_want["tau"], rtol=0, atol=0, equal_nan=True), (case, "tau")
+        moved += int((want["lengths"] != t["lengths"]).sum())
+    assert moved > 10, moved
+
+
+def _check_split_decoder_steps():
+    """CAKE, LaCache and D2O through the fast decoder with attention.DECODE_KERNEL="triton" (evict_rows_split
+    after the first step) keep the tokens and the positions row by row of the torch path."""
+    import test_decode_eviction as T
+    from kvbench import attention
+    from kvbench.methods import kernels
+    from kvbench.models import load_model
+    lm = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
+    lm.tokenizer = T._NoTokenizer()
+    calls = []
+    split = kernels.evict_rows_split
+    kernels.evict_rows_split = lambda *a, **k: (calls.append(1), split(*a, **k))[1]
+    for name, knobs in (("cake", dict(budget=24, window_size=4)), ("lacache", dict(budget=48, span=1, n_sink=4, recent=8)),
+                        ("d2o", dict(budget=24, window_size=8))):
+        runs = []
+        for kernel in ("ref", "triton"):
+            _, cache, method, logits = T.with_question(lm, name, **knobs)
+            attention.DECODE_KERNEL = kernel
+            try:
+                ids, _ = T.fast(lm, cache, method, logits, steps=6)
+            finally:
+                attention.DECODE_KERNEL = "auto"
+            runs.append((ids, cache))
+        (ids_ref, c_ref), (ids_tri, c_tri) = runs
+        assert ids_tri == ids_ref, (name, ids_tri, ids_ref)
+        for a, b in zip(c_ref.kv, c_tri.kv):
+            assert torch.equal(a.lengths, b.lengths)
+            for h in range(a.n_heads):  # same positions in the same rows (keys differ in rounding: the
+                assert torch.equal(a.head(h)[2], b.head(h)[2]), (name, h)  # decode attention is Triton's too)
+    assert calls, "evict_rows_split never ran"
+
+
 def _interpreted(*checks):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
@@ -191,6 +263,12 @@ def _interpreted(*checks):
 def test_fused_kernel_matches_evict_rows():
     """Random ragged layouts and the victim's edge cases: every mutated tensor equal (torch.equal)."""
     _interpreted("_check_random_layouts", "_check_edge_cases")
+
+
+def test_split_eviction_matches_evict_rows():
+    """Pooling, scheduled ranks and merging: torch's choice and the Triton moves equal evict_rows bit for bit,
+    alone and through the fast decoder (CAKE, LaCache, D2O)."""
+    _interpreted("_check_split", "_check_split_decoder_steps")
 
 
 def test_decoder_steps_take_the_fused_kernel():

@@ -102,7 +102,7 @@ def per_head(flat: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) ->
 from .append import ragged_append, ragged_append_ref, ragged_append_triton  # noqa: E402
 from .colsum import attention_colsum, attention_colsum_ref, attention_colsum_triton  # noqa: E402
 from .compact import compact, compact_ref, compact_triton  # noqa: E402
-from .decode_evict import evict_rows, evict_rows_triton, fused_evict_ok  # noqa: E402
+from .decode_evict import evict_rows, evict_rows_split, evict_rows_triton, fused_evict_ok  # noqa: E402
 from .ragged_decode import (ragged_decode_attention, ragged_decode_attention_ref,  # noqa: E402
                             ragged_decode_attention_triton)
 from .window_scores import window_scores, window_scores_ref, window_scores_triton  # noqa: E402
@@ -112,7 +112,7 @@ __all__ = [
     "ragged_append", "ragged_append_ref", "ragged_append_triton",
     "attention_colsum", "attention_colsum_ref", "attention_colsum_triton",
     "compact", "compact_ref", "compact_triton",
-    "evict_rows", "evict_rows_triton", "fused_evict_ok",
+    "evict_rows", "evict_rows_split", "evict_rows_triton", "fused_evict_ok",
     "ragged_decode_attention", "ragged_decode_attention_ref", "ragged_decode_attention_triton",
     "window_scores", "window_scores_ref", "window_scores_triton",
 ]

@@ -106,6 +106,23 @@ def merge_victims(keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor
     tau.copy_(torch.where(full, beta * best.double() + (1 - beta) * tau_now, tau))
 
 
+def _choose(probs, keys, values, positions, starts, lengths, score, q_pos, caps, width, rank, n_sink, recent,
+            shared, ranks, done, tau, beta) -> tuple[torch.Tensor, torch.Tensor]:
+    """One removal's choice: (h,) each head's victim (a local row) and whether the head removes it; D2O's
+    merge (tau) into the victim's most similar row is done here, before the move."""
+    grid, valid = _grid(starts, lengths, width, positions.numel())
+    key = eviction_keys(grid, valid, positions, probs, score, q_pos, rank, n_sink, recent, shared)
+    if rank == "scheduled":  # the row of the scheduled position rank
+        nth = ranks[done.clamp(max=ranks.numel() - 1)]
+        victim = key.argsort(-1).gather(1, nth.unsqueeze(1)).squeeze(1)
+    else:
+        victim = key.argmin(-1)
+    full = lengths > caps
+    if tau is not None:
+        merge_victims(keys, values, starts, grid, valid, victim, full, tau, beta)
+    return victim, full
+
+
 def evict_rows(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                starts: torch.Tensor, lengths: torch.Tensor, score: torch.Tensor | None,
                log_weight: torch.Tensor | None, q_pos: torch.Tensor, caps: torch.Tensor, width: int, repeat: int,
@@ -122,16 +139,8 @@ def evict_rows(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Ten
         probs.copy_(pool_by_position(probs, positions, starts, lengths, width, pool))
     moving = [t for t in (keys, values, positions, probs, score, log_weight) if t is not None]
     for _ in range(repeat):
-        grid, valid = _grid(starts, lengths, width, positions.numel())
-        key = eviction_keys(grid, valid, positions, probs, score, q_pos, rank, n_sink, recent, shared)
-        if rank == "scheduled":  # the row of the scheduled position rank
-            nth = ranks[done.clamp(max=ranks.numel() - 1)]
-            victim = key.argsort(-1).gather(1, nth.unsqueeze(1)).squeeze(1)
-        else:
-            victim = key.argmin(-1)
-        full = lengths > caps
-        if tau is not None:
-            merge_victims(keys, values, starts, grid, valid, victim, full, tau, beta)
+        victim, full = _choose(probs, keys, values, positions, starts, lengths, score, q_pos, caps, width, rank,
+                               n_sink, recent, shared, ranks, done, tau, beta)
         # a head with nothing to evict copies its own first row onto itself (its region always has one row):
         # every head reads and writes only its own rows, so no two heads touch one row
         src = torch.where(full, starts + lengths - 1, starts)
@@ -336,6 +345,46 @@ if HAS_TRITON:
                 _move_row(h, victim, k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, starts_ptr,
                           lengths_ptr, caps_ptr, stride_kt, stride_vt, D, HAS_PROBS, HAS_SCORE, HAS_LOGW,
                           HAS_DONE, D_PAD)
+
+    @triton.jit
+    def _move_victims_kernel(victim_ptr, k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr,
+                             starts_ptr, lengths_ptr, caps_ptr, stride_kt, stride_vt, D,
+                             HAS_PROBS: tl.constexpr, HAS_SCORE: tl.constexpr, HAS_LOGW: tl.constexpr,
+                             HAS_DONE: tl.constexpr, D_PAD: tl.constexpr):
+        """grid (n_heads,): head h removes the victim chosen before the launch (`evict_rows_split`)."""
+        h = tl.program_id(0)
+        _move_row(h, tl.load(victim_ptr + h), k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr,
+                  starts_ptr, lengths_ptr, caps_ptr, stride_kt, stride_vt, D, HAS_PROBS, HAS_SCORE, HAS_LOGW,
+                  HAS_DONE, D_PAD)
+
+
+def evict_rows_split(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                     starts: torch.Tensor, lengths: torch.Tensor, score: torch.Tensor | None,
+                     log_weight: torch.Tensor | None, q_pos: torch.Tensor, caps: torch.Tensor, width: int,
+                     repeat: int, rank: str, n_sink: int = 0, recent: int = 0, shared: bool = False, pool: int = 0,
+                     ranks: torch.Tensor | None = None, done: torch.Tensor | None = None,
+                     tau: torch.Tensor | None = None, beta: float = 0.0) -> None:
+    """`evict_rows` for the cases the fused kernel does not choose for (pooling: CAKE; a scheduled rank:
+    LaCache; merging: D2O), one removal per step: the choice is `evict_rows`' own torch ops, the row moves
+    (about half of its ops) one Triton launch (`_move_victims_kernel`, LayerKV.remove's moves as in the
+    fused kernel). Same effect as `evict_rows`, bit for bit."""
+    if repeat != 1:
+        raise ValueError(f"evict_rows_split does one removal per step, got repeat={repeat}; use evict_rows")
+    if score is not None:
+        score.add_(probs)
+    if pool > 1:
+        probs.copy_(pool_by_position(probs, positions, starts, lengths, width, pool))
+    victim, _ = _choose(probs, keys, values, positions, starts, lengths, score, q_pos, caps, width, rank, n_sink,
+                        recent, shared, ranks, done, tau, beta)
+    extra = [t for t in (probs, score, log_weight, done) if t is not None]
+    check_triton_inputs(keys, values, positions, starts, lengths, caps, victim, *extra)
+    d = keys.shape[1]
+    _move_victims_kernel[(starts.numel(),)](
+        victim, keys, values, positions, probs if probs is not None else positions,  # unused pointers: any
+        score if score is not None else positions, log_weight if log_weight is not None else positions,
+        done if done is not None else lengths, starts, lengths, caps, keys.stride(0), values.stride(0), d,
+        HAS_PROBS=probs is not None, HAS_SCORE=score is not None, HAS_LOGW=log_weight is not None,
+        HAS_DONE=done is not None, D_PAD=max(16, next_pow2(d)), num_warps=1)
 
 
 def evict_rows_triton(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
