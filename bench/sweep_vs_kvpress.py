@@ -180,6 +180,18 @@ def build_table(per_fw: dict[str, dict], methods: list[str] | None = None) -> st
                 s = summ[(m, L)]
                 lines.append(f"{fw:<9} {m:<14} {L:>6} {s['samples']:>7} {s['failed']:>6} "
                              f"{_f(s['accuracy'], '8.1f'):>8} {_f(s['prompt_tokens'], '10.1f'):>10}")
+    if any(d.get("method_s") for d in per_fw.values()):
+        lines.append("")
+        lines.append(f"{'method':<14} " + " ".join(f"{fw + ' loop s':>16} {fw + ' s/s':>12}" for fw in per_fw)
+                     + ("  kvbench/kvpress" if {"kvbench", "kvpress"} <= set(per_fw) else ""))
+        for m in methods or sorted({k for d in per_fw.values() for k in d.get("method_s") or {}}):
+            cells, rate = [], {}
+            for fw, d in per_fw.items():
+                sec = (d.get("method_s") or {}).get(m)
+                rate[fw] = samples_per_s(sum(r["method"] == m for r in d["rows"]), sec)
+                cells.append(f"{_f(sec, '16.1f'):>16} {_f(rate[fw], '12.3f'):>12}")
+            ratio = speed_ratio(rate.get("kvbench"), rate.get("kvpress"))
+            lines.append(f"{m:<14} " + " ".join(cells) + (f"  {_f(ratio, '.2f')}x" if len(rate) == 2 else ""))
     lines.append("")
     lines.append(f"{'framework':<9} {'samples':>7} {'failed':>6} {'wall_s':>8} {'loop_s':>8} {'samples/s':>9} "
                  f"{'loop samples/s':>14} {'mean prompt tok':>15}")
@@ -187,7 +199,8 @@ def build_table(per_fw: dict[str, dict], methods: list[str] | None = None) -> st
     for fw, t in tot.items():
         lines.append(f"{fw:<9} {t['samples']:>7} {t['failed']:>6} {_f(t['wall_s'], '8.1f'):>8} "
                      f"{_f(t['loop_s'], '8.1f'):>8} {_f(t['samples_per_s'], '9.3f'):>9} "
-                     f"{_f(t['loop_samples_per_s'], '14.3f'):>14} {_f(t['mean_prompt_tokens'], '15.1f'):>15}")
+                     f"{_f(t['loop_samples_per_s'], '14.3f'):>14} {_f(t['mean_prompt_tokens'], '15.1f'):>15}"
+                     + ("  (an earlier call's)" if per_fw[fw].get("reused") else ""))
     if "kvbench" in tot and "kvpress" in tot:
         r = speed_ratio(tot["kvbench"]["samples_per_s"], tot["kvpress"]["samples_per_s"])
         rl = speed_ratio(tot["kvbench"]["loop_samples_per_s"], tot["kvpress"]["loop_samples_per_s"])
@@ -204,6 +217,17 @@ def totals(per_fw: dict[str, dict]) -> dict[str, dict]:
                        loop_s=d.get("loop_s"), samples_per_s=samples_per_s(n, d.get("wall_s")),
                        loop_samples_per_s=samples_per_s(n, d.get("loop_s")),
                        mean_prompt_tokens=mean_prompt_tokens(d["rows"]))
+    return out
+
+
+def kvbench_method_s(summaries: list[dict]) -> dict[str, float]:
+    """Per method: its run's wall less model load and warm-up (sample generation included)."""
+    out = {}
+    for s in summaries:
+        if s.get("wall_s") is not None:
+            setup = s.get("setup") or {}
+            out[s["_method"]] = out.get(s["_method"], 0.0) + float(s["wall_s"]) - (
+                float(setup.get("warmup_ms") or 0.0) + float(setup.get("model_load_ms") or 0.0)) / 1e3
     return out
 
 
@@ -348,7 +372,7 @@ def run_kvpress(args) -> None:
           f"{torch.__version__}  transformers {tv}  kvpress {version('kvpress')}  {dtype}  sdpa  "
           f"cache_position shim on {len(shims)} layers  setup {load_s:.1f} s", flush=True)
     preds = open(args.pred_file, "w")
-    t_loop = time.perf_counter()
+    t_loop, method_s = time.perf_counter(), {}
     for name in args.methods:
         t_m = time.perf_counter()
         for s in samples:
@@ -373,11 +397,12 @@ def run_kvpress(args) -> None:
             preds.write(json.dumps(row) + "\n")
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        print(f"[kvpress] {name}: {len(samples)} samples in {time.perf_counter() - t_m:.1f} s", flush=True)
+        method_s[name] = time.perf_counter() - t_m
+        print(f"[kvpress] {name}: {len(samples)} samples in {method_s[name]:.1f} s", flush=True)
     loop_s = time.perf_counter() - t_loop
     preds.close()
     print(f"[kvpress] cache_position shim supplied it on {SHIM_CALLS[0]} attention calls", flush=True)
-    timing = dict(load_s=load_s, loop_s=loop_s, process_s=time.perf_counter() - t_start, shim_calls=SHIM_CALLS[0],
+    timing = dict(load_s=load_s, loop_s=loop_s, process_s=time.perf_counter() - t_start, shim_calls=SHIM_CALLS[0], method_s=method_s,
                   kvbench_imported="kvbench" in sys.modules, torch=torch.__version__, transformers=tv,
                   kvpress=version("kvpress"), device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
     Path(args.timing_file).write_text(json.dumps(timing, indent=1))
@@ -523,13 +548,14 @@ def main() -> None:
         wall, rc = _timed(kvbench_command(args, results_dir), _env(drop=kvpress_dirs), out / "kvbench.log")
         records, summaries = read_kvbench_records(results_dir)
         per_fw["kvbench"] = dict(rows=normalize_kvbench(records), wall_s=wall, loop_s=kvbench_loop_s(summaries),
-                                 rc=rc, command=" ".join(kvbench_command(args, results_dir)))
+                                 method_s=kvbench_method_s(summaries), rc=rc, command=" ".join(kvbench_command(args, results_dir)))
         (out / "kvbench_wall.json").write_text(json.dumps(dict(wall_s=wall, rc=rc, key=side_key(args))))
         print(f"[kvbench] rc {rc}, {len(records)} records, wall {wall:.1f} s", flush=True)
     elif (prev_side := load_side(out, "kvbench", args)) is not None:
         records, summaries = read_kvbench_records(out / "kvbench_results")
         per_fw["kvbench"] = dict(rows=normalize_kvbench(records), wall_s=prev_side["wall_s"],
-                                 loop_s=kvbench_loop_s(summaries), rc=prev_side["rc"], reused=True)
+                                 loop_s=kvbench_loop_s(summaries), method_s=kvbench_method_s(summaries),
+                                 rc=prev_side["rc"], reused=True)
         print(f"[kvbench] skipped: reusing the results of an earlier call in {out}", flush=True)
     # 3. kvpress: its own process, after kvbench's has ended
     if not args.skip_kvpress:
@@ -546,15 +572,16 @@ def main() -> None:
         wall, rc = _timed(cmd, env, out / "kvpress.log")
         t = json.loads(timing.read_text()) if timing.exists() else {}
         rows = score_kvpress(pred, out / "samples.jsonl") if pred.exists() else []
-        per_fw["kvpress"] = dict(rows=rows, wall_s=wall, loop_s=t.get("loop_s"), rc=rc, timing=t)
+        per_fw["kvpress"] = dict(rows=rows, wall_s=wall, loop_s=t.get("loop_s"), method_s=t.get("method_s") or {},
+                                 rc=rc, timing=t)
         (out / "kvpress_wall.json").write_text(json.dumps(dict(wall_s=wall, rc=rc, key=side_key(args))))
         meta.update({k: t[k] for k in ("kvpress", "torch", "transformers") if k in t})
         print(f"[kvpress] rc {rc}, {len(rows)} predictions, wall {wall:.1f} s", flush=True)
     elif (prev_side := load_side(out, "kvpress", args)) is not None:
         t = json.loads((out / "kvpress_timing.json").read_text()) if (out / "kvpress_timing.json").exists() else {}
         rows = score_kvpress(out / "kvpress_predictions.jsonl", out / "samples.jsonl")
-        per_fw["kvpress"] = dict(rows=rows, wall_s=prev_side["wall_s"], loop_s=t.get("loop_s"), rc=prev_side["rc"],
-                                 timing=t, reused=True)
+        per_fw["kvpress"] = dict(rows=rows, wall_s=prev_side["wall_s"], loop_s=t.get("loop_s"),
+                                 method_s=t.get("method_s") or {}, rc=prev_side["rc"], timing=t, reused=True)
         meta.update({k: t[k] for k in ("kvpress", "torch", "transformers") if k in t})
         print(f"[kvpress] skipped: reusing the results of an earlier call in {out}", flush=True)
     if "kvpress" in per_fw:

@@ -142,3 +142,20 @@ def test_side_reuse_needs_same_sweep(sv, tmp_path):
     assert sv.load_side(tmp_path, "kvbench", args)["wall_s"] == 12.5
     args.budget = 128  # another sweep: not reused
     assert sv.load_side(tmp_path, "kvbench", args) is None
+
+
+def test_per_method_rates(sv):
+    rows = lambda m, n: [dict(method=m, length=4096, subset="s", ok=True, score=1.0, prompt_tokens=10)] * n  # noqa: E731
+    per_fw = {"kvbench": dict(rows=rows("full", 4) + rows("snapkv", 4), wall_s=4.0, loop_s=3.0,
+                              method_s={"full": 1.0, "snapkv": 2.0}),
+              "kvpress": dict(rows=rows("full", 4) + rows("snapkv", 4), wall_s=8.0, loop_s=6.0,
+                              method_s={"full": 4.0, "snapkv": 2.0}, reused=True)}
+    table = sv.build_table(per_fw, ["full", "snapkv"])
+    full = next(l for l in table.splitlines() if l.startswith("full ") and l.rstrip().endswith("x"))
+    assert full.split()[-1] == "4.00x"
+    snap = next(l for l in table.splitlines() if l.startswith("snapkv ") and l.rstrip().endswith("x"))
+    assert snap.split()[-1] == "1.00x"  # 2.0 s on both sides
+    assert "(an earlier call's)" in table
+    summaries = [{"_method": "full", "wall_s": 10.0, "setup": {"warmup_ms": 1000.0, "model_load_ms": 3000.0}},
+                 {"_method": "snapkv", "wall_s": 5.0, "setup": {"warmup_ms": 500.0}}]
+    assert sv.kvbench_method_s(summaries) == pytest.approx({"full": 6.0, "snapkv": 4.5})
