@@ -144,12 +144,20 @@ def _check_edge_cases():
         _run_both(t, q_pos, [23] * n_heads, 24, 1, "attention", shared=True, with_score=False, block=16)
     t, q_pos = _layout(g, [20] * 8, 16, equal_positions=True)  # positions are integers: any head count is exact
     _run_both(t, q_pos, [19] * 8, 20, 1, "position", shared=True, with_score=False, with_probs=False)
+    # several removals in one call (the first step over a question), without a score: one launch each
+    for rank, shared, lens in (("position", False, [12, 7, 15]), ("attention", False, [12, 7, 15]),
+                               ("attention", True, [14] * 3), ("position", True, [14] * 3)):
+        t, q_pos = _layout(g, lens, 16, equal_positions=shared)
+        caps = [n - 4 for n in lens]
+        want = _run_both(t, q_pos, caps, max(lens), 4, rank, n_sink=2, recent=3, shared=shared, with_score=False,
+                         with_done=True, block=16)
+        assert want["lengths"].tolist() == caps
 
 
 def _check_decoder_steps():
     """H2O and TOVA through the fast decoder with attention.DECODE_KERNEL="triton" (the fused eviction) keep
     the positions of the same decoder on the torch path (the first step, over a question, repeats the removal:
-    torch ops; the later ones take the kernel)."""
+    TOVA's with the kernel, once per removal; H2O's, which also accumulates its score, with torch ops)."""
     import test_decode_eviction as T
     from kvbench import attention
     from kvbench.methods import kernels
@@ -175,7 +183,9 @@ def _check_decoder_steps():
             assert torch.equal(a.lengths, b.lengths)
             for h in range(a.n_heads):
                 assert torch.equal(a.head(h)[2], b.head(h)[2]), (name, h)  # same positions, same rows
-    assert len(calls) == 2 * 2 * 4, len(calls)  # 2 methods x 2 layers x the 4 steps after the first
+    # 2 methods x 2 layers x the 4 steps after the first, + TOVA's first step (its several removals, no score;
+    # H2O's first step accumulates a score: torch)
+    assert len(calls) == 2 * 2 * 4 + 2, len(calls)
 
 
 def _check_split():
@@ -280,7 +290,7 @@ UNFUSED = [  # (option, what the error names)
     (dict(pool=5), "pool"),
     (dict(tau=torch.zeros(2, dtype=torch.float64)), "tau"),
     (dict(rank="scheduled"), "scheduled"),
-    (dict(repeat=2), "repeat"),
+    (dict(repeat=2), "repeat"),                      # with a score
     (dict(shared=True), "shared"),                   # with a score
     (dict(shared=True, rank="score"), "shared"),
 ]

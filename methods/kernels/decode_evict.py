@@ -168,8 +168,8 @@ def _unfused_option(rank: str, pool: int, tau, repeat: int, shared: bool, score)
         return f"pool={pool} (fused: pool <= 1)"
     if tau is not None:
         return "tau (D2O's merging)"
-    if repeat not in (0, 1):
-        return f"repeat={repeat} (fused: 0 or 1)"
+    if repeat not in (0, 1) and score is not None:
+        return f"repeat={repeat} with a score (fused: 0 or 1; more without a score)"
     if shared and (rank == "score" or score is not None):
         return "shared with a score (fused: shared ranks position / attention, no score)"
     return None
@@ -422,6 +422,15 @@ def evict_rows_triton(probs: torch.Tensor | None, keys: torch.Tensor, values: to
         block = max(32, min(1024, next_pow2(width)))
     # no two warps hold one row's score: a copy loaded after another warp's `score += probs` would be wrong
     num_warps = max(1, min(num_warps, block // 32))
+    # more than one removal (the first step over a question): one launch each, as evict_rows' loop (the keys
+    # do not change between removals but by the moves, which the launches make in the same order)
+    for _ in range(max(1, repeat)):
+        _launch_evict(keys, values, positions, probs, score, log_weight, done, starts, lengths, caps, q_pos, d,
+                      n_heads, width, n_sink, recent, rank, shared, bool(repeat), block, num_warps)
+
+
+def _launch_evict(keys, values, positions, probs, score, log_weight, done, starts, lengths, caps, q_pos, d, n_heads,
+                  width, n_sink, recent, rank, shared, repeat, block, num_warps):
     _evict_kernel[(1 if shared else n_heads,)](
         keys, values, positions, probs if probs is not None else positions,  # unused pointers: any will do
         score if score is not None else positions, log_weight if log_weight is not None else positions,
