@@ -331,18 +331,11 @@ def install_cache_position_shim(model) -> list:
 
 
 def kvpress_press(name: str, ratio: float):
-    import kvpress
-    if name == "full":
-        return None
-    if name == "snapkv":
-        return kvpress.SnapKVPress(compression_ratio=ratio, window_size=32, kernel_size=7)
-    if name == "streaming_llm":
-        return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=4)
-    if name == "pyramidkv":
-        return kvpress.PyramidKVPress(compression_ratio=ratio, window_size=32, kernel_size=7)
-    if name == "adakv":
-        return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, window_size=32, kernel_size=7))
-    raise ValueError(f"no kvpress press for method={name!r}; allowed: {', '.join(METHODS)}")
+    """The press of each method, as bench/gpu_speed.py builds it (one definition for both benchmarks; importing
+    gpu_speed imports torch, not kvbench)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_speed import kvpress_press as press
+    return press(name, ratio)
 
 
 def run_kvpress(args) -> None:

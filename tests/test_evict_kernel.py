@@ -154,12 +154,34 @@ def _check_edge_cases():
         assert want["lengths"].tolist() == caps
 
 
+def _same_positions_both_kernels(lm, name, knobs, steps=6):
+    """The fast decoder over a question, with attention.DECODE_KERNEL "ref" then "triton": the same tokens, and
+    the same positions in the same rows of every head (keys differ in rounding: the decode attention is Triton's
+    too)."""
+    import test_decode_eviction as T
+    from kvbench import attention
+    runs = []
+    for kernel in ("ref", "triton"):
+        _, cache, method, logits = T.with_question(lm, name, **knobs)
+        attention.DECODE_KERNEL = kernel
+        try:
+            ids, _ = T.fast(lm, cache, method, logits, steps=steps)
+        finally:
+            attention.DECODE_KERNEL = "auto"
+        runs.append((ids, cache))
+    (ids_ref, c_ref), (ids_tri, c_tri) = runs
+    assert ids_tri == ids_ref, (name, ids_tri, ids_ref)
+    for a, b in zip(c_ref.kv, c_tri.kv):
+        assert torch.equal(a.lengths, b.lengths)
+        for h in range(a.n_heads):
+            assert torch.equal(a.head(h)[2], b.head(h)[2]), (name, h)
+
+
 def _check_decoder_steps():
     """H2O and TOVA through the fast decoder with attention.DECODE_KERNEL="triton" (the fused eviction) keep
     the positions of the same decoder on the torch path (the first step, over a question, repeats the removal:
     TOVA's with the kernel, once per removal; H2O's, which also accumulates its score, with torch ops)."""
     import test_decode_eviction as T
-    from kvbench import attention
     from kvbench.methods import kernels
     from kvbench.models import load_model
     lm = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
@@ -168,21 +190,7 @@ def _check_decoder_steps():
     fused = kernels.evict_rows_triton
     kernels.evict_rows_triton = lambda *a, **k: (calls.append(1), fused(*a, **k))[1]
     for name in ("h2o", "tova"):
-        runs = []
-        for kernel in ("ref", "triton"):
-            _, cache, method, logits = T.with_question(lm, name, budget=24)
-            attention.DECODE_KERNEL = kernel
-            try:
-                ids, _ = T.fast(lm, cache, method, logits, steps=6)
-            finally:
-                attention.DECODE_KERNEL = "auto"
-            runs.append((ids, cache))
-        (ids_ref, c_ref), (ids_tri, c_tri) = runs
-        assert ids_tri == ids_ref, (name, ids_tri, ids_ref)
-        for a, b in zip(c_ref.kv, c_tri.kv):
-            assert torch.equal(a.lengths, b.lengths)
-            for h in range(a.n_heads):
-                assert torch.equal(a.head(h)[2], b.head(h)[2]), (name, h)  # same positions, same rows
+        _same_positions_both_kernels(lm, name, dict(budget=24))
     # 2 methods x 2 layers x the 4 steps after the first, + TOVA's first step (its several removals, no score;
     # H2O's first step accumulates a score: torch)
     assert len(calls) == 2 * 2 * 4 + 2, len(calls)
@@ -232,7 +240,6 @@ def _check_split_decoder_steps():
     """CAKE, LaCache and D2O through the fast decoder with attention.DECODE_KERNEL="triton" (evict_rows_split
     after the first step) keep the tokens and the positions row by row of the torch path."""
     import test_decode_eviction as T
-    from kvbench import attention
     from kvbench.methods import kernels
     from kvbench.models import load_model
     lm = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
@@ -242,21 +249,7 @@ def _check_split_decoder_steps():
     kernels.evict_rows_split = lambda *a, **k: (calls.append(1), split(*a, **k))[1]
     for name, knobs in (("cake", dict(budget=24, window_size=4)), ("lacache", dict(budget=48, span=1, n_sink=4, recent=8)),
                         ("d2o", dict(budget=24, window_size=8))):
-        runs = []
-        for kernel in ("ref", "triton"):
-            _, cache, method, logits = T.with_question(lm, name, **knobs)
-            attention.DECODE_KERNEL = kernel
-            try:
-                ids, _ = T.fast(lm, cache, method, logits, steps=6)
-            finally:
-                attention.DECODE_KERNEL = "auto"
-            runs.append((ids, cache))
-        (ids_ref, c_ref), (ids_tri, c_tri) = runs
-        assert ids_tri == ids_ref, (name, ids_tri, ids_ref)
-        for a, b in zip(c_ref.kv, c_tri.kv):
-            assert torch.equal(a.lengths, b.lengths)
-            for h in range(a.n_heads):  # same positions in the same rows (keys differ in rounding: the
-                assert torch.equal(a.head(h)[2], b.head(h)[2]), (name, h)  # decode attention is Triton's too)
+        _same_positions_both_kernels(lm, name, knobs)
     assert calls, "evict_rows_split never ran"
 
 
