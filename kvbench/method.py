@@ -186,13 +186,18 @@ class ScoredEviction(Method):
         if budget >= n:
             return
         scores = self.score(ctx)
-        per_head = self.head_budgets(scores, budget)
-        if ctx.layer.is_uniform() and len(set(per_head)) == 1:
-            ctx.layer.keep(topk_indices(scores, per_head[0]))
-        elif ctx.layer.is_uniform():  # per-head budgets over a fresh prefill (AdaKV): batched, no head loop
-            ctx.layer.keep_ragged(ragged_topk_indices(scores, per_head), per_head)
-        else:
-            ctx.layer.keep([topk_indices(scores[h, :lens[h]], per_head[h]) for h in range(scores.shape[0])])
+        keep_top(ctx.layer, scores, self.head_budgets(scores, budget))
+
+
+def keep_top(layer, scores: torch.Tensor, per_head: list[int]) -> None:
+    """Keep head h's per_head[h] highest-scored rows of the layer ((n_kv, L) scores)."""
+    if layer.is_uniform() and len(set(per_head)) == 1:
+        layer.keep(topk_indices(scores, per_head[0]))
+    elif layer.is_uniform():  # per-head budgets over a fresh prefill (AdaKV): batched, no head loop
+        layer.keep_ragged(ragged_topk_indices(scores, per_head), per_head)
+    else:
+        lens = layer.head_lengths
+        layer.keep([topk_indices(scores[h, :lens[h]], per_head[h]) for h in range(scores.shape[0])])
 
 
 # -- helpers shared by the attention-based scorers --------------------------------------------------

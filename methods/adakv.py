@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from kvbench.method import LayerContext, ScoredEviction, build_method, register_method
+from kvbench.method import LayerContext, ScoredEviction, build_method, keep_top, register_method
 from kvbench.methods.snapkv import WindowQueries
 
 SCORERS = ("snapkv", "pyramidkv", "knorm", "tova", "cake", "random")
@@ -29,17 +29,29 @@ def adaptive_head_budgets(scores: torch.Tensor, budget: int, alpha: float) -> li
     min(budget, L) × n_kv: the official global top-k, then the safeguard mix (see the module docstring).
     Ties in the global top-k go to the earlier head, then the earlier token (a stable sort). One host sync
     (the window and top-k counts together); the mix runs on the host, in float32 like the official code."""
+    budget = min(budget, scores.shape[1])
+    n_forced, counts = global_topk_counts(scores, budget).tolist()
+    return safeguard_mix(n_forced, counts, budget, scores.shape[1], alpha)
+
+
+def global_topk_counts(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """(2, n_kv) int64 on the scores' device, no sync: each head's +inf (window) tokens, and its share of the
+    unconstrained global top-k over every head's other scores (k = the heads' free budgets together)."""
     h, L = scores.shape
-    budget = min(budget, L)
     s = scores.float()
     forced = torch.isinf(s) & (s > 0)
     n_forced_t = forced.sum(dim=1)                                 # the window, per head
     total_t = (budget - n_forced_t).clamp(min=0).sum()
-    # 1. unconstrained global top-k over every head's non-window scores (k = total, still on the device)
     order = torch.sort(torch.where(forced, float("-inf"), s).reshape(-1), descending=True, stable=True).indices
     picked = (torch.arange(h * L, device=s.device) < total_t).long()
     counts_t = torch.zeros(h, dtype=torch.long, device=s.device).scatter_add_(0, order // L, picked)
-    n_forced, counts = torch.stack([n_forced_t, counts_t]).tolist()
+    return torch.stack([n_forced_t, counts_t])
+
+
+def safeguard_mix(n_forced: list[int], counts: list[int], budget: int, L: int, alpha: float) -> list[int]:
+    """The host half of `adaptive_head_budgets`: from the window and global top-k counts, each head's kept
+    count (window included)."""
+    h = len(counts)
     base = [max(0, budget - f) for f in n_forced]                  # per-head free budget
     room = [L - f for f in n_forced]                               # scorable tokens per head
     total = sum(base)
@@ -101,3 +113,55 @@ class AdaKV(WindowQueries, ScoredEviction):
 
     def head_budgets(self, scores: torch.Tensor, budget: int) -> list[int]:
         return adaptive_head_budgets(scores, budget, float(self.alpha_safeguard))
+
+    # The per-head counts need one device-to-host read per layer. Read at once, it stalls the GPU at every layer
+    # of the prefill (it drains, then waits for the host to launch the next layer). On CUDA the read is instead
+    # queued (pinned, non-blocking, with an event), and the layer is cut when the next layer's hook runs (or
+    # after the prefill): by then the GPU has passed the event and has the next layer's work queued. The cost:
+    # one more layer holds its uncompressed rows for a while (the held-bytes peak counts it). Not with storage
+    # formats, which encode each layer right after its compression.
+    DEFER = "auto"  # "auto" (on CUDA) | "always" (tests, CPU) | "never"
+
+    def reset(self) -> None:
+        super().reset()
+        self._pending = None
+
+    def _defers(self, ctx: LayerContext) -> bool:
+        on = self.DEFER == "always" or (self.DEFER == "auto" and ctx.layer.keys.is_cuda)
+        return on and ctx.layer.is_uniform() and not self.formats()
+
+    def compress_layer(self, ctx: LayerContext) -> None:
+        self.flush()
+        if not self._defers(ctx):
+            return super().compress_layer(ctx)
+        ctx = self.window_tail().extend(ctx)  # as WindowQueries.compress_layer, then ScoredEviction's steps
+        n = max(ctx.layer.head_lengths)
+        budget = self.layer_budget(ctx.layer_idx, ctx.n_layers, n)
+        if budget >= n:
+            return
+        scores = self.score(ctx)
+        budget = min(budget, scores.shape[1])
+        counts = global_topk_counts(scores, budget)
+        event = None
+        if counts.is_cuda:
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            counts = host
+        self._pending = (ctx.layer, scores, budget, counts, event)
+
+    def flush(self) -> None:
+        """Cut the layer whose counts were queued (see DEFER)."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is None:
+            return
+        layer, scores, budget, counts, event = pending
+        if event is not None:
+            event.synchronize()
+        n_forced, got = counts.tolist()
+        keep_top(layer, scores, safeguard_mix(n_forced, got, budget, scores.shape[1], float(self.alpha_safeguard)))
+
+    def after_prefill(self, cache) -> None:
+        self.flush()
+        super().after_prefill(cache)

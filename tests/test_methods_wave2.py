@@ -171,6 +171,33 @@ def test_adakv_global_topk_with_safeguard(lm):
             assert sorted(after[l][h].tolist()) == top(sc[h], alloc[h] + w)
 
 
+@pytest.mark.parametrize("scorer", ["snapkv", "pyramidkv"])
+def test_adakv_deferred_cut_keeps_the_same_rows(lm, scorer):
+    """On CUDA AdaKV reads each layer's counts when the next layer's hook runs (AdaKV.DEFER): the same rows in
+    the same order as the immediate cut, every layer; the held-bytes peak counts the one extra uncompressed
+    layer exactly (layer 0 full while layer 1 is prefilled)."""
+    from kvbench.methods.adakv import AdaKV
+    caches = {}
+    for mode in ("never", "always"):
+        AdaKV.DEFER = mode
+        try:
+            m = build_method("adakv", budget=BUDGET, scorer=scorer, window_size=8, kernel_size=5)
+            m.reset()
+            caches[mode] = run(lm, m)[0]
+        finally:
+            AdaKV.DEFER = "auto"
+        assert m._pending is None  # after_prefill cut the last layer
+    now, later = caches["never"], caches["always"]
+    assert now.head_lengths() == later.head_lengths() and len(set(now.head_lengths()[0])) > 1  # ragged
+    for a, b in zip(now.kv, later.kv):
+        for h in range(a.n_heads):
+            for x, y in zip(a.head(h), b.head(h)):
+                assert torch.equal(x, y)
+    layer0 = now.layer(0)
+    full0 = N * layer0.n_heads * layer0.row_bytes
+    assert later.held.peak - now.held.peak == full0 - layer0.nbytes()
+
+
 def test_adakv_bad_scorer():
     with pytest.raises(ValueError, match="scorer"):
         build_method("adakv", budget=BUDGET, scorer="nope")
