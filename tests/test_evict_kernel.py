@@ -236,21 +236,117 @@ def _check_split():
     assert moved > 10, moved
 
 
+def _merge_both(t, q_pos, caps, width, taus, n_sink=0, recent=0, block=16, beta=0.3):
+    """D2O's step (rank "score", tau, beta) by evict_rows_triton (one launch, MERGE) and evict_rows on copies of
+    t: positions, lengths, score, probs, log-weights and which rows were merged exactly equal; keys, values and
+    tau close (float32: rtol 1e-5, atol 1e-6; bf16 as float, atol 1e-2). Returns (reference's copy, its tau, the
+    merged rows: (head, position) pairs)."""
+    results = []
+    for fn in (evict_rows, evict_rows_triton):
+        c = {k: v.clone() for k, v in t.items()}
+        tau = taus.clone()
+        kw = dict(block=block) if fn is evict_rows_triton else {}
+        fn(c["probs"], c["keys"], c["values"], c["positions"], c["starts"], c["lengths"], c["score"],
+           c["log_weight"], torch.tensor([q_pos]), torch.tensor(caps), width, 1, "score", n_sink, recent,
+           tau=tau, beta=beta, **kw)
+        results.append((c, tau, _merged_rows(t, c)))
+    (want, tau_want, merged_want), (got, tau_got, merged_got) = results
+    case = dict(lens=t["lengths"].tolist(), caps=caps, width=width, taus=taus.tolist(), n_sink=n_sink,
+                recent=recent, block=block, dtype=t["keys"].dtype)
+    for name in ("positions", "lengths", "score", "probs", "log_weight", "done"):
+        assert torch.equal(got[name], want[name]), (name, case, got[name], want[name])
+    assert merged_got == merged_want, (case, merged_got, merged_want)
+    tol = dict(rtol=1e-5, atol=1e-6) if t["keys"].dtype == torch.float32 else dict(atol=1e-2)
+    for name in ("keys", "values"):
+        assert torch.allclose(got[name].float(), want[name].float(), **tol), \
+            (name, case, (got[name].float() - want[name].float()).abs().max())
+    assert torch.allclose(tau_got, tau_want, rtol=1e-5, atol=1e-6, equal_nan=True), (case, tau_got, tau_want)
+    return want, tau_want, merged_want
+
+
+def _merged_rows(before, after):
+    """(head, position) of the rows whose key or value changed (positions are distinct within a head)."""
+    merged = set()
+    for h, a in enumerate(before["starts"].tolist()):
+        old = {int(p): a + i for i, p in enumerate(before["positions"][a:a + int(before["lengths"][h])].tolist())}
+        for i in range(int(after["lengths"][h])):
+            p, r = int(after["positions"][a + i]), old[int(after["positions"][a + i])]
+            if not (torch.equal(after["keys"][a + i], before["keys"][r])
+                    and torch.equal(after["values"][a + i], before["values"][r])):
+                merged.add((h, p))
+    return merged
+
+
+def _check_fused_merge():
+    """D2O's whole step in one launch (evict_rows_triton with tau: score, victim, merge, move) against
+    evict_rows: random ragged layouts (unset and set thresholds, heads not full, bf16 and float32, sinks and
+    recent rows, tiles smaller than a head), then the merge into the head's last row (the row the move copies
+    into the victim's slot), a similarity below the threshold (no merge, tau moves on), every tau unset."""
+    g = torch.Generator().manual_seed(5)
+    merges = skipped = 0
+    for case in range(40):
+        n_heads = int(torch.randint(1, 7, (1,), generator=g))
+        lens = torch.randint(2, 40, (n_heads,), generator=g).tolist()
+        dtype = torch.bfloat16 if case % 2 else torch.float32
+        t, q_pos = _layout(g, lens, (8, 16)[(case // 2) % 2], dtype=dtype)
+        caps = [n - 1 if i % 3 != 2 else (n, NO_CAP)[case % 2] for i, n in enumerate(lens)]  # some not full
+        width = max([n for n, c in zip(lens, caps) if n > c] + [1]) if case % 3 else max(lens)
+        taus = torch.rand(n_heads, generator=g, dtype=torch.float64) * 0.9
+        taus[(case % 3)::3] = float("nan")
+        _, tau, merged = _merge_both(t, q_pos, caps, width, taus, n_sink=(0, 3)[case % 2],
+                                     recent=(0, 5)[(case // 2) % 2], block=(16, 32)[case % 4 == 3])
+        full = [h for h in range(n_heads) if lens[h] > caps[h]]
+        merges += len(merged)
+        skipped += sum(1 for h in full if h not in {m[0] for m in merged})
+        for h in range(n_heads):  # a head not full keeps its threshold
+            if h not in full:
+                assert tau[h].isnan() if taus[h].isnan() else tau[h] == taus[h]
+    assert merges > 40 and skipped > 5, (merges, skipped)  # both branches ran
+    # the merge destination is the head's last row: its key is the victim's, doubled (similarity 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        t, q_pos = _layout(g, [10, 23, 6], 16, dtype=dtype)
+        a, n = int(t["starts"][1]), 23
+        t["probs"][a:a + n] = 0.0
+        t["score"][a:a + n] = 1.0
+        t["score"][a + 4] = 0.0  # the victim: row 4
+        t["keys"][a + n - 1] = t["keys"][a + 4] * 2
+        taus = torch.tensor([float("nan"), 0.5, float("nan")], dtype=torch.float64)
+        want, tau, merged = _merge_both(t, q_pos, [9, 22, NO_CAP], 23, taus, block=16)
+        assert (1, int(t["positions"][a + n - 1])) in merged  # the last row, merged, then moved into row 4
+        assert want["positions"][a + 4] == t["positions"][a + n - 1]
+        assert not torch.equal(want["values"][a + 4], t["values"][a + n - 1])
+    # best < tau: nothing merges, tau still moves on
+    t, q_pos = _layout(g, [12, 30], 8)
+    taus = torch.tensor([0.999, 0.999], dtype=torch.float64)
+    want, tau, merged = _merge_both(t, q_pos, [11, 29], 30, taus, n_sink=2, recent=3, block=16)
+    assert not merged and (tau < 0.999).all() and not tau.isnan().any(), (merged, tau)
+    assert not torch.equal(want["lengths"], t["lengths"])
+    # every tau unset: each full head merges (the first similarity sets its threshold)
+    t, q_pos = _layout(g, [17, 33, 5, 40], 16, dtype=torch.bfloat16)
+    taus = torch.full((4,), float("nan"), dtype=torch.float64)
+    want, tau, merged = _merge_both(t, q_pos, [16, 32, 4, NO_CAP], 33, taus, n_sink=1, block=16)
+    assert {h for h, _ in merged} == {0, 1, 2} and tau[:3].isfinite().all() and tau[3].isnan(), (merged, tau)
+
+
 def _check_split_decoder_steps():
-    """CAKE, LaCache and D2O through the fast decoder with attention.DECODE_KERNEL="triton" (evict_rows_split
-    after the first step) keep the tokens and the positions row by row of the torch path."""
+    """CAKE, LaCache (evict_rows_split after the first step) and D2O (evict_rows_triton's merge after the first
+    step) through the fast decoder with attention.DECODE_KERNEL="triton" keep the tokens and the positions row
+    by row of the torch path."""
     import test_decode_eviction as T
     from kvbench.methods import kernels
     from kvbench.models import load_model
     lm = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
     lm.tokenizer = T._NoTokenizer()
     calls = []
-    split = kernels.evict_rows_split
+    split, fused, merged = kernels.evict_rows_split, kernels.evict_rows_triton, []
     kernels.evict_rows_split = lambda *a, **k: (calls.append(1), split(*a, **k))[1]
+    kernels.evict_rows_triton = lambda *a, **k: (  # tau: the 20th argument
+        merged.append((a[19] if len(a) > 19 else k.get("tau")) is not None), fused(*a, **k))[1]
     for name, knobs in (("cake", dict(budget=24, window_size=4)), ("lacache", dict(budget=48, span=1, n_sink=4, recent=8)),
                         ("d2o", dict(budget=24, window_size=8))):
         _same_positions_both_kernels(lm, name, knobs)
     assert calls, "evict_rows_split never ran"
+    assert any(merged), "D2O's merge never ran in the fused kernel"
 
 
 def _interpreted(*checks):
@@ -268,6 +364,12 @@ def test_fused_kernel_matches_evict_rows():
     _interpreted("_check_random_layouts", "_check_edge_cases")
 
 
+def test_fused_merge_matches_evict_rows():
+    """D2O's step in one launch: the positions, scores and merged rows equal evict_rows', the merged rows and
+    thresholds within float32 rounding (see _check_fused_merge)."""
+    _interpreted("_check_fused_merge")
+
+
 def test_split_eviction_matches_evict_rows():
     """Pooling, scheduled ranks and merging: torch's choice and the Triton moves equal evict_rows bit for bit,
     alone and through the fast decoder (CAKE, LaCache, D2O)."""
@@ -281,7 +383,9 @@ def test_decoder_steps_take_the_fused_kernel():
 
 UNFUSED = [  # (option, what the error names)
     (dict(pool=5), "pool"),
-    (dict(tau=torch.zeros(2, dtype=torch.float64)), "tau"),
+    (dict(tau=torch.zeros(2, dtype=torch.float64)), "tau"),  # rank "attention": the merge is fused with "score"
+    (dict(tau=torch.zeros(2, dtype=torch.float64), rank="score", shared=True), "tau"),
+    (dict(tau=torch.zeros(2, dtype=torch.float64), rank="score", repeat=2), "tau"),
     (dict(rank="scheduled"), "scheduled"),
     (dict(repeat=2), "repeat"),                      # with a score
     (dict(shared=True), "shared"),                   # with a score
@@ -302,3 +406,6 @@ def test_unfused_options_are_rejected(opts, word):
                           None, torch.tensor([q_pos]), torch.tensor([4, 6]), 7, args["repeat"], args["rank"],
                           shared=args["shared"], pool=args["pool"], tau=args["tau"])
     assert fused_evict_ok("attention", 1, None, 0, True, None)  # pool 1 is no pooling; shared without a score
+    tau = torch.zeros(2, dtype=torch.float64)
+    assert fused_evict_ok("score", 0, tau, 1, False, t["score"])  # D2O: one launch
+    assert not fused_evict_ok("score", 0, tau, 1, False, None)    # the merge follows a score

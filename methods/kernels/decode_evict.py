@@ -25,12 +25,16 @@ fed on top of the compressed context repeats it until every head is back to cap 
 removals but the moved rows', as in the engine loop's `while` over argmin).
 
 `evict_rows` is the torch version (every case, ~25 small ops per layer); `evict_rows_triton` does the common
-case (`fused_evict_ok`: ranks position / attention / score, no pooling, no merging, at most one removal) in
-one launch per layer, with the same effect bit for bit.
+case (`fused_evict_ok`: ranks position / attention / score, no pooling, at most one removal with a score) in
+one launch per layer, with the same effect bit for bit; D2O's step (rank score with tau: the merge too) in one
+launch, the same but for the merged rows and thresholds, within float32 rounding (the similarities' sums run
+in another order; the victim, the merge's destination and whether it merges are the same but where two
+similarities, or a similarity and tau, are within a few float32 ulps).
 """
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -166,8 +170,8 @@ def _unfused_option(rank: str, pool: int, tau, repeat: int, shared: bool, score)
         return f"rank={rank!r} (fused: {', '.join(FUSED_RANKS)})"
     if pool > 1:
         return f"pool={pool} (fused: pool <= 1)"
-    if tau is not None:
-        return "tau (D2O's merging)"
+    if tau is not None and (rank != "score" or score is None or shared or repeat != 1):
+        return "tau (D2O's merging; fused: rank 'score' with a score, not shared, repeat 1)"
     if repeat not in (0, 1) and score is not None:
         return f"repeat={repeat} with a score (fused: 0 or 1; more without a score)"
     if shared and (rank == "score" or score is not None):
@@ -252,14 +256,78 @@ if HAS_TRITON:
             tl.store(done_ptr + h, n_done + 1, mask=full)
 
     @triton.jit
+    def _round_to(x, dtype: tl.constexpr):
+        """float32 x in `dtype`, rounded to nearest even as torch's .to(dtype); bfloat16 by hand on the bits
+        (what the compiled cast does: the interpreter's own bfloat16 cast truncates)."""
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16  # finite x: no carry past the sign
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(dtype)
+
+    @triton.jit
+    def _merge_victim(h, victim, k_ptr, v_ptr, tau_ptr, starts_ptr, lengths_ptr, caps_ptr, stride_kt, stride_vt,
+                      D, width, beta_bits, keep_bits, MBLOCK: tl.constexpr, D_PAD: tl.constexpr):
+        """`merge_victims` for head h (D2O), before its removal: if the head holds more than its cap, the
+        victim's key row's cosine similarity with every other row of the head (float32, rows normalized as
+        F.normalize: x / max(||x||, 1e-12)); the first most similar row `col` (torch.max's index on ties, 0
+        when there is none); if best >= float32(tau) (tau: the head's threshold, NaN: best), the row `col`'s
+        key and value become (col * e + victim * exp(best)) / (e + exp(best)); tau moves on (float64)."""
+        start = tl.load(starts_ptr + h)
+        length = tl.load(lengths_ptr + h)
+        full = length > tl.load(caps_ptr + h)
+        src = start + victim
+        offs_d = tl.arange(0, D_PAD)
+        dmask = offs_d < tl.where(full, D, 0)  # (a scalar & a vector mask trips the interpreter)
+        a = tl.load(k_ptr + src * stride_kt + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        a = a / tl.maximum(tl.sqrt(tl.sum(a * a, 0)), 1e-12)
+        offs = tl.arange(0, MBLOCK)
+        best = tl.full([], float("-inf"), tl.float32)  # running (max similarity, first local row reaching it)
+        col = tl.full([], 0, tl.int64)
+        n = tl.minimum(tl.where(full, length, 0), width)
+        for r0 in range(0, n, MBLOCK):
+            r = r0 + offs
+            ok = (r < n) & (r != victim)
+            b = tl.load(k_ptr + (start + r)[:, None] * stride_kt + offs_d[None, :],
+                        mask=ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+            b = b / tl.maximum(tl.sqrt(tl.sum(b * b, 1)), 1e-12)[:, None]
+            sim = tl.where(ok, tl.sum(b * a[None, :], 1), float("-inf"))
+            high = tl.max(sim, 0)
+            better = high > best  # strictly: an equal similarity later on never beats the first
+            col = tl.where(better, r0 + tl.argmax(sim, 0, tie_break_left=True), col)
+            best = tl.where(better, high, best)
+        tau = tl.load(tau_ptr + h)
+        tau_now = tl.where(tau != tau, best.to(tl.float64), tau)  # NaN: unset, this similarity sets it
+        merge = full & (best >= tau_now.to(tl.float32))
+        dst = start + col
+        cols = offs_d < tl.where(merge, D, 0)
+        kd = tl.load(k_ptr + dst * stride_kt + offs_d, mask=cols)
+        ks = tl.load(k_ptr + src * stride_kt + offs_d, mask=cols)
+        vd = tl.load(v_ptr + dst * stride_vt + offs_d, mask=cols)
+        vs = tl.load(v_ptr + src * stride_vt + offs_d, mask=cols)
+        w = tl.exp(best)
+        e = 2.718281828459045
+        km = (kd.to(tl.float32) * e + ks.to(tl.float32) * w) / (e + w)
+        vm = (vd.to(tl.float32) * e + vs.to(tl.float32) * w) / (e + w)
+        tl.debug_barrier()  # every thread has read both rows before any thread writes the kept one
+        tl.store(k_ptr + dst * stride_kt + offs_d, _round_to(km, kd.dtype), mask=cols)
+        tl.store(v_ptr + dst * stride_vt + offs_d, _round_to(vm, vd.dtype), mask=cols)
+        beta = beta_bits.to(tl.int64).to(tl.float64, bitcast=True)  # float64 weights, passed as their bits
+        keep = keep_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        tl.store(tau_ptr + h, beta * best.to(tl.float64) + keep * tau_now, mask=full)
+
+    @triton.jit(do_not_specialize=["beta_bits", "keep_bits"])  # bits, never a constant 1
     def _evict_kernel(k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, starts_ptr, lengths_ptr,
-                      caps_ptr, qpos_ptr, stride_kt, stride_vt, D, n_heads, width, n_sink, recent,
-                      RANK: tl.constexpr, SHARED: tl.constexpr, REPEAT: tl.constexpr, HAS_PROBS: tl.constexpr,
+                      caps_ptr, qpos_ptr, tau_ptr, stride_kt, stride_vt, D, n_heads, width, n_sink, recent,
+                      beta_bits, keep_bits, RANK: tl.constexpr, MERGE: tl.constexpr, MBLOCK: tl.constexpr,
+                      SHARED: tl.constexpr, REPEAT: tl.constexpr, HAS_PROBS: tl.constexpr,
                       HAS_SCORE: tl.constexpr, HAS_LOGW: tl.constexpr, HAS_DONE: tl.constexpr,
                       HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, BLOCK: tl.constexpr,
                       D_PAD: tl.constexpr):
-        """`evict_rows` with repeat <= 1, ranks position (RANK 0) / attention (1) / score (2), no pooling or
-        merging, fused: score += probs, the victims' keys and argmin, and the row moves of LayerKV.remove.
+        """`evict_rows` with repeat <= 1, ranks position (RANK 0) / attention (1) / score (2), no pooling,
+        fused: score += probs, the victims' keys and argmin, with MERGE (D2O: RANK 2, repeat 1, not SHARED) the
+        victim's merge into its most similar row (`_merge_victim`), and the row moves of LayerKV.remove.
         grid: (n_heads,), one program per head; SHARED: (1,), one program for the layer, since every head
         reads every head's keys and the moves of one head must not race with the others' reads."""
         offs = tl.arange(0, BLOCK)
@@ -340,8 +408,14 @@ if HAS_TRITON:
                     better = low < best
                     victim = tl.where(better, r0 + tl.argmin(key, 0, tie_break_left=True), victim)
                     best = tl.where(better, low, best)
+            if MERGE:  # D2O (REPEAT, RANK 2): the victim merges into its most similar row first (it reads
+                # keys, values and tau, which nothing above wrote)
+                _merge_victim(h, victim, k_ptr, v_ptr, tau_ptr, starts_ptr, lengths_ptr, caps_ptr, stride_kt,
+                              stride_vt, D, width, beta_bits, keep_bits, MBLOCK, D_PAD)
             if REPEAT:
-                tl.debug_barrier()  # the score stores above are seen by the threads that move the last row
+                # the score stores above (and the merged row, which may be the last) are seen by the threads
+                # that move the last row
+                tl.debug_barrier()
                 _move_row(h, victim, k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, starts_ptr,
                           lengths_ptr, caps_ptr, stride_kt, stride_vt, D, HAS_PROBS, HAS_SCORE, HAS_LOGW,
                           HAS_DONE, D_PAD)
@@ -413,9 +487,11 @@ def evict_rows_triton(probs: torch.Tensor | None, keys: torch.Tensor, values: to
             raise ValueError(f"{name} {tuple(t.shape)} must have one entry per row of keys ({n_rows},)")
     if caps.shape != starts.shape or q_pos.numel() != 1:
         raise ValueError(f"caps {tuple(caps.shape)} must be ({starts.numel()},), q_pos one position")
+    if tau is not None and (tau.shape != starts.shape or tau.dtype != torch.float64):
+        raise ValueError(f"tau {tuple(tau.shape)} {tau.dtype} must be ({starts.numel()},) float64")
     if repeat == 0 and score is None:
         return  # nothing accumulates, nothing is removed
-    extra = [t for t in (probs, score, log_weight, done) if t is not None]
+    extra = [t for t in (probs, score, log_weight, done, tau) if t is not None]
     check_triton_inputs(keys, values, positions, starts, lengths, caps, q_pos, *extra)
     n_heads, d = starts.numel(), keys.shape[1]
     if block is None:  # a head's rows in a few tiles (width: about the most an evicting head holds)
@@ -426,16 +502,24 @@ def evict_rows_triton(probs: torch.Tensor | None, keys: torch.Tensor, values: to
     # do not change between removals but by the moves, which the launches make in the same order)
     for _ in range(max(1, repeat)):
         _launch_evict(keys, values, positions, probs, score, log_weight, done, starts, lengths, caps, q_pos, d,
-                      n_heads, width, n_sink, recent, rank, shared, bool(repeat), block, num_warps)
+                      n_heads, width, n_sink, recent, rank, shared, bool(repeat), block, num_warps, tau, beta)
+
+
+def _float64_bits(x: float) -> int:
+    """A float64's bits as an int64 (Triton passes Python floats as float32; the kernel bitcasts them back)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def _launch_evict(keys, values, positions, probs, score, log_weight, done, starts, lengths, caps, q_pos, d, n_heads,
-                  width, n_sink, recent, rank, shared, repeat, block, num_warps):
+                  width, n_sink, recent, rank, shared, repeat, block, num_warps, tau=None, beta=0.0):
+    d_pad = max(16, next_pow2(d))
     _evict_kernel[(1 if shared else n_heads,)](
         keys, values, positions, probs if probs is not None else positions,  # unused pointers: any will do
         score if score is not None else positions, log_weight if log_weight is not None else positions,
-        done if done is not None else lengths, starts, lengths, caps, q_pos, keys.stride(0), values.stride(0), d,
-        n_heads, int(width), int(n_sink), int(recent), RANK=FUSED_RANKS.index(rank), SHARED=bool(shared),
-        REPEAT=bool(repeat), HAS_PROBS=probs is not None, HAS_SCORE=score is not None,
-        HAS_LOGW=log_weight is not None, HAS_DONE=done is not None, HAS_SINK=bool(n_sink),
-        HAS_RECENT=bool(recent), BLOCK=block, D_PAD=max(16, next_pow2(d)), num_warps=num_warps)
+        done if done is not None else lengths, starts, lengths, caps, q_pos, tau if tau is not None else caps,
+        keys.stride(0), values.stride(0), d, n_heads, int(width), int(n_sink), int(recent), _float64_bits(beta),
+        _float64_bits(1 - beta), RANK=FUSED_RANKS.index(rank), MERGE=tau is not None,
+        MBLOCK=max(16, min(block, 4096 // d_pad)), SHARED=bool(shared), REPEAT=bool(repeat),
+        HAS_PROBS=probs is not None, HAS_SCORE=score is not None, HAS_LOGW=log_weight is not None,
+        HAS_DONE=done is not None, HAS_SINK=bool(n_sink), HAS_RECENT=bool(recent), BLOCK=block, D_PAD=d_pad,
+        num_warps=num_warps)
