@@ -439,7 +439,7 @@ def evict_rows_split(probs: torch.Tensor | None, keys: torch.Tensor, values: tor
                      ranks: torch.Tensor | None = None, done: torch.Tensor | None = None,
                      tau: torch.Tensor | None = None, beta: float = 0.0) -> None:
     """`evict_rows` for the cases the fused kernel does not choose for (pooling: CAKE; a scheduled rank:
-    LaCache; merging: D2O), one removal per step: the choice is `evict_rows`' own torch ops, the row moves
+    LaCache; merging outside the fused case), one removal per step: the choice is `evict_rows`' own torch ops, the row moves
     (about half of its ops) one Triton launch (`_move_victims_kernel`, LayerKV.remove's moves as in the
     fused kernel). Same effect as `evict_rows`, bit for bit."""
     if repeat != 1:
