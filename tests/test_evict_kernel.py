@@ -47,7 +47,7 @@ def _layout(g, lens, d, equal_positions=False, dtype=torch.float32):
 
 
 def _run_both(t, q_pos, caps, width, repeat, rank, n_sink=0, recent=0, shared=False, with_probs=True,
-              with_score=True, with_logw=True, with_done=False, block=16):
+              with_score=True, with_logw=True, with_done=False, block=16, pool=0):
     """Both versions on copies of t; asserts every mutated tensor equal, returns the reference's copy."""
     results = []
     for fn in (evict_rows, evict_rows_triton):
@@ -56,11 +56,12 @@ def _run_both(t, q_pos, caps, width, repeat, rank, n_sink=0, recent=0, shared=Fa
         fn(c["probs"] if with_probs else None, c["keys"], c["values"], c["positions"], c["starts"], c["lengths"],
            c["score"] if with_score else None, c["log_weight"] if with_logw else None,
            torch.tensor([q_pos]), torch.tensor(caps), width, repeat, rank, n_sink, recent, shared,
-           done=c["done"] if with_done else None, **kw)
+           pool=pool, done=c["done"] if with_done else None, **kw)
         results.append(c)
     want, got = results
     case = dict(lens=t["lengths"].tolist(), caps=caps, width=width, repeat=repeat, rank=rank, n_sink=n_sink,
-                recent=recent, shared=shared, probs=with_probs, score=with_score, logw=with_logw, block=block)
+                recent=recent, shared=shared, probs=with_probs, score=with_score, logw=with_logw, block=block,
+                pool=pool)
     for name in MUTATED:
         assert torch.equal(got[name], want[name]), (name, case, got[name], want[name])
     return want
@@ -152,6 +153,42 @@ def _check_edge_cases():
         want = _run_both(t, q_pos, caps, max(lens), 4, rank, n_sink=2, recent=3, shared=shared, with_score=False,
                          with_done=True, block=16)
         assert want["lengths"].tolist() == caps
+
+
+def _check_fused_pool():
+    """CAKE's step in one launch (evict_rows_triton with pool > 1, rank "attention": the probabilities
+    average-pooled over each head's rows in position order, then the victim and the move) against evict_rows,
+    bit for bit on every tensor (probs: the pooled values, moved with the rows; 0 on a head's rows past the
+    grid's width, as pool_by_position's): random ragged layouts (heads of 0, 1 and fewer rows than the kernel,
+    heads not full and longer than the width, sinks and recent rows, tiles smaller than a head), pool 3, 4, 5, 7;
+    probabilities continuous (the pooled sums round: the order of the window's sum and the division count) with
+    many exact zeros; then all zeros (every key ties) and ties between pooled values."""
+    g = torch.Generator().manual_seed(7)
+    moved = 0
+    for case in range(48):
+        n_heads = int(torch.randint(1, 7, (1,), generator=g))
+        lens = torch.randint(0, 45, (n_heads,), generator=g).tolist()
+        lens[0] = (0, 1, 2, 3, int(lens[0]), int(lens[0]))[case % 6]  # empty, one row, fewer rows than the kernel
+        t, q_pos = _layout(g, lens, (8, 16)[case % 2], dtype=torch.bfloat16 if case % 5 == 0 else torch.float32)
+        held = t["probs"] > 0  # a quarter of each head's rows stay 0 (ties)
+        t["probs"] = torch.where(held, torch.rand(t["probs"].shape, generator=g), t["probs"])
+        caps = [max(0, n - 1) if i % 3 != 2 else (n, NO_CAP)[case % 2] for i, n in enumerate(lens)]  # some not full
+        evicting = [n for n, c in zip(lens, caps) if n > c]
+        width = max(evicting + [1]) if case % 3 else max(lens + [1])  # heads not full may hold more than width
+        want = _run_both(t, q_pos, caps, width, 1, "attention", n_sink=(0, 3, 20)[case % 3],
+                         recent=(0, 5, 70)[(case // 3) % 3], with_score=False, with_logw=case % 4 != 3,
+                         with_done=case % 4 == 1, block=(16, 32, 64)[case % 3], pool=(3, 4, 5, 7)[case % 4])
+        moved += int((want["lengths"] != t["lengths"]).sum())
+    assert moved > 48, moved
+    # every probability 0: all keys tie (the first row goes); coarse probabilities: pooled values tie too
+    for zero in (True, False):
+        t, q_pos = _layout(g, [37, 2, 50, 9], 16)
+        if zero:
+            t["probs"].zero_()
+        for pool in (3, 4, 5, 7):
+            _run_both(t, q_pos, [36, 1, 49, 8], 50, 1, "attention", n_sink=2, with_score=False, block=16, pool=pool)
+            _run_both(t, q_pos, [36, 1, 49, NO_CAP], 37, 1, "attention", recent=4, with_score=False, block=16,
+                      pool=pool)
 
 
 def _same_positions_both_kernels(lm, name, knobs, steps=6):
@@ -337,16 +374,27 @@ def _check_split_decoder_steps():
     from kvbench.models import load_model
     lm = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
     lm.tokenizer = T._NoTokenizer()
-    calls = []
-    split, fused, merged = kernels.evict_rows_split, kernels.evict_rows_triton, []
-    kernels.evict_rows_split = lambda *a, **k: (calls.append(1), split(*a, **k))[1]
-    kernels.evict_rows_triton = lambda *a, **k: (  # tau: the 20th argument
-        merged.append((a[19] if len(a) > 19 else k.get("tau")) is not None), fused(*a, **k))[1]
-    for name, knobs in (("cake", dict(budget=24, window_size=4)), ("lacache", dict(budget=48, span=1, n_sink=4, recent=8)),
-                        ("d2o", dict(budget=24, window_size=8))):
-        _same_positions_both_kernels(lm, name, knobs)
-    assert calls, "evict_rows_split never ran"
-    assert any(merged), "D2O's merge never ran in the fused kernel"
+    split, fused = kernels.evict_rows_split, kernels.evict_rows_triton
+    calls, pooled, merged = {}, {}, {}  # per method: split calls; fused calls' pool and whether with tau
+    current = [None]
+    kernels.evict_rows_split = lambda *a, **k: (calls.setdefault(current[0], []).append(1), split(*a, **k))[1]
+    kernels.evict_rows_triton = lambda *a, **k: (  # pool: the 17th argument, tau: the 20th
+        pooled.setdefault(current[0], []).append(a[16] if len(a) > 16 else k.get("pool", 0)),
+        merged.setdefault(current[0], []).append((a[19] if len(a) > 19 else k.get("tau")) is not None),
+        fused(*a, **k))[2]
+    try:
+        for name, knobs in (("cake", dict(budget=24, window_size=4)),
+                            ("lacache", dict(budget=48, span=1, n_sink=4, recent=8)),
+                            ("d2o", dict(budget=24, window_size=8))):
+            current[0] = name
+            _same_positions_both_kernels(lm, name, knobs)
+    finally:
+        kernels.evict_rows_split, kernels.evict_rows_triton = split, fused
+    assert calls.get("lacache"), "evict_rows_split never ran for LaCache"
+    assert "cake" not in calls, "CAKE's steady steps should take the fused kernel"
+    # 2 layers x the steps after the first (the first, over a question, repeats the removal: torch's ops)
+    assert len(pooled.get("cake", [])) >= 2 * 4 and all(p > 1 for p in pooled["cake"]), pooled.get("cake")
+    assert any(merged.get("d2o", [])), "D2O's merge never ran in the fused kernel"
 
 
 def _interpreted(*checks):
@@ -372,8 +420,13 @@ def test_fused_merge_matches_evict_rows():
 
 def test_split_eviction_matches_evict_rows():
     """Pooling, scheduled ranks and merging: torch's choice and the Triton moves equal evict_rows bit for bit,
-    alone and through the fast decoder (CAKE, LaCache, D2O)."""
+    alone and through the fast decoder (CAKE and D2O: the fused kernel; LaCache: the split)."""
     _interpreted("_check_split", "_check_split_decoder_steps")
+
+
+def test_fused_pool_matches_evict_rows():
+    """CAKE's step in one launch: every mutated tensor equal evict_rows' (torch.equal; see _check_fused_pool)."""
+    _interpreted("_check_fused_pool")
 
 
 def test_decoder_steps_take_the_fused_kernel():
@@ -382,7 +435,10 @@ def test_decoder_steps_take_the_fused_kernel():
 
 
 UNFUSED = [  # (option, what the error names)
-    (dict(pool=5), "pool"),
+    (dict(pool=5), "pool"),                          # with a score
+    (dict(pool=5, rank="position"), "pool"),
+    (dict(pool=3, rank="score"), "pool"),
+    (dict(pool=4, repeat=2), "pool"),
     (dict(tau=torch.zeros(2, dtype=torch.float64)), "tau"),  # rank "attention": the merge is fused with "score"
     (dict(tau=torch.zeros(2, dtype=torch.float64), rank="score", shared=True), "tau"),
     (dict(tau=torch.zeros(2, dtype=torch.float64), rank="score", repeat=2), "tau"),
@@ -406,6 +462,11 @@ def test_unfused_options_are_rejected(opts, word):
                           None, torch.tensor([q_pos]), torch.tensor([4, 6]), 7, args["repeat"], args["rank"],
                           shared=args["shared"], pool=args["pool"], tau=args["tau"])
     assert fused_evict_ok("attention", 1, None, 0, True, None)  # pool 1 is no pooling; shared without a score
+    assert fused_evict_ok("attention", 5, None, 1, False, None)  # CAKE: one launch
+    assert not fused_evict_ok("attention", 5, None, 1, True, None)      # shared
+    assert not fused_evict_ok("attention", 5, None, 2, False, None)     # several removals
+    assert not fused_evict_ok("position", 5, None, 1, False, None)      # another rank
+    assert not fused_evict_ok("attention", 5, None, 1, False, t["score"])  # with a score
     tau = torch.zeros(2, dtype=torch.float64)
     assert fused_evict_ok("score", 0, tau, 1, False, t["score"])  # D2O: one launch
     assert not fused_evict_ok("score", 0, tau, 1, False, None)    # the merge follows a score

@@ -26,10 +26,14 @@ removals but the moved rows', as in the engine loop's `while` over argmin).
 
 `evict_rows` is the torch version (every case, ~25 small ops per layer); `evict_rows_triton` does the common
 case (`fused_evict_ok`: ranks position / attention / score, no pooling, at most one removal with a score) in
-one launch per layer, with the same effect bit for bit; D2O's step (rank score with tau: the merge too) in one
-launch, the same but for the merged rows and thresholds, within float32 rounding (the similarities' sums run
-in another order; the victim, the merge's destination and whether it merges are the same but where two
-similarities, or a similarity and tau, are within a few float32 ulps).
+one launch per layer, with the same effect bit for bit; CAKE's step (rank attention, pool > 1, no score, not
+shared, one removal: each head's rows ranked by position in the kernel, each window summed left to right from
+0 and divided by the kernel size, as ATen's avg pooling) in one launch, bit for bit too (the pooled values,
+moved with the rows, and 0 on a head's rows past the grid's width, as `pool_by_position`; rows outside every
+head keep their probability, which must be 0, as for a score); D2O's step (rank score with tau: the merge
+too) in one launch, the same but for the merged rows and thresholds, within float32 rounding (the
+similarities' sums run in another order; the victim, the merge's destination and whether it merges are the
+same but where two similarities, or a similarity and tau, are within a few float32 ulps).
 """
 from __future__ import annotations
 
@@ -168,8 +172,9 @@ def _unfused_option(rank: str, pool: int, tau, repeat: int, shared: bool, score)
     """The option that keeps a call off the fused kernel (None: the kernel does it)."""
     if rank not in FUSED_RANKS:
         return f"rank={rank!r} (fused: {', '.join(FUSED_RANKS)})"
-    if pool > 1:
-        return f"pool={pool} (fused: pool <= 1)"
+    if pool > 1 and (rank != "attention" or score is not None or shared or tau is not None or repeat != 1):
+        return (f"pool={pool} (fused: pool <= 1, or CAKE's: rank 'attention', no score, not shared, no tau, "
+                f"repeat 1)")
     if tau is not None and (rank != "score" or score is None or shared or repeat != 1):
         return "tau (D2O's merging; fused: rank 'score' with a score, not shared, repeat 1)"
     if repeat not in (0, 1) and score is not None:
@@ -317,17 +322,53 @@ if HAS_TRITON:
         keep = keep_bits.to(tl.int64).to(tl.float64, bitcast=True)
         tl.store(tau_ptr + h, beta * best.to(tl.float64) + keep * tau_now, mask=full)
 
+    @triton.jit
+    def _pool_ranks(start, n, pos_ptr, probs_ptr, pooled_ptr, rank_ptr, PBLOCK: tl.constexpr):
+        """CAKE's pooling, first half, for the head's rows 0..n-1 (n: its length within the grid's width): each
+        row's rank by position among them (positions are distinct within a head) into rank_ptr, and its
+        probability into pooled_ptr at the head's start + rank (the head's rows in position order: scratch
+        rows the head's own, so heads never share one)."""
+        offs = tl.arange(0, PBLOCK)
+        for r0 in range(0, n, PBLOCK):
+            r = r0 + offs
+            ok = r < n
+            pos_r = tl.load(pos_ptr + start + r, mask=ok, other=0)
+            rank = tl.zeros([PBLOCK], tl.int32)
+            for s0 in range(0, n, PBLOCK):
+                s = s0 + offs
+                pos_s = tl.load(pos_ptr + start + s, mask=s < n, other=0)
+                before = (pos_s[None, :] < pos_r[:, None]) & (s < n)[None, :]
+                rank += tl.sum(before.to(tl.int32), 1)
+            p = tl.load(probs_ptr + start + r, mask=ok, other=0.0)
+            tl.store(rank_ptr + start + r, rank, mask=ok)
+            tl.store(pooled_ptr + start + rank, p.to(tl.float32), mask=ok)
+
+    @triton.jit
+    def _pool_rows(start, r, ok, n, pooled_ptr, rank_ptr, POOL_K: tl.constexpr):
+        """CAKE's pooling, second half: rows r's pooled probabilities (0 where not ok), as `pool1d(.., "avg")`
+        over the head's rows in position order on the CPU (ATen's avg pooling: the window's values summed left
+        to right from 0, the padding skipped, then divided by the kernel size, zero padding counted)."""
+        rank = tl.load(rank_ptr + start + r, mask=ok, other=0)
+        acc = tl.zeros(r.shape, tl.float32)
+        for j in tl.static_range(POOL_K):
+            i = rank + (j - POOL_K // 2)
+            acc += tl.load(pooled_ptr + start + i, mask=ok & (i >= 0) & (i < n), other=0.0)
+        return tl.where(ok, tl.math.div_rn(acc, tl.full(r.shape, POOL_K, tl.float32)), 0.0)
+
     @triton.jit(do_not_specialize=["beta_bits", "keep_bits"])  # bits, never a constant 1
     def _evict_kernel(k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, starts_ptr, lengths_ptr,
-                      caps_ptr, qpos_ptr, tau_ptr, stride_kt, stride_vt, D, n_heads, width, n_sink, recent,
-                      beta_bits, keep_bits, RANK: tl.constexpr, MERGE: tl.constexpr, MBLOCK: tl.constexpr,
+                      caps_ptr, qpos_ptr, tau_ptr, pooled_ptr, rank_ptr, stride_kt, stride_vt, D, n_heads, width,
+                      n_sink, recent, beta_bits, keep_bits, RANK: tl.constexpr, MERGE: tl.constexpr,
+                      MBLOCK: tl.constexpr, POOL_K: tl.constexpr, PBLOCK: tl.constexpr,
                       SHARED: tl.constexpr, REPEAT: tl.constexpr, HAS_PROBS: tl.constexpr,
                       HAS_SCORE: tl.constexpr, HAS_LOGW: tl.constexpr, HAS_DONE: tl.constexpr,
                       HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, BLOCK: tl.constexpr,
                       D_PAD: tl.constexpr):
-        """`evict_rows` with repeat <= 1, ranks position (RANK 0) / attention (1) / score (2), no pooling,
-        fused: score += probs, the victims' keys and argmin, with MERGE (D2O: RANK 2, repeat 1, not SHARED) the
-        victim's merge into its most similar row (`_merge_victim`), and the row moves of LayerKV.remove.
+        """`evict_rows` with repeat <= 1, ranks position (RANK 0) / attention (1) / score (2), fused: score +=
+        probs, the victims' keys and argmin, with MERGE (D2O: RANK 2, repeat 1, not SHARED) the victim's merge
+        into its most similar row (`_merge_victim`), with POOL_K > 1 (CAKE: RANK 1, repeat 1, no score, not
+        SHARED) the probabilities average-pooled by position first (`_pool_head`), and the row moves of
+        LayerKV.remove.
         grid: (n_heads,), one program per head; SHARED: (1,), one program for the layer, since every head
         reads every head's keys and the moves of one head must not race with the others' reads."""
         offs = tl.arange(0, BLOCK)
@@ -386,35 +427,53 @@ if HAS_TRITON:
             h = tl.program_id(0)
             start = tl.load(starts_ptr + h)
             length = tl.load(lengths_ptr + h)
-            for r0 in range(0, length, BLOCK):  # every held row: the score grows past the grid's width too
-                r = r0 + offs
-                ok = r < length
-                pos = tl.load(pos_ptr + start + r, mask=ok, other=0)
-                if RANK == 1 or HAS_SCORE:
-                    p = tl.load(probs_ptr + start + r, mask=ok, other=0.0)
-                if HAS_SCORE:  # rows outside the heads have probability 0: only held rows change
-                    s = tl.load(score_ptr + start + r, mask=ok, other=0.0) + p
-                    tl.store(score_ptr + start + r, s, mask=ok)
-                if REPEAT:
-                    if RANK == 0:
-                        val = pos.to(tl.float64)  # exact: positions < 2**53
-                    elif RANK == 1:
-                        val = p.to(tl.float64)  # widening keeps order and ties
-                    else:
-                        val = s.to(tl.float64)
-                    blocked = _protected(pos, ok & (r < width), q_pos, n_sink, recent, HAS_SINK, HAS_RECENT)
-                    key = tl.where(blocked, float("inf"), val)
+            if POOL_K > 1:  # CAKE: the pooled probabilities replace the step's, then rank (RANK 1, no score)
+                _pool_ranks(start, tl.minimum(length, width), pos_ptr, probs_ptr, pooled_ptr, rank_ptr, PBLOCK)
+                tl.debug_barrier()  # the head's probabilities in position order, stored by every thread
+                n = tl.minimum(length, width)
+                for r0 in range(0, length, BLOCK):
+                    r = r0 + offs
+                    ok = r < n
+                    pos = tl.load(pos_ptr + start + r, mask=ok, other=0)
+                    pooled = _pool_rows(start, r, ok, n, pooled_ptr, rank_ptr, POOL_K)
+                    # rows past the grid's width are outside pool_by_position's grid: 0, as its scatter's
+                    tl.store(probs_ptr + start + r, pooled.to(probs_ptr.dtype.element_ty), mask=r < length)
+                    blocked = _protected(pos, ok, q_pos, n_sink, recent, HAS_SINK, HAS_RECENT)
+                    key = tl.where(blocked, float("inf"), pooled.to(tl.float64))
                     low = tl.min(key, 0)
                     better = low < best
                     victim = tl.where(better, r0 + tl.argmin(key, 0, tie_break_left=True), victim)
                     best = tl.where(better, low, best)
+            else:
+                for r0 in range(0, length, BLOCK):  # every held row: the score grows past the grid's width too
+                    r = r0 + offs
+                    ok = r < length
+                    pos = tl.load(pos_ptr + start + r, mask=ok, other=0)
+                    if RANK == 1 or HAS_SCORE:
+                        p = tl.load(probs_ptr + start + r, mask=ok, other=0.0)
+                    if HAS_SCORE:  # rows outside the heads have probability 0: only held rows change
+                        s = tl.load(score_ptr + start + r, mask=ok, other=0.0) + p
+                        tl.store(score_ptr + start + r, s, mask=ok)
+                    if REPEAT:
+                        if RANK == 0:
+                            val = pos.to(tl.float64)  # exact: positions < 2**53
+                        elif RANK == 1:
+                            val = p.to(tl.float64)  # widening keeps order and ties
+                        else:
+                            val = s.to(tl.float64)
+                        blocked = _protected(pos, ok & (r < width), q_pos, n_sink, recent, HAS_SINK, HAS_RECENT)
+                        key = tl.where(blocked, float("inf"), val)
+                        low = tl.min(key, 0)
+                        better = low < best
+                        victim = tl.where(better, r0 + tl.argmin(key, 0, tie_break_left=True), victim)
+                        best = tl.where(better, low, best)
             if MERGE:  # D2O (REPEAT, RANK 2): the victim merges into its most similar row first (it reads
                 # keys, values and tau, which nothing above wrote)
                 _merge_victim(h, victim, k_ptr, v_ptr, tau_ptr, starts_ptr, lengths_ptr, caps_ptr, stride_kt,
                               stride_vt, D, width, beta_bits, keep_bits, MBLOCK, D_PAD)
             if REPEAT:
-                # the score stores above (and the merged row, which may be the last) are seen by the threads
-                # that move the last row
+                # the score (or pooled probability) stores above, and the merged row, which may be the last, are
+                # seen by the threads that move the last row
                 tl.debug_barrier()
                 _move_row(h, victim, k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, starts_ptr,
                           lengths_ptr, caps_ptr, stride_kt, stride_vt, D, HAS_PROBS, HAS_SCORE, HAS_LOGW,
@@ -438,8 +497,8 @@ def evict_rows_split(probs: torch.Tensor | None, keys: torch.Tensor, values: tor
                      repeat: int, rank: str, n_sink: int = 0, recent: int = 0, shared: bool = False, pool: int = 0,
                      ranks: torch.Tensor | None = None, done: torch.Tensor | None = None,
                      tau: torch.Tensor | None = None, beta: float = 0.0) -> None:
-    """`evict_rows` for the cases the fused kernel does not choose for (pooling: CAKE; a scheduled rank:
-    LaCache; merging outside the fused case), one removal per step: the choice is `evict_rows`' own torch ops, the row moves
+    """`evict_rows` for the cases the fused kernel does not choose for (a scheduled rank: LaCache; pooling or
+    merging outside the fused cases), one removal per step: the choice is `evict_rows`' own torch ops, the row moves
     (about half of its ops) one Triton launch (`_move_victims_kernel`, LayerKV.remove's moves as in the
     fused kernel). Same effect as `evict_rows`, bit for bit."""
     if repeat != 1:
@@ -470,7 +529,8 @@ def evict_rows_triton(probs: torch.Tensor | None, keys: torch.Tensor, values: to
                       block: int | None = None, num_warps: int = 4) -> None:
     """`evict_rows` in one launch, for the calls `fused_evict_ok` accepts (ValueError names the option of any
     other). Same arguments and effect; `probs` must be 0 on rows outside the heads (the decode kernel's are),
-    as only held rows' scores are updated. No host sync: capturable in a CUDA graph. block: rows per tile."""
+    as only held rows' scores (and, with pool, pooled probabilities) are written. No host sync: capturable in
+    a CUDA graph. block: rows per tile."""
     why = _unfused_option(rank, pool, tau, repeat, shared, score)
     if why is not None:
         raise ValueError(f"evict_rows_triton does not fuse {why}; use evict_rows")
@@ -502,7 +562,7 @@ def evict_rows_triton(probs: torch.Tensor | None, keys: torch.Tensor, values: to
     # do not change between removals but by the moves, which the launches make in the same order)
     for _ in range(max(1, repeat)):
         _launch_evict(keys, values, positions, probs, score, log_weight, done, starts, lengths, caps, q_pos, d,
-                      n_heads, width, n_sink, recent, rank, shared, bool(repeat), block, num_warps, tau, beta)
+                      n_heads, width, n_sink, recent, rank, shared, bool(repeat), block, num_warps, tau, beta, pool)
 
 
 def _float64_bits(x: float) -> int:
@@ -511,15 +571,20 @@ def _float64_bits(x: float) -> int:
 
 
 def _launch_evict(keys, values, positions, probs, score, log_weight, done, starts, lengths, caps, q_pos, d, n_heads,
-                  width, n_sink, recent, rank, shared, repeat, block, num_warps, tau=None, beta=0.0):
+                  width, n_sink, recent, rank, shared, repeat, block, num_warps, tau=None, beta=0.0, pool=0):
     d_pad = max(16, next_pow2(d))
+    pool = int(pool) if pool > 1 else 0
+    # CAKE's pooling: per row, its probability in position order and its rank (scratch, each head its own rows)
+    pooled = torch.empty(positions.shape[0] if pool else 1, dtype=torch.float32, device=keys.device)
+    pool_rank = torch.empty(positions.shape[0] if pool else 1, dtype=torch.int32, device=keys.device)
     _evict_kernel[(1 if shared else n_heads,)](
         keys, values, positions, probs if probs is not None else positions,  # unused pointers: any will do
         score if score is not None else positions, log_weight if log_weight is not None else positions,
         done if done is not None else lengths, starts, lengths, caps, q_pos, tau if tau is not None else caps,
-        keys.stride(0), values.stride(0), d, n_heads, int(width), int(n_sink), int(recent), _float64_bits(beta),
-        _float64_bits(1 - beta), RANK=FUSED_RANKS.index(rank), MERGE=tau is not None,
-        MBLOCK=max(16, min(block, 4096 // d_pad)), SHARED=bool(shared), REPEAT=bool(repeat),
+        pooled, pool_rank, keys.stride(0), values.stride(0), d, n_heads, int(width), int(n_sink), int(recent),
+        _float64_bits(beta), _float64_bits(1 - beta), RANK=FUSED_RANKS.index(rank), MERGE=tau is not None,
+        MBLOCK=max(16, min(block, 4096 // d_pad)), POOL_K=pool, PBLOCK=max(16, min(block, 64)),
+        SHARED=bool(shared), REPEAT=bool(repeat),
         HAS_PROBS=probs is not None, HAS_SCORE=score is not None, HAS_LOGW=log_weight is not None,
         HAS_DONE=done is not None, HAS_SINK=bool(n_sink), HAS_RECENT=bool(recent), BLOCK=block, D_PAD=d_pad,
         num_warps=num_warps)
