@@ -249,7 +249,7 @@ def decode_evict(probs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     victim, `repeat` times (methods/kernels/decode_evict.py). probs: the step's (T,) probabilities, or empty
     if unused; ranks / done: a scheduled rank's ranks and each head's removals so far; tau: D2O's merge
     thresholds (h,), moved on with weight beta. Where the decode kernel is Triton, the common case
-    (kernels.fused_evict_ok: D2O's merge included) takes one launch, the others' steady steps their torch choice
+    (kernels.fused_evict_ok: CAKE's pooling and D2O's merge included) takes one launch, the others' steady steps their torch choice
     and one launch for the moves (kernels.evict_rows_split); the rest of a first step over a question, and the
     CPU, the torch ops."""
     from kvbench.methods import kernels
@@ -258,7 +258,7 @@ def decode_evict(probs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     triton = attention._decode_kernel(keys) == "triton"
     if triton and kernels.fused_evict_ok(rank, pool, tau, repeat, shared, score):
         kernels.evict_rows_triton(*args)
-    elif triton and repeat == 1:  # CAKE's pooling, LaCache's schedule: torch chooses, Triton moves
+    elif triton and repeat == 1:  # LaCache's scheduled rank: torch chooses, Triton moves
         kernels.evict_rows_split(*args)
     else:
         kernels.evict_rows(*args)
