@@ -248,10 +248,9 @@ def decode_evict(probs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """After a step's attention: the scores accumulate, every head over its cap (caps: (h,)) removes its
     victim, `repeat` times (methods/kernels/decode_evict.py). probs: the step's (T,) probabilities, or empty
     if unused; ranks / done: a scheduled rank's ranks and each head's removals so far; tau: D2O's merge
-    thresholds (h,), moved on with weight beta. Where the decode kernel is Triton, the common case
-    (kernels.fused_evict_ok: CAKE's pooling and D2O's merge included) takes one launch, the others' steady steps their torch choice
-    and one launch for the moves (kernels.evict_rows_split); the rest of a first step over a question, and the
-    CPU, the torch ops."""
+    thresholds (h,), moved on with weight beta. Where the decode kernel is Triton, a step takes one launch
+    (kernels.fused_evict_ok: CAKE's pooling and D2O's merge included), or LaCache's torch choice and one launch
+    for the moves (kernels.evict_rows_split); the rest of a first step over a question, and the CPU, torch ops."""
     from kvbench.methods import kernels
     args = (probs if probs.numel() else None, keys, values, positions, starts, lengths, score, log_weight, q_pos,
             caps, width, repeat, rank, n_sink, recent, shared, pool, ranks, done, tau, beta)
