@@ -90,14 +90,6 @@ def profile(label: str, fn, rows: int = 25) -> None:
     print(f"syncs and copies: {syncs}")
     gpu_us = sum(e.self_device_time_total for e in ev)
     print(f"GPU busy (sum of kernel self time): {gpu_us / 1e3:.2f} ms; host ops: {sum(e.count for e in ev)}")
-    # where the host-device copies and syncs come from (kvbench's and transformers' frames)
-    with prof(activities=acts, with_stack=True) as p:
-        fn()
-        sync()
-    for e in p.key_averages(group_by_stack_n=8):
-        if e.key in copies and e.stack:
-            frames = [f for f in e.stack if "kvbench" in f or "methods" in f or "transformers" in f][:4]
-            print(f"  {e.key} x{e.count}: {' <- '.join(frames) or e.stack[:2]}")
 
 
 def find_syncs(label: str, fn) -> None:

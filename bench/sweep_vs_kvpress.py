@@ -333,7 +333,9 @@ def install_cache_position_shim(model) -> list:
 def kvpress_press(name: str, ratio: float):
     """The press of each method, as bench/gpu_speed.py builds it (one definition for both benchmarks; importing
     gpu_speed imports torch, not kvbench)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # called once per sample and press
+        sys.path.insert(0, here)
     from gpu_speed import kvpress_press as press
     return press(name, ratio)
 

@@ -185,8 +185,11 @@ class ScoredEviction(Method):
         budget = self.layer_budget(ctx.layer_idx, ctx.n_layers, n)
         if budget >= n:
             return
-        scores = self.score(ctx)
-        keep_top(ctx.layer, scores, self.head_budgets(scores, budget))
+        self.cut(ctx.layer, self.score(ctx), budget)
+
+    def cut(self, layer, scores: torch.Tensor, budget: int) -> None:
+        """Keep each head's top rows by `scores` under the allocator's per-head budgets."""
+        keep_top(layer, scores, self.head_budgets(scores, budget))
 
 
 def keep_top(layer, scores: torch.Tensor, per_head: list[int]) -> None:

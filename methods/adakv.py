@@ -126,20 +126,14 @@ class AdaKV(WindowQueries, ScoredEviction):
         super().reset()
         self._pending = None
 
-    def _defers(self, ctx: LayerContext) -> bool:
-        on = self.DEFER == "always" or (self.DEFER == "auto" and ctx.layer.keys.is_cuda)
-        return on and ctx.layer.is_uniform() and not self.formats()
-
     def compress_layer(self, ctx: LayerContext) -> None:
-        self.flush()
-        if not self._defers(ctx):
-            return super().compress_layer(ctx)
-        ctx = self.window_tail().extend(ctx)  # as WindowQueries.compress_layer, then ScoredEviction's steps
-        n = max(ctx.layer.head_lengths)
-        budget = self.layer_budget(ctx.layer_idx, ctx.n_layers, n)
-        if budget >= n:
-            return
-        scores = self.score(ctx)
+        self.flush()  # the previous layer's counts: the GPU has long passed them
+        super().compress_layer(ctx)
+
+    def cut(self, layer, scores: torch.Tensor, budget: int) -> None:
+        defer = self.DEFER == "always" or (self.DEFER == "auto" and layer.keys.is_cuda)
+        if not (defer and layer.is_uniform() and not self.formats()):
+            return super().cut(layer, scores, budget)
         budget = min(budget, scores.shape[1])
         counts = global_topk_counts(scores, budget)
         event = None
@@ -149,7 +143,7 @@ class AdaKV(WindowQueries, ScoredEviction):
             event = torch.cuda.Event()
             event.record()
             counts = host
-        self._pending = (ctx.layer, scores, budget, counts, event)
+        self._pending = (layer, scores, budget, counts, event)
 
     def flush(self) -> None:
         """Cut the layer whose counts were queued (see DEFER)."""

@@ -204,9 +204,10 @@ if HAS_TRITON:
         return blocked
 
     @triton.jit
-    def _shared_term(j, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr, q_pos, n_sink, recent,
-                     RANK: tl.constexpr, HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr):
-        """Head j's (blocked, key) at local rows r; a head past the last adds 0 and blocks nothing."""
+    def _shared_add(j, r, blocked, acc, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr, q_pos, n_sink,
+                    recent, RANK: tl.constexpr, HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr):
+        """Head j's key at local rows r added to acc, and whether it protects them; a head past the last adds 0
+        and protects nothing."""
         there = j < n_heads
         start = tl.load(starts_ptr + j, mask=there, other=0)
         length = tl.load(lengths_ptr + j, mask=there, other=0)
@@ -216,8 +217,8 @@ if HAS_TRITON:
             val = pos
         else:
             val = tl.load(probs_ptr + start + r, mask=ok, other=0.0)
-        blocked = _protected(pos, ok, q_pos, n_sink, recent, HAS_SINK, HAS_RECENT) & there
-        return blocked, tl.where(blocked | ~there, tl.zeros_like(val), val)
+        b = _protected(pos, ok, q_pos, n_sink, recent, HAS_SINK, HAS_RECENT) & there
+        return blocked | b, acc + tl.where(b | ~there, tl.zeros_like(val), val)
 
     @triton.jit
     def _move_row(h, victim, k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, starts_ptr,
@@ -367,7 +368,7 @@ if HAS_TRITON:
         """`evict_rows` with repeat <= 1, ranks position (RANK 0) / attention (1) / score (2), fused: score +=
         probs, the victims' keys and argmin, with MERGE (D2O: RANK 2, repeat 1, not SHARED) the victim's merge
         into its most similar row (`_merge_victim`), with POOL_K > 1 (CAKE: RANK 1, repeat 1, no score, not
-        SHARED) the probabilities average-pooled by position first (`_pool_head`), and the row moves of
+        SHARED) the probabilities average-pooled by position first (`_pool_ranks`, `_pool_rows`), and the row moves of
         LayerKV.remove.
         grid: (n_heads,), one program per head; SHARED: (1,), one program for the layer, since every head
         reads every head's keys and the moves of one head must not race with the others' reads."""
@@ -384,34 +385,25 @@ if HAS_TRITON:
             n = tl.minimum(tl.load(lengths_ptr), width)  # rows past head 0's are +inf in the sum
             for r0 in range(0, n, BLOCK):
                 r = r0 + offs
-                blocked, acc0 = _shared_term(0, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
-                                             q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
-                b, acc1 = _shared_term(1, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
-                                       q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
-                blocked = blocked | b
-                b, acc2 = _shared_term(2, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
-                                       q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
-                blocked = blocked | b
-                b, acc3 = _shared_term(3, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
-                                       q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
-                blocked = blocked | b
-                for j0 in range(4, n_heads, 4):  # accumulator i takes heads i, i + 4, ...
-                    b, v = _shared_term(j0, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
-                                        q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
-                    blocked = blocked | b
-                    acc0 = acc0 + v
-                    b, v = _shared_term(j0 + 1, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
-                                        q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
-                    blocked = blocked | b
-                    acc1 = acc1 + v
-                    b, v = _shared_term(j0 + 2, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
-                                        q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
-                    blocked = blocked | b
-                    acc2 = acc2 + v
-                    b, v = _shared_term(j0 + 3, r, n_heads, width, pos_ptr, probs_ptr, starts_ptr, lengths_ptr,
-                                        q_pos, n_sink, recent, RANK, HAS_SINK, HAS_RECENT)
-                    blocked = blocked | b
-                    acc3 = acc3 + v
+                if RANK == 0:
+                    acc0 = tl.zeros([BLOCK], tl.int64)
+                else:
+                    acc0 = tl.zeros([BLOCK], tl.float32)
+                acc1, acc2, acc3 = acc0, acc0, acc0  # 0 + x is x exactly: the same sums as starting at x
+                blocked = r < 0
+                for j0 in range(0, n_heads, 4):  # accumulator i takes heads i, i + 4, ...
+                    blocked, acc0 = _shared_add(j0, r, blocked, acc0, n_heads, width, pos_ptr, probs_ptr,
+                                                starts_ptr, lengths_ptr, q_pos, n_sink, recent, RANK, HAS_SINK,
+                                                HAS_RECENT)
+                    blocked, acc1 = _shared_add(j0 + 1, r, blocked, acc1, n_heads, width, pos_ptr, probs_ptr,
+                                                starts_ptr, lengths_ptr, q_pos, n_sink, recent, RANK, HAS_SINK,
+                                                HAS_RECENT)
+                    blocked, acc2 = _shared_add(j0 + 2, r, blocked, acc2, n_heads, width, pos_ptr, probs_ptr,
+                                                starts_ptr, lengths_ptr, q_pos, n_sink, recent, RANK, HAS_SINK,
+                                                HAS_RECENT)
+                    blocked, acc3 = _shared_add(j0 + 3, r, blocked, acc3, n_heads, width, pos_ptr, probs_ptr,
+                                                starts_ptr, lengths_ptr, q_pos, n_sink, recent, RANK, HAS_SINK,
+                                                HAS_RECENT)
                 key = tl.where(blocked, float("inf"), (((acc0 + acc1) + acc2) + acc3).to(tl.float64))
                 low = tl.min(key, 0)
                 better = low < best  # strictly: an equal key later on never beats the first
@@ -574,9 +566,12 @@ def _launch_evict(keys, values, positions, probs, score, log_weight, done, start
                   width, n_sink, recent, rank, shared, repeat, block, num_warps, tau=None, beta=0.0, pool=0):
     d_pad = max(16, next_pow2(d))
     pool = int(pool) if pool > 1 else 0
-    # CAKE's pooling: per row, its probability in position order and its rank (scratch, each head its own rows)
-    pooled = torch.empty(positions.shape[0] if pool else 1, dtype=torch.float32, device=keys.device)
-    pool_rank = torch.empty(positions.shape[0] if pool else 1, dtype=torch.int32, device=keys.device)
+    # CAKE's pooling: per row, its probability in position order and its rank (scratch, each head its own rows);
+    # without pooling the kernel never reads them: any pointer will do, nothing is allocated on the decode path
+    pooled, pool_rank = positions, lengths
+    if pool:
+        pooled = torch.empty(positions.shape[0], dtype=torch.float32, device=keys.device)
+        pool_rank = torch.empty(positions.shape[0], dtype=torch.int32, device=keys.device)
     _evict_kernel[(1 if shared else n_heads,)](
         keys, values, positions, probs if probs is not None else positions,  # unused pointers: any will do
         score if score is not None else positions, log_weight if log_weight is not None else positions,
