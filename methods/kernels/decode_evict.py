@@ -28,7 +28,8 @@ removals but the moved rows', as in the engine loop's `while` over argmin).
 case (`fused_evict_ok`: ranks position / attention / score, no pooling, at most one removal with a score) in
 one launch per layer, with the same effect bit for bit; CAKE's step (rank attention, pool > 1, no score, not
 shared, one removal: each head's rows ranked by position in the kernel, each window summed left to right from
-0 and divided by the kernel size, as ATen's avg pooling) in one launch, bit for bit too (the pooled values,
+0 and divided by the kernel size, as ATen's avg pooling) in two launches (the ranks by position, counted in
+parallel tiles, then the rest), bit for bit too (the pooled values,
 moved with the rows, and 0 on a head's rows past the grid's width, as `pool_by_position`; rows outside every
 head keep their probability, which must be 0, as for a score); D2O's step (rank score with tau: the merge
 too) in one launch, the same but for the merged rows and thresholds, within float32 rounding (the
@@ -324,25 +325,30 @@ if HAS_TRITON:
         tl.store(tau_ptr + h, beta * best.to(tl.float64) + keep * tau_now, mask=full)
 
     @triton.jit
-    def _pool_ranks(start, n, pos_ptr, probs_ptr, pooled_ptr, rank_ptr, PBLOCK: tl.constexpr):
-        """CAKE's pooling, first half, for the head's rows 0..n-1 (n: its length within the grid's width): each
-        row's rank by position among them (positions are distinct within a head) into rank_ptr, and its
-        probability into pooled_ptr at the head's start + rank (the head's rows in position order: scratch
-        rows the head's own, so heads never share one)."""
+    def _pool_rank_kernel(pos_ptr, probs_ptr, pooled_ptr, rank_ptr, starts_ptr, lengths_ptr, width,
+                          PBLOCK: tl.constexpr):
+        """CAKE's pooling, first half, a launch before `_evict_kernel`: grid (n_heads, cdiv(width, PBLOCK)),
+        program (h, b) ranks head h's rows b*PBLOCK.. (of its n = min(length, width) rows) by position among
+        the head's n rows (positions are distinct within a head) into rank_ptr, and puts each row's
+        probability into pooled_ptr at the head's start + rank (the head's rows in position order; scratch
+        rows the head's own, so heads never share one). One program per tile of rows: counting a head's
+        ranks in one program (O(n^2) serially) cost more than the rest of the step (measured, H100)."""
+        h = tl.program_id(0)
+        start = tl.load(starts_ptr + h)
+        n = tl.minimum(tl.load(lengths_ptr + h), width)
         offs = tl.arange(0, PBLOCK)
-        for r0 in range(0, n, PBLOCK):
-            r = r0 + offs
-            ok = r < n
-            pos_r = tl.load(pos_ptr + start + r, mask=ok, other=0)
-            rank = tl.zeros([PBLOCK], tl.int32)
-            for s0 in range(0, n, PBLOCK):
-                s = s0 + offs
-                pos_s = tl.load(pos_ptr + start + s, mask=s < n, other=0)
-                before = (pos_s[None, :] < pos_r[:, None]) & (s < n)[None, :]
-                rank += tl.sum(before.to(tl.int32), 1)
-            p = tl.load(probs_ptr + start + r, mask=ok, other=0.0)
-            tl.store(rank_ptr + start + r, rank, mask=ok)
-            tl.store(pooled_ptr + start + rank, p.to(tl.float32), mask=ok)
+        r = tl.program_id(1) * PBLOCK + offs
+        ok = r < n
+        pos_r = tl.load(pos_ptr + start + r, mask=ok, other=0)
+        rank = tl.zeros([PBLOCK], tl.int32)
+        for s0 in range(0, n, PBLOCK):
+            s = s0 + offs
+            pos_s = tl.load(pos_ptr + start + s, mask=s < n, other=0)
+            before = (pos_s[None, :] < pos_r[:, None]) & (s < n)[None, :]
+            rank += tl.sum(before.to(tl.int32), 1)
+        p = tl.load(probs_ptr + start + r, mask=ok, other=0.0)
+        tl.store(rank_ptr + start + r, rank, mask=ok)
+        tl.store(pooled_ptr + start + rank, p.to(tl.float32), mask=ok)
 
     @triton.jit
     def _pool_rows(start, r, ok, n, pooled_ptr, rank_ptr, POOL_K: tl.constexpr):
@@ -360,7 +366,7 @@ if HAS_TRITON:
     def _evict_kernel(k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, starts_ptr, lengths_ptr,
                       caps_ptr, qpos_ptr, tau_ptr, pooled_ptr, rank_ptr, stride_kt, stride_vt, D, n_heads, width,
                       n_sink, recent, beta_bits, keep_bits, RANK: tl.constexpr, MERGE: tl.constexpr,
-                      MBLOCK: tl.constexpr, POOL_K: tl.constexpr, PBLOCK: tl.constexpr,
+                      MBLOCK: tl.constexpr, POOL_K: tl.constexpr,
                       SHARED: tl.constexpr, REPEAT: tl.constexpr, HAS_PROBS: tl.constexpr,
                       HAS_SCORE: tl.constexpr, HAS_LOGW: tl.constexpr, HAS_DONE: tl.constexpr,
                       HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, BLOCK: tl.constexpr,
@@ -368,7 +374,8 @@ if HAS_TRITON:
         """`evict_rows` with repeat <= 1, ranks position (RANK 0) / attention (1) / score (2), fused: score +=
         probs, the victims' keys and argmin, with MERGE (D2O: RANK 2, repeat 1, not SHARED) the victim's merge
         into its most similar row (`_merge_victim`), with POOL_K > 1 (CAKE: RANK 1, repeat 1, no score, not
-        SHARED) the probabilities average-pooled by position first (`_pool_ranks`, `_pool_rows`), and the row moves of
+        SHARED) the probabilities average-pooled by position first (ranked by `_pool_rank_kernel`, launched before,
+        then `_pool_rows`), and the row moves of
         LayerKV.remove.
         grid: (n_heads,), one program per head; SHARED: (1,), one program for the layer, since every head
         reads every head's keys and the moves of one head must not race with the others' reads."""
@@ -420,9 +427,7 @@ if HAS_TRITON:
             start = tl.load(starts_ptr + h)
             length = tl.load(lengths_ptr + h)
             if POOL_K > 1:  # CAKE: the pooled probabilities replace the step's, then rank (RANK 1, no score)
-                _pool_ranks(start, tl.minimum(length, width), pos_ptr, probs_ptr, pooled_ptr, rank_ptr, PBLOCK)
-                tl.debug_barrier()  # the head's probabilities in position order, stored by every thread
-                n = tl.minimum(length, width)
+                n = tl.minimum(length, width)  # ranks and the rows in position order: `_pool_rank_kernel`
                 for r0 in range(0, length, BLOCK):
                     r = r0 + offs
                     ok = r < n
@@ -519,7 +524,7 @@ def evict_rows_triton(probs: torch.Tensor | None, keys: torch.Tensor, values: to
                       shared: bool = False, pool: int = 0, ranks: torch.Tensor | None = None,
                       done: torch.Tensor | None = None, tau: torch.Tensor | None = None, beta: float = 0.0,
                       block: int | None = None, num_warps: int = 4) -> None:
-    """`evict_rows` in one launch, for the calls `fused_evict_ok` accepts (ValueError names the option of any
+    """`evict_rows` in one launch (CAKE's pooling: two), for the calls `fused_evict_ok` accepts (ValueError names the option of any
     other). Same arguments and effect; `probs` must be 0 on rows outside the heads (the decode kernel's are),
     as only held rows' scores (and, with pool, pooled probabilities) are written. No host sync: capturable in
     a CUDA graph. block: rows per tile."""
@@ -572,13 +577,16 @@ def _launch_evict(keys, values, positions, probs, score, log_weight, done, start
     if pool:
         pooled = torch.empty(positions.shape[0], dtype=torch.float32, device=keys.device)
         pool_rank = torch.empty(positions.shape[0], dtype=torch.int32, device=keys.device)
+        pblock = max(16, min(block, 64))
+        _pool_rank_kernel[(n_heads, triton.cdiv(int(width), pblock))](
+            positions, probs, pooled, pool_rank, starts, lengths, int(width), PBLOCK=pblock, num_warps=4)
     _evict_kernel[(1 if shared else n_heads,)](
         keys, values, positions, probs if probs is not None else positions,  # unused pointers: any will do
         score if score is not None else positions, log_weight if log_weight is not None else positions,
         done if done is not None else lengths, starts, lengths, caps, q_pos, tau if tau is not None else caps,
         pooled, pool_rank, keys.stride(0), values.stride(0), d, n_heads, int(width), int(n_sink), int(recent),
         _float64_bits(beta), _float64_bits(1 - beta), RANK=FUSED_RANKS.index(rank), MERGE=tau is not None,
-        MBLOCK=max(16, min(block, 4096 // d_pad)), POOL_K=pool, PBLOCK=max(16, min(block, 64)),
+        MBLOCK=max(16, min(block, 4096 // d_pad)), POOL_K=pool,
         SHARED=bool(shared), REPEAT=bool(repeat),
         HAS_PROBS=probs is not None, HAS_SCORE=score is not None, HAS_LOGW=log_weight is not None,
         HAS_DONE=done is not None, HAS_SINK=bool(n_sink), HAS_RECENT=bool(recent), BLOCK=block, D_PAD=d_pad,
