@@ -2,10 +2,10 @@
 
 A layer of a real shape (default Llama-3.1-8B: 8 KV heads, 32 query heads, d 128, bf16), random keys, values
 and queries of `--length` tokens; each method's `compress_layer` runs on a fresh copy of the layer (the copy
-is not timed), timed with CUDA events on the stream after a sync, so it measures the hook's kernels alone
-(in a real prefill the host is far ahead of the GPU there: launches are hidden, kernels are not). Also the
-pieces every ScoredEviction cut shares (`topk_indices`, `LayerKV.keep`), and with --profile a kernel table of
-one method's hook. Per-layer ms x layers = the hook's share of the TTFT overhead.
+is not timed), its kernels' GPU time summed by torch.profiler: in a real prefill the host runs far ahead of
+the GPU there, so launches are hidden and kernels are not (host time is printed too). Also the pieces every
+ScoredEviction cut shares (`topk_indices` against the former two stable sorts, `LayerKV.keep`), and with
+--profile a kernel table of one method's hook. GPU us per layer x layers = the hook's share of the TTFT.
 
     python bench/compress_breakdown.py [--length 8192 32768] [--budget 1024] [--methods snapkv ...] [--profile snapkv]
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,19 +25,27 @@ if importlib.util.find_spec("kvbench") is None:
 SHAPES = {"llama-3.1-8b": (32, 8, 32, 128), "smollm2-135m": (30, 3, 9, 64)}  # layers, n_kv, n_q, d
 
 
-def event_ms(fn, setup, reps: int) -> float:
-    """Median GPU-timeline ms of fn(setup()) over reps (one warm-up), setup untimed."""
-    out = []
-    for _ in range(reps + 1):
-        arg = setup()
+def gpu_us(fn, setup, reps: int) -> tuple[float, float]:
+    """(GPU-busy us, host us) of one fn(setup()), averaged over reps after one warm-up, setup untimed. GPU
+    busy = the time of the kernels fn launches (torch.profiler, a `record_function` range around fn): what it
+    adds to a prefill whose host runs ahead of the GPU. Host = wall time of fn's launches."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    fn(setup())
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            arg = setup()
+            with record_function("kvbench_hook"):
+                fn(arg)
         torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn(arg)
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out[1:])
+    ev = next(e for e in prof.key_averages() if e.key == "kvbench_hook")
+    return ev.device_time_total / ev.count, ev.cpu_time_total / ev.count
+
+
+def topk_by_sorts(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The former `topk_indices`: a stable descending sort of the scores, then a sort of the kept indices."""
+    idx = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(idx, dim=-1).values
 
 
 def main() -> None:
@@ -56,7 +63,7 @@ def main() -> None:
     n_layers, n_kv, n_q, d = SHAPES[args.shape]
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {args.shape}  budget {args.budget}"
-          f"  reps {args.reps}  (ms per layer on the GPU timeline; x{n_layers} layers = per prefill)")
+          f"  reps {args.reps}")
     for L in args.length:
         g = torch.Generator(device=dev).manual_seed(0)
         k = torch.randn(n_kv, L, d, device=dev, dtype=dt, generator=g)
@@ -68,27 +75,26 @@ def main() -> None:
             return LayerKV.from_dense(k, v, pos)
 
         scores = torch.rand(n_kv, L, device=dev, generator=g)
-        rows = {"topk_indices (n_kv, L) -> budget": event_ms(lambda s: topk_indices(s, args.budget), lambda: scores,
-                                                              args.reps),
-                "LayerKV.keep (a (n_kv, budget) index)": event_ms(
-                    lambda lay: lay.keep(topk_indices(scores, args.budget)), fresh, args.reps)
-                - event_ms(lambda s: topk_indices(s, args.budget), lambda: scores, args.reps)}
+        rows = {"topk_indices (n_kv, L) -> budget": gpu_us(lambda s: topk_indices(s, args.budget), lambda: scores,
+                                                            args.reps),
+                "  former: two stable sorts": gpu_us(lambda s: topk_by_sorts(s, args.budget), lambda: scores,
+                                                     args.reps),
+                "LayerKV.keep (sorted (n_kv, budget) index)": gpu_us(
+                    lambda lay: lay.keep(topk_indices(scores, args.budget), ascending=True), fresh, args.reps)}
         for name in args.methods:
             method = build_method(name, budget=args.budget)
 
             def hook(lay, method=method):
                 method.reset()
-                for i in range(n_layers):  # the layer index matters to per-layer budgets (pyramidkv)
-                    if i == n_layers // 2:
-                        ctx = LayerContext(i, n_layers, q, lay, d ** -0.5, None)
-                        method.observe_prefill(ctx)
-                        method.compress_layer(ctx)
-                        if hasattr(method, "flush"):
-                            method.flush()
-            rows[f"{name}.compress_layer"] = event_ms(hook, fresh, args.reps)
-        print(f"\nlength {L}")
-        for name, ms in rows.items():
-            print(f"  {name:42s} {ms * 1e3:9.1f} us   x{n_layers} = {ms * n_layers:7.2f} ms")
+                ctx = LayerContext(n_layers // 2, n_layers, q, lay, d ** -0.5, None)
+                method.observe_prefill(ctx)
+                method.compress_layer(ctx)
+                if hasattr(method, "flush"):
+                    method.flush()  # AdaKV's deferred cut (on CUDA the next layer's hook makes it)
+            rows[f"{name}.compress_layer"] = gpu_us(hook, fresh, args.reps)
+        print(f"\nlength {L}                                       GPU us/layer  x{n_layers} ms   host us/layer")
+        for name, (gpu, host) in rows.items():
+            print(f"  {name:44s} {gpu:9.1f}   {gpu * n_layers / 1e3:7.2f}   {host:9.1f}")
         if args.profile:
             method = build_method(args.profile, budget=args.budget)
             lay = fresh()

@@ -198,18 +198,19 @@ class LayerKV:
         self._lens, self._caps, self._starts = new_lens, list(new_caps), new_starts
         self._held(self.n_rows - before)
 
-    def keep(self, indices) -> None:
+    def keep(self, indices, ascending: bool = False) -> None:
         """Keep, per head, the rows at these local indices (a (h, k) tensor or a list of 1-D tensors).
-        The result is tightly packed: no spare capacity, so nbytes() == allocated_bytes()."""
+        The result is tightly packed: no spare capacity, so nbytes() == allocated_bytes(). ascending: the
+        caller's promise that each head's indices are sorted already (no sort on the device)."""
         if isinstance(indices, torch.Tensor) and indices.dim() == 2 and self.is_uniform():
-            return self._keep_uniform(indices)
+            return self._keep_uniform(indices, ascending)
         per_head = list(indices.unbind(0)) if isinstance(indices, torch.Tensor) else list(indices)
         if len(per_head) != self.n_heads:
             raise ValueError(f"keep(): got indices for {len(per_head)} heads, the layer has {self.n_heads}")
         per_head = [torch.sort(i.long())[0] for i in per_head]  # keep original order (cheaper to reason about)
         self._repack([int(i.numel()) for i in per_head], per_head)
 
-    def _keep_uniform(self, indices: torch.Tensor) -> None:
+    def _keep_uniform(self, indices: torch.Tensor, ascending: bool = False) -> None:
         """Same number k of kept rows in every head: one batched gather, no host loop, no device sync
         (this runs once per layer inside the prefill, where a sync would stall the GPU)."""
         h, k = indices.shape
@@ -217,7 +218,7 @@ class LayerKV:
             raise ValueError(f"keep(): got indices for {h} heads, the layer has {self.n_heads}")
         if k > self._lens[0]:
             raise ValueError(f"keep(): {k} indices per head, the heads hold {self._lens[0]} rows")
-        idx = torch.sort(indices.long(), dim=-1).values
+        idx = indices.long() if ascending else torch.sort(indices.long(), dim=-1).values
         self._take_rows((self.starts.view(h, 1) + idx).reshape(-1), [k] * h)
 
     def keep_ragged(self, flat_idx: torch.Tensor, counts: list[int]) -> None:

@@ -137,26 +137,59 @@ class Method:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def rank_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys of (..., L) scores, one per token, all distinct, larger = kept first: the score, then the
+    earlier token (the tie rule of a stable descending sort). The score's float32 bits in an order-preserving
+    int32 (a negative float's magnitude bits flipped; -0.0 made +0.0 first, so equal scores tie) above the
+    reversed token index."""
+    L = scores.shape[-1]
+    b = (scores.float() + 0.0).view(torch.int32)  # -0.0 + 0.0 = +0.0
+    b = b ^ ((b >> 31) & 0x7FFFFFFF)
+    rev = torch.arange(L - 1, -1, -1, device=scores.device)
+    return (b.long() << 32) | rev
+
+
+def ascending(chosen: torch.Tensor, L: int) -> torch.Tensor:
+    """Distinct indices < L, k per row of (..., k) `chosen`, sorted along the last dim without a sort: a mask
+    of the chosen tokens, its running count gives each one's slot (unchosen tokens go to a spare slot k)."""
+    k = chosen.shape[-1]
+    mask = torch.zeros(*chosen.shape[:-1], L, dtype=torch.bool, device=chosen.device).scatter_(-1, chosen, True)
+    slot = torch.where(mask, mask.cumsum(-1) - 1, k)
+    src = torch.arange(L, device=chosen.device).expand_as(slot)
+    out = torch.empty(*chosen.shape[:-1], k + 1, dtype=torch.long, device=chosen.device)
+    return out.scatter_(-1, slot, src)[..., :k]
+
+
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores along the last dim, ties broken towards earlier tokens, sorted."""
-    k = min(k, scores.shape[-1])
-    # a stable descending sort makes ties (frequent after max-pooling) deterministic: earlier token wins
-    idx = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.sort(idx, dim=-1).values
+    """Indices of the k largest scores along the last dim, ties broken towards earlier tokens, sorted.
+    Ties are frequent (max-pooling, +inf windows): distinct `rank_keys` make the choice exact without a
+    stable sort, and `ascending` orders it: on a GPU a radix select and a few element-wise kernels, where two
+    segmented sorts (the scores, then the kept indices) took most of a layer's compression time (H100,
+    bench/compress_breakdown.py)."""
+    L = scores.shape[-1]
+    k = min(k, L)
+    if k == L:
+        return torch.arange(L, device=scores.device).expand(scores.shape).contiguous()
+    top = torch.topk(rank_keys(scores), k, dim=-1, sorted=False).values
+    return ascending((L - 1) - (top & 0xFFFFFFFF), L)
 
 
 def ragged_topk_indices(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Head h's `counts[h]` largest scores of (n_kv, L) `scores`, as local indices sorted within each head,
     heads back to back: (sum(counts),). Same choice as `topk_indices` row by row, in a few batched ops
-    whose output sizes are known on the host (no device sync)."""
+    whose output sizes are known on the host (no device sync): the kmax best of every head in order of
+    `rank_keys`, the first counts[h] of head h marked in a mask, each head's marks compacted in order."""
     from kvbench.cache import long_tensor
     h, L = scores.shape
     counts = [min(c, L) for c in counts]
     kmax, total, dev = max(counts, default=0), sum(counts), scores.device
-    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :kmax]
+    top = torch.topk(rank_keys(scores), kmax, dim=-1, sorted=True).values
     cnt = long_tensor(counts, dev)
     first = torch.arange(kmax, device=dev).view(1, -1) < cnt.view(-1, 1)
-    order = torch.sort(torch.where(first, order, L), dim=-1).values  # dropped ones (= L) sort last
+    mask = torch.zeros(h, L, dtype=torch.bool, device=dev).scatter_(-1, (L - 1) - (top & 0xFFFFFFFF), first)
+    slot = torch.where(mask, mask.cumsum(-1) - 1, kmax)
+    order = torch.empty(h, kmax + 1, dtype=torch.long, device=dev).scatter_(
+        -1, slot, torch.arange(L, device=dev).expand(h, L))
     head = torch.repeat_interleave(torch.arange(h, device=dev), cnt, output_size=total)
     offset = torch.cumsum(cnt, 0) - cnt
     return order[head, torch.arange(total, device=dev) - offset[head]]
@@ -195,7 +228,7 @@ class ScoredEviction(Method):
 def keep_top(layer, scores: torch.Tensor, per_head: list[int]) -> None:
     """Keep head h's per_head[h] highest-scored rows of the layer ((n_kv, L) scores)."""
     if layer.is_uniform() and len(set(per_head)) == 1:
-        layer.keep(topk_indices(scores, per_head[0]))
+        layer.keep(topk_indices(scores, per_head[0]), ascending=True)
     elif layer.is_uniform():  # per-head budgets over a fresh prefill (AdaKV): batched, no head loop
         layer.keep_ragged(ragged_topk_indices(scores, per_head), per_head)
     else:

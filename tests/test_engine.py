@@ -295,6 +295,31 @@ def test_snapkv_kernel_path_keeps_the_same_tokens(tiny, monkeypatch):
     assert kept["never"] == kept["always"]
 
 
+def _topk_by_stable_sort(scores, k):
+    """The rule written plainly: a stable descending sort (ties: the earlier token), the first k, ascending."""
+    idx = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :min(k, scores.shape[-1])]
+    return torch.sort(idx, dim=-1).values
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_topk_indices_equal_a_stable_sort(seed):
+    """topk_indices (radix select over distinct rank keys, sorted by a mask's running count) keeps what a
+    stable descending sort keeps: ties towards the earlier token, negative scores, -0.0 equal to 0.0, +-inf;
+    ragged_topk_indices the same head by head."""
+    from kvbench.method import ragged_topk_indices, topk_indices
+    g = torch.Generator().manual_seed(seed)
+    h, n = 4, int(torch.randint(1, 300, (1,), generator=g))
+    scores = (torch.randint(-3, 4, (h, n), generator=g).float() / 4)  # many ties, both signs
+    special = torch.tensor([float("inf"), float("-inf"), -0.0, 0.0, 1e-30, -1e-30])
+    at = torch.rand(h, n, generator=g) < 0.2
+    scores[at] = special[torch.randint(0, len(special), (int(at.sum()),), generator=g)]
+    for k in (0, 1, n // 3, n - 1, n, n + 5):
+        assert torch.equal(topk_indices(scores, k), _topk_by_stable_sort(scores, k)), k
+    counts = [int(c) for c in torch.randint(0, n + 1, (h,), generator=g)]
+    flat = ragged_topk_indices(scores, counts)
+    assert torch.equal(flat, torch.cat([_topk_by_stable_sort(scores[i], c) for i, c in enumerate(counts)]))
+
+
 def test_batched_keeps_equal_the_per_head_path():
     """LayerKV's batched keeps (uniform k, ragged counts) store what the per-head loop stores, and the
     batched ragged top-k picks what topk_indices picks head by head (ties: the earlier token)."""
