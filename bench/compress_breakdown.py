@@ -2,8 +2,8 @@
 
 A layer of a real shape (default Llama-3.1-8B: 8 KV heads, 32 query heads, d 128, bf16), random keys, values
 and queries of `--length` tokens; each method's `compress_layer` runs on a fresh copy of the layer (the copy
-is not timed), its kernels' GPU time summed by torch.profiler: in a real prefill the host runs far ahead of
-the GPU there, so launches are hidden and kernels are not (host time is printed too). Also the pieces every
+is not timed), its kernels' GPU time by CUDA events while the host runs ahead of the GPU (`gpu_us`), as in a
+real prefill, where launches are hidden and kernels are not (host time is printed too). Also the pieces every
 ScoredEviction cut shares (`topk_indices` against the former two stable sorts, `LayerKV.keep`), and with
 --profile a kernel table of one method's hook. GPU us per layer x layers = the hook's share of the TTFT.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import time
 import sys
 from pathlib import Path
 
@@ -26,20 +27,31 @@ SHAPES = {"llama-3.1-8b": (32, 8, 32, 128), "smollm2-135m": (30, 3, 9, 64)}  # l
 
 
 def gpu_us(fn, setup, reps: int) -> tuple[float, float]:
-    """(GPU-busy us, host us) of one fn(setup()), averaged over reps after one warm-up, setup untimed. GPU
-    busy = the time of the kernels fn launches (torch.profiler, a `record_function` range around fn): what it
-    adds to a prefill whose host runs ahead of the GPU. Host = wall time of fn's launches."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    """(GPU us, host us) of one fn(setup()), averaged over reps after one warm-up; setup (a fresh layer) is
+    made for every rep up front, untimed. GPU: CUDA events around each call, recorded while the GPU is
+    still busy with a long sleep kernel queued first, so the host has queued every call before the GPU
+    reaches it and the events time the kernels alone, back to back, as in a prefill whose host runs ahead
+    (a sync before each call would time the launches instead). Host: wall time of the launches."""
     fn(setup())
+    args = [setup() for _ in range(reps)]
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            arg = setup()
-            with record_function("kvbench_hook"):
-                fn(arg)
-        torch.cuda.synchronize()
-    ev = next(e for e in prof.key_averages() if e.key == "kvbench_hook")
-    return ev.device_time_total / ev.count, ev.cpu_time_total / ev.count
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    done = torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(SLEEP_CYCLES)
+    t0 = time.perf_counter()
+    for a, (e0, e1) in zip(args, events):
+        e0.record()
+        fn(a)
+        e1.record()
+    host = (time.perf_counter() - t0) / reps * 1e6
+    done.record()
+    if done.query():
+        print(f"  (warning: the GPU caught up with the host; raise SLEEP_CYCLES)")
+    torch.cuda.synchronize()
+    return sum(e0.elapsed_time(e1) for e0, e1 in events) / reps * 1e3, host
+
+
+SLEEP_CYCLES = int(1e9)  # ~0.5 s of a GPU kernel doing nothing, queued before the timed calls
 
 
 def topk_by_sorts(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,13 +97,14 @@ def main() -> None:
             method = build_method(name, budget=args.budget)
 
             def hook(lay, method=method):
-                method.reset()
+                # no reset between calls: AdaKV's deferred cut of one call is made by the next call's hook,
+                # as the next layer's hook makes it in a prefill (a flush here would wait for the GPU)
                 ctx = LayerContext(n_layers // 2, n_layers, q, lay, d ** -0.5, None)
                 method.observe_prefill(ctx)
                 method.compress_layer(ctx)
-                if hasattr(method, "flush"):
-                    method.flush()  # AdaKV's deferred cut (on CUDA the next layer's hook makes it)
             rows[f"{name}.compress_layer"] = gpu_us(hook, fresh, args.reps)
+            if hasattr(method, "flush"):
+                method.flush()
         print(f"\nlength {L}                                       GPU us/layer  x{n_layers} ms   host us/layer")
         for name, (gpu, host) in rows.items():
             print(f"  {name:44s} {gpu:9.1f}   {gpu * n_layers / 1e3:7.2f}   {host:9.1f}")

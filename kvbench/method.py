@@ -137,59 +137,55 @@ class Method:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def rank_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys of (..., L) scores, one per token, all distinct, larger = kept first: the score, then the
-    earlier token (the tie rule of a stable descending sort). The score's float32 bits in an order-preserving
-    int32 (a negative float's magnitude bits flipped; -0.0 made +0.0 first, so equal scores tie) above the
-    reversed token index."""
-    L = scores.shape[-1]
-    b = (scores.float() + 0.0).view(torch.int32)  # -0.0 + 0.0 = +0.0
-    b = b ^ ((b >> 31) & 0x7FFFFFFF)
-    rev = torch.arange(L - 1, -1, -1, device=scores.device)
-    return (b.long() << 32) | rev
+def _kept_mask(scores: torch.Tensor, kth: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(..., L) bool, k tokens per row: the scores above the row's k-th largest `kth`, then the earliest of
+    the scores equal to it (the tie rule of a stable descending sort). kth, k: (..., 1)."""
+    above = scores > kth
+    tied = scores == kth  # -0.0 == 0.0: equal scores tie, as in a sort
+    return above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
 
 
-def ascending(chosen: torch.Tensor, L: int) -> torch.Tensor:
-    """Distinct indices < L, k per row of (..., k) `chosen`, sorted along the last dim without a sort: a mask
-    of the chosen tokens, its running count gives each one's slot (unchosen tokens go to a spare slot k)."""
-    k = chosen.shape[-1]
-    mask = torch.zeros(*chosen.shape[:-1], L, dtype=torch.bool, device=chosen.device).scatter_(-1, chosen, True)
-    slot = torch.where(mask, mask.cumsum(-1) - 1, k)
-    src = torch.arange(L, device=chosen.device).expand_as(slot)
-    out = torch.empty(*chosen.shape[:-1], k + 1, dtype=torch.long, device=chosen.device)
-    return out.scatter_(-1, slot, src)[..., :k]
+def _ascending(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., width) the indices of each row's True entries in order, without a sort (a running count gives
+    each its slot; False entries go to a spare slot). Slots past a row's count are undefined."""
+    L = mask.shape[-1]
+    slot = torch.where(mask, mask.cumsum(-1) - 1, width)
+    out = torch.empty(*mask.shape[:-1], width + 1, dtype=torch.long, device=mask.device)
+    return out.scatter_(-1, slot, torch.arange(L, device=mask.device).expand_as(slot))[..., :width]
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores along the last dim, ties broken towards earlier tokens, sorted.
-    Ties are frequent (max-pooling, +inf windows): distinct `rank_keys` make the choice exact without a
-    stable sort, and `ascending` orders it: on a GPU a radix select and a few element-wise kernels, where two
-    segmented sorts (the scores, then the kept indices) took most of a layer's compression time (H100,
-    bench/compress_breakdown.py)."""
+    Ties are frequent (max-pooling, +inf windows). A radix select finds each row's k-th largest score;
+    element-wise ops and running counts keep the exact tokens a stable descending sort keeps, in order: on a
+    GPU no segmented sort of the scores and none of the kept indices (bench/compress_breakdown.py)."""
     L = scores.shape[-1]
     k = min(k, L)
     if k == L:
         return torch.arange(L, device=scores.device).expand(scores.shape).contiguous()
-    top = torch.topk(rank_keys(scores), k, dim=-1, sorted=False).values
-    return ascending((L - 1) - (top & 0xFFFFFFFF), L)
+    if k == 0:
+        return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
+    s = scores.float()
+    kth = torch.topk(s, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    return _ascending(_kept_mask(s, kth, torch.full_like(kth, k, dtype=torch.long)), k)
 
 
 def ragged_topk_indices(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Head h's `counts[h]` largest scores of (n_kv, L) `scores`, as local indices sorted within each head,
     heads back to back: (sum(counts),). Same choice as `topk_indices` row by row, in a few batched ops
-    whose output sizes are known on the host (no device sync): the kmax best of every head in order of
-    `rank_keys`, the first counts[h] of head h marked in a mask, each head's marks compacted in order."""
+    whose output sizes are known on the host (no device sync)."""
     from kvbench.cache import long_tensor
     h, L = scores.shape
     counts = [min(c, L) for c in counts]
     kmax, total, dev = max(counts, default=0), sum(counts), scores.device
-    top = torch.topk(rank_keys(scores), kmax, dim=-1, sorted=True).values
-    cnt = long_tensor(counts, dev)
-    first = torch.arange(kmax, device=dev).view(1, -1) < cnt.view(-1, 1)
-    mask = torch.zeros(h, L, dtype=torch.bool, device=dev).scatter_(-1, (L - 1) - (top & 0xFFFFFFFF), first)
-    slot = torch.where(mask, mask.cumsum(-1) - 1, kmax)
-    order = torch.empty(h, kmax + 1, dtype=torch.long, device=dev).scatter_(
-        -1, slot, torch.arange(L, device=dev).expand(h, L))
+    if total == 0:
+        return torch.empty(0, dtype=torch.long, device=dev)
+    s = scores.float()
+    cnt = long_tensor(counts, dev).view(h, 1)
+    top = torch.topk(s, kmax, dim=-1, sorted=True).values  # descending: head h's k-th largest at k - 1
+    kth = top.gather(1, (cnt - 1).clamp(min=0))
+    order = _ascending(_kept_mask(s, kth, cnt) & (cnt > 0), kmax)
+    cnt = cnt.view(-1)
     head = torch.repeat_interleave(torch.arange(h, device=dev), cnt, output_size=total)
     offset = torch.cumsum(cnt, 0) - cnt
     return order[head, torch.arange(total, device=dev) - offset[head]]

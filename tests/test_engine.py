@@ -303,7 +303,7 @@ def _topk_by_stable_sort(scores, k):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_topk_indices_equal_a_stable_sort(seed):
-    """topk_indices (radix select over distinct rank keys, sorted by a mask's running count) keeps what a
+    """topk_indices (a radix select of the k-th largest, the ties at it by a running count, no sort) keeps what a
     stable descending sort keeps: ties towards the earlier token, negative scores, -0.0 equal to 0.0, +-inf;
     ragged_topk_indices the same head by head."""
     from kvbench.method import ragged_topk_indices, topk_indices
