@@ -137,37 +137,19 @@ class Method:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _kept_mask(scores: torch.Tensor, kth: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(..., L) bool, k tokens per row: the scores above the row's k-th largest `kth`, then the earliest of
-    the scores equal to it (the tie rule of a stable descending sort). kth, k: (..., 1)."""
-    above = scores > kth
-    tied = scores == kth  # -0.0 == 0.0: equal scores tie, as in a sort
-    return above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
-
-
-def _ascending(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """(..., width) the indices of each row's True entries in order, without a sort (a running count gives
-    each its slot; False entries go to a spare slot). Slots past a row's count are undefined."""
-    L = mask.shape[-1]
-    slot = torch.where(mask, mask.cumsum(-1) - 1, width)
-    out = torch.empty(*mask.shape[:-1], width + 1, dtype=torch.long, device=mask.device)
-    return out.scatter_(-1, slot, torch.arange(L, device=mask.device).expand_as(slot))[..., :width]
-
-
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores along the last dim, ties broken towards earlier tokens, sorted.
-    Ties are frequent (max-pooling, +inf windows). A radix select finds each row's k-th largest score;
-    element-wise ops and running counts keep the exact tokens a stable descending sort keeps, in order: on a
-    GPU no segmented sort of the scores and none of the kept indices (bench/compress_breakdown.py)."""
+    Ties are frequent (max-pooling, +inf windows). On a GPU one Triton launch (methods/kernels/topk_select.py:
+    a radix select, then the kept indices in order): sorting the scores and then the kept indices took most
+    of a layer's compression time."""
+    from kvbench.methods.kernels.topk_select import topk_select
     L = scores.shape[-1]
     k = min(k, L)
     if k == L:
         return torch.arange(L, device=scores.device).expand(scores.shape).contiguous()
-    if k == 0:
-        return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
-    s = scores.float()
-    kth = torch.topk(s, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    return _ascending(_kept_mask(s, kth, torch.full_like(kth, k, dtype=torch.long)), k)
+    rows = scores.reshape(-1, L)
+    ks = torch.full((rows.shape[0],), k, dtype=torch.long, device=scores.device)
+    return topk_select(rows, ks, k).reshape(*scores.shape[:-1], k)
 
 
 def ragged_topk_indices(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -175,17 +157,14 @@ def ragged_topk_indices(scores: torch.Tensor, counts: list[int]) -> torch.Tensor
     heads back to back: (sum(counts),). Same choice as `topk_indices` row by row, in a few batched ops
     whose output sizes are known on the host (no device sync)."""
     from kvbench.cache import long_tensor
+    from kvbench.methods.kernels.topk_select import topk_select
     h, L = scores.shape
     counts = [min(c, L) for c in counts]
     kmax, total, dev = max(counts, default=0), sum(counts), scores.device
     if total == 0:
         return torch.empty(0, dtype=torch.long, device=dev)
-    s = scores.float()
-    cnt = long_tensor(counts, dev).view(h, 1)
-    top = torch.topk(s, kmax, dim=-1, sorted=True).values  # descending: head h's k-th largest at k - 1
-    kth = top.gather(1, (cnt - 1).clamp(min=0))
-    order = _ascending(_kept_mask(s, kth, cnt) & (cnt > 0), kmax)
-    cnt = cnt.view(-1)
+    cnt = long_tensor(counts, dev)
+    order = topk_select(scores, cnt, kmax)  # head h's indices in its first counts[h] slots
     head = torch.repeat_interleave(torch.arange(h, device=dev), cnt, output_size=total)
     offset = torch.cumsum(cnt, 0) - cnt
     return order[head, torch.arange(total, device=dev) - offset[head]]

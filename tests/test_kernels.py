@@ -384,13 +384,42 @@ def test_compact_triton_matches_ref(interpret_env):
         assert torch.equal(a.cpu(), b)
 
 
+def _topk_by_stable_sort(row, k):
+    idx = torch.sort(row.float(), descending=True, stable=True).indices[:k]
+    return torch.sort(idx).values
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", range(4))
+def test_topk_select_triton_matches_reference_and_a_stable_sort(seed, interpret_env):
+    """The one-launch top-k (radix select, then the kept indices in order) keeps what a stable descending sort
+    keeps, row by row with its own k: ties towards the earlier index, negative scores, -0.0 tied with 0.0,
+    +-inf, a row longer than one tile; and what the torch version keeps."""
+    g = torch.Generator().manual_seed(seed)
+    rows, L = 5, [70, 300, 2100, 9, 513][seed % 5] + seed
+    s = torch.randint(-3, 4, (rows, L), generator=g).float() / 4  # many ties
+    special = torch.tensor([float("inf"), float("-inf"), -0.0, 0.0, 1e-30, -1e-30, 3.4e38])
+    at = torch.rand(rows, L, generator=g) < 0.2
+    s[at] = special[torch.randint(0, len(special), (int(at.sum()),), generator=g)]
+    if seed == 3:
+        s = torch.randn(rows, L, generator=g)  # no ties
+    k = torch.tensor([0, 1, L // 3, L - 1, L])
+    width = int(k.max())
+    got = K.topk_select_triton(s.to(DEV), k.to(DEV), width, block=256).cpu()
+    ref = K.topk_select_ref(s, k, width)
+    for r in range(rows):
+        want = _topk_by_stable_sort(s[r], int(k[r]))
+        assert torch.equal(got[r, :k[r]], want), r
+        assert torch.equal(ref[r, :k[r]], want), r
+
+
 def test_triton_suite_in_fresh_interpreter_process():
     """Triton was imported (compiled mode) before this module on a machine without CUDA: rerun here."""
     if MODE != "subprocess":
         pytest.skip(f"Triton tests ran in-process (mode={MODE})")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "triton or hand_worked or zero_query or spare_row or ring"],
+                          "-k", "triton or hand_worked or zero_query or spare_row or ring or topk"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 

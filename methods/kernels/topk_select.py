@@ -1,0 +1,113 @@
+"""Top-k selection of a layer's scores in one launch: each row's k largest, ties towards the earlier token,
+as ascending indices (what `kvbench.method.topk_indices` / `ragged_topk_indices` return).
+
+Every scored eviction cuts a layer this way inside the prefill. At a layer's size (8 heads x 8K-32K tokens)
+the torch ops are latency-bound: a segmented sort (or torch.topk's radix select) launches a dozen small
+kernels, and sorting the kept indices more (~125-235 us per layer on an H100 against a few us of memory
+traffic: bench/compress_breakdown.py). Here one program per row:
+1. a radix select of the row's k-th largest score over order-preserving 32-bit keys (the float's bits, a
+   negative's magnitude bits flipped, -0.0 as +0.0 so equal scores tie), 8 bits per pass, 4 passes: each pass
+   takes the histogram of the next digit among the keys that match the digits chosen so far;
+2. one pass in order: a key above the threshold is kept, a key equal to it is kept while fewer than the ties
+   still needed came before it (the earlier token wins, as a stable descending sort), and each kept index is
+   written at its running count.
+`topk_select_ref` is the torch version (the CPU path): torch.topk finds each row's k-th largest, element-wise
+ops and running counts keep the same tokens in order. Tests compare both with a stable sort, the kernel under
+TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import HAS_TRITON, check_triton_inputs
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _order_key(x):
+        """Float32 -> int64 in [0, 2^32), order-preserving; -0.0 and 0.0 give one key."""
+        b = (x + 0.0).to(tl.int32, bitcast=True).to(tl.int64)
+        return tl.where(b < 0, -1 - b, b + 2147483648)  # ~b of a negative int32, as int64
+
+    @triton.jit
+    def _topk_select_kernel(s_ptr, k_ptr, out_ptr, L, stride_s, stride_o, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        k = tl.load(k_ptr + row)
+        if k > 0:
+            offs = tl.arange(0, BLOCK)
+            bins = tl.arange(0, 256)
+            prefix = tl.full([], 0, tl.int64)  # the k-th largest key's digits chosen so far
+            need = k                            # how many of the keys matching `prefix` are still to keep
+            for p in tl.static_range(4):
+                shift = 24 - 8 * p
+                hist = tl.zeros([512], tl.int32)
+                for t0 in range(0, L, BLOCK):
+                    i = t0 + offs
+                    key = _order_key(tl.load(s_ptr + row * stride_s + i, mask=i < L, other=0.0))
+                    match = (i < L) & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+                    # keys outside the prefix fall in bins 256..511, never read
+                    hist += tl.histogram(tl.where(match, (key >> shift) & 255, 256 + (i & 255)).to(tl.int32), 512)
+                h = _first256(hist)
+                above = tl.sum(h, 0) - tl.cumsum(h, 0)           # matching keys with a larger digit
+                take = tl.max(tl.where(above + h >= need, bins, -1), 0)  # the digit holding the need-th largest
+                need = need - tl.sum(tl.where(bins > take, h, 0), 0)
+                prefix = prefix | (take.to(tl.int64) << shift)
+            kept = tl.full([], 0, tl.int64)
+            ties = tl.full([], 0, tl.int64)
+            for t0 in range(0, L, BLOCK):
+                i = t0 + offs
+                ok = i < L
+                key = _order_key(tl.load(s_ptr + row * stride_s + i, mask=ok, other=0.0))
+                tie = ok & (key == prefix)
+                tie_rank = ties + tl.cumsum(tie.to(tl.int64), 0)  # 1-based among the row's ties so far
+                sel = ok & ((key > prefix) | (tie & (tie_rank <= need)))
+                slot = kept + tl.cumsum(sel.to(tl.int64), 0) - 1
+                tl.store(out_ptr + row * stride_o + slot, i.to(tl.int64), mask=sel)
+                kept += tl.sum(sel.to(tl.int64), 0)
+                ties += tl.sum(tie.to(tl.int64), 0)
+
+    @triton.jit
+    def _first256(hist):
+        """The first 256 bins of a 512-bin histogram."""
+        return tl.sum(tl.reshape(hist, [2, 256]) * (tl.arange(0, 2) == 0)[:, None], 0)
+
+
+def topk_select_ref(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
+    """`topk_select_triton` in torch ops (same arguments, same result in the first k[r] slots of each row)."""
+    rows, L = scores.shape
+    s = scores.float()
+    k = k.to(torch.long).view(rows, 1)
+    if width == 0:
+        return torch.empty(rows, 0, dtype=torch.long, device=s.device)
+    top = torch.topk(s, width, dim=-1, sorted=True).values  # descending: row r's k-th largest at k - 1
+    kth = top.gather(1, (k - 1).clamp(min=0))
+    above = s > kth
+    tied = s == kth  # -0.0 == 0.0: equal scores tie, as in a sort
+    keep = (above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))) & (k > 0)
+    slot = torch.where(keep, keep.cumsum(-1) - 1, width)  # a running count gives each kept index its slot
+    out = torch.empty(rows, width + 1, dtype=torch.long, device=s.device)
+    return out.scatter_(-1, slot, torch.arange(L, device=s.device).expand_as(slot))[:, :width]
+
+
+def topk_select(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
+    """The kernel on CUDA (with Triton), the torch version elsewhere."""
+    from . import use_triton
+    if use_triton(scores) and width > 0:
+        return topk_select_triton(scores, k, width)
+    return topk_select_ref(scores, k, width)
+
+
+def topk_select_triton(scores: torch.Tensor, k: torch.Tensor, width: int, block: int = 2048) -> torch.Tensor:
+    """(rows, width) int64: row r's k[r] largest of (rows, L) `scores` (ties: the earlier index) as ascending
+    indices in its first k[r] slots (later slots undefined). k: (rows,) int64 on the device, each <= L and
+    <= width. One launch, no host sync."""
+    if scores.dim() != 2 or k.shape != (scores.shape[0],):
+        raise ValueError(f"scores {tuple(scores.shape)} must be (rows, L) and k (rows,), got k {tuple(k.shape)}")
+    s = scores.float().contiguous()
+    k = k.to(torch.long).contiguous()
+    check_triton_inputs(s, k)
+    out = torch.empty(s.shape[0], max(width, 1), dtype=torch.long, device=s.device)
+    _topk_select_kernel[(s.shape[0],)](s, k, out, s.shape[1], s.stride(0), out.stride(0), BLOCK=block, num_warps=8)
+    return out[:, :width]
