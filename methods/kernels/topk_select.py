@@ -3,17 +3,17 @@ as ascending indices (what `kvbench.method.topk_indices` / `ragged_topk_indices`
 
 Every scored eviction cuts a layer this way inside the prefill. At a layer's size (8 heads x 8K-32K tokens)
 the torch ops are latency-bound: a segmented sort (or torch.topk's radix select) launches a dozen small
-kernels, and sorting the kept indices more (~125-235 us per layer on an H100 against a few us of memory
-traffic: bench/compress_breakdown.py). Here one program per row:
+kernels, and sorting the kept indices more (~125 us per layer of 8 heads at 8K on an H100, against a few us
+of memory traffic: bench/compress_breakdown.py). Here one program per row:
 1. a radix select of the row's k-th largest score over order-preserving 32-bit keys (the float's bits, a
    negative's magnitude bits flipped, -0.0 as +0.0 so equal scores tie), 8 bits per pass, 4 passes: each pass
    takes the histogram of the next digit among the keys that match the digits chosen so far;
 2. one pass in order: a key above the threshold is kept, a key equal to it is kept while fewer than the ties
    still needed came before it (the earlier token wins, as a stable descending sort), and each kept index is
    written at its running count.
-`topk_select_ref` is the torch version (the CPU path): torch.topk finds each row's k-th largest, element-wise
-ops and running counts keep the same tokens in order. Tests compare both with a stable sort, the kernel under
-TRITON_INTERPRET=1.
+`topk_select_ref` is the torch version (the CPU path, and long rows on a GPU: see TRITON_MAX_LEN): a stable
+descending sort, then a sort of the kept indices. Tests compare the kernel with it and with a stable sort
+written out, under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -75,26 +75,24 @@ if HAS_TRITON:
 
 
 def topk_select_ref(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
-    """`topk_select_triton` in torch ops (same arguments, same result in the first k[r] slots of each row)."""
+    """`topk_select_triton` in torch ops, the rule written plainly: a stable descending sort (ties: the earlier
+    index), each row's first k[r], sorted ascending (slots past k[r] hold L)."""
     rows, L = scores.shape
-    s = scores.float()
-    k = k.to(torch.long).view(rows, 1)
-    if width == 0:
-        return torch.empty(rows, 0, dtype=torch.long, device=s.device)
-    top = torch.topk(s, width, dim=-1, sorted=True).values  # descending: row r's k-th largest at k - 1
-    kth = top.gather(1, (k - 1).clamp(min=0))
-    above = s > kth
-    tied = s == kth  # -0.0 == 0.0: equal scores tie, as in a sort
-    keep = (above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))) & (k > 0)
-    slot = torch.where(keep, keep.cumsum(-1) - 1, width)  # a running count gives each kept index its slot
-    out = torch.empty(rows, width + 1, dtype=torch.long, device=s.device)
-    return out.scatter_(-1, slot, torch.arange(L, device=s.device).expand_as(slot))[:, :width]
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :width]
+    first = torch.arange(order.shape[1], device=scores.device).view(1, -1) < k.to(torch.long).view(-1, 1)
+    return torch.sort(torch.where(first, order, L), dim=-1).values
+
+
+# One program per row scans it 5 times: faster than the two segmented sorts at 8K tokens (65 vs 125 us per
+# layer of 8 heads, H100, bench/compress_breakdown.py), slower at 32K (237 vs 137 us). Rows longer than this
+# take the sorts; only 8K and 32K were measured, the crossing is somewhere between.
+TRITON_MAX_LEN = 16384
 
 
 def topk_select(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
-    """The kernel on CUDA (with Triton), the torch version elsewhere."""
+    """The kernel on CUDA (with Triton) for rows up to TRITON_MAX_LEN, the torch version otherwise."""
     from . import use_triton
-    if use_triton(scores) and width > 0:
+    if use_triton(scores) and 0 < width and scores.shape[-1] <= TRITON_MAX_LEN:
         return topk_select_triton(scores, k, width)
     return topk_select_ref(scores, k, width)
 
