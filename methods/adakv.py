@@ -43,8 +43,10 @@ def global_topk_counts(scores: torch.Tensor, budget: int) -> torch.Tensor:
     n_forced_t = forced.sum(dim=1)                                 # the window, per head
     total_t = (budget - n_forced_t).clamp(min=0).sum()
     order = torch.sort(torch.where(forced, float("-inf"), s).reshape(-1), descending=True, stable=True).indices
-    picked = (torch.arange(h * L, device=s.device) < total_t).long()
-    counts_t = torch.zeros(h, dtype=torch.long, device=s.device).scatter_add_(0, order // L, picked)
+    # each token's place in the global order (a permutation: distinct writes), then per head how many are
+    # among the first total_t (a scatter_add of h*L ones into n_kv counters serialises on its atomics)
+    place = torch.empty_like(order).scatter_(0, order, torch.arange(h * L, device=s.device))
+    counts_t = (place.view(h, L) < total_t).sum(dim=1)
     return torch.stack([n_forced_t, counts_t])
 
 

@@ -432,6 +432,26 @@ def test_adakv_allocation_hand_example():
     assert adaptive_head_budgets(s, 3, 0.5) == [4, 2]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_adakv_global_counts_equal_a_loop(seed):
+    """global_topk_counts against the rule written as a loop: every head's +inf (window) tokens, then the
+    heads' free budgets together taken from the other scores, best first, ties to the earlier head, then
+    the earlier token."""
+    from kvbench.methods.adakv import global_topk_counts
+    g = torch.Generator().manual_seed(seed)
+    h, L, budget = 4, 37, 9
+    s = torch.randint(0, 5, (h, L), generator=g).float()  # many ties
+    for i in range(h):
+        s[i, L - int(torch.randint(0, 12, (1,), generator=g)):] = float("inf")
+    forced = [int(torch.isinf(s[i]).sum()) for i in range(h)]
+    total = sum(max(0, budget - f) for f in forced)
+    rest = sorted(((-float(s[i, j]), i, j) for i in range(h) for j in range(L) if not torch.isinf(s[i, j])))
+    want = [0] * h
+    for _, i, _ in rest[:total]:
+        want[i] += 1
+    assert global_topk_counts(s, budget).tolist() == [forced, want]
+
+
 def test_adakv_on_model_is_head_adaptive(lm):
     m = build_method("adakv", budget=BUDGET, scorer="knorm", alpha_safeguard=0.0)
     _, cap, after = run(lm, m)
