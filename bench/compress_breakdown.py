@@ -4,7 +4,8 @@ A layer of a real shape (default Llama-3.1-8B: 8 KV heads, 32 query heads, d 128
 and queries of `--length` tokens; each method's `compress_layer` runs on a fresh copy of the layer (the copy
 is not timed), its kernels' GPU time by CUDA events while the host runs ahead of the GPU (`gpu_us`), as in a
 real prefill, where launches are hidden and kernels are not (host time is printed too). Also the pieces every
-ScoredEviction cut shares (`topk_indices` against the former two stable sorts, `LayerKV.keep`), and with
+ScoredEviction cut shares (`topk_indices` against two stable sorts, the top-k kernel's tile sizes,
+`LayerKV.keep`), and with
 --profile a kernel table of one method's hook. GPU us per layer x layers = the hook's share of the TTFT.
 
     python bench/compress_breakdown.py [--length 8192 32768] [--budget 1024] [--methods snapkv ...] [--profile snapkv]
@@ -63,6 +64,7 @@ def topk_by_sorts(scores: torch.Tensor, k: int) -> torch.Tensor:
 def main() -> None:
     from kvbench.cache import LayerKV
     from kvbench.method import LayerContext, build_method, topk_indices
+    from kvbench.methods.kernels.topk_select import topk_select_triton
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -87,10 +89,14 @@ def main() -> None:
             return LayerKV.from_dense(k, v, pos)
 
         scores = torch.rand(n_kv, L, device=dev, generator=g)
+        ks = torch.full((n_kv,), args.budget, dtype=torch.long, device=dev)
         rows = {"topk_indices (n_kv, L) -> budget": gpu_us(lambda s: topk_indices(s, args.budget), lambda: scores,
                                                             args.reps),
-                "  former: two stable sorts": gpu_us(lambda s: topk_by_sorts(s, args.budget), lambda: scores,
+                "  two stable sorts (the torch path)": gpu_us(lambda s: topk_by_sorts(s, args.budget), lambda: scores,
                                                      args.reps),
+                **{f"  topk_select_triton block {b} warps {w}": gpu_us(
+                    lambda s, b=b, w=w: topk_select_triton(s, ks, args.budget, block=b, num_warps=w),
+                    lambda: scores, args.reps) for b, w in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))},
                 "LayerKV.keep (sorted (n_kv, budget) index)": gpu_us(
                     lambda lay: lay.keep(topk_indices(scores, args.budget), ascending=True), fresh, args.reps)}
         for name in args.methods:

@@ -97,7 +97,8 @@ def topk_select(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tens
     return topk_select_ref(scores, k, width)
 
 
-def topk_select_triton(scores: torch.Tensor, k: torch.Tensor, width: int, block: int = 2048) -> torch.Tensor:
+def topk_select_triton(scores: torch.Tensor, k: torch.Tensor, width: int, block: int = 2048,
+                       num_warps: int = 8) -> torch.Tensor:
     """(rows, width) int64: row r's k[r] largest of (rows, L) `scores` (ties: the earlier index) as ascending
     indices in its first k[r] slots (later slots undefined). k: (rows,) int64 on the device, each <= L and
     <= width. One launch, no host sync."""
@@ -107,5 +108,5 @@ def topk_select_triton(scores: torch.Tensor, k: torch.Tensor, width: int, block:
     k = k.to(torch.long).contiguous()
     check_triton_inputs(s, k)
     out = torch.empty(s.shape[0], max(width, 1), dtype=torch.long, device=s.device)
-    _topk_select_kernel[(s.shape[0],)](s, k, out, s.shape[1], s.stride(0), out.stride(0), BLOCK=block, num_warps=8)
+    _topk_select_kernel[(s.shape[0],)](s, k, out, s.shape[1], s.stride(0), out.stride(0), BLOCK=block, num_warps=num_warps)
     return out[:, :width]
