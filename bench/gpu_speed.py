@@ -154,7 +154,8 @@ def fork_sharing_cache(method, cache):
 
 
 def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: int, bw: float, wbytes: int,
-                full_ttft: float | None, compile_decode: bool = True) -> dict:
+                full_ttft: float | None, compile_decode: bool | str = True) -> dict:
+    """compile_decode: also the compiled path, True (the whole step) or "regional" (fast_decode.regional)."""
     from kvbench.engine import Engine
     from kvbench import fast_decode
     from kvbench.method import build_method
@@ -199,8 +200,9 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
     plan = fast_decode.plan(fork_sharing_cache(m, cache), cache)  # as Engine.decode: None keeps the engine loop
     row["fast_plan"] = None if plan is None else "ring" if plan.ring else "evict" if plan.evict else "append"
     if plan is not None:
-        for path, comp in (("graph", False), ("compiled", True)):
-            if path == "compiled" and not compile_decode:
+        compiled = "regional" if compile_decode == "regional" else "compiled"
+        for path, comp in (("graph", False), (compiled, compile_decode)):
+            if path == compiled and not compile_decode:
                 continue
             c = cache.clone() if path == "graph" and compile_decode else cache
             p = fast_decode.plan(fork_sharing_cache(m, cache), c)  # an eviction may carry the method's state
@@ -414,7 +416,7 @@ def run_framework(args) -> None:
                 continue
             try:
                 row = run(name, ids, args.budget, args.steps, args.reps, meta["bandwidth"], meta["weight_bytes"],
-                          full_ttft, not args.no_compile)
+                          full_ttft, "regional" if args.regional else not args.no_compile)
             except Exception as e:  # noqa: BLE001 - one failing configuration must not hide the others
                 torch.cuda.empty_cache()
                 print(f"{n:>7} {tag:<22} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
@@ -444,6 +446,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed prefills per configuration (after one warm-up)")
     ap.add_argument("--with-kvpress", action="store_true", help="also run kvpress (pip install kvpress)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode path")
+    ap.add_argument("--regional", action="store_true",
+                    help="the compiled path compiles each layer's modules but attention (KVBENCH_COMPILE_DECODE="
+                         "regional), not the whole step")
     ap.add_argument("--deadline-s", type=float, default=0, help="skip configurations started after this many s")
     ap.add_argument("--json", default="", help="also write every row to this file (JSON lines)")
     ap.add_argument("--framework", choices=("kvbench", "kvpress"), default=None,
@@ -466,7 +471,8 @@ def main() -> None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--framework", fw, "--json", path,
                    "--shape", args.shape, "--lengths", *map(str, args.lengths), "--methods", *args.methods,
                    "--budget", str(args.budget), "--steps", str(args.steps), "--reps", str(args.reps),
-                   "--deadline-s", str(left)] + (["--no-compile"] if args.no_compile else [])
+                   "--deadline-s", str(left)] + (["--no-compile"] if args.no_compile else []) \
+                + (["--regional"] if args.regional else [])
             rc = subprocess.run(cmd).returncode
             if rc:
                 print(f"{fw} process exited with status {rc}", flush=True)

@@ -133,6 +133,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--find-syncs", action="store_true", help="list every host-device sync of --profile-methods")
     ap.add_argument("--profile-methods", nargs="+", default=["full", "snapkv", "adakv"])
+    ap.add_argument("--regional", action="store_true",
+                    help="also time kvbench with each layer's modules but attention compiled (fast_decode.regional;"
+                         " the compile happens in the warm-up prefill and is printed apart)")
     args = ap.parse_args()
     from kvbench.engine import Engine
     from kvbench.method import build_method
@@ -158,6 +161,18 @@ def main() -> None:
         base = a + b if name == "full" else base
         ovh = "" if base is None or name == "full" else f"{100 * (a + b - base) / base:+8.1f}"
         print(f"{name:<16}{a:>9.2f}{b:>9.2f}{a + b:>10.2f}{ovh:>8}", flush=True)
+    if args.regional:
+        from kvbench.fast_decode import regional
+        for name in args.methods:
+            method = None if name == "full" else build_method(name, budget=args.budget)
+            eng = Engine(lm, method, query_aware=False)
+            with regional(lm.model):
+                t0 = time.perf_counter()
+                engine_times(eng, method, ctx, q, 0)  # compiles the context's and the question's shapes
+                setup = time.perf_counter() - t0
+                a, b = engine_times(eng, method, ctx, q, args.reps)
+            print(f"{name + ' regional':<16}{a:>9.2f}{b:>9.2f}{a + b:>10.2f}{'':>8}  (first prefill with "
+                  f"compile {setup:.1f} s)", flush=True)
     # transformers alone on the same weights: swap the attention implementation to SDPA
     from kvbench.models import _set_attn
     _set_attn(lm.model, "sdpa")

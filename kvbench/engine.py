@@ -68,7 +68,7 @@ class Engine:
         # decode attention, one CUDA graph per token): same greedy tokens, without the per-layer host overhead.
         self.fast_decode = os.environ.get("KVBENCH_FAST_DECODE", "1") != "0"
         from kvbench.fast_decode import default_compile
-        self.compile_decode = default_compile()  # KVBENCH_COMPILE_DECODE=1: torch.compile the step first
+        self.compile_decode = default_compile()  # KVBENCH_COMPILE_DECODE=1|regional: torch.compile the step first
         self.last_setup_steps = 0  # leading decode steps of the last decode() that compiled / captured a graph
         self.last_read_bytes: list[int] = []  # per decode step of the last decode(): K/V bytes attention read
         self.last_decode_path = ""  # how the last decode() ran: "graph", "compiled graph", "eager: <why>"
@@ -132,7 +132,8 @@ class Engine:
                                              ring=plan.ring, evict=plan.evict)
                 out, step_ms = fd.decode(int(first_logits.argmax()), max_new_tokens, stop)
                 self.last_setup_steps = fd.setup_steps
-                self.last_decode_path = ("compiled graph" if fd.compiled else "graph") if fd.graph_error is None \
+                self.last_decode_path = ("regional compiled graph" if fd.region else "compiled graph" if fd.compiled
+                                         else "graph") if fd.graph_error is None \
                     else f"eager: CUDA graph capture failed: {fd.graph_error}"
                 # per step, the rows every head reads: before the step + the token being decoded; a head with a
                 # cap is back to it after the step (a ring keeps cap + 1)

@@ -31,6 +31,7 @@ the same in-place step eagerly (use_graph=False), which is what the tests compar
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -369,12 +370,58 @@ def compiled_step(backend: str):
     return _COMPILED[backend]
 
 
-def default_compile() -> bool:
-    """KVBENCH_COMPILE_DECODE=1|0 (default 0): the engine's GPU decode path compiles its step."""
+def default_compile() -> bool | str:
+    """KVBENCH_COMPILE_DECODE=0|1|regional (default 0): the engine's GPU decode path compiles its whole step
+    (1) or each decoder layer's modules but attention (regional: see `regional`)."""
     v = os.environ.get("KVBENCH_COMPILE_DECODE", "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"KVBENCH_COMPILE_DECODE={v!r}; allowed: 0, 1")
-    return v == "1"
+    if v not in ("0", "1", "regional"):
+        raise ValueError(f"KVBENCH_COMPILE_DECODE={v!r}; allowed: 0, 1, regional")
+    return "regional" if v == "regional" else v == "1"
+
+
+def decoder_layers(model: torch.nn.Module) -> list:
+    """The model's decoder layers (the ModuleList of config.num_hidden_layers blocks)."""
+    n = model.config.num_hidden_layers
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == n:
+            return list(m)
+    raise ValueError(f"{type(model).__name__}: no list of {n} decoder layers found")
+
+
+_REGIONS: dict[tuple[int, str], list] = {}
+
+
+def _regions(model: torch.nn.Module, backend: str) -> list:
+    """(module, compiled call) for every child of every decoder layer but its attention (the MLP, the norms),
+    and the final norm; made once per model and backend."""
+    key = (id(model), backend)
+    if key not in _REGIONS:
+        options = {"coordinate_descent_tuning": True} if backend == "inductor" else None  # see compiled_step
+        mods = [child for layer in decoder_layers(model) for name, child in layer.named_children()
+                if "attn" not in name and "attention" not in name]
+        norm = getattr(getattr(model, "model", None), "norm", None)
+        mods += [norm] if isinstance(norm, torch.nn.Module) else []
+        _REGIONS[key] = [(m, torch.compile(m._call_impl, backend=backend, options=options)) for m in mods]
+    return _REGIONS[key]
+
+
+@contextlib.contextmanager
+def regional(model: torch.nn.Module, backend: str = "inductor"):
+    """While active, each decoder layer's modules but attention run compiled (regional compilation, as
+    `nn.Module.compile` does it: the module's call goes through torch.compile). Every layer's MLP (and norm)
+    runs the same code on parameters of the same shapes, which torch.compile's guards do not tell apart, so
+    one graph per module kind and input shape serves all layers: the compile costs about a layer's, not the
+    whole step's (which traces every layer and specialises on each layer's index in the cache). Attention and
+    the cache ops stay as in the graph path. Outside the context the model is untouched (the prefill, the
+    engine loop)."""
+    pairs = _regions(model, backend)
+    for m, fn in pairs:
+        m._compiled_call_impl = fn
+    try:
+        yield
+    finally:
+        for m, _ in pairs:
+            m._compiled_call_impl = None
 
 
 def _zero_spare_side(layer: LayerKV) -> None:
@@ -393,7 +440,8 @@ class FastDecoder:
 
     `decode(first_token, max_new_tokens, stop_ids)` has the engine's semantics (`Engine.decode`): the first
     token comes from the prefill logits, every later one costs one forward. `use_graph` defaults to True on
-    CUDA. `compile`: False, True (Inductor) or a torch.compile backend name (tests use "aot_eager").
+    CUDA. `compile`: False, True (Inductor) or a torch.compile backend name (tests use "aot_eager"): the whole
+    step; "regional" or "regional:<backend>": each layer's modules but attention (`regional`).
     `ring` (n_sink, cap) or `evict` (a DecodeEviction): the method's decode-time eviction (see `plan`).
     Call `finish()` afterwards (decode does) so the cache's host-side lengths and `seen_tokens` match.
     """
@@ -447,7 +495,13 @@ class FastDecoder:
         self.pos = torch.full((1, 1), cache.seen_tokens, dtype=torch.long, device=dev)
         self.cache = _InPlaceCache(cache)
         self.warmup_steps = warmup_steps
-        self.step_fn = compiled_step("inductor" if compile is True else compile) if compile else _step
+        # compile: True (Inductor) / a backend: the whole step; "regional" / "regional:<backend>": see `regional`
+        self.region = None
+        if isinstance(compile, str) and compile.split(":")[0] == "regional":
+            self.region = compile.partition(":")[2] or "inductor"
+            self.step_fn = _step
+        else:
+            self.step_fn = compiled_step("inductor" if compile is True else compile) if compile else _step
         self.compiled = bool(compile)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
@@ -516,7 +570,8 @@ class FastDecoder:
         plan = self.first_plan if first else self.steps_plan
         state = (self.base.kv, self.pos, self.ring_next, plan, self.evict_tensors)
         step_fn = _step if first else self.step_fn  # the first step over a question runs once: never compiled
-        with session(self.cache, None, "decode"), attention.inplace_decode(state):
+        region = regional(self.model, self.region) if self.region and not first else contextlib.nullcontext()
+        with session(self.cache, None, "decode"), attention.inplace_decode(state), region:
             self.logits = step_fn(self.model, self.ids, self.pos, self.cache)
 
     def _run_one(self) -> None:

@@ -126,6 +126,29 @@ def test_compiled_fast_decode_matches_engine_loop(tiny, backend):
         _same_cache(c1, c2)
 
 
+def test_regional_compile_matches_engine_loop_and_leaves_the_model_alone(tiny):
+    """Regional compilation (each decoder layer's modules but attention, compiled while the step runs) decodes
+    the engine loop's tokens over 31 steps, compiles each module kind once for all layers (one graph per kind
+    and shape: the layers are not told apart), and leaves the model uncompiled outside the decode."""
+    import torch._dynamo
+    from kvbench import fast_decode
+    from kvbench.fast_decode import decoder_layers
+    torch._dynamo.reset()
+    fast_decode._REGIONS.clear()
+    eng, c1, m1, pre = prefilled(tiny, "snapkv", n=97)
+    _, c2, _, _ = prefilled(tiny, "snapkv", n=97)
+    ids_ref, _, _ = eng.decode(c1, m1, pre.logits, 32)
+    torch._dynamo.utils.counters.clear()
+    fd = FastDecoder(tiny.model, c2, 32, use_graph=False, compile="regional:aot_eager")
+    ids, _ = fd.decode(int(pre.logits.argmax()), 32)
+    assert ids == ids_ref
+    _same_cache(c1, c2)
+    kinds = {type(m) for layer in decoder_layers(tiny.model) for n, m in layer.named_children() if "attn" not in n}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == len(kinds), graphs  # the MLP and the norm: one graph each for every layer (final norm too)
+    assert all(m._compiled_call_impl is None for m in tiny.model.modules())
+
+
 def test_fast_decode_refuses_decode_time_methods_and_overflow(tiny):
     assert supports(build_method("h2o", budget=32))  # they declare their eviction: run on the device
     assert supports(build_method("tova", budget=32))  # (tests/test_decode_eviction.py)

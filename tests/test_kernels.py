@@ -405,7 +405,7 @@ def test_topk_select_triton_matches_reference_and_a_stable_sort(seed, interpret_
         s = torch.randn(rows, L, generator=g)  # no ties
     k = torch.tensor([0, 1, L // 3, L - 1, L])
     width = int(k.max())
-    got = K.topk_select_triton(s.to(DEV), k.to(DEV), width, block=256).cpu()
+    got = K.topk_select_triton(s.to(DEV), k.to(DEV), width, block=256 if seed % 2 else None).cpu()  # tiles, or one
     ref = K.topk_select_ref(s, k, width)
     for r in range(rows):
         want = _topk_by_stable_sort(s[r], int(k[r]))

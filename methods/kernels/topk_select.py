@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import HAS_TRITON, check_triton_inputs
+from . import HAS_TRITON, check_triton_inputs, next_pow2
 
 if HAS_TRITON:
     import triton
@@ -83,8 +83,8 @@ def topk_select_ref(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.
     return torch.sort(torch.where(first, order, L), dim=-1).values
 
 
-# One program per row scans it 5 times: faster than the two segmented sorts at 8K tokens (65 vs 125 us per
-# layer of 8 heads, H100, bench/compress_breakdown.py), slower at 32K (237 vs 137 us). Rows longer than this
+# One program per row scans it 5 times: faster than the two segmented sorts at 8K tokens (51 vs 125 us per
+# layer of 8 heads, H100, bench/compress_breakdown.py), slower at 32K (184 vs 137 us). Rows longer than this
 # take the sorts; only 8K and 32K were measured, the crossing is somewhere between.
 TRITON_MAX_LEN = 16384
 
@@ -97,8 +97,8 @@ def topk_select(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tens
     return topk_select_ref(scores, k, width)
 
 
-def topk_select_triton(scores: torch.Tensor, k: torch.Tensor, width: int, block: int = 2048,
-                       num_warps: int = 8) -> torch.Tensor:
+def topk_select_triton(scores: torch.Tensor, k: torch.Tensor, width: int, block: int | None = None,
+                       num_warps: int | None = None) -> torch.Tensor:
     """(rows, width) int64: row r's k[r] largest of (rows, L) `scores` (ties: the earlier index) as ascending
     indices in its first k[r] slots (later slots undefined). k: (rows,) int64 on the device, each <= L and
     <= width. One launch, no host sync."""
@@ -107,6 +107,11 @@ def topk_select_triton(scores: torch.Tensor, k: torch.Tensor, width: int, block:
     s = scores.float().contiguous()
     k = k.to(torch.long).contiguous()
     check_triton_inputs(s, k)
+    if block is None:  # whole 8K-token tiles, 16 warps: the fastest of the tile sizes measured (H100, 8 rows
+        # of 8K: 51 us, against 63 with 2048 x 8 warps and 74 with 1024 x 4; bench/compress_breakdown.py)
+        block = max(1024, min(8192, next_pow2(s.shape[1])))
+    if num_warps is None:
+        num_warps = 16 if block >= 8192 else 8
     out = torch.empty(s.shape[0], max(width, 1), dtype=torch.long, device=s.device)
     _topk_select_kernel[(s.shape[0],)](s, k, out, s.shape[1], s.stride(0), out.stride(0), BLOCK=block, num_warps=num_warps)
     return out[:, :width]
