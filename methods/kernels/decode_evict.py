@@ -29,9 +29,9 @@ case (`fused_evict_ok`: ranks position / attention / score, no pooling, at most 
 one launch per layer, with the same effect bit for bit; CAKE's step (rank attention, pool > 1, no score, not
 shared, one removal: each head's rows ranked by position in the kernel, each window summed left to right from
 0 and divided by the kernel size, as ATen's avg pooling) in two launches (the ranks by position, counted in
-parallel tiles, then the rest), bit for bit too (the pooled values,
-moved with the rows, and 0 on a head's rows past the grid's width, as `pool_by_position`; rows outside every
-head keep their probability, which must be 0, as for a score); D2O's step (rank score with tau: the merge
+parallel tiles, then the rest), bit for bit too (the pooled values, moved with the rows, and 0 on a head's rows
+past the grid's width, as `pool_by_position`; rows outside every head keep their probability, which must be 0,
+as for a score); D2O's step (rank score with tau: the merge
 too) in one launch, the same but for the merged rows and thresholds, within float32 rounding (the
 similarities' sums run in another order; the victim, the merge's destination and whether it merges are the
 same but where two similarities, or a similarity and tau, are within a few float32 ulps).
@@ -374,9 +374,8 @@ if HAS_TRITON:
         """`evict_rows` with repeat <= 1, ranks position (RANK 0) / attention (1) / score (2), fused: score +=
         probs, the victims' keys and argmin, with MERGE (D2O: RANK 2, repeat 1, not SHARED) the victim's merge
         into its most similar row (`_merge_victim`), with POOL_K > 1 (CAKE: RANK 1, repeat 1, no score, not
-        SHARED) the probabilities average-pooled by position first (ranked by `_pool_rank_kernel`, launched before,
-        then `_pool_rows`), and the row moves of
-        LayerKV.remove.
+        SHARED) the probabilities average-pooled by position first (ranked by `_pool_rank_kernel`, launched
+        before, then `_pool_rows`), and the row moves of LayerKV.remove.
         grid: (n_heads,), one program per head; SHARED: (1,), one program for the layer, since every head
         reads every head's keys and the moves of one head must not race with the others' reads."""
         offs = tl.arange(0, BLOCK)
@@ -524,8 +523,8 @@ def evict_rows_triton(probs: torch.Tensor | None, keys: torch.Tensor, values: to
                       shared: bool = False, pool: int = 0, ranks: torch.Tensor | None = None,
                       done: torch.Tensor | None = None, tau: torch.Tensor | None = None, beta: float = 0.0,
                       block: int | None = None, num_warps: int = 4) -> None:
-    """`evict_rows` in one launch (CAKE's pooling: two), for the calls `fused_evict_ok` accepts (ValueError names the option of any
-    other). Same arguments and effect; `probs` must be 0 on rows outside the heads (the decode kernel's are),
+    """`evict_rows` in one launch (CAKE's pooling: two), for the calls `fused_evict_ok` accepts (ValueError
+    names the option of any other). Same arguments and effect; `probs` must be 0 on rows outside the heads (the decode kernel's are),
     as only held rows' scores (and, with pool, pooled probabilities) are written. No host sync: capturable in
     a CUDA graph. block: rows per tile."""
     why = _unfused_option(rank, pool, tau, repeat, shared, score)

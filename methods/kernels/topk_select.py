@@ -113,5 +113,6 @@ def topk_select_triton(scores: torch.Tensor, k: torch.Tensor, width: int, block:
     if num_warps is None:
         num_warps = 16 if block >= 8192 else 8
     out = torch.empty(s.shape[0], max(width, 1), dtype=torch.long, device=s.device)
-    _topk_select_kernel[(s.shape[0],)](s, k, out, s.shape[1], s.stride(0), out.stride(0), BLOCK=block, num_warps=num_warps)
+    _topk_select_kernel[(s.shape[0],)](s, k, out, s.shape[1], s.stride(0), out.stride(0), BLOCK=block,
+                                       num_warps=num_warps)
     return out[:, :width]
