@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--profile", default="", help="a method whose hook gets a kernel table")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("compress_breakdown.py times GPU kernels: it needs CUDA (none found)")
     n_layers, n_kv, n_q, d = SHAPES[args.shape]
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {args.shape}  budget {args.budget}"

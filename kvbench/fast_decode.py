@@ -388,21 +388,18 @@ def decoder_layers(model: torch.nn.Module) -> list:
     raise ValueError(f"{type(model).__name__}: no list of {n} decoder layers found")
 
 
-_REGIONS: dict[tuple[int, str], list] = {}
-
-
 def _regions(model: torch.nn.Module, backend: str) -> list:
     """(module, compiled call) for every child of every decoder layer but its attention (the MLP, the norms),
-    and the final norm; made once per model and backend."""
-    key = (id(model), backend)
-    if key not in _REGIONS:
+    and the final norm; made once per model and backend, kept on the model (freed with it)."""
+    regions = model.__dict__.setdefault("_kvbench_regions", {})
+    if backend not in regions:
         options = {"coordinate_descent_tuning": True} if backend == "inductor" else None  # see compiled_step
         mods = [child for layer in decoder_layers(model) for name, child in layer.named_children()
                 if "attn" not in name and "attention" not in name]
         norm = getattr(getattr(model, "model", None), "norm", None)
         mods += [norm] if isinstance(norm, torch.nn.Module) else []
-        _REGIONS[key] = [(m, torch.compile(m._call_impl, backend=backend, options=options)) for m in mods]
-    return _REGIONS[key]
+        regions[backend] = [(m, torch.compile(m._call_impl, backend=backend, options=options)) for m in mods]
+    return regions[backend]
 
 
 @contextlib.contextmanager

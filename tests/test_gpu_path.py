@@ -131,10 +131,8 @@ def test_regional_compile_matches_engine_loop_and_leaves_the_model_alone(tiny):
     the engine loop's tokens over 31 steps, compiles each module kind once for all layers (one graph per kind
     and shape: the layers are not told apart), and leaves the model uncompiled outside the decode."""
     import torch._dynamo
-    from kvbench import fast_decode
     from kvbench.fast_decode import decoder_layers
     torch._dynamo.reset()
-    fast_decode._REGIONS.clear()
     eng, c1, m1, pre = prefilled(tiny, "snapkv", n=97)
     _, c2, _, _ = prefilled(tiny, "snapkv", n=97)
     ids_ref, _, _ = eng.decode(c1, m1, pre.logits, 32)
