@@ -14,6 +14,7 @@ prefill: the ops with the most host time, the host-device syncs and the GPU's bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import statistics
 import sys
@@ -154,25 +155,22 @@ def main() -> None:
           f"context {args.length}  question {args.question}  budget {args.budget}  reps {args.reps}", flush=True)
     print(f"{'method':<16}{'ctx ms':>9}{'q ms':>9}{'TTFT ms':>10}{'ovh %':>8}")
     base = None
-    for name in args.methods:
-        method = None if name == "full" else build_method(name, budget=args.budget)
-        eng = Engine(lm, method, query_aware=False)
-        a, b = engine_times(eng, method, ctx, q, args.reps)
-        base = a + b if name == "full" else base
-        ovh = "" if base is None or name == "full" else f"{100 * (a + b - base) / base:+8.1f}"
-        print(f"{name:<16}{a:>9.2f}{b:>9.2f}{a + b:>10.2f}{ovh:>8}", flush=True)
-    if args.regional:
-        from kvbench.fast_decode import regional
+    from kvbench.fast_decode import regional
+    for region in [False] + ([True] if args.regional else []):  # regional: after every plain row
         for name in args.methods:
             method = None if name == "full" else build_method(name, budget=args.budget)
             eng = Engine(lm, method, query_aware=False)
-            with regional(lm.model):
+            with regional(lm.model) if region else contextlib.nullcontext():
                 t0 = time.perf_counter()
-                engine_times(eng, method, ctx, q, 0)  # compiles the context's and the question's shapes
+                if region:  # a first prefill compiles the context's and the question's shapes: timed apart
+                    engine_times(eng, method, ctx, q, 0)
                 setup = time.perf_counter() - t0
                 a, b = engine_times(eng, method, ctx, q, args.reps)
-            print(f"{name + ' regional':<16}{a:>9.2f}{b:>9.2f}{a + b:>10.2f}{'':>8}  (first prefill with "
-                  f"compile {setup:.1f} s)", flush=True)
+            base = a + b if name == "full" else base  # each mode against its own full cache
+            ovh = "" if base is None or name == "full" else f"{100 * (a + b - base) / base:+8.1f}"
+            note = f"  (first prefill with compile {setup:.1f} s)" if region else ""
+            label = name + " regional" if region else name
+            print(f"{label:<16}{a:>9.2f}{b:>9.2f}{a + b:>10.2f}{ovh:>8}{note}", flush=True)
     # transformers alone on the same weights: swap the attention implementation to SDPA
     from kvbench.models import _set_attn
     _set_attn(lm.model, "sdpa")

@@ -71,7 +71,7 @@ class Engine:
         self.compile_decode = default_compile()  # KVBENCH_COMPILE_DECODE=1|regional: torch.compile the step first
         self.last_setup_steps = 0  # leading decode steps of the last decode() that compiled / captured a graph
         self.last_read_bytes: list[int] = []  # per decode step of the last decode(): K/V bytes attention read
-        self.last_decode_path = ""  # how the last decode() ran: "graph", "compiled graph", "eager: <why>"
+        self.last_decode_path = ""  # how the last decode() ran: FastDecoder.path ("graph", ...), "eager: <why>"
 
     # -- the loop's pieces ---------------------------------------------------------------------------
     def new_cache(self) -> KVBenchCache:
@@ -132,8 +132,7 @@ class Engine:
                                              ring=plan.ring, evict=plan.evict)
                 out, step_ms = fd.decode(int(first_logits.argmax()), max_new_tokens, stop)
                 self.last_setup_steps = fd.setup_steps
-                self.last_decode_path = ("regional compiled graph" if fd.region else "compiled graph" if fd.compiled
-                                         else "graph") if fd.graph_error is None \
+                self.last_decode_path = fd.path if fd.graph_error is None \
                     else f"eager: CUDA graph capture failed: {fd.graph_error}"
                 # per step, the rows every head reads: before the step + the token being decoded; a head with a
                 # cap is back to it after the step (a ring keeps cap + 1)
@@ -349,7 +348,7 @@ class Measure:
     flops: list = field(default_factory=list)
     read_bytes: list = field(default_factory=list)  # per decode step: K/V bytes attention read
     setup_steps: int = 0
-    decode_path: str = ""          # graph / compiled graph / eager: why
+    decode_path: str = ""          # graph / compiled graph / regional compiled graph / eager: why
     kv_bytes_per_device: dict = field(default_factory=dict)  # a model spread over GPUs: the context's KV on each
     ids: list = field(default_factory=list)
     text: str = ""

@@ -251,7 +251,8 @@ def decode_evict(probs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if unused; ranks / done: a scheduled rank's ranks and each head's removals so far; tau: D2O's merge
     thresholds (h,), moved on with weight beta. Where the decode kernel is Triton, a step takes one launch
     (kernels.fused_evict_ok: D2O's merge included; CAKE's pooling takes two), or LaCache's torch choice and one
-    launch for the moves (kernels.evict_rows_split); the rest of a first step over a question, and the CPU, torch ops."""
+    launch for the moves (kernels.evict_rows_split); the rest of a first step over a question, and the CPU,
+    torch ops."""
     from kvbench.methods import kernels
     args = (probs if probs.numel() else None, keys, values, positions, starts, lengths, score, log_weight, q_pos,
             caps, width, repeat, rank, n_sink, recent, shared, pool, ranks, done, tau, beta)
@@ -500,6 +501,7 @@ class FastDecoder:
         else:
             self.step_fn = compiled_step("inductor" if compile is True else compile) if compile else _step
         self.compiled = bool(compile)
+        self.path = "regional compiled graph" if self.region else "compiled graph" if compile else "graph"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
         self.logits: torch.Tensor | None = None

@@ -147,9 +147,7 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, L)
     if k == L:
         return torch.arange(L, device=scores.device).expand(scores.shape).contiguous()
-    rows = scores.reshape(-1, L)
-    ks = torch.full((rows.shape[0],), k, dtype=torch.long, device=scores.device)
-    return topk_select(rows, ks, k).reshape(*scores.shape[:-1], k)
+    return topk_select(scores.reshape(-1, L), k, k).reshape(*scores.shape[:-1], k)
 
 
 def ragged_topk_indices(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -407,7 +407,9 @@ def test_topk_select_triton_matches_reference_and_a_stable_sort(seed, interpret_
     width = int(k.max())
     got = K.topk_select_triton(s.to(DEV), k.to(DEV), width, block=256 if seed % 2 else None).cpu()  # tiles, or one
     ref = K.topk_select_ref(s, k, width)
+    one = K.topk_select_triton(s.to(DEV), L // 3, L // 3, block=256 if seed % 2 else None).cpu()  # one k, all rows
     for r in range(rows):
+        assert torch.equal(one[r], _topk_by_stable_sort(s[r], L // 3)), r
         want = _topk_by_stable_sort(s[r], int(k[r]))
         assert torch.equal(got[r, :k[r]], want), r
         assert torch.equal(ref[r, :k[r]], want), r

@@ -12,9 +12,9 @@ evicted first, +inf never:
 with `pool` > 1 the step's probabilities are first average-pooled over each head's rows in position order
 (kernel `pool`, zero padding counted: `kvbench.method.pool1d`), once per step, and the pooled values rank
 (CAKE); with `tau` (D2O) each victim is first merged into the most similar other row of its head (see
-`merge_victims`); rows at positions < n_sink, and the `recent` newest positions (> q_pos - recent), are never evicted; with
-`shared`, one victim per layer from the keys summed over heads, the same row in every head (TOVA's per-layer
-choice: every head holds the same positions in the same rows).
+`merge_victims`); rows at positions < n_sink, and the `recent` newest positions (> q_pos - recent), are never
+evicted; with `shared`, one victim per layer from the keys summed over heads, the same row in every head
+(TOVA's per-layer choice: every head holds the same positions in the same rows).
 
 A removal is the engine loop's (`LayerKV.remove`): the head's last row moves into the victim's row (its side
 data and probability with it), the freed last row's side data is zeroed (the next token is appended there:
@@ -31,10 +31,10 @@ shared, one removal: each head's rows ranked by position in the kernel, each win
 0 and divided by the kernel size, as ATen's avg pooling) in two launches (the ranks by position, counted in
 parallel tiles, then the rest), bit for bit too (the pooled values, moved with the rows, and 0 on a head's rows
 past the grid's width, as `pool_by_position`; rows outside every head keep their probability, which must be 0,
-as for a score); D2O's step (rank score with tau: the merge
-too) in one launch, the same but for the merged rows and thresholds, within float32 rounding (the
-similarities' sums run in another order; the victim, the merge's destination and whether it merges are the
-same but where two similarities, or a similarity and tau, are within a few float32 ulps).
+as for a score); D2O's step (rank score with tau: the merge too) in one launch, the same but for the merged
+rows and thresholds, within float32 rounding (the similarities' sums run in another order; the victim, the
+merge's destination and whether it merges are the same but where two similarities, or a similarity and tau,
+are within a few float32 ulps).
 """
 from __future__ import annotations
 
@@ -494,8 +494,8 @@ def evict_rows_split(probs: torch.Tensor | None, keys: torch.Tensor, values: tor
                      ranks: torch.Tensor | None = None, done: torch.Tensor | None = None,
                      tau: torch.Tensor | None = None, beta: float = 0.0) -> None:
     """`evict_rows` for the cases the fused kernel does not choose for (a scheduled rank: LaCache; pooling or
-    merging outside the fused cases), one removal per step: the choice is `evict_rows`' own torch ops, the row moves
-    (about half of its ops) one Triton launch (`_move_victims_kernel`, LayerKV.remove's moves as in the
+    merging outside the fused cases), one removal per step: the choice is `evict_rows`' own torch ops, the row
+    moves (about half of its ops) one Triton launch (`_move_victims_kernel`, LayerKV.remove's moves as in the
     fused kernel). Same effect as `evict_rows`, bit for bit."""
     if repeat != 1:
         raise ValueError(f"evict_rows_split does one removal per step, got repeat={repeat}; use evict_rows")
@@ -524,9 +524,9 @@ def evict_rows_triton(probs: torch.Tensor | None, keys: torch.Tensor, values: to
                       done: torch.Tensor | None = None, tau: torch.Tensor | None = None, beta: float = 0.0,
                       block: int | None = None, num_warps: int = 4) -> None:
     """`evict_rows` in one launch (CAKE's pooling: two), for the calls `fused_evict_ok` accepts (ValueError
-    names the option of any other). Same arguments and effect; `probs` must be 0 on rows outside the heads (the decode kernel's are),
-    as only held rows' scores (and, with pool, pooled probabilities) are written. No host sync: capturable in
-    a CUDA graph. block: rows per tile."""
+    names the option of any other). Same arguments and effect; `probs` must be 0 on rows outside the heads
+    (the decode kernel's are), as only held rows' scores (and, with pool, pooled probabilities) are written.
+    No host sync: capturable in a CUDA graph. block: rows per tile."""
     why = _unfused_option(rank, pool, tau, repeat, shared, score)
     if why is not None:
         raise ValueError(f"evict_rows_triton does not fuse {why}; use evict_rows")

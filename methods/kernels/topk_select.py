@@ -32,9 +32,13 @@ if HAS_TRITON:
         return tl.where(b < 0, -1 - b, b + 2147483648)  # ~b of a negative int32, as int64
 
     @triton.jit
-    def _topk_select_kernel(s_ptr, k_ptr, out_ptr, L, stride_s, stride_o, BLOCK: tl.constexpr):
+    def _topk_select_kernel(s_ptr, k_ptr, k_all, out_ptr, L, stride_s, stride_o, PER_ROW: tl.constexpr,
+                            BLOCK: tl.constexpr):
         row = tl.program_id(0)
-        k = tl.load(k_ptr + row)
+        if PER_ROW:
+            k = tl.load(k_ptr + row)
+        else:
+            k = tl.full([], k_all, tl.int64)
         if k > 0:
             offs = tl.arange(0, BLOCK)
             bins = tl.arange(0, 256)
@@ -74,12 +78,13 @@ if HAS_TRITON:
         return tl.sum(tl.reshape(hist, [2, 256]) * (tl.arange(0, 2) == 0)[:, None], 0)
 
 
-def topk_select_ref(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
+def topk_select_ref(scores: torch.Tensor, k: int | torch.Tensor, width: int) -> torch.Tensor:
     """`topk_select_triton` in torch ops, the rule written plainly: a stable descending sort (ties: the earlier
     index), each row's first k[r], sorted ascending (slots past k[r] hold L)."""
     rows, L = scores.shape
     order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :width]
-    first = torch.arange(order.shape[1], device=scores.device).view(1, -1) < k.to(torch.long).view(-1, 1)
+    k = k.to(torch.long).view(-1, 1) if isinstance(k, torch.Tensor) else k
+    first = torch.arange(order.shape[1], device=scores.device).view(1, -1) < k
     return torch.sort(torch.where(first, order, L), dim=-1).values
 
 
@@ -89,7 +94,7 @@ def topk_select_ref(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.
 TRITON_MAX_LEN = 16384
 
 
-def topk_select(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
+def topk_select(scores: torch.Tensor, k: int | torch.Tensor, width: int) -> torch.Tensor:
     """The kernel on CUDA (with Triton) for rows up to TRITON_MAX_LEN, the torch version otherwise."""
     from . import use_triton
     if use_triton(scores) and 0 < width and scores.shape[-1] <= TRITON_MAX_LEN:
@@ -97,22 +102,23 @@ def topk_select(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tens
     return topk_select_ref(scores, k, width)
 
 
-def topk_select_triton(scores: torch.Tensor, k: torch.Tensor, width: int, block: int | None = None,
+def topk_select_triton(scores: torch.Tensor, k: int | torch.Tensor, width: int, block: int | None = None,
                        num_warps: int | None = None) -> torch.Tensor:
     """(rows, width) int64: row r's k[r] largest of (rows, L) `scores` (ties: the earlier index) as ascending
-    indices in its first k[r] slots (later slots undefined). k: (rows,) int64 on the device, each <= L and
-    <= width. One launch, no host sync."""
-    if scores.dim() != 2 or k.shape != (scores.shape[0],):
-        raise ValueError(f"scores {tuple(scores.shape)} must be (rows, L) and k (rows,), got k {tuple(k.shape)}")
+    indices in its first k[r] slots (later slots undefined). k: one int for every row, or (rows,) int64 on the
+    device; each <= L and <= width. One launch, no host sync."""
+    per_row = isinstance(k, torch.Tensor)
+    if scores.dim() != 2 or (per_row and k.shape != (scores.shape[0],)):
+        raise ValueError(f"scores {tuple(scores.shape)} must be (rows, L) and k an int or (rows,)")
     s = scores.float().contiguous()
-    k = k.to(torch.long).contiguous()
-    check_triton_inputs(s, k)
+    k_rows = k.to(torch.long).contiguous() if per_row else s  # s: an unread pointer
+    check_triton_inputs(s, k_rows)
     if block is None:  # whole 8K-token tiles, 16 warps: the fastest of the tile sizes measured (H100, 8 rows
         # of 8K: 51 us, against 63 with 2048 x 8 warps and 74 with 1024 x 4; bench/compress_breakdown.py)
         block = max(1024, min(8192, next_pow2(s.shape[1])))
     if num_warps is None:
         num_warps = 16 if block >= 8192 else 8
     out = torch.empty(s.shape[0], max(width, 1), dtype=torch.long, device=s.device)
-    _topk_select_kernel[(s.shape[0],)](s, k, out, s.shape[1], s.stride(0), out.stride(0), BLOCK=block,
-                                       num_warps=num_warps)
+    _topk_select_kernel[(s.shape[0],)](s, k_rows, 0 if per_row else int(k), out, s.shape[1], s.stride(0),
+                                       out.stride(0), PER_ROW=per_row, BLOCK=block, num_warps=num_warps)
     return out[:, :width]
