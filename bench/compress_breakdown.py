@@ -3,9 +3,10 @@
 A layer of a real shape (default Llama-3.1-8B: 8 KV heads, 32 query heads, d 128, bf16), random keys, values
 and queries of `--length` tokens; each method's `compress_layer` runs on a fresh copy of the layer (the copy
 is not timed), its kernels' GPU time by CUDA events while the host runs ahead of the GPU (`gpu_us`), as in a
-real prefill, where launches are hidden and kernels are not (host time is printed too). Also the pieces every
-ScoredEviction cut shares (`topk_indices` against two stable sorts, the top-k kernel's tile sizes,
-`LayerKV.keep`), and with
+real prefill, where launches are hidden and kernels are not (host time is printed too), and the sum of its
+kernels' durations from the CUDA profiler (`kernel_us`, which holds for a hook that waits for the GPU: AdaKV).
+Also the pieces every ScoredEviction cut shares (`topk_indices` against two stable sorts, the top-k kernel's tile sizes,
+SnapKV's window scoring with its rows tiled per query head or stacked per KV head, `LayerKV.keep`), and with
 --profile a kernel table of one method's hook. GPU us per layer x layers = the hook's share of the TTFT.
 
     python bench/compress_breakdown.py [--length 8192 32768] [--budget 1024] [--methods snapkv ...] [--profile snapkv]
@@ -52,6 +53,21 @@ def gpu_us(fn, setup, reps: int) -> tuple[float, float]:
     return sum(e0.elapsed_time(e1) for e0, e1 in events) / reps * 1e3, host
 
 
+def kernel_us(fn, setup, reps: int) -> float:
+    """GPU us of one fn(setup()) as the sum of its kernels' durations (CUDA profiler), averaged over reps after
+    one warm-up. Unlike `gpu_us` it holds when fn waits for the GPU (AdaKV's deferred cut reads its per-head
+    counts: the GPU then catches up with the host and the events would time launches, not kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn(setup())
+    args = [setup() for _ in range(reps)]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for a in args:
+            fn(a)
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / reps
+
+
 SLEEP_CYCLES = int(1e9)  # ~0.5 s of a GPU kernel doing nothing, queued before the timed calls
 
 
@@ -65,6 +81,7 @@ def main() -> None:
     from kvbench.cache import LayerKV
     from kvbench.method import LayerContext, build_method, topk_indices
     from kvbench.methods.kernels.topk_select import topk_select_triton
+    from kvbench.methods.kernels.window_scores import window_scores_triton
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -99,6 +116,11 @@ def main() -> None:
                 **{f"  topk_select_triton block {b} warps {w}": gpu_us(
                     lambda s, b=b, w=w: topk_select_triton(s, ks, args.budget, block=b, num_warps=w),
                     lambda: scores, args.reps) for b, w in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))},
+                **{f"window_scores_triton {'stacked' if st else 'per q head'} block_n {bn} warps {w}": gpu_us(
+                    lambda lay, st=st, bn=bn, w=w: window_scores_triton(
+                        q[:, -32:], lay.keys, lay.starts, lay.lengths, d ** -0.5, 7, "max", block_n=bn,
+                        num_warps=w, host_lengths=lay.head_lengths, stack=st), fresh, args.reps)
+                   for st, bn, w in ((False, 64, 4), (True, 64, 4), (True, 64, 8), (True, 32, 4), (True, 128, 8))},
                 "LayerKV.keep (sorted (n_kv, budget) index)": gpu_us(
                     lambda lay: lay.keep(topk_indices(scores, args.budget), ascending=True), fresh, args.reps)}
         for name in args.methods:
@@ -110,12 +132,14 @@ def main() -> None:
                 ctx = LayerContext(n_layers // 2, n_layers, q, lay, d ** -0.5, None)
                 method.observe_prefill(ctx)
                 method.compress_layer(ctx)
-            rows[f"{name}.compress_layer"] = gpu_us(hook, fresh, args.reps)
+            rows[f"{name}.compress_layer"] = (*gpu_us(hook, fresh, args.reps), kernel_us(hook, fresh, args.reps))
             if hasattr(method, "flush"):
                 method.flush()
-        print(f"\nlength {L}                                       GPU us/layer  x{n_layers} ms   host us/layer")
-        for name, (gpu, host) in rows.items():
-            print(f"  {name:44s} {gpu:9.1f}   {gpu * n_layers / 1e3:7.2f}   {host:9.1f}")
+        print(f"\nlength {L}                                             GPU us/layer  x{n_layers} ms   host us/layer"
+              f"   kernels us/layer")
+        for name, (gpu, host, *kern) in rows.items():
+            k_col = f"   {kern[0]:9.1f}" if kern else ""
+            print(f"  {name:50s} {gpu:9.1f}   {gpu * n_layers / 1e3:7.2f}   {host:9.1f}{k_col}")
         if args.profile:
             method = build_method(args.profile, budget=args.budget)
             lay = fresh()

@@ -295,14 +295,16 @@ def test_decode_triton_matches_ref(g, d, num_splits, block_n, interpret_env):
 
 
 @needs_triton
+@pytest.mark.parametrize("stack", [False, True])  # rows tiled per query head / a KV head's g*w rows in one tile
 @pytest.mark.parametrize("g,w,pooling,kernel_size,num_splits", [(1, 1, "max", 5, None), (4, 7, "max", 7, 3),
-                                                                 (8, 7, "avg", 5, 4)])
-def test_window_triton_matches_ref(g, w, pooling, kernel_size, num_splits, interpret_env):
+                                                                 (8, 7, "avg", 5, 4), (3, 6, "max", 7, 1)])
+def test_window_triton_matches_ref(g, w, pooling, kernel_size, num_splits, stack, interpret_env):
     lengths = [max(n, w) for n in LENGTHS]  # w=1 keeps the lengths [1, 7, 33, 100]
     keys, _, starts, lengths = ragged_cache(lengths, 64, seed=g)
     q = randn(len(lengths) * g, w, 64, seed=w)
     got = K.window_scores_triton(*to(DEV, q, keys, starts, lengths), kernel_size=kernel_size, pooling=pooling,
-                                 block_m=16, block_n=16, num_splits=num_splits)  # splits: key chunks of pass 1
+                                 block_m=16, block_n=16, num_splits=num_splits,  # splits: key chunks of pass 1
+                                 stack=stack)  # (3, 6): 18 rows stacked in a tile of 32, padded rows masked
     want = K.window_scores_ref(q, keys, starts, lengths, kernel_size=kernel_size, pooling=pooling)
     assert (got.cpu() - want).abs().max() < 1e-5  # fp32: max abs error 1e-5 (scores are <= 1)
 
@@ -323,11 +325,11 @@ def test_h2o_scores_take_the_colsum_kernel_on_cuda(g, m, interpret_env):
 
 @needs_triton
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("g,m", [(1, 37), (4, 37), (8, 20)])
-def test_colsum_triton_matches_ref(causal, g, m, interpret_env):
+@pytest.mark.parametrize("g,m,stack", [(1, 37, None), (4, 37, None), (8, 20, None), (4, 5, True), (2, 37, True)])
+def test_colsum_triton_matches_ref(causal, g, m, stack, interpret_env):
     keys = randn(2, 37, 64, seed=g)
     q = randn(2 * g, m, 64, seed=m)
-    got = K.attention_colsum_triton(*to(DEV, q, keys), causal=causal, block_m=16, block_n=16)
+    got = K.attention_colsum_triton(*to(DEV, q, keys), causal=causal, block_m=16, block_n=16, stack=stack)
     want = K.attention_colsum_ref(q, keys, causal=causal)
     assert (got.cpu() - want).abs().max() < 1e-4  # fp32: max abs error 1e-4 (sums up to m * g)
 

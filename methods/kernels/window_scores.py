@@ -14,8 +14,8 @@ Result: row-aligned (T,) float32 (see the package docstring). For head h with L 
 rows [0, L - w) hold the pooled prefix scores; rows [L - w, L) (the window, which SnapKV always keeps)
 hold their un-pooled mean attention, so callers pick the top-k among the prefix and append the window.
 
-Triton: pass 1 computes every window row's log-sum-exp, pass 2 accumulates normalized probabilities per
-key tile (both in colsum.py; at most a BLOCK_M x BLOCK_N tile per program), pass 3 pools.
+Triton: pass 1 computes every window row's softmax statistics, pass 2 accumulates normalized probabilities
+per key tile (both in colsum.py, a KV head's g * w window rows in one tile when they fit), pass 3 pools.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import (HAS_TRITON, check_layout, check_regions, check_triton_inputs, group_size, num_programs_hint,
                resolve_scaling, use_triton)
-from .colsum import LOG2E, ragged_colsum_triton, ragged_row_lse_triton
+from .colsum import LOG2E, ragged_colsum_triton, ragged_row_stats_triton
 
 POOLINGS = ("max", "avg")
 
@@ -103,9 +103,11 @@ def window_scores_ref(q_win: torch.Tensor, keys: torch.Tensor, starts: torch.Ten
 def window_scores_triton(q_win: torch.Tensor, keys: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
                          scaling: float | None = None, kernel_size: int = 5, pooling: str = "max",
                          block_m: int = 32, block_n: int = 64, num_warps: int = 4,
-                         num_splits: int | None = None, host_lengths: list[int] | None = None) -> torch.Tensor:
+                         num_splits: int | None = None, host_lengths: list[int] | None = None,
+                         stack: bool | None = None) -> torch.Tensor:
     """Triton version of `window_scores_ref` (same arguments and result); `num_splits` overrides pass 1's
-    split-K count (default: sized to fill the device); `host_lengths`: see `_check` (no device sync)."""
+    split-K count (default: sized to fill the device); `host_lengths`: see `_check` (no device sync); `stack`:
+    one tile for a KV head's g * w window rows (colsum.stack_block; default when g * w <= 128)."""
     g, max_len = _check(q_win, keys, starts, lengths, kernel_size, pooling, host_lengths)
     check_triton_inputs(q_win, keys, starts, lengths)
     n_q, w, d = q_win.shape
@@ -113,10 +115,10 @@ def window_scores_triton(q_win: torch.Tensor, keys: torch.Tensor, starts: torch.
     if q_win.stride(-1) != 1:
         q_win = q_win.contiguous()
     scale_log2 = resolve_scaling(scaling, d) * LOG2E
-    lse = ragged_row_lse_triton(q_win, keys, starts, lengths, scale_log2, True, max_len, block_m, block_n,
-                                num_warps, num_splits)
-    sums = ragged_colsum_triton(q_win, lse, keys, starts, lengths, scale_log2, True, max_len, block_m, block_n,
-                                num_warps)
+    stats = ragged_row_stats_triton(q_win, keys, starts, lengths, scale_log2, True, max_len, block_m, block_n,
+                                    num_warps, num_splits, stack)
+    sums = ragged_colsum_triton(q_win, stats, keys, starts, lengths, scale_log2, True, max_len, block_m, block_n,
+                                num_warps, stack)
     out = torch.zeros_like(sums)
     n_kv = starts.numel()
     block = 256
