@@ -116,11 +116,15 @@ def main() -> None:
                 **{f"  topk_select_triton block {b} warps {w}": gpu_us(
                     lambda s, b=b, w=w: topk_select_triton(s, ks, args.budget, block=b, num_warps=w),
                     lambda: scores, args.reps) for b, w in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))},
-                **{f"window_scores_triton {'stacked' if st else 'per q head'} block_n {bn} warps {w}": gpu_us(
-                    lambda lay, st=st, bn=bn, w=w: window_scores_triton(
-                        q[:, -32:], lay.keys, lay.starts, lay.lengths, d ** -0.5, 7, "max", block_n=bn,
-                        num_warps=w, host_lengths=lay.head_lengths, stack=st), fresh, args.reps)
-                   for st, bn, w in ((False, 64, 4), (True, 64, 4), (True, 64, 8), (True, 32, 4), (True, 128, 8))},
+                **{f"window_scores_triton {'stacked' if st else 'per q head'} n {bn} w {w} splits {sp} progs {pr}":
+                   gpu_us(lambda lay, st=st, bn=bn, w=w, sp=sp, pr=pr: window_scores_triton(
+                       q[:, -32:], lay.keys, lay.starts, lay.lengths, d ** -0.5, 7, "max", block_n=bn,
+                       num_warps=w, host_lengths=lay.head_lengths, stack=st, num_splits=sp, colsum_programs=pr),
+                       fresh, args.reps)
+                   for st, bn, w, sp, pr in ((False, 64, 4, None, None), (True, 64, 4, None, None),
+                                             (True, 64, 4, None, 33), (True, 64, 4, None, 66),
+                                             (True, 64, 4, None, 16), (True, 64, 4, 8, 33), (True, 64, 4, 16, 33),
+                                             (True, 64, 8, 16, 33), (True, 128, 8, 16, 33))},
                 "LayerKV.keep (sorted (n_kv, budget) index)": gpu_us(
                     lambda lay: lay.keep(topk_indices(scores, args.budget), ascending=True), fresh, args.reps)}
         for name in args.methods:

@@ -15,6 +15,7 @@ by ⌊(max − min) / (n_layers − 1)⌋, which spends a little more than B on 
 32 layers: mean 518.5); we interpolate exactly and round so the layers sum to n_layers · B.
 A budget below the window shrinks the window to the budget (see snapkv), so every layer keeps the last B.
 """
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -30,12 +31,18 @@ def pyramid_budgets(avg_budget: int, window: int, n_layers: int, beta: float,
                     n_tokens: int | None = None) -> list[int]:
     """Per-layer kept tokens (window included) for a context of `n_tokens` (None: long enough for any
     pyramid); their mean is exactly avg_budget when n_tokens >= avg_budget (see the module docstring)."""
+    return list(_pyramid_budgets(int(avg_budget), int(window), int(n_layers), float(beta),
+                                 None if n_tokens is None else int(n_tokens)))
+
+
+@functools.lru_cache(maxsize=1024)  # every layer's hook asks twice per prefill; exact Fractions cost ~0.3 ms
+def _pyramid_budgets(avg_budget: int, window: int, n_layers: int, beta: float, n_tokens: int | None) -> tuple:
     if n_tokens is not None and n_tokens <= avg_budget:
-        return [n_tokens] * n_layers
+        return (n_tokens,) * n_layers
     window = min(window, avg_budget)
     free = avg_budget - window
     if n_layers == 1 or free == 0 or (n_tokens is not None and n_tokens < 2 * free):
-        return [avg_budget] * n_layers
+        return (avg_budget,) * n_layers
     lo = int(math.floor(free / beta))
     hi = 2 * free - lo
     if n_tokens is not None and hi >= n_tokens - window:  # the bottom layers would exceed the prefix
@@ -47,7 +54,7 @@ def pyramid_budgets(avg_budget: int, window: int, n_layers: int, beta: float,
     # the rounding's remainder: +1 to the layers rounded down the most (earlier first), never above hi
     for i in sorted(range(n_layers), key=lambda i: (-(raw[i] - out[i]), i))[:short]:
         out[i] += 1
-    return [x + window for x in out]
+    return tuple(x + window for x in out)
 
 
 @register_method("pyramidkv")

@@ -202,9 +202,11 @@ def ragged_row_stats_triton(q: torch.Tensor, keys: torch.Tensor, starts: torch.T
 def ragged_colsum_triton(q: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor,
                          starts: torch.Tensor, lengths: torch.Tensor, scale_log2: float, causal: bool = True,
                          max_length: int | None = None, block_m: int = 32, block_n: int = 64,
-                         num_warps: int = 4, stack: bool | None = None) -> torch.Tensor:
+                         num_warps: int = 4, stack: bool | None = None,
+                         programs: int | None = None) -> torch.Tensor:
     """Pass 2. Row-aligned (T,) float32: per key, sum over the w rows and g heads of exp2(s - lse), the
-    log-sum-exps merged in the kernel from pass 1's chunk `stats`.
+    log-sum-exps merged in the kernel from pass 1's chunk `stats`. `programs`: per KV head (default: about 8
+    per SM over the KV heads, at most one per key tile).
 
     `max_length` only sizes the grid (programs loop over tiles, so any value is correct); without it the
     grid is sized from the average head length, which needs no device sync.
@@ -217,8 +219,9 @@ def ragged_colsum_triton(q: torch.Tensor, stats: tuple[torch.Tensor, torch.Tenso
     stacked = stack_block(n_q, w, n_kv, stack)
     out = torch.zeros(keys.shape[0], device=keys.device, dtype=torch.float32)
     rows_per_head = max_length if max_length is not None else keys.shape[0] // max(n_kv, 1)
-    n_progs = max(1, min(triton.cdiv(max(rows_per_head, 1), block_n),
-                         triton.cdiv(4 * num_programs_hint(keys.device), n_kv)))
+    if programs is None:
+        programs = triton.cdiv(4 * num_programs_hint(keys.device), n_kv)
+    n_progs = max(1, min(triton.cdiv(max(rows_per_head, 1), block_n), programs))
     _colsum_kernel[(n_kv, n_progs)](q, keys, starts, lengths, m, l, out, q.stride(0), q.stride(1),
                                     keys.stride(0), w, g, d, scale_log2, n_progs, NUM_SPLITS=splits,
                                     SPLITS_PAD=max(2, next_pow2(splits)), CAUSAL=causal,

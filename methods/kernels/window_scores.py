@@ -104,10 +104,11 @@ def window_scores_triton(q_win: torch.Tensor, keys: torch.Tensor, starts: torch.
                          scaling: float | None = None, kernel_size: int = 5, pooling: str = "max",
                          block_m: int = 32, block_n: int = 64, num_warps: int = 4,
                          num_splits: int | None = None, host_lengths: list[int] | None = None,
-                         stack: bool | None = None) -> torch.Tensor:
+                         stack: bool | None = None, colsum_programs: int | None = None) -> torch.Tensor:
     """Triton version of `window_scores_ref` (same arguments and result); `num_splits` overrides pass 1's
     split-K count (default: sized to fill the device); `host_lengths`: see `_check` (no device sync); `stack`:
-    one tile for a KV head's g * w window rows (colsum.stack_block; default when g * w <= 128)."""
+    one tile for a KV head's g * w window rows (colsum.stack_block; default when g * w <= 128);
+    `colsum_programs`: pass 2's programs per KV head (see `ragged_colsum_triton`)."""
     g, max_len = _check(q_win, keys, starts, lengths, kernel_size, pooling, host_lengths)
     check_triton_inputs(q_win, keys, starts, lengths)
     n_q, w, d = q_win.shape
@@ -118,7 +119,7 @@ def window_scores_triton(q_win: torch.Tensor, keys: torch.Tensor, starts: torch.
     stats = ragged_row_stats_triton(q_win, keys, starts, lengths, scale_log2, True, max_len, block_m, block_n,
                                     num_warps, num_splits, stack)
     sums = ragged_colsum_triton(q_win, stats, keys, starts, lengths, scale_log2, True, max_len, block_m, block_n,
-                                num_warps, stack)
+                                num_warps, stack, colsum_programs)
     out = torch.zeros_like(sums)
     n_kv = starts.numel()
     block = 256
