@@ -80,7 +80,7 @@ def topk_by_sorts(scores: torch.Tensor, k: int) -> torch.Tensor:
 def main() -> None:
     from kvbench.cache import LayerKV
     from kvbench.method import LayerContext, build_method, topk_indices
-    from kvbench.methods.kernels.topk_select import topk_select_triton
+    from kvbench.methods.kernels.topk_select import topk_select_split_triton, topk_select_triton
     from kvbench.methods.kernels.window_scores import window_scores_triton
 
     ap = argparse.ArgumentParser()
@@ -116,6 +116,9 @@ def main() -> None:
                 **{f"  topk_select_triton block {b} warps {w}": gpu_us(
                     lambda s, b=b, w=w: topk_select_triton(s, ks, args.budget, block=b, num_warps=w),
                     lambda: scores, args.reps) for b, w in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))},
+                **{f"  topk_select_split_triton P {p}": gpu_us(
+                    lambda s, p=p: topk_select_split_triton(s, ks, args.budget, programs_per_row=p),
+                    lambda: scores, args.reps) for p in (None, 8, 16, 32)},
                 **{f"window_scores_triton {'stacked' if st else 'per q head'} n {bn} w {w} splits {sp} progs {pr}":
                    gpu_us(lambda lay, st=st, bn=bn, w=w, sp=sp, pr=pr: window_scores_triton(
                        q[:, -32:], lay.keys, lay.starts, lay.lengths, d ** -0.5, 7, "max", block_n=bn,

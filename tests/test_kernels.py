@@ -417,6 +417,44 @@ def test_topk_select_triton_matches_reference_and_a_stable_sort(seed, interpret_
         assert torch.equal(ref[r, :k[r]], want), r
 
 
+@needs_triton
+@pytest.mark.parametrize("case, L, P, block", [("ties", 300, 3, 64), ("ties", 257, 1, 128), ("ties", 70, 8, 64),
+                                               ("plateaus", 300, 4, 128), ("plateaus", 131, 2, 64),
+                                               ("distinct", 200, 5, 64)])
+def test_topk_select_split_triton_matches_reference_and_a_stable_sort(case, L, P, block, interpret_env):
+    """The top-k over P programs a row (chunks, several launches) keeps what a stable descending sort keeps: ties
+    to the earlier index across chunks and tiles, plateaus (max-pooled scores), a row of +-0.0 only, +inf at a
+    row's end, +-inf, both signs; per-row k with 0 and L, one int k; P = 1, chunks and tiles not dividing L, and
+    P larger than needed (L = 70, P = 8: chunks of 16, the last 3 empty)."""
+    g = torch.Generator().manual_seed(L + P)
+    rows = 5
+    if case == "distinct":
+        s = torch.randn(rows, L, generator=g)
+    else:
+        s = torch.randint(-3, 4, (rows, L), generator=g).float() / 4
+    if case == "ties":
+        special = torch.tensor([float("inf"), float("-inf"), -0.0, 0.0, 1e-30, -1e-30, 3.4e38])
+        at = torch.rand(rows, L, generator=g) < 0.2
+        s[at] = special[torch.randint(0, len(special), (int(at.sum()),), generator=g)]
+    if case == "plateaus":  # windowed max-pooling, as the scorers' pooling gives
+        s = torch.nn.functional.max_pool1d(s[:, None], 7, stride=1, padding=3)[:, 0]
+        s[0] = torch.where(torch.rand(L, generator=g) < 0.5, -0.0, 0.0)  # every score tied
+        s[1, -8:] = float("inf")
+        s[2, :8] = float("-inf")
+        s[3] = -s[3]
+    k = torch.tensor([0, 1, L // 3, L - 1, L])
+    width = int(k.max())
+    got = K.topk_select_split_triton(s.to(DEV), k.to(DEV), width, programs_per_row=P, block=block).cpu()
+    ref = K.topk_select_ref(s, k, width)
+    one = K.topk_select_split_triton(s[:2].to(DEV), L // 3, L // 3, programs_per_row=P, block=block).cpu()
+    for r in range(rows):
+        want = _topk_by_stable_sort(s[r], int(k[r]))
+        assert torch.equal(got[r, :k[r]], want), r
+        assert torch.equal(ref[r, :k[r]], want), r
+        if r < 2:
+            assert torch.equal(one[r], _topk_by_stable_sort(s[r], L // 3)), r
+
+
 def test_triton_suite_in_fresh_interpreter_process():
     """Triton was imported (compiled mode) before this module on a machine without CUDA: rerun here."""
     if MODE != "subprocess":

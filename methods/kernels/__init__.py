@@ -105,7 +105,8 @@ from .compact import compact, compact_ref, compact_triton  # noqa: E402
 from .decode_evict import evict_rows, evict_rows_split, evict_rows_triton, fused_evict_ok  # noqa: E402
 from .ragged_decode import (ragged_decode_attention, ragged_decode_attention_ref,  # noqa: E402
                             ragged_decode_attention_triton)
-from .topk_select import topk_select, topk_select_ref, topk_select_triton  # noqa: E402
+from .topk_select import (topk_select, topk_select_ref, topk_select_split_triton,  # noqa: E402
+                          topk_select_triton)
 from .window_scores import window_scores, window_scores_ref, window_scores_triton  # noqa: E402
 
 __all__ = [

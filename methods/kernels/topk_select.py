@@ -11,6 +11,8 @@ of memory traffic: bench/compress_breakdown.py). Here one program per row:
 2. one pass in order: a key above the threshold is kept, a key equal to it is kept while fewer than the ties
    still needed came before it (the earlier token wins, as a stable descending sort), and each kept index is
    written at its running count.
+`topk_select_split_triton` spreads each row over P programs (a layer has only 8 rows for 132 SMs), in 5
+launches with no inter-program sync: see its docstring.
 `topk_select_ref` is the torch version (the CPU path, and long rows on a GPU: see TRITON_MAX_LEN): a stable
 descending sort, then a sort of the kept indices. Tests compare the kernel with it and with a stable sort
 written out, under TRITON_INTERPRET=1.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import HAS_TRITON, check_triton_inputs, next_pow2
+from . import HAS_TRITON, check_triton_inputs, next_pow2, num_programs_hint
 
 if HAS_TRITON:
     import triton
@@ -77,6 +79,98 @@ if HAS_TRITON:
         """The first 256 bins of a 512-bin histogram."""
         return tl.sum(tl.reshape(hist, [2, 256]) * (tl.arange(0, 2) == 0)[:, None], 0)
 
+    # --- the split variant: row r's chunk j (a contiguous range) belongs to program (r, j) of every launch ---
+
+    @triton.jit
+    def _split_digit(hist_ptr, q, row, j, rows, P, prefix, need, JB: tl.constexpr):
+        """Digit q of the row's threshold, from pass q's chunk histograms summed (hist[q, row, :, :]), chosen as
+        `_topk_select_kernel` chooses it. Returns the prefix and need with it, and among the chunks before j the
+        keys above the threshold that this digit decides (they matched the prefix, with a larger digit) and the
+        keys matching the new prefix (after the last pass: the ties)."""
+        bins = tl.arange(0, 256)
+        jj = tl.arange(0, JB)
+        h = tl.zeros([256], tl.int32)       # every chunk's
+        before = tl.zeros([256], tl.int32)  # the chunks before j
+        for j0 in range(0, P, JB):  # JB chunks' histograms per load: a few loads, not P
+            jr = j0 + jj
+            part = tl.load(hist_ptr + ((q * rows + row) * P + jr[:, None]) * 256 + bins[None, :],
+                           mask=(jr < P)[:, None], other=0)
+            h += tl.sum(part, 0)
+            before += tl.sum(tl.where((jr < j)[:, None], part, 0), 0)
+        above = tl.sum(h, 0) - tl.cumsum(h, 0)
+        take = tl.max(tl.where(above + h >= need, bins, -1), 0)
+        need = need - tl.sum(tl.where(bins > take, h, 0), 0)
+        prefix = prefix | (take.to(tl.int64) << (24 - 8 * q))
+        above_before = tl.sum(tl.where(bins > take, before, 0), 0).to(tl.int64)
+        match_before = tl.sum(tl.where(bins == take, before, 0), 0).to(tl.int64)
+        return prefix, need, above_before, match_before
+
+    @triton.jit
+    def _split_pass_kernel(s_ptr, k_ptr, k_all, hist_ptr, carry_ptr, L, chunk, rows, P, stride_s,
+                           PASS: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr, JB: tl.constexpr):
+        """Pass PASS of the radix select: chunk j's histogram of digit PASS among its keys matching the prefix.
+        carry[row, j] = (prefix, need, keys of earlier chunks above the threshold so far) goes from this program
+        to program (row, j) of the next launch: each launch sums only the previous pass's histograms."""
+        row = tl.program_id(0)
+        j = tl.program_id(1)
+        if PER_ROW:
+            k = tl.load(k_ptr + row)
+        else:
+            k = tl.full([], k_all, tl.int64)
+        if k > 0:  # a k == 0 row is skipped by every launch: its scratch is never written nor read
+            c = carry_ptr + (row * P + j) * 3
+            if PASS == 0:
+                prefix = tl.full([], 0, tl.int64)
+                need = k
+                above_before = tl.full([], 0, tl.int64)
+            else:
+                prefix, need, above_before, _ = _split_digit(hist_ptr, PASS - 1, row, j, rows, P, tl.load(c),
+                                                             tl.load(c + 1), JB)
+                above_before += tl.load(c + 2)
+            tl.store(c, prefix)
+            tl.store(c + 1, need)
+            tl.store(c + 2, above_before)
+            shift = 24 - 8 * PASS
+            offs = tl.arange(0, BLOCK)
+            start = j * chunk
+            end = tl.minimum(start + chunk, L)  # empty past the row's end
+            hist = tl.zeros([512], tl.int32)
+            for t0 in range(start, end, BLOCK):
+                i = t0 + offs
+                key = _order_key(tl.load(s_ptr + row * stride_s + i, mask=i < end, other=0.0))
+                match = (i < end) & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+                hist += tl.histogram(tl.where(match, (key >> shift) & 255, 256 + (i & 255)).to(tl.int32), 512)
+            tl.store(hist_ptr + ((PASS * rows + row) * P + j) * 256 + tl.arange(0, 256), _first256(hist))
+
+    @triton.jit
+    def _split_write_kernel(s_ptr, k_ptr, k_all, hist_ptr, carry_ptr, out_ptr, L, chunk, rows, P, stride_s,
+                            stride_o, PER_ROW: tl.constexpr, BLOCK: tl.constexpr, JB: tl.constexpr):
+        """The kept indices of chunk j, in order, after those the chunks before it keep."""
+        row = tl.program_id(0)
+        j = tl.program_id(1)
+        if PER_ROW:
+            k = tl.load(k_ptr + row)
+        else:
+            k = tl.full([], k_all, tl.int64)
+        if k > 0:
+            c = carry_ptr + (row * P + j) * 3
+            prefix, need, above_before, ties = _split_digit(hist_ptr, 3, row, j, rows, P, tl.load(c), tl.load(c + 1),
+                                                            JB)
+            kept = tl.load(c + 2) + above_before + tl.minimum(ties, need)  # the ties of earlier chunks go first
+            offs = tl.arange(0, BLOCK)
+            start = j * chunk
+            end = tl.minimum(start + chunk, L)
+            for t0 in range(start, end, BLOCK):
+                i = t0 + offs
+                ok = i < end
+                key = _order_key(tl.load(s_ptr + row * stride_s + i, mask=ok, other=0.0))
+                tie = ok & (key == prefix)
+                tie_rank = ties + tl.cumsum(tie.to(tl.int64), 0)  # 1-based among the row's ties so far
+                sel = ok & ((key > prefix) | (tie & (tie_rank <= need)))
+                slot = kept + tl.cumsum(sel.to(tl.int64), 0) - 1
+                tl.store(out_ptr + row * stride_o + slot, i.to(tl.int64), mask=sel)
+                kept += tl.sum(sel.to(tl.int64), 0)
+                ties += tl.sum(tie.to(tl.int64), 0)
 
 def topk_select_ref(scores: torch.Tensor, k: int | torch.Tensor, width: int) -> torch.Tensor:
     """`topk_select_triton` in torch ops, the rule written plainly: a stable descending sort (ties: the earlier
@@ -121,4 +215,47 @@ def topk_select_triton(scores: torch.Tensor, k: int | torch.Tensor, width: int, 
     out = torch.empty(s.shape[0], max(width, 1), dtype=torch.long, device=s.device)
     _topk_select_kernel[(s.shape[0],)](s, k_rows, 0 if per_row else int(k), out, s.shape[1], s.stride(0),
                                        out.stride(0), PER_ROW=per_row, BLOCK=block, num_warps=num_warps)
+    return out[:, :width]
+
+
+def topk_select_split_triton(scores: torch.Tensor, k: int | torch.Tensor, width: int,
+                             programs_per_row: int | None = None, block: int | None = None,
+                             num_warps: int | None = None) -> torch.Tensor:
+    """`topk_select_triton` (same arguments and result) with each row spread over P programs, grid (rows, P):
+    program (r, j) owns the j-th contiguous chunk of row r. 5 launches, no atomics, no waiting between programs:
+    - passes 0..3: program (r, j) sums the row's P chunk histograms of the previous pass (every program of the
+      row the same way) and picks that digit as `topk_select_triton` does, then writes the histogram of the
+      next digit among its chunk's matching keys to a (4, rows, P, 256) scratch. The prefix, the ties still
+      needed and the keys of chunks before j above the threshold (each decided at the digit where a key first
+      exceeds the prefix) pass to program (r, j) of the next launch in a (rows, P, 3) scratch;
+    - write: the last digit, the ties in chunks before j, hence the kept indices before chunk j; then its chunk
+      in order, each kept index written at that count + its running count (ties: the earlier token wins).
+    P: about 2 programs per SM over the rows, each chunk >= 512 scores (programs_per_row overrides). No host sync.
+    """
+    per_row = isinstance(k, torch.Tensor)
+    if scores.dim() != 2 or (per_row and k.shape != (scores.shape[0],)):
+        raise ValueError(f"scores {tuple(scores.shape)} must be (rows, L) and k an int or (rows,)")
+    s = scores.float().contiguous()
+    k_rows = k.to(torch.long).contiguous() if per_row else s  # s: an unread pointer
+    check_triton_inputs(s, k_rows)
+    rows, L = s.shape
+    if programs_per_row is None:
+        programs_per_row = min(num_programs_hint(s.device) // max(rows, 1), L // 512)
+    P = max(1, int(programs_per_row))
+    chunk = -(-max(L, 1) // P)
+    chunk = -(-chunk // 16) * 16  # chunk starts 16-aligned (Triton specializes ints divisible by 16): vector loads
+    if block is None:  # a chunk in one tile, up to 2048 scores
+        block = max(64, min(2048, next_pow2(chunk)))
+    if num_warps is None:
+        num_warps = 8 if block >= 2048 else 4
+    jb = min(16, next_pow2(P))
+    hist = torch.empty(4, rows, P, 256, dtype=torch.int32, device=s.device)  # pass q's: read by pass q + 1 only
+    carry = torch.empty(rows, P, 3, dtype=torch.long, device=s.device)       # program (r, j)'s own, launch to launch
+    out = torch.empty(rows, max(width, 1), dtype=torch.long, device=s.device)
+    k_all = 0 if per_row else int(k)
+    for p in range(4):
+        _split_pass_kernel[(rows, P)](s, k_rows, k_all, hist, carry, L, chunk, rows, P, s.stride(0), PASS=p,
+                                      PER_ROW=per_row, BLOCK=block, JB=jb, num_warps=num_warps)
+    _split_write_kernel[(rows, P)](s, k_rows, k_all, hist, carry, out, L, chunk, rows, P, s.stride(0),
+                                   out.stride(0), PER_ROW=per_row, BLOCK=block, JB=jb, num_warps=num_warps)
     return out[:, :width]
