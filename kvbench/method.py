@@ -139,9 +139,9 @@ class Method:
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores along the last dim, ties broken towards earlier tokens, sorted.
-    Ties are frequent (max-pooling, +inf windows). On a GPU, rows up to 16K tokens take one Triton launch
-    (methods/kernels/topk_select.py: a radix select, then the kept indices in order); elsewhere a stable
-    descending sort, then a sort of the kept indices."""
+    Ties are frequent (max-pooling, +inf windows). On a GPU a Triton radix select, then the kept indices in
+    order (methods/kernels/topk_select.py); elsewhere a stable descending sort, then a sort of the kept
+    indices."""
     from kvbench.methods.kernels.topk_select import topk_select
     L = scores.shape[-1]
     k = min(k, L)

@@ -188,8 +188,10 @@ def ragged_row_stats_triton(q: torch.Tensor, keys: torch.Tensor, starts: torch.T
     grid0, row_tiles = (n_kv, 1) if stacked else (n_q, triton.cdiv(w, block_m))
     rows_per_head = max_length if max_length is not None else keys.shape[0] // max(n_kv, 1)
     if splits is None:  # split the keys only when there are too few row tiles to fill the device
-        splits = max(1, min(triton.cdiv(rows_per_head, 4 * block_n),
-                            triton.cdiv(num_programs_hint(keys.device), grid0 * row_tiles)))
+        # a stacked tile (up to 128 rows x d) runs one program per SM: about one split per SM over the KV heads
+        # (H200, 8 KV heads, bench/compress_breakdown.py: 94 us at 32K against 123 with two per SM; equal at 8K)
+        programs = num_programs_hint(keys.device) // (2 if stacked else 1)
+        splits = max(1, min(triton.cdiv(rows_per_head, 4 * block_n), triton.cdiv(programs, grid0 * row_tiles)))
     m = torch.empty(n_q, w, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _row_stats_kernel[(grid0, row_tiles, splits)](
@@ -206,7 +208,7 @@ def ragged_colsum_triton(q: torch.Tensor, stats: tuple[torch.Tensor, torch.Tenso
                          programs: int | None = None) -> torch.Tensor:
     """Pass 2. Row-aligned (T,) float32: per key, sum over the w rows and g heads of exp2(s - lse), the
     log-sum-exps merged in the kernel from pass 1's chunk `stats`. `programs`: per KV head (default: about 8
-    per SM over the KV heads, at most one per key tile).
+    per SM over the KV heads, 2 with stacked rows; at most one per key tile).
 
     `max_length` only sizes the grid (programs loop over tiles, so any value is correct); without it the
     grid is sized from the average head length, which needs no device sync.
@@ -219,8 +221,9 @@ def ragged_colsum_triton(q: torch.Tensor, stats: tuple[torch.Tensor, torch.Tenso
     stacked = stack_block(n_q, w, n_kv, stack)
     out = torch.zeros(keys.shape[0], device=keys.device, dtype=torch.float32)
     rows_per_head = max_length if max_length is not None else keys.shape[0] // max(n_kv, 1)
-    if programs is None:
-        programs = triton.cdiv(4 * num_programs_hint(keys.device), n_kv)
+    if programs is None:  # stacked: 2 per SM over the KV heads, each looping over key tiles with its queries
+        # loaded once (H200, 8 heads, bench/compress_breakdown.py: 36 us at 8K against 45 with 8 per SM)
+        programs = triton.cdiv((1 if stacked else 4) * num_programs_hint(keys.device), n_kv)
     n_progs = max(1, min(triton.cdiv(max(rows_per_head, 1), block_n), programs))
     _colsum_kernel[(n_kv, n_progs)](q, keys, starts, lengths, m, l, out, q.stride(0), q.stride(1),
                                     keys.stride(0), w, g, d, scale_log2, n_progs, NUM_SPLITS=splits,

@@ -1,20 +1,20 @@
-"""Top-k selection of a layer's scores in one launch: each row's k largest, ties towards the earlier token,
-as ascending indices (what `kvbench.method.topk_indices` / `ragged_topk_indices` return).
+"""Top-k selection of a layer's scores on the GPU: each row's k largest, ties towards the earlier token, as
+ascending indices (what `kvbench.method.topk_indices` / `ragged_topk_indices` return).
 
 Every scored eviction cuts a layer this way inside the prefill. At a layer's size (8 heads x 8K-32K tokens)
 the torch ops are latency-bound: a segmented sort (or torch.topk's radix select) launches a dozen small
 kernels, and sorting the kept indices more (~125 us per layer of 8 heads at 8K on an H100, against a few us
-of memory traffic: bench/compress_breakdown.py). Here one program per row:
+of memory traffic: bench/compress_breakdown.py). The rule, per row:
 1. a radix select of the row's k-th largest score over order-preserving 32-bit keys (the float's bits, a
    negative's magnitude bits flipped, -0.0 as +0.0 so equal scores tie), 8 bits per pass, 4 passes: each pass
    takes the histogram of the next digit among the keys that match the digits chosen so far;
 2. one pass in order: a key above the threshold is kept, a key equal to it is kept while fewer than the ties
    still needed came before it (the earlier token wins, as a stable descending sort), and each kept index is
    written at its running count.
-`topk_select_split_triton` spreads each row over P programs (a layer has only 8 rows for 132 SMs), in 5
-launches with no inter-program sync: see its docstring.
-`topk_select_ref` is the torch version (the CPU path, and long rows on a GPU: see TRITON_MAX_LEN): a stable
-descending sort, then a sort of the kept indices. Tests compare the kernel with it and with a stable sort
+`topk_select_triton` runs it in one launch, one program per row; `topk_select_split_triton`, what `topk_select`
+uses, spreads each row over P programs (a layer has only 8 rows for 132 SMs) in 5 launches with no
+inter-program sync: see its docstring. `topk_select_ref` is the torch version (the CPU path): a stable
+descending sort, then a sort of the kept indices. Tests compare the kernels with it and with a stable sort
 written out, under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
@@ -182,17 +182,13 @@ def topk_select_ref(scores: torch.Tensor, k: int | torch.Tensor, width: int) -> 
     return torch.sort(torch.where(first, order, L), dim=-1).values
 
 
-# One program per row scans it 5 times: faster than the two segmented sorts at 8K tokens (51 vs 125 us per
-# layer of 8 heads, H100, bench/compress_breakdown.py), slower at 32K (184 vs 137 us). Rows longer than this
-# take the sorts; only 8K and 32K were measured, the crossing is somewhere between.
-TRITON_MAX_LEN = 16384
-
-
 def topk_select(scores: torch.Tensor, k: int | torch.Tensor, width: int) -> torch.Tensor:
-    """The kernel on CUDA (with Triton) for rows up to TRITON_MAX_LEN, the torch version otherwise."""
+    """The split kernel on CUDA (with Triton), the torch version otherwise. A layer's 8 rows on one program each
+    leave most SMs idle: on an H200, 8 rows of 8K tokens take 25 us split, 51 us one program per row, 118 us by
+    the two sorts; 8 rows of 32K, 40 / 183 / 129 us (bench/compress_breakdown.py)."""
     from . import use_triton
-    if use_triton(scores) and 0 < width and scores.shape[-1] <= TRITON_MAX_LEN:
-        return topk_select_triton(scores, k, width)
+    if use_triton(scores) and 0 < width:
+        return topk_select_split_triton(scores, k, width)
     return topk_select_ref(scores, k, width)
 
 
