@@ -188,10 +188,14 @@ def ragged_row_stats_triton(q: torch.Tensor, keys: torch.Tensor, starts: torch.T
     grid0, row_tiles = (n_kv, 1) if stacked else (n_q, triton.cdiv(w, block_m))
     rows_per_head = max_length if max_length is not None else keys.shape[0] // max(n_kv, 1)
     if splits is None:  # split the keys only when there are too few row tiles to fill the device
-        # a stacked tile (up to 128 rows x d) runs one program per SM: about one split per SM over the KV heads
-        # (H200, 8 KV heads, bench/compress_breakdown.py: 94 us at 32K against 123 with two per SM; equal at 8K)
-        programs = num_programs_hint(keys.device) // (2 if stacked else 1)
-        splits = max(1, min(triton.cdiv(rows_per_head, 4 * block_n), triton.cdiv(programs, grid0 * row_tiles)))
+        if stacked:
+            # a stacked tile (up to 128 rows x d) runs one program per SM: one wave of at most one per SM (H200,
+            # 8 KV heads, 16 splits, bench/compress_breakdown.py: 95 us at 32K; 17 splits, 136 programs on 132
+            # SMs, 107 us; 33 splits, 123 us)
+            programs = max(1, num_programs_hint(keys.device) // 2 // grid0)
+        else:
+            programs = triton.cdiv(num_programs_hint(keys.device), grid0 * row_tiles)
+        splits = max(1, min(triton.cdiv(rows_per_head, 4 * block_n), programs))
     m = torch.empty(n_q, w, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _row_stats_kernel[(grid0, row_tiles, splits)](
