@@ -13,7 +13,7 @@ one tile, so each key tile is read once per pass instead of once per query head,
 queries and log-sum-exps once per program. Longer row sets (H2O's whole prefill) are tiled per query head.
 Both work on the ragged flat-packed layout (see the package docstring), with the w query rows of a head
 sitting at the LAST w positions of that head's keys: row i may see keys at positions <= L - w + i.
-The same two kernels serve SnapKV's window scores (w = window) and H2O/TOVA decode scores (w = 1).
+The same two kernels serve SnapKV's window scores (w = window) and H2O's prefill scores (w = the prompt).
 """
 from __future__ import annotations
 

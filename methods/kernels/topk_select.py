@@ -238,6 +238,8 @@ def topk_select_split_triton(scores: torch.Tensor, k: int | torch.Tensor, width:
     if programs_per_row is None:  # one program per SM over the rows (H200, 8 rows, bench/compress_breakdown.py:
         # 16 each, 23 / 26 / 38 us at 2K / 8K / 32K tokens; 32 each, 31 / 32 / 37 us), chunks of >= 128 scores
         programs_per_row = min(num_programs_hint(s.device) // 2 // max(rows, 1), triton.cdiv(L, 128))
+        if programs_per_row <= 1:  # rows enough to fill the device: the one-launch kernel does the same scans
+            return topk_select_triton(scores, k, width)
     P = max(1, int(programs_per_row))
     chunk = -(-max(L, 1) // P)
     chunk = -(-chunk // 16) * 16  # chunk starts 16-aligned (Triton specializes ints divisible by 16): vector loads
