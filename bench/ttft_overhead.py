@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_speed  # noqa: E402  (same directory: its model builder and median; it puts kvbench on sys.path)
 
 METHODS = ("snapkv", "pyramidkv", "streaming_llm", "adakv")
+DTYPES = ("bfloat16", "float32", "float16")
 SEED = 0  # added to the length: the prompt of each length is the same in every run
 
 
@@ -138,6 +139,8 @@ def check_args(args) -> None:
         fail(f"--budget {args.budget}; allowed: a positive integer (kept tokens per KV head per layer)")
     if args.shape not in SYNTHETIC_SHAPES:
         fail(f"--shape {args.shape!r}; allowed: {', '.join(SYNTHETIC_SHAPES)}")
+    if args.dtype not in (None, *DTYPES):
+        fail(f"--dtype {args.dtype!r}; allowed: {', '.join(DTYPES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device}: no CUDA GPU here; allowed: cpu")
 
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             except Exception as e:  # noqa: BLE001 - one failing configuration (OOM at 32K) must not hide the others
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-                print(f"{n:>7} {name:<14} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                print(f"{n:>7} {name:<14} FAILED {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", flush=True)
                 continue
             rows.append({**meta, **row})
             print(fmt(row), flush=True)
