@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -117,7 +118,7 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
         raise
 
 
-def fail(msg: str) -> None:
+def fail(msg: str) -> NoReturn:
     """One line and exit code 2 (argparse's code for bad arguments), before any model is built."""
     print(f"ttft_overhead.py: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             except Exception as e:  # noqa: BLE001 - one failing configuration (OOM at 32K) must not hide the others
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-                print(f"{n:>7} {name:<14} FAILED {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", flush=True)
+                why = (str(e).splitlines() or [""])[0][:200]
+                print(f"{n:>7} {name:<14} FAILED {type(e).__name__}: {why}", flush=True)
                 continue
             rows.append({**meta, **row})
             print(fmt(row), flush=True)
