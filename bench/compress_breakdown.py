@@ -5,9 +5,9 @@ and queries of `--length` tokens; each method's `compress_layer` runs on a fresh
 is not timed), its kernels' GPU time by CUDA events while the host runs ahead of the GPU (`gpu_us`), as in a
 real prefill, where launches are hidden and kernels are not (host time is printed too), and the sum of its
 kernels' durations from the CUDA profiler (`kernel_us`, which holds for a hook that waits for the GPU: AdaKV).
-Also the pieces every ScoredEviction cut shares (`topk_indices` against two stable sorts, the top-k kernel's tile sizes,
-SnapKV's window scoring with its rows tiled per query head or stacked per KV head, `LayerKV.keep`), and with
---profile a kernel table of one method's hook. GPU us per layer x layers = the hook's share of the TTFT.
+Also the pieces every ScoredEviction cut shares (`topk_indices` against two stable sorts, the one-program top-k
+kernel's tile sizes, the split top-k's programs per row, SnapKV's window scoring with its rows tiled per query
+head or stacked per KV head and its grid, `LayerKV.keep`), and with --profile a kernel table of one method's hook. GPU us per layer x layers = the hook's share of the TTFT.
 
     python bench/compress_breakdown.py [--length 8192 32768] [--budget 1024] [--methods snapkv ...] [--profile snapkv]
 """

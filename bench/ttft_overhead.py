@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -105,19 +104,6 @@ def fmt(r: dict) -> str:
             f"{r['overhead_min_pct']:+7.2f} {r['overhead_max_pct']:+7.2f} {r['hook_ms']:8.2f} {r['hook_pct']:7.2f}")
 
 
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    """All rows so far, atomically: a reader (or a run killed mid-write) never sees half a file."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".ttft_overhead.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def fail(msg: str) -> NoReturn:
     """One line and exit code 2 (argparse's code for bad arguments), before any model is built."""
     print(f"ttft_overhead.py: error: {msg}", file=sys.stderr)
@@ -164,6 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import transformers
     from kvbench.engine import Engine
     from kvbench.method import build_method
+    from kvbench.results import atomic_write
     lm = gpu_speed.build_model(args.shape, device=args.device, dtype=dtype)
     dev = lm.device
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -190,8 +177,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             rows.append({**meta, **row})
             print(fmt(row), flush=True)
-            if args.json:
-                write_jsonl(args.json, rows)
+            if args.json:  # all rows so far, atomically: a run killed at 32K keeps the 8K rows
+                atomic_write(Path(args.json), "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 

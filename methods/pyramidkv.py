@@ -35,7 +35,7 @@ def pyramid_budgets(avg_budget: int, window: int, n_layers: int, beta: float,
                                  None if n_tokens is None else int(n_tokens)))
 
 
-@functools.lru_cache(maxsize=1024)  # every layer's hook asks twice per prefill; exact Fractions cost ~0.3 ms
+@functools.lru_cache(maxsize=1024)  # every layer's hook asks twice per prefill: 0.7 ms each on a 2-core CPU
 def _pyramid_budgets(avg_budget: int, window: int, n_layers: int, beta: float, n_tokens: int | None) -> tuple:
     if n_tokens is not None and n_tokens <= avg_budget:
         return (n_tokens,) * n_layers

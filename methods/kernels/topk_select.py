@@ -34,50 +34,73 @@ if HAS_TRITON:
         return tl.where(b < 0, -1 - b, b + 2147483648)  # ~b of a negative int32, as int64
 
     @triton.jit
-    def _topk_select_kernel(s_ptr, k_ptr, k_all, out_ptr, L, stride_s, stride_o, PER_ROW: tl.constexpr,
-                            BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+    def _row_k(k_ptr, k_all, row, PER_ROW: tl.constexpr):
+        """Row `row`'s k: its own (a (rows,) tensor), or the one int every row shares."""
         if PER_ROW:
             k = tl.load(k_ptr + row)
         else:
             k = tl.full([], k_all, tl.int64)
-        if k > 0:
-            offs = tl.arange(0, BLOCK)
-            bins = tl.arange(0, 256)
-            prefix = tl.full([], 0, tl.int64)  # the k-th largest key's digits chosen so far
-            need = k                            # how many of the keys matching `prefix` are still to keep
-            for p in tl.static_range(4):
-                shift = 24 - 8 * p
-                hist = tl.zeros([512], tl.int32)
-                for t0 in range(0, L, BLOCK):
-                    i = t0 + offs
-                    key = _order_key(tl.load(s_ptr + row * stride_s + i, mask=i < L, other=0.0))
-                    match = (i < L) & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-                    # keys outside the prefix fall in bins 256..511, never read
-                    hist += tl.histogram(tl.where(match, (key >> shift) & 255, 256 + (i & 255)).to(tl.int32), 512)
-                h = _first256(hist)
-                above = tl.sum(h, 0) - tl.cumsum(h, 0)           # matching keys with a larger digit
-                take = tl.max(tl.where(above + h >= need, bins, -1), 0)  # the digit holding the need-th largest
-                need = need - tl.sum(tl.where(bins > take, h, 0), 0)
-                prefix = prefix | (take.to(tl.int64) << shift)
-            kept = tl.full([], 0, tl.int64)
-            ties = tl.full([], 0, tl.int64)
-            for t0 in range(0, L, BLOCK):
-                i = t0 + offs
-                ok = i < L
-                key = _order_key(tl.load(s_ptr + row * stride_s + i, mask=ok, other=0.0))
-                tie = ok & (key == prefix)
-                tie_rank = ties + tl.cumsum(tie.to(tl.int64), 0)  # 1-based among the row's ties so far
-                sel = ok & ((key > prefix) | (tie & (tie_rank <= need)))
-                slot = kept + tl.cumsum(sel.to(tl.int64), 0) - 1
-                tl.store(out_ptr + row * stride_o + slot, i.to(tl.int64), mask=sel)
-                kept += tl.sum(sel.to(tl.int64), 0)
-                ties += tl.sum(tie.to(tl.int64), 0)
+        return k
 
     @triton.jit
     def _first256(hist):
         """The first 256 bins of a 512-bin histogram."""
         return tl.sum(tl.reshape(hist, [2, 256]) * (tl.arange(0, 2) == 0)[:, None], 0)
+
+    @triton.jit
+    def _digit_hist(s_row, start, end, prefix, shift, BLOCK: tl.constexpr):
+        """The 256-bin histogram of the 8-bit digit at `shift` among the keys of s_row[start:end] whose higher
+        digits match `prefix`."""
+        offs = tl.arange(0, BLOCK)
+        hist = tl.zeros([512], tl.int32)
+        for t0 in range(start, end, BLOCK):
+            i = t0 + offs
+            key = _order_key(tl.load(s_row + i, mask=i < end, other=0.0))
+            match = (i < end) & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            # keys outside the prefix fall in bins 256..511, never read
+            hist += tl.histogram(tl.where(match, (key >> shift) & 255, 256 + (i & 255)).to(tl.int32), 512)
+        return _first256(hist)
+
+    @triton.jit
+    def _pick_digit(h, need, prefix, shift):
+        """From a digit's histogram h of the keys matching `prefix`: the digit holding the need-th largest, the
+        keys still needed among those matching the longer prefix, and that prefix."""
+        bins = tl.arange(0, 256)
+        above = tl.sum(h, 0) - tl.cumsum(h, 0)  # matching keys with a larger digit
+        take = tl.max(tl.where(above + h >= need, bins, -1), 0)
+        return take, need - tl.sum(tl.where(bins > take, h, 0), 0), prefix | (take.to(tl.int64) << shift)
+
+    @triton.jit
+    def _write_kept(s_row, out_row, start, end, prefix, need, kept, ties, BLOCK: tl.constexpr):
+        """s_row[start:end] in order: a key above the threshold `prefix` is kept, a key equal to it while its
+        rank among the row's ties is <= need (the earlier token wins); each kept index is written at slot
+        kept + its running count. kept / ties: those of the row before `start`."""
+        offs = tl.arange(0, BLOCK)
+        for t0 in range(start, end, BLOCK):
+            i = t0 + offs
+            ok = i < end
+            key = _order_key(tl.load(s_row + i, mask=ok, other=0.0))
+            tie = ok & (key == prefix)
+            tie_rank = ties + tl.cumsum(tie.to(tl.int64), 0)  # 1-based among the row's ties so far
+            sel = ok & ((key > prefix) | (tie & (tie_rank <= need)))
+            slot = kept + tl.cumsum(sel.to(tl.int64), 0) - 1
+            tl.store(out_row + slot, i.to(tl.int64), mask=sel)
+            kept += tl.sum(sel.to(tl.int64), 0)
+            ties += tl.sum(tie.to(tl.int64), 0)
+
+    @triton.jit
+    def _topk_select_kernel(s_ptr, k_ptr, k_all, out_ptr, L, stride_s, stride_o, PER_ROW: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        k = _row_k(k_ptr, k_all, row, PER_ROW)
+        if k > 0:
+            prefix = tl.full([], 0, tl.int64)  # the k-th largest key's digits chosen so far
+            need = k                            # how many of the keys matching `prefix` are still to keep
+            for p in tl.static_range(4):
+                h = _digit_hist(s_ptr + row * stride_s, 0, L, prefix, 24 - 8 * p, BLOCK)
+                _, need, prefix = _pick_digit(h, need, prefix, 24 - 8 * p)
+            _write_kept(s_ptr + row * stride_s, out_ptr + row * stride_o, 0, L, prefix, need,
+                        tl.full([], 0, tl.int64), tl.full([], 0, tl.int64), BLOCK)
 
     # --- the split variant: row r's chunk j (a contiguous range) belongs to program (r, j) of every launch ---
 
@@ -97,10 +120,7 @@ if HAS_TRITON:
                            mask=(jr < P)[:, None], other=0)
             h += tl.sum(part, 0)
             before += tl.sum(tl.where((jr < j)[:, None], part, 0), 0)
-        above = tl.sum(h, 0) - tl.cumsum(h, 0)
-        take = tl.max(tl.where(above + h >= need, bins, -1), 0)
-        need = need - tl.sum(tl.where(bins > take, h, 0), 0)
-        prefix = prefix | (take.to(tl.int64) << (24 - 8 * q))
+        take, need, prefix = _pick_digit(h, need, prefix, 24 - 8 * q)
         above_before = tl.sum(tl.where(bins > take, before, 0), 0).to(tl.int64)
         match_before = tl.sum(tl.where(bins == take, before, 0), 0).to(tl.int64)
         return prefix, need, above_before, match_before
@@ -113,10 +133,7 @@ if HAS_TRITON:
         to program (row, j) of the next launch: each launch sums only the previous pass's histograms."""
         row = tl.program_id(0)
         j = tl.program_id(1)
-        if PER_ROW:
-            k = tl.load(k_ptr + row)
-        else:
-            k = tl.full([], k_all, tl.int64)
+        k = _row_k(k_ptr, k_all, row, PER_ROW)
         if k > 0:  # a k == 0 row is skipped by every launch: its scratch is never written nor read
             c = carry_ptr + (row * P + j) * 3
             if PASS == 0:
@@ -130,17 +147,10 @@ if HAS_TRITON:
             tl.store(c, prefix)
             tl.store(c + 1, need)
             tl.store(c + 2, above_before)
-            shift = 24 - 8 * PASS
-            offs = tl.arange(0, BLOCK)
             start = j * chunk
             end = tl.minimum(start + chunk, L)  # empty past the row's end
-            hist = tl.zeros([512], tl.int32)
-            for t0 in range(start, end, BLOCK):
-                i = t0 + offs
-                key = _order_key(tl.load(s_ptr + row * stride_s + i, mask=i < end, other=0.0))
-                match = (i < end) & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-                hist += tl.histogram(tl.where(match, (key >> shift) & 255, 256 + (i & 255)).to(tl.int32), 512)
-            tl.store(hist_ptr + ((PASS * rows + row) * P + j) * 256 + tl.arange(0, 256), _first256(hist))
+            h = _digit_hist(s_ptr + row * stride_s, start, end, prefix, 24 - 8 * PASS, BLOCK)
+            tl.store(hist_ptr + ((PASS * rows + row) * P + j) * 256 + tl.arange(0, 256), h)
 
     @triton.jit
     def _split_write_kernel(s_ptr, k_ptr, k_all, hist_ptr, carry_ptr, out_ptr, L, chunk, rows, P, stride_s,
@@ -148,29 +158,16 @@ if HAS_TRITON:
         """The kept indices of chunk j, in order, after those the chunks before it keep."""
         row = tl.program_id(0)
         j = tl.program_id(1)
-        if PER_ROW:
-            k = tl.load(k_ptr + row)
-        else:
-            k = tl.full([], k_all, tl.int64)
+        k = _row_k(k_ptr, k_all, row, PER_ROW)
         if k > 0:
             c = carry_ptr + (row * P + j) * 3
             prefix, need, above_before, ties = _split_digit(hist_ptr, 3, row, j, rows, P, tl.load(c), tl.load(c + 1),
                                                             JB)
             kept = tl.load(c + 2) + above_before + tl.minimum(ties, need)  # the ties of earlier chunks go first
-            offs = tl.arange(0, BLOCK)
             start = j * chunk
-            end = tl.minimum(start + chunk, L)
-            for t0 in range(start, end, BLOCK):
-                i = t0 + offs
-                ok = i < end
-                key = _order_key(tl.load(s_ptr + row * stride_s + i, mask=ok, other=0.0))
-                tie = ok & (key == prefix)
-                tie_rank = ties + tl.cumsum(tie.to(tl.int64), 0)  # 1-based among the row's ties so far
-                sel = ok & ((key > prefix) | (tie & (tie_rank <= need)))
-                slot = kept + tl.cumsum(sel.to(tl.int64), 0) - 1
-                tl.store(out_ptr + row * stride_o + slot, i.to(tl.int64), mask=sel)
-                kept += tl.sum(sel.to(tl.int64), 0)
-                ties += tl.sum(tie.to(tl.int64), 0)
+            _write_kept(s_ptr + row * stride_s, out_ptr + row * stride_o, start, tl.minimum(start + chunk, L),
+                        prefix, need, kept, ties, BLOCK)
+
 
 def topk_select_ref(scores: torch.Tensor, k: int | torch.Tensor, width: int) -> torch.Tensor:
     """`topk_select_triton` in torch ops, the rule written plainly: a stable descending sort (ties: the earlier
@@ -192,17 +189,24 @@ def topk_select(scores: torch.Tensor, k: int | torch.Tensor, width: int) -> torc
     return topk_select_ref(scores, k, width)
 
 
+def _kernel_inputs(scores: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Checked kernel inputs: float32 contiguous scores, the per-row k tensor (or the scores, an unread pointer,
+    when one int k serves every row), and whether k is per row."""
+    per_row = isinstance(k, torch.Tensor)
+    if scores.dim() != 2 or (per_row and k.shape != (scores.shape[0],)):
+        raise ValueError(f"scores {tuple(scores.shape)} must be (rows, L) and k an int or (rows,)")
+    s = scores.float().contiguous()
+    k_rows = k.to(torch.long).contiguous() if per_row else s
+    check_triton_inputs(s, k_rows)
+    return s, k_rows, per_row
+
+
 def topk_select_triton(scores: torch.Tensor, k: int | torch.Tensor, width: int, block: int | None = None,
                        num_warps: int | None = None) -> torch.Tensor:
     """(rows, width) int64: row r's k[r] largest of (rows, L) `scores` (ties: the earlier index) as ascending
     indices in its first k[r] slots (later slots undefined). k: one int for every row, or (rows,) int64 on the
     device; each <= L and <= width. One launch, no host sync."""
-    per_row = isinstance(k, torch.Tensor)
-    if scores.dim() != 2 or (per_row and k.shape != (scores.shape[0],)):
-        raise ValueError(f"scores {tuple(scores.shape)} must be (rows, L) and k an int or (rows,)")
-    s = scores.float().contiguous()
-    k_rows = k.to(torch.long).contiguous() if per_row else s  # s: an unread pointer
-    check_triton_inputs(s, k_rows)
+    s, k_rows, per_row = _kernel_inputs(scores, k)
     if block is None:  # whole 8K-token tiles, 16 warps: the fastest of the tile sizes measured (H100, 8 rows
         # of 8K: 51 us, against 63 with 2048 x 8 warps and 74 with 1024 x 4; bench/compress_breakdown.py)
         block = max(1024, min(8192, next_pow2(s.shape[1])))
@@ -228,12 +232,7 @@ def topk_select_split_triton(scores: torch.Tensor, k: int | torch.Tensor, width:
       in order, each kept index written at that count + its running count (ties: the earlier token wins).
     P: one program per SM over the rows, each chunk >= 128 scores (programs_per_row overrides). No host sync.
     """
-    per_row = isinstance(k, torch.Tensor)
-    if scores.dim() != 2 or (per_row and k.shape != (scores.shape[0],)):
-        raise ValueError(f"scores {tuple(scores.shape)} must be (rows, L) and k an int or (rows,)")
-    s = scores.float().contiguous()
-    k_rows = k.to(torch.long).contiguous() if per_row else s  # s: an unread pointer
-    check_triton_inputs(s, k_rows)
+    s, k_rows, per_row = _kernel_inputs(scores, k)
     rows, L = s.shape
     if programs_per_row is None:  # one program per SM over the rows (H200, 8 rows, bench/compress_breakdown.py:
         # 16 each, 23 / 26 / 38 us at 2K / 8K / 32K tokens; 32 each, 31 / 32 / 37 us), chunks of >= 128 scores
