@@ -160,7 +160,7 @@ class Engine:
             # + the token being decoded; each layer counts what its format computes (rows selected, rank)
             flops.append(self._linear_flops + cache.attention_flops(1, self._group))
             self.last_read_bytes.append(cache.read_bytes(extra_tokens=1))
-            with Timer(self.devices) as t:
+            with Timer(self.devices, collect=False) as t:
                 logits, _ = self._forward(cache, [nxt], method, "decode")
                 nxt = int(logits.argmax())
             step_ms.append(t.ms)

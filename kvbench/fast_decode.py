@@ -45,6 +45,7 @@ from kvbench.attention import session
 from kvbench.cache import KVBenchCache, LayerKV
 from kvbench.compat import cache_kwargs
 from kvbench.method import Method
+from kvbench.metrics import gc_paused
 
 
 @dataclass(frozen=True)
@@ -613,12 +614,13 @@ class FastDecoder:
         cuda = self.ids.is_cuda
         try:
             while out[-1] not in stop and len(out) < max_new_tokens:
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                self._run_one()
-                nxt = int(self.ids)  # the host needs the token (stop check): one sync per step
-                step_ms.append((time.perf_counter() - t0) * 1e3)
+                with gc_paused(collect=False):  # a collection runs between steps, not inside one
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    self._run_one()
+                    nxt = int(self.ids)  # the host needs the token (stop check): one sync per step
+                    step_ms.append((time.perf_counter() - t0) * 1e3)
                 out.append(nxt)
         finally:
             self.finish()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
 import time
@@ -20,22 +21,50 @@ def synchronize(devices: list[torch.device]) -> None:
         torch.cuda.synchronize(d)
 
 
+@contextlib.contextmanager
+def gc_paused(collect: bool = True):
+    """Python's cyclic garbage collector held off inside a timed block, as `timeit` does. A full collection
+    walks every object of the process (torch, transformers, Triton: ~200 ms on a 2-core CPU) and starts
+    whenever allocation counts say so, so it landed inside random prefills: on an H200 the same 8K prefill
+    took 250-275 ms, and a method whose hooks allocate more Python objects (SnapKV) triggered it more often
+    and looked +2.7% slower than the full cache where it is +0.8% (bench/ttft_overhead.py). collect=True
+    first collects the young generations (cheap; cycles left by the previous sample, GPU tensors included, are
+    freed before, not during, the block). The collector's state is restored after, so blocks nest."""
+    if collect:
+        gc.collect(1)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 class Timer:
     """Wall time of a block, synchronising the GPU(s) so queued kernels are counted. `device`: one device or a
-    list (every GPU of a model spread over several)."""
+    list (every GPU of a model spread over several). The garbage collector is held off inside (`gc_paused`;
+    collect=False skips the young-generation collection before, for blocks timed back to back such as decode
+    steps: the collector then runs between them, outside the timing)."""
 
-    def __init__(self, device):
+    def __init__(self, device, collect: bool = True):
         self.gpus = cuda_devices(device)
+        self.collect = collect
         self.s = 0.0
 
     def __enter__(self):
+        self._gc = gc_paused(self.collect)
+        self._gc.__enter__()
         synchronize(self.gpus)
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        synchronize(self.gpus)
-        self.s = time.perf_counter() - self.t0
+        try:
+            synchronize(self.gpus)
+            self.s = time.perf_counter() - self.t0
+        finally:
+            self._gc.__exit__(None, None, None)
 
     @property
     def ms(self) -> float:

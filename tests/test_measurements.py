@@ -254,3 +254,60 @@ def test_records_and_summary_carry_conditions(tmp_path):
     assert rec["other_cores"] >= 0 and isinstance(summary["conditions"]["loaded"], bool)
     assert summary["kv_bytes_held_max"] >= summary["kv_bytes"] > 0
     assert summary["setup"]["model_load_ms"] >= 0 and summary["setup"]["warmup_ms"] > 0
+
+
+# -- the garbage collector stays out of timed blocks ------------------------------------------------------
+class _Cycle:
+    def __init__(self):
+        self.me = self  # only the cyclic collector frees it
+
+
+def test_timer_collects_leftover_cycles_before_and_holds_the_collector_off_inside():
+    import gc
+    import weakref
+    from kvbench.metrics import Timer
+    gc.disable()  # no automatic collection between making the cycle and entering the timer
+    try:
+        ref = weakref.ref(_Cycle())
+        assert ref() is not None
+        with Timer(torch.device("cpu")):
+            assert ref() is None          # freed before the clock starts
+            assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        ref = weakref.ref(_Cycle())
+        with Timer(torch.device("cpu"), collect=False):  # decode steps: nothing collected before, nothing inside
+            assert ref() is not None and not gc.isenabled()
+            with Timer(torch.device("cpu"), collect=False):
+                pass
+            assert not gc.isenabled()        # a nested block restores the state it found
+    finally:
+        gc.enable()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with Timer(torch.device("cpu")):
+            raise RuntimeError("a failing sample")
+    assert gc.isenabled()                  # restored after an exception too
+
+
+def test_prefill_and_decode_run_with_the_collector_off(tiny):
+    import gc
+    seen = []
+
+    @dataclass
+    class Probe(Method):
+        def compress_layer(self, ctx):
+            seen.append(("prefill", gc.isenabled()))
+
+        def on_decode(self, ctx):
+            seen.append(("decode", gc.isenabled()))
+
+    eng = Engine(tiny, Probe(), query_aware=True)
+    cache = eng.new_cache()
+    pre = eng.prefill(cache, list(range(10, 40)), eng.method, compress=True)
+    eng.decode(cache, eng.method, pre.logits, 3, stop_ids=set())
+    assert {p for p, _ in seen} == {"prefill", "decode"}
+    assert not any(on for _, on in seen) and gc.isenabled()
