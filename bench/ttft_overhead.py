@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -61,12 +62,17 @@ def paired_overhead(full_ms: list[float], method_ms: list[float], hook_ms: list[
 
 
 # -- measuring -----------------------------------------------------------------------------------------
-def prefill_ms(eng, method, ids: list[int]) -> tuple[float, float]:
+def prefill_ms(eng, method, ids: list[int], rest_s: float = 0.0) -> tuple[float, float]:
     """One prefill with compression on a fresh cache and a fresh copy of the method, as bench/gpu_speed.py
     times them: (TTFT ms, hooks ms). The cache is freed before returning, so the next prefill starts from
-    the same allocator state whichever method ran before it."""
+    the same allocator state whichever method ran before it. rest_s: the GPU idles this long first (see
+    --rest-ms)."""
     cache, m = eng.new_cache(), method.fork()
     m.reset()
+    if rest_s > 0:
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize()
+        time.sleep(rest_s)
     pre = eng.prefill(cache, ids, m, compress=True)
     ms, hook = pre.ms, pre.compress_ms
     del cache, m, pre
@@ -75,7 +81,7 @@ def prefill_ms(eng, method, ids: list[int]) -> tuple[float, float]:
     return ms, hook
 
 
-def measure(lm, full_eng, name: str, ids: list[int], budget: int, pairs: int) -> dict:
+def measure(lm, full_eng, name: str, ids: list[int], budget: int, pairs: int, rest_s: float = 0.0) -> dict:
     from kvbench.engine import Engine
     from kvbench.method import build_method
     method = build_method(name, budget=budget)
@@ -86,7 +92,7 @@ def measure(lm, full_eng, name: str, ids: list[int], budget: int, pairs: int) ->
     t = {"full": [], "method": [], "hook": []}
     for i in range(pairs):
         for who in pair_order(i):
-            ms, hook = prefill_ms(*run[who], ids)
+            ms, hook = prefill_ms(*run[who], ids, rest_s)
             t[who].append(ms)
             if who == "method":
                 t["hook"].append(hook)
@@ -122,6 +128,8 @@ def check_args(args) -> None:
             fail(f"--lengths {n}; allowed: positive integers (prompt tokens)")
     if args.pairs <= 0:
         fail(f"--pairs {args.pairs}; allowed: a positive integer")
+    if args.rest_ms < 0:
+        fail(f"--rest-ms {args.rest_ms}; allowed: a number >= 0 (milliseconds)")
     if args.budget <= 0:
         fail(f"--budget {args.budget}; allowed: a positive integer (kept tokens per KV head per layer)")
     if args.shape not in SYNTHETIC_SHAPES:
@@ -139,6 +147,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help="each compared with full")
     ap.add_argument("--budget", type=int, default=1024, help="kept tokens per KV head per layer")
     ap.add_argument("--pairs", type=int, default=10, help="timed (full, method) pairs, after one warm-up each")
+    ap.add_argument("--rest-ms", type=float, default=200.0,
+                    help="the GPU idles this long before every timed prefill (0: back to back)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--json", default="", help="also write every row to this file (JSON lines)")
@@ -155,9 +165,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dev = lm.device
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     meta = dict(device=device_name, torch=torch.__version__, transformers=transformers.__version__,
-                model=f"synthetic-{args.shape}", dtype=str(lm.dtype).replace("torch.", ""), budget=args.budget)
+                model=f"synthetic-{args.shape}", dtype=str(lm.dtype).replace("torch.", ""), budget=args.budget,
+                rest_ms=args.rest_ms)
     print(f"device {meta['device']}  torch {meta['torch']}  transformers {meta['transformers']}  model "
-          f"{meta['model']} {meta['dtype']}  budget {args.budget}  pairs {args.pairs} (order alternating)",
+          f"{meta['model']} {meta['dtype']}  budget {args.budget}  pairs {args.pairs} (order alternating)  rest "
+          f"{args.rest_ms:g} ms before each",
           flush=True)
     print(HEADER, flush=True)
     full_eng = Engine(lm, build_method("full"), query_aware=True)
@@ -168,7 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ids = torch.randint(10, vocab, (n,), generator=g).tolist()
         for name in args.methods:
             try:
-                row = measure(lm, full_eng, name, ids, args.budget, args.pairs)
+                row = measure(lm, full_eng, name, ids, args.budget, args.pairs, args.rest_ms / 1e3)
             except Exception as e:  # noqa: BLE001 - one failing configuration (OOM at 32K) must not hide the others
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
