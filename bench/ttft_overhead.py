@@ -4,7 +4,11 @@ bench/gpu_speed.py times all full-cache prefills first, then each method's, and 
 minutes apart; on an H200 the full cache's own median moved by ~2% between runs, as much as the overhead it
 is compared with. Here every timed method prefill sits next to a full-cache prefill of the same prompt, the
 order alternating from pair to pair (full, method / method, full / ...) so that slow drift cancels, and the
-overhead is the median of the paired differences.
+overhead is the median of the paired differences. Before each timed prefill the GPU idles --rest-ms (200):
+back to back, the same 8K prefill of the 8B shape took 252-281 ms on an H200 (700 W, clocks at 1980 MHz
+when read), one prefill in three or four ~10 ms slow; after 50 or 200 ms of rest, 252-256 ms. A full
+gc.collect() before each (~100 ms of host time) steadied it the same way, so it is the idle time, not the
+collector; garbage left by a run was checked to be empty.
 
 A synthetic model of a real shape (random weights: speed is real, accuracy meaningless, built as
 bench/gpu_speed.py builds it) prefills random prompts with `prefill(compress=True)` (query-aware: the whole

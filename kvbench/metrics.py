@@ -25,11 +25,11 @@ def synchronize(devices: list[torch.device]) -> None:
 def gc_paused(collect: bool = True):
     """Python's cyclic garbage collector held off inside a timed block, as `timeit` does. A full collection
     walks every object of the process (torch, transformers, Triton: ~200 ms on a 2-core CPU) and starts
-    whenever allocation counts say so, so it landed inside random prefills: on an H200 the same 8K prefill
-    took 250-275 ms, and a method whose hooks allocate more Python objects (SnapKV) triggered it more often
-    and looked +2.7% slower than the full cache where it is +0.8% (bench/ttft_overhead.py). collect=True
-    first collects the young generations (cheap; cycles left by the previous sample, GPU tensors included, are
-    freed before, not during, the block). The collector's state is restored after, so blocks nest."""
+    whenever allocation counts say so, so it could land inside any prefill or decode step and be charged to
+    whichever method ran there. collect=True first collects the young generations (cheap; cycles left by the
+    previous sample, GPU tensors included, are freed before, not during, the block). The collector's state is
+    restored after, so blocks nest. (It did not explain the spread of back-to-back 8K prefills on an H200:
+    that was the card itself, see bench/ttft_overhead.py --rest-ms.)"""
     if collect:
         gc.collect(1)
     was = gc.isenabled()
