@@ -33,7 +33,7 @@ def exclusive_cumsum(xs: list[int]) -> list[int]:
 def long_tensor(data, device: torch.device) -> torch.Tensor:
     """Host ints -> an int64 tensor on `device`. To a GPU through pinned memory: a copy from pageable host
     memory waits for the stream (a hidden sync per layer inside the prefill); a pinned one is queued."""
-    t = data.long() if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=torch.long)
+    t = torch.tensor(data, dtype=torch.long)
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
@@ -221,19 +221,16 @@ class LayerKV:
         idx = indices.long() if ascending else torch.sort(indices.long(), dim=-1).values
         self._take_rows((self.starts.view(h, 1) + idx).reshape(-1), [k] * h)
 
-    def keep_ragged(self, flat_idx: torch.Tensor, counts: list[int], buffer_rows: bool = False) -> None:
+    def keep_ragged(self, flat_idx: torch.Tensor, counts: list[int]) -> None:
         """Keep counts[h] rows of head h: `flat_idx` holds their local indices, head 0's first (each head's
-        in the order to store); buffer_rows: they are already rows of the buffers (the head's start added, as
-        `ragged_topk_indices(..., starts=)` gives them). One batched gather into a tightly packed buffer."""
+        in the order to store). One batched gather into a tightly packed buffer, no host loop."""
         if len(counts) != self.n_heads:
             raise ValueError(f"keep_ragged(): got counts for {len(counts)} heads, the layer has {self.n_heads}")
         if any(c > n for c, n in zip(counts, self._lens)):
             raise ValueError(f"keep_ragged(): counts {counts} exceed the head lengths {self._lens}")
         dev = self.keys.device
-        rows = flat_idx.to(dev).long()
-        if not buffer_rows:
-            starts, cnt = long_tensor([self._starts, counts], dev)
-            rows = torch.repeat_interleave(starts, cnt, output_size=sum(counts)) + rows
+        starts, cnt = long_tensor([self._starts, counts], dev)
+        rows = torch.repeat_interleave(starts, cnt, output_size=sum(counts)) + flat_idx.to(dev).long()
         self._take_rows(rows, counts)
 
     def reserve(self, extra: int) -> None:

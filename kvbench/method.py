@@ -150,12 +150,10 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return topk_select(scores.reshape(-1, L), k, k).reshape(*scores.shape[:-1], k)
 
 
-def ragged_topk_indices(scores: torch.Tensor, counts: list[int], starts: list[int] | None = None) -> torch.Tensor:
+def ragged_topk_indices(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Head h's `counts[h]` largest scores of (n_kv, L) `scores`, as local indices sorted within each head,
-    heads back to back: (sum(counts),). Same choice as `topk_indices` row by row. The counts are host ints,
-    so where each head's indices go is planned on the host and sent in one copy (pinned on a GPU): one top-k
-    launch, one gather, no device scans and no sync. starts: each head's first row in the layer's buffers;
-    given, the result is buffer rows (start + local index), what `LayerKV.keep_ragged(buffer_rows=True)` takes."""
+    heads back to back: (sum(counts),). Same choice as `topk_indices` row by row, in a few batched ops
+    whose output sizes are known on the host (no device sync)."""
     from kvbench.cache import long_tensor
     from kvbench.methods.kernels.topk_select import topk_select
     h, L = scores.shape
@@ -163,16 +161,11 @@ def ragged_topk_indices(scores: torch.Tensor, counts: list[int], starts: list[in
     kmax, total, dev = max(counts, default=0), sum(counts), scores.device
     if total == 0:
         return torch.empty(0, dtype=torch.long, device=dev)
-    cnt = torch.tensor(counts, dtype=torch.long)
-    head = torch.repeat_interleave(torch.arange(h), cnt)          # each kept slot's head (host)
-    slot = torch.arange(total) - (torch.cumsum(cnt, 0) - cnt)[head]  # its rank within the head
-    parts = [cnt, head * kmax + slot]                             # ... and where it sits in the (h, kmax) top-k
-    if starts is not None:
-        parts.append(torch.tensor(starts, dtype=torch.long)[head])
-    plan = long_tensor(torch.cat(parts), dev)
-    order = topk_select(scores, plan[:h], kmax)  # head h's indices in its first counts[h] slots
-    idx = order.reshape(-1)[plan[h:h + total]]
-    return idx if starts is None else idx + plan[h + total:]
+    cnt = long_tensor(counts, dev)
+    order = topk_select(scores, cnt, kmax)  # head h's indices in its first counts[h] slots
+    head = torch.repeat_interleave(torch.arange(h, device=dev), cnt, output_size=total)
+    offset = torch.cumsum(cnt, 0) - cnt
+    return order[head, torch.arange(total, device=dev) - offset[head]]
 
 
 @dataclass
@@ -210,7 +203,7 @@ def keep_top(layer, scores: torch.Tensor, per_head: list[int]) -> None:
     if layer.is_uniform() and len(set(per_head)) == 1:
         layer.keep(topk_indices(scores, per_head[0]), ascending=True)
     elif layer.is_uniform():  # per-head budgets over a fresh prefill (AdaKV): batched, no head loop
-        layer.keep_ragged(ragged_topk_indices(scores, per_head, starts=layer._starts), per_head, buffer_rows=True)
+        layer.keep_ragged(ragged_topk_indices(scores, per_head), per_head)
     else:
         lens = layer.head_lengths
         layer.keep([topk_indices(scores[h, :lens[h]], per_head[h]) for h in range(scores.shape[0])])

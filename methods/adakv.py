@@ -40,14 +40,14 @@ def global_topk_counts(scores: torch.Tensor, budget: int) -> torch.Tensor:
     from kvbench.methods.kernels.topk_select import topk_select
     h, L = scores.shape
     s = scores.float()
-    forced = s == float("inf")
+    forced = torch.isinf(s) & (s > 0)
     n_forced_t = forced.sum(dim=1)                                 # the window, per head
-    total_t = (budget - n_forced_t).clamp_(min=0).sum()
+    total_t = (budget - n_forced_t).clamp(min=0).sum()
     # the global top-k as one row of h*L scores (ties: the earlier head, then the earlier token), k on the
     # device; h * budget slots bound it on the host. Then per head how many of the first total_t it holds.
     # (A global sort, then a scatter_add of h*L ones into n_kv counters, took several times longer on a GPU.)
     width = h * budget
-    kept = topk_select(s.masked_fill(forced, float("-inf")).reshape(1, -1), total_t.view(1), width)[0]
+    kept = topk_select(torch.where(forced, float("-inf"), s).reshape(1, -1), total_t.view(1), width)[0]
     valid = torch.arange(width, device=s.device) < total_t          # slots past k are undefined
     head = torch.div(kept, L, rounding_mode="floor")
     counts_t = ((head.unsqueeze(0) == torch.arange(h, device=s.device).unsqueeze(1)) & valid).sum(dim=1)
@@ -131,7 +131,6 @@ class AdaKV(WindowQueries, ScoredEviction):
     def reset(self) -> None:
         super().reset()
         self._pending = None
-        self._host_counts = None
 
     def compress_layer(self, ctx: LayerContext) -> None:
         self.flush()  # the previous layer's counts: the GPU has long passed them
@@ -145,11 +144,7 @@ class AdaKV(WindowQueries, ScoredEviction):
         counts = global_topk_counts(scores, budget)
         event = None
         if counts.is_cuda:
-            # one pinned buffer for the prefill's layers: the previous layer's counts were read (flush) before
-            # this copy is queued; a fresh pinned tensor per layer cost a host allocation inside the hook
-            host = getattr(self, "_host_counts", None)
-            if host is None or host.shape != counts.shape or not host.is_pinned():
-                host = self._host_counts = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
             host.copy_(counts, non_blocking=True)
             event = torch.cuda.Event()
             event.record()

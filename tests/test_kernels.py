@@ -479,26 +479,6 @@ def test_adakv_global_topk_counts_through_the_split_kernel(seed, P, monkeypatch,
     assert global_topk_counts(s.to(DEV), budget).cpu().tolist() == want.tolist()
 
 
-@needs_triton
-@pytest.mark.parametrize("seed", [0, 1])
-def test_ragged_topk_buffer_rows_through_the_split_kernel(seed, monkeypatch, interpret_env):
-    """AdaKV's keep (per-head counts): ragged_topk_indices with the split top-k kernel, its plan sent as one
-    copy, gives each head's kept rows as the stable sort picks them, offset by the head's start in the buffers
-    (buffer rows, what LayerKV.keep_ragged(buffer_rows=True) gathers). Counts 0, 1, all, and in between."""
-    from kvbench.method import ragged_topk_indices
-    g = torch.Generator().manual_seed(seed)
-    h, L = 4, 41
-    s = torch.randint(0, 5, (h, L), generator=g).float()
-    s[1, -6:] = float("inf")
-    counts, starts = [0, 1, L, 17], [5, 60, 130, 200]
-    want = torch.cat([_topk_by_stable_sort(s[i], c) + starts[i] for i, c in enumerate(counts)])
-    topk_module = importlib.import_module("kvbench.methods.kernels.topk_select")
-    monkeypatch.setattr(topk_module, "topk_select",
-                        lambda x, k, w: K.topk_select_split_triton(x, k, w, programs_per_row=3, block=64))
-    got = ragged_topk_indices(s.to(DEV), counts, starts=starts)
-    assert torch.equal(got.cpu(), want)
-
-
 def test_triton_suite_in_fresh_interpreter_process():
     """Triton was imported (compiled mode) before this module on a machine without CUDA: rerun here."""
     if MODE != "subprocess":
