@@ -45,6 +45,7 @@ class Session:
     is_last_chunk: bool = True
     compress_s: float = 0.0     # time spent inside method hooks (seconds), see hook_seconds()
     events: list = field(default_factory=list)  # CUDA: (start, end) events around each prefill hook
+    masks: dict = field(default_factory=dict)   # (q_len, L, device) -> causal mask, shared by the forward's layers
 
     def hook_seconds(self) -> float:
         """Time spent in the method's hooks so far. On the GPU a prefill hook is timed by CUDA events on the
@@ -86,8 +87,15 @@ def _causal_mask(q_len: int, L: int, device) -> torch.Tensor | None:
     """Boolean (q_len, L) mask: the q_len new tokens are the last q_len keys."""
     if q_len == 1:
         return None
+    s = getattr(_state, "s", None)
+    key = (q_len, L, str(device))
+    if s is not None and key in s.masks:  # every layer of a full cache asks for the same one
+        return s.masks[key]
     qpos = torch.arange(L - q_len, L, device=device).view(q_len, 1)
-    return torch.arange(L, device=device).view(1, L) <= qpos
+    mask = torch.arange(L, device=device).view(1, L) <= qpos
+    if s is not None and q_len * L <= 1 << 24:  # a question's mask, not a long prefill's (L x L) one
+        s.masks[key] = mask
+    return mask
 
 
 def _visible(q_len: int, kpos: torch.Tensor, window: int | None) -> torch.Tensor | None:

@@ -39,6 +39,29 @@ def long_tensor(data, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+_META: dict = {}  # (h, n, cap, device) -> (3, h) starts, lengths, caps of a uniform layer, kept to be cloned
+
+
+def _uniform_meta(h: int, n: int, cap: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Device (starts, lengths, caps) of h heads of n rows in cap-row slots: one clone of a cached (3, h) tensor
+    (every layer of a prefill has the same; each gets its own copy, since the decode step bumps lengths in
+    place) instead of three or four small kernels per layer."""
+    key = (h, n, cap, str(dev))
+    base = _META.get(key)
+    if base is None:
+        if len(_META) > 256:
+            _META.clear()
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode; built on the
+            base = torch.empty((3, h), dtype=torch.long, device=dev)  # device (a host copy would wait for it)
+            torch.arange(h, out=base[0])
+            base[0].mul_(cap)
+            base[1].fill_(n)
+            base[2].fill_(cap)
+        _META[key] = base
+    meta = base.clone()
+    return meta[0], meta[1], meta[2]
+
+
 class HeldBytes:
     """Key+value bytes a cache holds now, and the most it has held since `reset_peak()`. Every change in the
     rows held (an append, a keep, a removal) reports here, so the peak is exact: the most a query held at any
@@ -78,11 +101,22 @@ class LayerKV:
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> "LayerKV":
-        """k, v: (n_kv, n, d); positions: (n,)."""
+    def from_dense(cls, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, spare: int = 0) -> "LayerKV":
+        """k, v: (n_kv, n, d); positions: (n,). spare: rows of capacity per head beyond the n (the question and
+        answer of a full cache, `KVBenchCache.spare_rows`), so appending them later copies nothing."""
         h, n, d = k.shape
-        return cls._packed(k.reshape(h * n, d).contiguous(), v.reshape(h * n, d).contiguous(),
-                           positions.to(k.device, torch.long).reshape(-1).repeat(h), [n] * h)
+        if spare <= 0:
+            return cls._packed(k.reshape(h * n, d).contiguous(), v.reshape(h * n, d).contiguous(),
+                               positions.to(k.device, torch.long).reshape(-1).repeat(h), [n] * h)
+        C, dev = n + spare, k.device
+        # few ops: this runs in every layer of a small model's host-bound prefill (spare rows: undefined K/V, as
+        # _grow leaves them, and position 0)
+        keys = torch.cat([k, k.new_empty((h, spare, d))], dim=1).view(h * C, d)
+        values = torch.cat([v, v.new_empty((h, spare, d))], dim=1).view(h * C, d)
+        pos = torch.cat([positions.to(dev, torch.long), positions.new_zeros(spare, dtype=torch.long,
+                                                                              device=dev)]).repeat(h)
+        starts, lengths, caps = _uniform_meta(h, n, C, dev)
+        return cls(keys, values, pos, starts, lengths, caps, host=([i * C for i in range(h)], [n] * h, [C] * h))
 
     @classmethod
     def _packed(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -93,9 +127,7 @@ class LayerKV:
         starts_h = exclusive_cumsum(counts)
         if len(set(counts)) <= 1:
             n = counts[0] if counts else 0
-            starts = torch.arange(h, device=dev, dtype=torch.long) * n
-            lengths = torch.full((h,), n, device=dev, dtype=torch.long)
-            caps = lengths.clone()
+            starts, lengths, caps = _uniform_meta(h, n, n, dev)
         else:
             starts, lengths, caps = long_tensor([starts_h, counts, counts], dev)
         return cls(keys, values, positions, starts, lengths, caps, host=(starts_h, list(counts), list(counts)),
@@ -270,9 +302,9 @@ class LayerKV:
         dev = self.keys.device
         if self.is_uniform():  # dense (h, cap, d) views: strided copies, no index tensors
             h, C, L, d = self.n_heads, self._caps[0], self._lens[0], self.keys.shape[1]
-            self.keys.view(h, C, d)[:, L:L + q] = k.to(self.keys.dtype)
-            self.values.view(h, C, d)[:, L:L + q] = v.to(self.values.dtype)
-            self.positions.view(h, C)[:, L:L + q] = positions.to(dev, torch.long)
+            self.keys.view(h, C, d)[:, L:L + q] = k  # (copy_ casts: no .to(), one host op less per tensor)
+            self.values.view(h, C, d)[:, L:L + q] = v
+            self.positions.view(h, C)[:, L:L + q] = positions
             for t in self.side.values():
                 t.view(h, C)[:, L:L + q] = 0  # a new row: no score yet, weight 1 (log_weight 0)
         else:
@@ -363,6 +395,7 @@ class KVBenchCache(Cache):
         self.seen_tokens = 0  # original (uncompressed) number of positions covered
         self.held = HeldBytes()  # K+V bytes held now and at most (see HeldBytes)
         self.query_windows: dict[int, torch.Tensor] = {}  # layer -> last prefill queries, until encoded (store.py)
+        self.spare_rows = 0  # capacity per head beyond the rows of the forward that creates a layer (Engine.prefill)
 
     # transformers calls this from every attention layer before the attention function; the extra arguments
     # (cache_kwargs before 5.24, kwargs= since) carry nothing we need: positions come from `next_positions`
@@ -374,7 +407,7 @@ class KVBenchCache(Cache):
         if pos is None:
             pos = torch.arange(self.seen_tokens, self.seen_tokens + k.shape[1])
         if self.kv[layer_idx] is None:
-            layer = self.kv[layer_idx] = LayerKV.from_dense(k, v, pos)
+            layer = self.kv[layer_idx] = LayerKV.from_dense(k, v, pos, spare=self.spare_rows)
             layer.meter = self.held
             self.held.add(layer.nbytes())
         else:

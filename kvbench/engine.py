@@ -89,14 +89,18 @@ class Engine:
         cache.seen_tokens += n
         return out.logits[0, -1], s.hook_seconds()
 
-    def prefill(self, cache: KVBenchCache, ids: list[int], method: Method | None, compress: bool) -> Prefilled:
+    def prefill(self, cache: KVBenchCache, ids: list[int], method: Method | None, compress: bool,
+                spare: int = 0) -> Prefilled:
         """Feed `ids` on top of the cache. compress=True: the method observes every chunk and compresses
-        each layer right after the exact attention of the last chunk (memory is freed layer by layer)."""
+        each layer right after the exact attention of the last chunk (memory is freed layer by layer).
+        spare: rows per head to allocate beyond `ids` in layers this prefill creates (`spare_rows`)."""
         if not ids:
             raise ValueError("nothing to prefill")
         phase = "prefill" if compress else "extend"
         step = self.prefill_chunk if self.prefill_chunk > 0 else len(ids)
         comp = 0.0
+        # the first chunk creates the layers: room for the later chunks too
+        cache.spare_rows = spare + max(0, len(ids) - step) if spare > 0 else 0
         with Timer(self.devices) as t:
             for i in range(0, len(ids), step):
                 last = i + step >= len(ids)
@@ -108,6 +112,7 @@ class Engine:
                     if method.formats() and not method.encodes_per_layer():
                         method.encode_cache(cache)  # cross-layer formats, or after a cross-layer allocation
                 comp += t2.s
+        cache.spare_rows = 0
         return Prefilled(logits, t.ms, comp * 1e3)
 
     @torch.inference_mode()
@@ -207,6 +212,13 @@ class Engine:
         self.run_sample(replace(sample, queries=queries))
         return (time.perf_counter() - t0) * 1e3
 
+    @staticmethod
+    def _spare(method: Method | None, rows: int) -> int:
+        """Rows to reserve per head at the context's prefill: the full cache keeps every context row, so the
+        question and the answer land in that capacity (no per-layer regrowth copying the whole context on the
+        question's prefill). A method that compresses repacks its layers anyway: none."""
+        return rows if method is None or getattr(method, "name", "") == "full" else 0
+
     def run_sample(self, sample: Sample) -> list[dict]:
         """Run every query of a sample; returns one raw record per query (no scores yet)."""
         method = self.method.fork() if self.method is not None else None
@@ -225,13 +237,14 @@ class Engine:
             with PeakMemory(self.devices) as mem, HostLoad() as load:
                 if self.query_aware:
                     cache, qm = self.new_cache(), (method.fork() if method is not None else None)
-                    pre = self.prefill(cache, ctx_ids + q_ids, qm, compress=True)
+                    pre = self.prefill(cache, ctx_ids + q_ids, qm, compress=True, spare=self._spare(qm, q.max_new_tokens))
                     m.context(pre, len(ctx_ids) + len(q_ids), cache)
                     logits = pre.logits
                 else:
                     if shared is None:
                         cache0 = self.new_cache()
-                        pre0 = self.prefill(cache0, ctx_ids, method, compress=True)
+                        pre0 = self.prefill(cache0, ctx_ids, method, compress=True,
+                                            spare=self._spare(method, len(q_ids) + q.max_new_tokens))
                         shared = (cache0, pre0, cache0.held.peak)
                     cache0, pre0, prefill_peak = shared
                     last = qi == len(sample.queries) - 1
@@ -278,11 +291,13 @@ class Engine:
                     q_ids = self.prompts.encode(q_text)
                     self._check_length(len(ctx_ids) + len(q_ids), q)
                     if self.query_aware:
-                        pre = self.prefill(cache, ctx_ids + q_ids, method, compress=True)
+                        pre = self.prefill(cache, ctx_ids + q_ids, method, compress=True,
+                                           spare=self._spare(method, q.max_new_tokens))
                         m.context(pre, len(ctx_ids) + len(q_ids), cache)
                         logits = pre.logits
                     else:
-                        pre = self.prefill(cache, ctx_ids, method, compress=True)
+                        pre = self.prefill(cache, ctx_ids, method, compress=True,
+                                           spare=self._spare(method, len(q_ids) + q.max_new_tokens))
                         m.context(pre, len(ctx_ids), cache)
                         m.question_tokens = len(q_ids)
                         qpre = self.prefill(cache, q_ids, method, compress=False)
