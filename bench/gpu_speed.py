@@ -58,6 +58,18 @@ KVPRESS_METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv")  # t
 
 
 # -- arithmetic (unit-tested on CPU) --------------------------------------------------------------------
+REST_S = 0.2  # --rest-ms: the GPU idles this long before every timed prefill
+
+
+def rest() -> None:
+    """Idle the GPU before a timed prefill. Back to back, the same 8K prefill of the 8B shape took 252-281 ms on an
+    H200 (one in three or four 10-25 ms slow, whatever ran); after 50-200 ms of idle, 252-256 ms (see
+    reports/examples/ttft_overhead_h200.md). Every framework and method gets the same rest."""
+    if REST_S > 0:
+        torch.cuda.synchronize()
+        time.sleep(REST_S)
+
+
 def median(xs):
     s = sorted(xs)
     n = len(s)
@@ -174,6 +186,7 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
         torch.cuda.empty_cache()
         cache, m = eng.new_cache(), method.fork()
         m.reset()
+        rest()
         pre = eng.prefill(cache, ids, m, compress=True)
         ttfts.append(pre.ms)
         comps.append(pre.compress_ms)
@@ -301,6 +314,7 @@ def run_kvpress(model, name: str, ids: list[int], budget: int, steps: int, reps:
         cache = out = None
         torch.cuda.empty_cache()
         cache = DynamicCache()
+        rest()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with press(model) if press is not None else contextlib.nullcontext():
@@ -370,7 +384,7 @@ def header(meta: dict) -> str:
             f"{meta['transformers']}{'  kvpress ' + meta['kvpress'] if meta.get('kvpress') else ''}  model "
             f"{meta['model']} bf16  weights read/step {meta['weight_bytes'] / 1e9:.2f} GB  copy bandwidth "
             f"{meta['bandwidth'] / 1e12:.2f} TB/s (read+write)  budget {meta['budget']}  steps {meta['steps']}  "
-            f"reps {meta['reps']}")
+            f"reps {meta['reps']}  rest {meta.get('rest_ms', 0):g} ms")
 
 
 # -- one framework in this process ---------------------------------------------------------------------
@@ -378,12 +392,14 @@ def run_framework(args) -> None:
     """`--framework kvbench|kvpress`: every (length, method) of one framework, rows printed and written to --json."""
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_speed.py needs a CUDA GPU")
+    global REST_S
+    REST_S = args.rest_ms / 1e3
     t_start = time.time()
     out = open(args.json, "w") if args.json else None
     import transformers
     meta = dict(framework=args.framework, device=torch.cuda.get_device_name(), torch=torch.__version__,
                 transformers=transformers.__version__, model=f"synthetic-{args.shape}", budget=args.budget,
-                steps=args.steps, reps=args.reps)
+                steps=args.steps, reps=args.reps, rest_ms=args.rest_ms)
     if args.framework == "kvpress":
         try:
             import kvpress  # noqa: F401 - imported first, as its users do (it wraps transformers' attention functions)
@@ -444,6 +460,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32, help="decoded tokens per configuration")
     ap.add_argument("--reps", type=int, default=3, help="timed prefills per configuration (after one warm-up)")
+    ap.add_argument("--rest-ms", type=float, default=200.0,
+                    help="the GPU idles this long before every timed prefill (0: back to back)")
     ap.add_argument("--with-kvpress", action="store_true", help="also run kvpress (pip install kvpress)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode path")
     ap.add_argument("--regional", action="store_true",
@@ -457,6 +475,8 @@ def main() -> None:
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         raise ValueError(f"--methods {bad[0]!r}; allowed: {', '.join(METHODS)}")
+    if args.rest_ms < 0:
+        ap.error(f"--rest-ms {args.rest_ms}; allowed: a number >= 0 (milliseconds)")
     if args.framework:
         return run_framework(args)
     t_start = time.time()
@@ -471,7 +491,7 @@ def main() -> None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--framework", fw, "--json", path,
                    "--shape", args.shape, "--lengths", *map(str, args.lengths), "--methods", *args.methods,
                    "--budget", str(args.budget), "--steps", str(args.steps), "--reps", str(args.reps),
-                   "--deadline-s", str(left)] + (["--no-compile"] if args.no_compile else []) \
+                   "--rest-ms", str(args.rest_ms), "--deadline-s", str(left)] + (["--no-compile"] if args.no_compile else []) \
                 + (["--regional"] if args.regional else [])
             rc = subprocess.run(cmd).returncode
             if rc:
