@@ -61,13 +61,15 @@ KVPRESS_METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv")  # t
 REST_S = 0.2  # --rest-ms: the GPU idles this long before every timed prefill
 
 
-def rest() -> None:
-    """Idle the GPU before a timed prefill. Back to back, the same 8K prefill of the 8B shape took 252-281 ms on an
-    H200 (one in three or four 10-25 ms slow, whatever ran); after 50-200 ms of idle, 252-256 ms (see
-    reports/examples/ttft_overhead_h200.md). Every framework and method gets the same rest."""
-    if REST_S > 0:
-        torch.cuda.synchronize()
-        time.sleep(REST_S)
+def rest(seconds: float | None = None) -> None:
+    """Idle the GPU before a timed prefill (default: --rest-ms). Back to back, the same 8K prefill of the 8B shape
+    took 252-281 ms on an H200; after 50-200 ms of idle, 252-256 ms (reports/examples/ttft_overhead_h200.md).
+    Every framework and method gets the same rest."""
+    seconds = REST_S if seconds is None else seconds
+    if seconds > 0:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        time.sleep(seconds)
 
 
 def median(xs):

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -73,10 +72,7 @@ def prefill_ms(eng, method, ids: list[int], rest_s: float = 0.0) -> tuple[float,
     --rest-ms)."""
     cache, m = eng.new_cache(), method.fork()
     m.reset()
-    if rest_s > 0:
-        if eng.device.type == "cuda":
-            torch.cuda.synchronize()
-        time.sleep(rest_s)
+    gpu_speed.rest(rest_s)
     pre = eng.prefill(cache, ids, m, compress=True)
     ms, hook = pre.ms, pre.compress_ms
     del cache, m, pre

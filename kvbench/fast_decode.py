@@ -613,15 +613,17 @@ class FastDecoder:
         self.ids.fill_(int(first_token))
         cuda = self.ids.is_cuda
         try:
-            while out[-1] not in stop and len(out) < max_new_tokens:
-                with gc_paused(collect=False):  # a collection runs between steps, not inside one
+            # no collection inside a timed step: held off for the whole loop (a replayed step allocates next to
+            # nothing), rather than toggled at every step of this hot loop
+            with gc_paused(collect=False):
+                while out[-1] not in stop and len(out) < max_new_tokens:
                     if cuda:
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     self._run_one()
                     nxt = int(self.ids)  # the host needs the token (stop check): one sync per step
                     step_ms.append((time.perf_counter() - t0) * 1e3)
-                out.append(nxt)
+                    out.append(nxt)
         finally:
             self.finish()
         return out, step_ms

@@ -1,5 +1,7 @@
+import importlib.util
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -13,3 +15,16 @@ os.environ.setdefault("KVBENCH_PROFILES", tempfile.mkdtemp(prefix="kvbench-profi
 def tokenizer():
     from kvbench.models import load_tokenizer
     return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def bench_module():
+    """load(name): bench/<name>.py as a module (bench/ is a folder of scripts, not a package)."""
+    root = Path(__file__).resolve().parents[1] / "bench"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

@@ -2,7 +2,6 @@
 No model runs and kvpress is never imported."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,11 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def sv():
-    spec = importlib.util.spec_from_file_location("sweep_vs_kvpress", ROOT / "bench" / "sweep_vs_kvpress.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def sv(bench_module):
+    return bench_module("sweep_vs_kvpress")
 
 
 def test_module_import_is_light(sv):

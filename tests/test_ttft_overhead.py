@@ -2,21 +2,14 @@
 the tiny synthetic shape (a few seconds)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def tt():
-    spec = importlib.util.spec_from_file_location("ttft_overhead", ROOT / "bench" / "ttft_overhead.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def tt(bench_module):
+    return bench_module("ttft_overhead")
 
 
 def test_paired_overhead_by_hand(tt):
