@@ -6,9 +6,9 @@ is compared with. Here every timed method prefill sits next to a full-cache pref
 order alternating from pair to pair (full, method / method, full / ...) so that slow drift cancels, and the
 overhead is the median of the paired differences. Before each timed prefill the GPU idles --rest-ms (200):
 back to back, the same 8K prefill of the 8B shape took 252-281 ms on an H200 (700 W, clocks at 1980 MHz
-when read), one prefill in three or four ~10 ms slow; after 50 or 200 ms of rest, 252-256 ms. A full
-gc.collect() before each (host time during which the GPU idles) steadied it the same way, so it is the idle time, not the
-collector; garbage left by a run was checked to be empty.
+when read), one prefill in three or four 10-25 ms slow; after 50 or 200 ms of rest, 252-256 ms. A full
+gc.collect() before each (host time during which the GPU idles) steadied it the same way, so it is the
+idle time, not the collector; garbage left by a run was checked to be empty.
 
 A synthetic model of a real shape (random weights: speed is real, accuracy meaningless, built as
 bench/gpu_speed.py builds it) prefills random prompts with `prefill(compress=True)` (query-aware: the whole
