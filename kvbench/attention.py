@@ -83,6 +83,21 @@ def inplace_decode(state: tuple):
         _INPLACE = prev
 
 
+_STATIC: object | None = None  # kvbench.graph_prefill's attention while it prefills into a static store
+
+
+@contextlib.contextmanager
+def inplace_prefill(attend):
+    """While active, every attention call is `attend(module, query, key, value, scaling, window, softcap)`
+    (kvbench/graph_prefill.py: a forward captured in a CUDA graph writes a preallocated store)."""
+    global _STATIC
+    prev, _STATIC = _STATIC, attend
+    try:
+        yield
+    finally:
+        _STATIC = prev
+
+
 def _causal_mask(q_len: int, L: int, device) -> torch.Tensor | None:
     """Boolean (q_len, L) mask: the q_len new tokens are the last q_len keys."""
     if q_len == 1:
@@ -273,6 +288,8 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
 def _kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     window, softcap = attention_options(module, dropout, **kwargs)
+    if _STATIC is not None:
+        return _STATIC(module, query, key, value, scaling, window, softcap)
     if _INPLACE is not None:
         from kvbench.fast_decode import inplace_attention
         return inplace_attention(module, query, key, value, _INPLACE, scaling, window, softcap)

@@ -37,6 +37,8 @@ class Prefilled:
     logits: torch.Tensor     # (vocab,) logits of the last fed token
     ms: float                # wall time, compression included
     compress_ms: float       # time spent in the method's hooks
+    path: str = "eager"      # "graph" (kvbench.graph_prefill) or "eager: <why not>"
+    setup_ms: float = 0.0    # capturing the graph first (a one-time cost, not in `ms`)
 
 
 class Engine:
@@ -72,6 +74,13 @@ class Engine:
         self.last_setup_steps = 0  # leading decode steps of the last decode() that compiled / captured a graph
         self.last_read_bytes: list[int] = []  # per decode step of the last decode(): K/V bytes attention read
         self.last_decode_path = ""  # how the last decode() ran: FastDecoder.path ("graph", ...), "eager: <why>"
+        # On CUDA a small model's full-cache prefill replays CUDA graphs (kvbench.graph_prefill): same logits and
+        # cache, without the per-layer host work that otherwise sets its TTFT
+        from kvbench import graph_prefill
+        self._static_why = graph_prefill.wanted(self.model, self.devices)  # None: use it where it applies
+        self._static: graph_prefill.GraphPrefill | None = None
+        self.last_prefill_path = ""    # how the last prefill() ran: "graph" or "eager: <why>"
+        self.last_prefill_setup_ms = 0.0  # what the last prefill() spent capturing its graph (timed apart)
 
     # -- the loop's pieces ---------------------------------------------------------------------------
     def new_cache(self) -> KVBenchCache:
@@ -96,6 +105,9 @@ class Engine:
         spare: rows per head to allocate beyond `ids` in layers this prefill creates (`spare_rows`)."""
         if not ids:
             raise ValueError("nothing to prefill")
+        static = self._static_prefill(cache, ids, method, spare)
+        if static is not None:
+            return static
         phase = "prefill" if compress else "extend"
         step = self.prefill_chunk if self.prefill_chunk > 0 else len(ids)
         comp = 0.0
@@ -113,7 +125,46 @@ class Engine:
                         method.encode_cache(cache)  # cross-layer formats, or after a cross-layer allocation
                 comp += t2.s
         cache.spare_rows = 0
-        return Prefilled(logits, t.ms, comp * 1e3)
+        return Prefilled(logits, t.ms, comp * 1e3, self.last_prefill_path, self.last_prefill_setup_ms)
+
+    def static_prefill(self):
+        """The engine's kvbench.graph_prefill.GraphPrefill (made on first use)."""
+        if self._static is None:
+            from kvbench.graph_prefill import GraphPrefill
+            self._static = GraphPrefill(self.model)
+        return self._static
+
+    def _static_prefill(self, cache: KVBenchCache, ids: list[int], method: Method | None,
+                        spare: int) -> Prefilled | None:
+        """The full cache's prefill through kvbench.graph_prefill, or None (the reason: last_prefill_path).
+        Capturing a new bucket's graph is a one-time cost: done before the clock starts, reported apart."""
+        self.last_prefill_setup_ms = 0.0
+        why = self._static_why or _static_method_why(method)
+        if why is None and 0 < self.prefill_chunk < len(ids):
+            why = f"chunked prefill (prefill_chunk={self.prefill_chunk})"
+        run = None
+        if why is None:
+            gp = self.static_prefill()
+            if all(layer is None for layer in cache.kv):
+                why = gp.why_not_context(cache, len(ids))
+                slot = None if why else gp.prepare_context(len(ids), spare)
+                if why is None and slot is None:
+                    why = gp.failure() or "its bucket's store is lent to a live cache"
+                run = lambda: gp.context(slot, cache, ids)
+            else:
+                why, slot = gp.why_not_question(cache, len(ids))
+                q = None if why else gp.prepare_question(slot, len(ids), cache)
+                if why is None and q is None:
+                    why = gp.failure() or "capture failed"
+                run = lambda: gp.question(slot, q, cache, ids)
+            self.last_prefill_setup_ms = gp.last_setup_ms
+        if why is None:
+            with Timer(self.devices) as t:
+                logits = run()
+            if logits is None:
+                why = gp.failure() or "static prefill failed"
+        self.last_prefill_path = f"eager: {why}" if why else "graph"
+        return None if why else Prefilled(logits, t.ms, 0.0, "graph", self.last_prefill_setup_ms)
 
     @torch.inference_mode()
     def decode(self, cache: KVBenchCache, method: Method | None, first_logits: torch.Tensor, max_new_tokens: int,
@@ -259,7 +310,7 @@ class Engine:
                     m.context(pre0, len(ctx_ids), cache0, reused=qi > 0)
                     m.question_tokens = len(q_ids)
                     qpre = self.prefill(cache, q_ids, qm, compress=False)
-                    m.question_ms, logits = qpre.ms, qpre.logits
+                    logits = m.question(qpre)
                 self._answer(m, cache, qm, logits, q)
                 m.held_max = cache.held.peak
                 if not self.query_aware and qi == 0:
@@ -301,7 +352,7 @@ class Engine:
                         m.context(pre, len(ctx_ids), cache)
                         m.question_tokens = len(q_ids)
                         qpre = self.prefill(cache, q_ids, method, compress=False)
-                        m.question_ms, logits = qpre.ms, qpre.logits
+                        logits = m.question(qpre)
                     history = [{"role": "user", "content": sample.context + q.question}]
                 else:
                     cache.held.reset_peak()
@@ -311,7 +362,7 @@ class Engine:
                     m.context(pre, m_first.n_ctx, None, reused=True, kv_bytes=m_first.kv_bytes, kept=m_first.kept)
                     m.question_tokens = len(q_ids)
                     qpre = self.prefill(cache, q_ids, method, compress=False)
-                    m.question_ms, logits = qpre.ms, qpre.logits
+                    logits = m.question(qpre)
                     history.append({"role": "user", "content": q.question})
                 with mem.uncounted():  # the turn's answer is generated on a copy: the next turn gets the gold one
                     turn_cache = cache.clone()
@@ -333,6 +384,19 @@ class Engine:
                     self.prefill(cache, g_ids, method, compress=False)
                 history.append({"role": "assistant", "content": q.answer_prefix + gold})
         return records
+
+
+def _static_method_why(method: Method | None) -> str | None:
+    """Why this method's prefill cannot skip its hooks (kvbench.graph_prefill runs none): None for the full
+    cache, which has none."""
+    if method is None:
+        return None
+    cls = type(method)
+    hooks = ("observe_prefill", "compress_layer", "after_prefill")
+    if getattr(method, "name", "") != "full" or method.formats() or \
+            any(getattr(cls, h) is not getattr(Method, h) for h in hooks):
+        return f"{getattr(method, 'name', None) or cls.__name__.lower()} compresses (the static prefill is the full cache's)"
+    return None
 
 
 def _mean_len(cache: KVBenchCache) -> float:
@@ -364,6 +428,9 @@ class Measure:
     read_bytes: list = field(default_factory=list)  # per decode step: K/V bytes attention read
     setup_steps: int = 0
     decode_path: str = ""          # graph / compiled graph / regional compiled graph / eager: why
+    prefill_path: str = ""         # the context's prefill: graph (kvbench.graph_prefill) / eager: why
+    question_path: str = ""        # the question's, when fed on top ("" for query-aware)
+    prefill_setup_ms: float = 0.0  # capturing prefill graphs for this query (one-time costs, not in the TTFT)
     kv_bytes_per_device: dict = field(default_factory=dict)  # a model spread over GPUs: the context's KV on each
     ids: list = field(default_factory=list)
     text: str = ""
@@ -373,6 +440,8 @@ class Measure:
                 kv_bytes: int | None = None, kept: float | None = None) -> None:
         self.reused, self.n_ctx = reused, n_ctx
         self.prefill_ms, self.compress_ms = pre.ms, pre.compress_ms
+        self.prefill_path = pre.path
+        self.prefill_setup_ms += 0.0 if reused else pre.setup_ms
         self.kv_bytes = cache.nbytes() if kv_bytes is None else kv_bytes
         per_device: dict[str, int] = {}
         for layer in (cache.kv if cache is not None else []):
@@ -381,6 +450,12 @@ class Measure:
                 per_device[d] = per_device.get(d, 0) + layer.nbytes()
         self.kv_bytes_per_device = per_device if len(per_device) > 1 else {}  # a model spread over GPUs only
         self.kept = _mean_len(cache) if kept is None else kept
+
+    def question(self, pre: Prefilled) -> torch.Tensor:
+        """The question fed on top: its time and path; returns its logits."""
+        self.question_ms, self.question_path = pre.ms, pre.path
+        self.prefill_setup_ms += pre.setup_ms
+        return pre.logits
 
     def record(self, sample: Sample, qi: int, q: Query, full_bytes_per_token: int) -> dict:
         meta = copy.deepcopy(sample.meta)
@@ -398,6 +473,8 @@ class Measure:
             "prefill_ms": self.prefill_ms, "compress_ms": self.compress_ms, "question_ms": self.question_ms,
             "decode_ms_per_token": (sum(steady) / len(steady)) if steady else None,
             "decode_setup_ms": sum(self.step_ms[:w]), "decode_path": self.decode_path,
+            "prefill_path": self.prefill_path, "question_path": self.question_path,
+            "prefill_setup_ms": self.prefill_setup_ms,
             "kv_bytes": self.kv_bytes, "kv_bytes_held_max": self.held_max,
             "kv_bytes_full": self.n_ctx * full_bytes_per_token, "peak_mem_bytes": self.peak_mem,
             "decode_flops_per_token": (sum(self.flops) / len(self.flops)) if self.flops else None,

@@ -143,7 +143,15 @@ class PeakMemory:
         self._reset_high()
         self.base = self._now()
         self._base_dev = {str(d): torch.cuda.memory_allocated(d) for d in self.gpus}
+        _ACTIVE.append(self)
         return self
+
+    def held_elsewhere(self, nbytes: int) -> None:
+        """This block now uses `nbytes` that were allocated before it began, so the allocator's counters do not
+        show them as growth (a CUDA-graph prefill's store and private pool, allocated when captured and reused
+        by every later sample): the peak is at least what is allocated now above the base plus those bytes."""
+        if nbytes > 0:
+            self.peak = max(self.peak, self._now() - self.base - self.excluded + int(nbytes))
 
     def _close_segment(self) -> None:
         self._now()
@@ -160,8 +168,25 @@ class PeakMemory:
             self._reset_high()
 
     def __exit__(self, *exc):
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         self._close_segment()
         self.peak = max(0, self.peak)
+
+
+_ACTIVE: list[PeakMemory] = []  # the PeakMemory blocks open now, innermost last
+
+
+def active_peak_memory() -> PeakMemory | None:
+    """The innermost open `PeakMemory` block, if any."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def held_elsewhere(nbytes: int) -> None:
+    """Tell the innermost open `PeakMemory` block (if any) what it uses beyond its allocator growth (see
+    `PeakMemory.held_elsewhere`)."""
+    if _ACTIVE:
+        _ACTIVE[-1].held_elsewhere(nbytes)
 
 
 # Config fields that hold the number of routed experts each token goes to (transformers 5 maps most of them onto

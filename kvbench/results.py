@@ -42,7 +42,7 @@ NON_IDENTITY_KEYS = {"results_dir", "sweep", "force", "logger", "progress", "hyd
 
 # Record fields that depend on the machine's load, not on the config (excluded from determinism checks).
 TIMING_FIELDS = ("ttft_ms", "ttft_reused_ms", "prefill_ms", "compress_ms", "question_ms", "decode_ms_per_token",
-                 "decode_setup_ms", "peak_mem_bytes", "other_cores", "load_avg_1m")
+                 "decode_setup_ms", "prefill_setup_ms", "peak_mem_bytes", "other_cores", "load_avg_1m")
 # Timings summarized by mean and median (a few slow samples move the mean, not the median).
 MEDIAN_FIELDS = ("ttft_ms", "ttft_reused_ms", "compress_ms", "decode_ms_per_token")
 # Summary fields that are timings or describe the environment of the process rather than the results.
@@ -157,7 +157,7 @@ _SUMMARY_FIELDS = {
     **dict.fromkeys(("model", "task", "method"), _NAME),
     **dict.fromkeys(("budget", "compression_ratio", "score", "score_ci_low", "score_ci_high", "kv_bytes",
                      "kv_bytes_full", "kv_ratio", "kept_tokens", "context_tokens", "peak_mem_bytes", "ttft_ms",
-                     "compress_ms", "decode_ms_per_token", "decode_setup_ms", "decode_flops_per_token",
+                     "compress_ms", "decode_ms_per_token", "decode_setup_ms", "prefill_setup_ms", "decode_flops_per_token",
                      "kv_bytes_held_max", "kv_bytes_read_per_token", "ttft_reused_ms", "wall_s") + tuple(f + "_median" for f in MEDIAN_FIELDS),
                     _NUM),
     **dict.fromkeys(("n", "n_failed", "n_records"), _COUNT),
@@ -503,6 +503,7 @@ def summarize(cfg: dict, run_hash: str, records: list[dict], extra: dict, starte
         "compress_ms": _mean(r["compress_ms"] for r in ok),
         "decode_ms_per_token": _mean(r["decode_ms_per_token"] for r in ok),
         "decode_setup_ms": _mean(r.get("decode_setup_ms") for r in ok),
+        "prefill_setup_ms": _mean(r.get("prefill_setup_ms") for r in ok),
         "decode_flops_per_token": _mean(r["decode_flops_per_token"] for r in ok),
         "kv_bytes_held_max": _mean(r.get("kv_bytes_held_max") for r in ok),
         "kv_bytes_read_per_token": _mean(r.get("kv_bytes_read_per_token") for r in ok),
