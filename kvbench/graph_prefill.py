@@ -121,14 +121,14 @@ class _Slot:
 class _Question:
     """Static inputs and graph of a question of up to `rows` tokens fed on top of a slot's context."""
 
-    def __init__(self, rows: int, cap: int, dev):
+    def __init__(self, rows: int, cap: int, group: int, dev):
         self.rows = rows
         with torch.inference_mode():
             self.ids = torch.zeros(1, rows, dtype=torch.long, device=dev)
             self.pos = torch.zeros(rows, dtype=torch.long, device=dev)    # the tokens' positions
             self.at = torch.zeros(rows, dtype=torch.long, device=dev)     # the rows they go to (in every head)
             self.last = torch.zeros(1, dtype=torch.long, device=dev)
-            self.mask = torch.zeros(rows, cap, dtype=torch.bool, device=dev)
+            self.mask = torch.zeros(group * rows, cap, dtype=torch.bool, device=dev)  # (query head, token) x row
             self.cols = torch.arange(cap, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -145,7 +145,7 @@ class GraphPrefill:
                  max_slots: int = 2):
         self.model = model
         self.n_layers = model.config.num_hidden_layers
-        self.n_kv, _, self.head_dim = attention_shape(model.config)
+        self.n_kv, self.group, self.head_dim = attention_shape(model.config)
         p = next(model.parameters())
         self.dev, self.dtype = p.device, p.dtype
         self.use_graph = self.dev.type == "cuda" if use_graph is None else bool(use_graph)
@@ -186,16 +186,20 @@ class GraphPrefill:
             keys.index_copy_(1, q.at, key[0])
             values.index_copy_(1, q.at, value[0])
             slot.positions[i].view(h, slot.cap).index_copy_(1, q.at, q.pos.expand(h, n))
-            out = F.scaled_dot_product_attention(query, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=q.mask,
-                                                 scale=scaling, enable_gqa=query.shape[1] != h)
-            return out.transpose(1, 2), None
+            # a KV head's g query heads as g * n query rows (one mask row each): no GQA expansion of the store's
+            # rows, which SDPA's enable_gqa with a mask would do (its math path)
+            n_q = query.shape[1]
+            out = F.scaled_dot_product_attention(query.reshape(1, h, n_q // h * n, d), keys.unsqueeze(0),
+                                                 values.unsqueeze(0), attn_mask=q.mask, scale=scaling)
+            return out.view(1, n_q, n, d).transpose(1, 2), None
         return attend
 
     def _run_context(self, slot: _Slot) -> torch.Tensor:
         return self._forward(slot.ids, slot.pos, slot.last, 0, self._context_attention(slot))
 
     def _run_question(self, slot: _Slot, q: _Question) -> torch.Tensor:
-        torch.le(q.cols.unsqueeze(0), q.at.unsqueeze(1), out=q.mask)  # row j visible to token i: j <= its row
+        # row j is visible to token i iff j <= its row; the mask's rows: each query head of a KV head's group
+        torch.le(q.cols.unsqueeze(0), q.at.repeat(self.group).unsqueeze(1), out=q.mask)
         return self._forward(q.ids, q.pos, q.last, 0, self._question_attention(slot, q))
 
     # -- capture ----------------------------------------------------------------------------------------
@@ -317,7 +321,7 @@ class GraphPrefill:
         q = slot.questions.get(rows)
         self.last_setup_ms = 0.0
         if q is None:
-            q = slot.questions[rows] = _Question(rows, slot.cap, self.dev)
+            q = slot.questions[rows] = _Question(rows, slot.cap, self.group, self.dev)
             # the capture's warm-up run writes the rows the question will write (spare rows: see why_not_question)
             L = cache.kv[0].head_lengths[0]
             self._fill_question(q, [0] * n, L, cache.seen_tokens)
