@@ -356,8 +356,18 @@ def check_components(cfg: dict, here: bool = True) -> None:
         check_local_model(m.get("name"), m.get("path"))
         method_from_cfg(cfg)
         build_task(cfg["task"])
+        check_env()
     except (ValueError, TypeError) as e:
         raise BadInput(_first_line(e)) from None
+
+
+def check_env() -> None:
+    """The engine's speed switches from the environment (each raises one line naming the bad value)."""
+    from kvbench.fast_decode import default_compile
+    from kvbench.graph_prefill import compile_mode, mode
+    default_compile()
+    mode()
+    compile_mode()
 
 
 def check_device(device: str) -> None:

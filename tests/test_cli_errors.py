@@ -19,8 +19,8 @@ TINY = ["model=synthetic", "model.shape=tiny", "task=niah", "task.lengths=[300]"
         "task.max_new_tokens=4"]
 
 
-def kvbench(tmp_path, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def kvbench(tmp_path, *args, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([KVBENCH, "run", *TINY, f"results_dir={tmp_path}", *args], capture_output=True,
                           text=True, timeout=120, env=env, cwd=tmp_path)
 
@@ -69,6 +69,16 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, words):
     for w in words:
         assert w in lines[0], (w, lines[0])
     assert not any(tmp_path.rglob("summary.json")) and not any(tmp_path.rglob("config.yaml"))
+
+
+@pytest.mark.parametrize("var,value,allowed", [("KVBENCH_GRAPH_PREFILL", "yes", "auto, 0, 1"),
+                                               ("KVBENCH_COMPILE_PREFILL", "1", "0, regional"),
+                                               ("KVBENCH_COMPILE_DECODE", "fast", "0, 1, regional")])
+def test_bad_speed_switch_in_the_environment_exits_2_with_one_line(tmp_path, var, value, allowed):
+    out = kvbench(tmp_path, env={var: value})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == f"kvbench: error: {var}={value!r}; allowed: {allowed}"
+    assert not any(tmp_path.rglob("config.yaml"))
 
 
 def test_composed_job_equals_hydra_compose():

@@ -214,3 +214,20 @@ def test_graph_replay_equals_the_eager_prefill_on_cuda(bench_module):
         t2, _, _ = eng.decode(c2, None, q2.logits, 12)
         assert t2 == t1
         del c1, c2
+
+
+def test_regional_compile_of_the_static_prefill_gives_the_same_results(tiny, monkeypatch):
+    monkeypatch.setenv("KVBENCH_COMPILE_PREFILL", "regional:aot_eager")
+    gp = GraphPrefill(tiny.model, use_graph=False, rows=32, q_rows=8)
+    assert gp.compile == "aot_eager"
+    eng, eager = static_engine(tiny, gp), Engine(tiny, None)
+    ctx, q = random_ids(70), random_ids(9, seed=4)
+    c1, c2 = eager.new_cache(), eng.new_cache()
+    torch.testing.assert_close(eng.prefill(c2, ctx, None, True, spare=20).logits,
+                               eager.prefill(c1, ctx, None, True, spare=20).logits)
+    torch.testing.assert_close(eng.prefill(c2, q, None, False).logits, eager.prefill(c1, q, None, False).logits)
+    same_cache(c1, c2)
+    assert all(m._compiled_call_impl is None for m in tiny.model.modules())  # the model is left as it was
+    monkeypatch.setenv("KVBENCH_COMPILE_PREFILL", "max-autotune")
+    with pytest.raises(ValueError, match="KVBENCH_COMPILE_PREFILL='max-autotune'; allowed: 0, regional"):
+        graph_prefill.wanted(tiny.model, [torch.device("cpu")])
