@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -165,13 +166,13 @@ def main() -> None:
           f"context {args.length}  question {args.question}  budget {args.budget}  reps {args.reps}", flush=True)
     print(f"{'method':<16}{'ctx ms':>9}{'q ms':>9}{'TTFT ms':>10}{'ovh %':>8}")
     base = None
+    graph_env = os.environ.get("KVBENCH_GRAPH_PREFILL", "auto")
     from kvbench.fast_decode import regional
     for region in [False] + ([True] if args.regional else []):  # regional: after every plain row
         for name in args.methods:
             method = None if name.startswith("full") else build_method(name, budget=args.budget)
+            os.environ["KVBENCH_GRAPH_PREFILL"] = "0" if name == "full-eager" else graph_env
             eng = Engine(lm, method, query_aware=False)
-            if name == "full-eager":
-                eng._static_why = "full-eager row"
             with regional(lm.model) if region else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 if region:  # a first prefill compiles the context's and the question's shapes: timed apart
