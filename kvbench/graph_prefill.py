@@ -17,7 +17,7 @@ whole forward once per shape and replays it:
 The cache then holds `LayerKV`s over the store (no copy): the store is lent to that cache, and a later
 prefill replays into it only once no layer of the earlier cache is alive (otherwise it runs eagerly).
 Capture (with one eager warm-up run) is a one-time cost per bucket, timed apart (`setup_ms`); at most
-`max_slots` buckets are kept. Memory: the store and the graphs' private pool were allocated when captured,
+`max_slots` buckets (and stores of at most `max_bytes` together) are kept, the least recently used going first. Memory: the store and the graphs' private pool were allocated when captured,
 so each replay reports them to the running `PeakMemory` (`metrics.held_elsewhere`): a sample's peak counts
 the store, padding included, and the forward's activations as if allocated then.
 Only the full cache (nothing to compress), batch 1, one GPU, and models whose attention is plain causal
@@ -154,7 +154,7 @@ class GraphPrefill:
     `prepare_*`), `last_path` how it ran."""
 
     def __init__(self, model: torch.nn.Module, use_graph: bool | None = None, rows: int = 256, q_rows: int = 32,
-                 max_slots: int = 2, compile: str | None | bool = True):
+                 max_slots: int = 8, max_bytes: int = 4 << 30, compile: str | None | bool = True):
         self.model = model
         # compile: a torch.compile backend for each layer's modules but attention (`compile_mode`); True: the
         # environment's choice (KVBENCH_COMPILE_PREFILL), None / False: none
@@ -166,7 +166,7 @@ class GraphPrefill:
         self.use_graph = self.dev.type == "cuda" if use_graph is None else bool(use_graph)
         if self.use_graph and self.dev.type != "cuda":
             raise ValueError(f"use_graph=True needs a CUDA model, got device {self.dev}; allowed: use_graph=False")
-        self.rows, self.q_rows, self.max_slots = rows, q_rows, max_slots
+        self.rows, self.q_rows, self.max_slots, self.max_bytes = rows, q_rows, max_slots, max_bytes
         self.slots: dict[tuple[int, int], _Slot] = {}   # (rows, cap) -> slot, oldest first
         self.pool = torch.cuda.graph_pool_handle() if self.use_graph else None  # one pool for every graph
         self.unsupported: str | None = None  # set when a capture failed: every later call runs eagerly
@@ -244,7 +244,10 @@ class GraphPrefill:
         key = (rows, cap)
         slot = self.slots.pop(key, None)
         if slot is None:
-            while len(self.slots) >= self.max_slots:  # the oldest bucket goes (a lent store lives on with its cache)
+            # the least recently used buckets go first (a lent store lives on with its cache)
+            need = self.n_layers * self.n_kv * cap * (2 * self.head_dim * self.dtype.itemsize + 8)  # = store_bytes
+            while self.slots and (len(self.slots) >= self.max_slots or
+                                  need + sum(s.store_bytes for s in self.slots.values()) > self.max_bytes):
                 self.slots.pop(next(iter(self.slots)))
             slot = _Slot(self.n_layers, self.n_kv, self.head_dim, rows, cap, self.dtype, self.dev)
             self._fill_context(slot, [0] * n)

@@ -231,3 +231,18 @@ def test_regional_compile_of_the_static_prefill_gives_the_same_results(tiny, mon
     monkeypatch.setenv("KVBENCH_COMPILE_PREFILL", "max-autotune")
     with pytest.raises(ValueError, match="KVBENCH_COMPILE_PREFILL='max-autotune'; allowed: 0, regional"):
         graph_prefill.wanted(tiny.model, [torch.device("cpu")])
+
+
+def test_buckets_are_kept_least_recently_used_within_the_count_and_bytes(tiny):
+    gp = GraphPrefill(tiny.model, use_graph=False, rows=32, q_rows=8, max_slots=2)
+    eng = static_engine(tiny, gp)
+    for n in (20, 50, 20, 80):  # buckets 32, 64, 32 (used again), 96: 64 goes
+        assert eng.prefill(eng.new_cache(), random_ids(n), None, True).path == "graph"
+    assert [r for r, _ in gp.slots] == [32, 96]
+    one = next(iter(gp.slots.values())).store_bytes
+    cfg = tiny.model.config
+    assert one == cfg.num_hidden_layers * cfg.num_key_value_heads * 32 * (2 * cfg.head_dim * 4 + 8)  # cap: 20 + 8 rows -> 32
+    # stores of 1 + 3 units held; a new one of 2 units (cap 64) within 5: the least recently used one goes
+    gp.max_slots, gp.max_bytes = 10, 5 * one
+    assert eng.prefill(eng.new_cache(), random_ids(40), None, True).path == "graph"
+    assert [r for r, _ in gp.slots] == [96, 64]
