@@ -62,6 +62,55 @@ def _uniform_meta(h: int, n: int, cap: int, dev: torch.device) -> tuple[torch.Te
     return meta[0], meta[1], meta[2]
 
 
+class PendingLengths:
+    """Host copies of head lengths still on the device: layers cut there (AdaKV's per-head budgets) whose kept
+    counts the host has not read, so the prefill never waits for the GPU per layer. `add` queues a layer's
+    (h,) device lengths and returns the record the layer holds in place of its host lists; the first host
+    read of any queued layer (`LayerKV._lens` / `_starts` / `_caps`), or `resolve()` (AdaKV.after_prefill),
+    reads every queued layer at once: one device-to-host copy, a sync (the host waits until the GPU has cut
+    the last queued layer). What the host needs before that, the layer's total rows (held bytes), it knows."""
+
+    def __init__(self):
+        self._queued: list[_PendingRecord] = []
+
+    def add(self, lengths: torch.Tensor, rows: int) -> "_PendingRecord":
+        """Queue a packed layer's device lengths; `rows`: their sum, known on the host."""
+        record = _PendingRecord(self, lengths, int(rows))
+        self._queued.append(record)
+        return record
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def resolve(self) -> None:
+        queued, self._queued = self._queued, []
+        if not queued:
+            return
+        flat = torch.cat([r.lengths for r in queued]).tolist()  # the one device-to-host read (a sync)
+        at = 0
+        for r in queued:
+            lens, at = flat[at:at + r.lengths.shape[0]], at + r.lengths.shape[0]
+            r.host = (exclusive_cumsum(lens), lens, list(lens))  # packed tightly: no spare capacity
+        for r in queued:
+            if sum(r.host[1]) != r.rows:
+                raise RuntimeError(f"a layer cut on the device holds {sum(r.host[1])} rows, not the {r.rows} its "
+                                   f"host side counted (head lengths {r.host[1]}; AdaKV.DEFER = 'never' cuts on "
+                                   "the host)")
+
+
+class _PendingRecord:
+    """One queued layer of a `PendingLengths`: its device lengths, its rows, and its host lists once read."""
+
+    def __init__(self, queue: PendingLengths, lengths: torch.Tensor, rows: int):
+        self.queue, self.lengths, self.rows = queue, lengths, rows
+        self.host: tuple[list[int], list[int], list[int]] | None = None
+
+    def get(self) -> tuple[list[int], list[int], list[int]]:
+        if self.host is None:
+            self.queue.resolve()
+        return self.host
+
+
 class HeldBytes:
     """Key+value bytes a cache holds now, and the most it has held since `reset_peak()`. Every change in the
     rows held (an append, a keep, a removal) reports here, so the peak is exact: the most a query held at any
@@ -83,21 +132,45 @@ class HeldBytes:
         self.peak = max(self.peak, int(nbytes))
 
 
+def _host_list(i: int) -> property:
+    """LayerKV's host list i of [starts, lengths, caps] as an attribute (see `LayerKV._host_lists`)."""
+    def get(self) -> list[int]:
+        return self._host_lists()[i]
+
+    def set(self, value: list[int]) -> None:
+        self._host_lists()[i] = value
+    return property(get, set)
+
+
 class LayerKV:
     meter: HeldBytes | None = None  # the owning cache's meter (a layer outside a cache reports nowhere)
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                  starts: torch.Tensor, lengths: torch.Tensor, caps: torch.Tensor,
-                 host: tuple[list[int], list[int], list[int]] | None = None,
+                 host: "tuple[list[int], list[int], list[int]] | _PendingRecord | None" = None,
                  side: dict[str, torch.Tensor] | None = None):
         self.keys, self.values, self.positions = keys, values, positions
         self.side: dict[str, torch.Tensor] = dict(side or {})  # per-row side data, row-aligned (see module doc)
         self.starts, self.lengths, self.caps = starts, lengths, caps
         # host copies of (starts, lengths, caps): every host-side decision reads these, so the GPU is never
-        # waited on per layer; callers that know them pass `host` (reading the device tensors would sync)
+        # waited on per layer; callers that know them pass `host` (reading the device tensors would sync). A
+        # layer cut on the device passes a `PendingLengths` record instead: read on first use (`_host_lists`).
         if host is None:
             host = (starts.tolist(), lengths.tolist(), caps.tolist())
-        self._starts, self._lens, self._caps = (list(x) for x in host)
+        self._host = host if isinstance(host, _PendingRecord) else [list(x) for x in host]
+
+    def _host_lists(self) -> list[list[int]]:
+        """[starts, lengths, caps] on the host. A layer whose lengths are still pending on the device reads them
+        here, with every other pending layer of its queue: one device-to-host copy, which waits for the GPU."""
+        host = self._host
+        if isinstance(host, _PendingRecord):
+            host = self._host = [list(x) for x in host.get()]
+        return host
+
+    # the host lists, read from the device on first use if pending (never a stale copy)
+    _starts = _host_list(0)
+    _lens = _host_list(1)
+    _caps = _host_list(2)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -120,9 +193,15 @@ class LayerKV:
 
     @classmethod
     def _packed(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                counts: list[int], side: dict[str, torch.Tensor] | None = None) -> "LayerKV":
+                counts: list[int] | torch.Tensor, side: dict[str, torch.Tensor] | None = None,
+                pending: PendingLengths | None = None) -> "LayerKV":
         """Heads of counts[h] rows each, back to back, no spare capacity, without a device sync (equal
-        counts: the metadata is built on the device; otherwise one pinned host-to-device copy)."""
+        counts: the metadata is built on the device; otherwise one pinned host-to-device copy). counts may
+        instead be the (3, h) device layout (starts, lengths, caps) of a cut made on the device: its host
+        lists then wait in `pending` (the rows, keys.shape[0], are known)."""
+        if isinstance(counts, torch.Tensor):
+            return cls(keys, values, positions, counts[0], counts[1], counts[2],
+                       host=pending.add(counts[1], keys.shape[0]), side=side)
         dev, h = keys.device, len(counts)
         starts_h = exclusive_cumsum(counts)
         if len(set(counts)) <= 1:
@@ -133,13 +212,14 @@ class LayerKV:
         return cls(keys, values, positions, starts, lengths, caps, host=(starts_h, list(counts), list(counts)),
                    side=side)
 
-    def _take_rows(self, rows: torch.Tensor, counts: list[int]) -> None:
+    def _take_rows(self, rows: torch.Tensor, counts: list[int] | torch.Tensor,
+                   pending: PendingLengths | None = None) -> None:
         """Replace the storage by these rows (head h's counts[h] rows, heads back to back): one gather per
-        tensor into a tight buffer; the old buffers are freed."""
+        tensor into a tight buffer; the old buffers are freed. counts / pending: see `_packed`."""
         before = self.n_rows
         new = LayerKV._packed(self.keys.index_select(0, rows), self.values.index_select(0, rows),
                               self.positions.index_select(0, rows), counts,
-                              {n: t.index_select(0, rows) for n, t in self.side.items()})
+                              {n: t.index_select(0, rows) for n, t in self.side.items()}, pending)
         self.__dict__.update(new.__dict__)
         self._held(self.n_rows - before)
 
@@ -150,7 +230,7 @@ class LayerKV:
     # -- shape facts ---------------------------------------------------------------------------------
     @property
     def n_heads(self) -> int:
-        return len(self._lens)
+        return self.lengths.shape[0]  # (not the host lists: no read of pending lengths)
 
     @property
     def head_lengths(self) -> list[int]:
@@ -163,7 +243,8 @@ class LayerKV:
 
     @property
     def n_rows(self) -> int:
-        return sum(self._lens)
+        host = self._host
+        return host.rows if isinstance(host, _PendingRecord) else sum(host[1])  # pending lengths: no read
 
     @property
     def row_bytes(self) -> int:
@@ -253,9 +334,18 @@ class LayerKV:
         idx = indices.long() if ascending else torch.sort(indices.long(), dim=-1).values
         self._take_rows((self.starts.view(h, 1) + idx).reshape(-1), [k] * h)
 
-    def keep_ragged(self, flat_idx: torch.Tensor, counts: list[int]) -> None:
+    def keep_ragged(self, flat_idx: torch.Tensor, counts: list[int] | torch.Tensor,
+                    pending: PendingLengths | None = None) -> None:
         """Keep counts[h] rows of head h: `flat_idx` holds their local indices, head 0's first (each head's
-        in the order to store). One batched gather into a tightly packed buffer, no host loop."""
+        in the order to store). One batched gather into a tightly packed buffer, no host loop.
+        A cut made on the device (AdaKV) passes counts as the (3, h) int64 device layout of the kept rows
+        (starts: the counts' exclusive cumsum, lengths = caps: the counts) and a `pending` queue: nothing is
+        read back, the total (flat_idx's length) is known on the host, and the head lengths wait in `pending`."""
+        if isinstance(counts, torch.Tensor):
+            if counts.shape != (3, self.n_heads) or pending is None:
+                raise ValueError(f"keep_ragged(): a device layout must be (3, {self.n_heads}) with a pending queue")
+            rows = torch.repeat_interleave(self.starts, counts[1], output_size=flat_idx.shape[0]) + flat_idx
+            return self._take_rows(rows, counts, pending)
         if len(counts) != self.n_heads:
             raise ValueError(f"keep_ragged(): got counts for {len(counts)} heads, the layer has {self.n_heads}")
         if any(c > n for c, n in zip(counts, self._lens)):

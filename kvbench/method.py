@@ -150,21 +150,27 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return topk_select(scores.reshape(-1, L), k, k).reshape(*scores.shape[:-1], k)
 
 
-def ragged_topk_indices(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def ragged_topk_indices(scores: torch.Tensor, counts: list[int] | torch.Tensor,
+                        total: int | None = None) -> torch.Tensor:
     """Head h's `counts[h]` largest scores of (n_kv, L) `scores`, as local indices sorted within each head,
     heads back to back: (sum(counts),). Same choice as `topk_indices` row by row, in a few batched ops
-    whose output sizes are known on the host (no device sync)."""
+    whose output sizes are known on the host (no device sync). counts: host ints, or (a cut made on the
+    device) the (3, n_kv) int64 device layout of `LayerKV.keep_ragged`, whose sum `total` the host knows."""
     from kvbench.cache import long_tensor
     from kvbench.methods.kernels.topk_select import topk_select
     h, L = scores.shape
-    counts = [min(c, L) for c in counts]
-    kmax, total, dev = max(counts, default=0), sum(counts), scores.device
-    if total == 0:
-        return torch.empty(0, dtype=torch.long, device=dev)
-    cnt = long_tensor(counts, dev)
+    dev = scores.device
+    if isinstance(counts, torch.Tensor):  # k per head on the device; no head keeps more than L or the total
+        offset, cnt, kmax = counts[0], counts[1], min(L, total)
+    else:
+        counts = [min(c, L) for c in counts]
+        kmax, total = max(counts, default=0), sum(counts)
+        if total == 0:
+            return torch.empty(0, dtype=torch.long, device=dev)
+        cnt = long_tensor(counts, dev)
+        offset = torch.cumsum(cnt, 0) - cnt
     order = topk_select(scores, cnt, kmax)  # head h's indices in its first counts[h] slots
     head = torch.repeat_interleave(torch.arange(h, device=dev), cnt, output_size=total)
-    offset = torch.cumsum(cnt, 0) - cnt
     return order[head, torch.arange(total, device=dev) - offset[head]]
 
 
@@ -198,9 +204,14 @@ class ScoredEviction(Method):
         keep_top(layer, scores, self.head_budgets(scores, budget))
 
 
-def keep_top(layer, scores: torch.Tensor, per_head: list[int]) -> None:
-    """Keep head h's per_head[h] highest-scored rows of the layer ((n_kv, L) scores)."""
-    if layer.is_uniform() and len(set(per_head)) == 1:
+def keep_top(layer, scores: torch.Tensor, per_head: list[int] | torch.Tensor, total: int | None = None,
+             pending=None) -> None:
+    """Keep head h's per_head[h] highest-scored rows of the layer ((n_kv, L) scores). per_head may instead be
+    the (3, n_kv) device layout of a cut made on the device (AdaKV), with its host-known sum `total` and the
+    `PendingLengths` queue that will read the head lengths (`LayerKV.keep_ragged`): no host read here."""
+    if isinstance(per_head, torch.Tensor):
+        layer.keep_ragged(ragged_topk_indices(scores, per_head, total), per_head, pending)
+    elif layer.is_uniform() and len(set(per_head)) == 1:
         layer.keep(topk_indices(scores, per_head[0]), ascending=True)
     elif layer.is_uniform():  # per-head budgets over a fresh prefill (AdaKV): batched, no head loop
         layer.keep_ragged(ragged_topk_indices(scores, per_head), per_head)

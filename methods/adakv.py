@@ -18,7 +18,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from kvbench.cache import PendingLengths
 from kvbench.method import LayerContext, ScoredEviction, build_method, keep_top, register_method
+from kvbench.methods.kernels.adakv_budgets import adakv_budgets, exact_on
 from kvbench.methods.snapkv import WindowQueries
 
 SCORERS = ("snapkv", "pyramidkv", "knorm", "tova", "cake", "random")
@@ -40,7 +42,7 @@ def global_topk_counts(scores: torch.Tensor, budget: int) -> torch.Tensor:
     from kvbench.methods.kernels.topk_select import topk_select
     h, L = scores.shape
     s = scores.float()
-    forced = torch.isinf(s) & (s > 0)
+    forced = s == float("inf")
     n_forced_t = forced.sum(dim=1)                                 # the window, per head
     total_t = (budget - n_forced_t).clamp(min=0).sum()
     # the global top-k as one row of h*L scores (ties: the earlier head, then the earlier token), k on the
@@ -120,48 +122,40 @@ class AdaKV(WindowQueries, ScoredEviction):
     def head_budgets(self, scores: torch.Tensor, budget: int) -> list[int]:
         return adaptive_head_budgets(scores, budget, float(self.alpha_safeguard))
 
-    # The per-head counts need one device-to-host read per layer. Read at once, it stalls the GPU at every layer
-    # of the prefill (it drains, then waits for the host to launch the next layer). On CUDA the read is instead
-    # queued (pinned, non-blocking, with an event), and the layer is cut when the next layer's hook runs (or
-    # after the prefill): by then the GPU has passed the event and has the next layer's work queued. The cost:
-    # one more layer holds its uncompressed rows for a while (the held-bytes peak counts it). Not with storage
-    # formats, which encode each layer right after its compression.
-    DEFER = "auto"  # "auto" (on CUDA) | "always" (tests, CPU) | "never"
+    # The per-head counts are known on the device only. Read at each layer, they would stall the GPU at every
+    # layer of the prefill (it drains, then waits for the host to launch the next layer). On CUDA the cut is
+    # instead queued whole on the device (`cut_on_device`): the mix there (methods/kernels/adakv_budgets.py), then a
+    # per-head top-k and one gather whose sizes the host knows; the layers' host lengths wait in a PendingLengths
+    # queue, read once after the prefill (`after_prefill`). Not with storage formats (they encode a layer from its
+    # host lengths right after its compression), nor where the device mix would not be exact.
+    DEFER = "auto"  # "auto" (on CUDA) | "always" (tests, CPU: the torch version of the device mix) | "never"
 
     def reset(self) -> None:
         super().reset()
-        self._pending = None
-
-    def compress_layer(self, ctx: LayerContext) -> None:
-        self.flush()  # the previous layer's counts: the GPU has long passed them
-        super().compress_layer(ctx)
+        self._pending = PendingLengths()
 
     def cut(self, layer, scores: torch.Tensor, budget: int) -> None:
         defer = self.DEFER == "always" or (self.DEFER == "auto" and layer.keys.is_cuda)
-        if not (defer and layer.is_uniform() and not self.formats()):
-            return super().cut(layer, scores, budget)
         budget = min(budget, scores.shape[1])
-        counts = global_topk_counts(scores, budget)
-        event = None
-        if counts.is_cuda:
-            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-            host.copy_(counts, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            counts = host
-        self._pending = (layer, scores, budget, counts, event)
+        if not (defer and layer.is_uniform() and not self.formats()
+                and exact_on(scores.device, scores.shape[0], budget, float(self.alpha_safeguard))):
+            return super().cut(layer, scores, budget)
+        self.cut_on_device(layer, scores, budget)
 
-    def flush(self) -> None:
-        """Cut the layer whose counts were queued (see DEFER)."""
-        pending, self._pending = getattr(self, "_pending", None), None
-        if pending is None:
-            return
-        layer, scores, budget, counts, event = pending
-        if event is not None:
-            event.synchronize()
-        n_forced, got = counts.tolist()
-        keep_top(layer, scores, safeguard_mix(n_forced, got, budget, scores.shape[1], float(self.alpha_safeguard)))
+    def cut_on_device(self, layer, scores: torch.Tensor, budget: int) -> None:
+        """`cut` with no host read: the mix on the device gives the kept layout, whose total the host knows:
+        n_kv * budget. The heads keep out + f (f: a head's +inf tokens), out summing to the free budgets
+        sum(budget - f), so budget each on average; or, no head having a free budget, min(f, budget) = budget.
+        That rests on the heads' +inf tokens being all <= budget or all >= budget, as with every scorer here (they
+        are the observation window, the same columns in every head); the read after the prefill checks it
+        (PendingLengths.resolve raises otherwise)."""
+        alpha = float(self.alpha_safeguard)
+        layout = adakv_budgets(global_topk_counts(scores, budget), budget, scores.shape[1], alpha)
+        if getattr(self, "_pending", None) is None:  # used without reset() (direct calls)
+            self._pending = PendingLengths()
+        keep_top(layer, scores, layout, total=scores.shape[0] * budget, pending=self._pending)
 
     def after_prefill(self, cache) -> None:
-        self.flush()
+        if getattr(self, "_pending", None) is not None:
+            self._pending.resolve()  # every layer cut on the device: one device-to-host read
         super().after_prefill(cache)

@@ -172,13 +172,16 @@ def test_adakv_global_topk_with_safeguard(lm):
 
 
 @pytest.mark.parametrize("scorer", ["snapkv", "pyramidkv"])
-def test_adakv_deferred_cut_keeps_the_same_rows(lm, scorer):
-    """On CUDA AdaKV reads each layer's counts when the next layer's hook runs (AdaKV.DEFER): the same rows in
-    the same order as the immediate cut, every layer; the held-bytes peak counts the one extra uncompressed
-    layer exactly (layer 0 full while layer 1 is prefilled)."""
+def test_adakv_deferred_cut_keeps_the_same_rows(lm, scorer, monkeypatch):
+    """On CUDA AdaKV cuts each layer on the device and reads the layers' head lengths once, after the prefill
+    (AdaKV.DEFER; "always" runs that path on CPU): the same rows in the same order as the host's cut, every
+    layer, nothing left pending; the held bytes and their peak are the same (no layer waits uncompressed)."""
     from kvbench.methods.adakv import AdaKV
-    caches = {}
+    caches, on_device = {}, []
+    orig = AdaKV.cut_on_device
+    monkeypatch.setattr(AdaKV, "cut_on_device", lambda self, *a: (on_device.append(1), orig(self, *a)))
     for mode in ("never", "always"):
+        on_device.clear()
         AdaKV.DEFER = mode
         try:
             m = build_method("adakv", budget=BUDGET, scorer=scorer, window_size=8, kernel_size=5)
@@ -186,16 +189,17 @@ def test_adakv_deferred_cut_keeps_the_same_rows(lm, scorer):
             caches[mode] = run(lm, m)[0]
         finally:
             AdaKV.DEFER = "auto"
-        assert m._pending is None  # after_prefill cut the last layer
+        assert len(on_device) == (2 if mode == "always" else 0)  # both layers cut on the device, or neither
+        assert len(m._pending) == 0  # after_prefill read every layer's lengths
     now, later = caches["never"], caches["always"]
     assert now.head_lengths() == later.head_lengths() and len(set(now.head_lengths()[0])) > 1  # ragged
     for a, b in zip(now.kv, later.kv):
+        assert (a._starts, a._caps) == (b._starts, b._caps)
+        assert torch.equal(a.starts, b.starts) and torch.equal(a.lengths, b.lengths) and torch.equal(a.caps, b.caps)
         for h in range(a.n_heads):
             for x, y in zip(a.head(h), b.head(h)):
                 assert torch.equal(x, y)
-    layer0 = now.layer(0)
-    full0 = N * layer0.n_heads * layer0.row_bytes
-    assert later.held.peak - now.held.peak == full0 - layer0.nbytes()
+    assert (later.held.now, later.held.peak) == (now.held.now, now.held.peak)
 
 
 def test_adakv_bad_scorer():

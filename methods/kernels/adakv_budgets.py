@@ -1,0 +1,150 @@
+"""AdaKV's per-head kept counts on the device: the safeguard mix of `kvbench.methods.adakv.safeguard_mix` (the host
+version, the reference) from a layer's (2, n_kv) window / global top-k counts, bit for bit, as the (3, n_kv) layout
+the cut keeps (starts: the counts' exclusive cumsum, lengths, caps: the counts), so the prefill never reads the
+counts back per layer. Per head h, with f its +inf (window) tokens, c its share of the global top-k, B the layer's
+budget, L its tokens:
+- base = max(0, B - f), room = L - f, total = sum(base); total == 0: keep min(f, B);
+- raw = c * (1 - alpha) + int(base * alpha): the int in float64 (Python's), raw in float32 (the host's torch ops);
+  out = min(round(raw), room) (half to even);
+- while sum(out) < total: +1 to the head with room left whose raw - out is largest (ties: the earlier head);
+  while sum(out) > total: -1 to the head with out > 0 whose raw - out is smallest (ties: the earlier head);
+- keep out + f.
+`adakv_budgets_triton` runs it in one program (n_kv <= 1024 lanes, the corrections as a loop over float64
+residuals updated as the host updates them): exact for any input. `adakv_budgets_ref` is the torch version (CPU,
+and CUDA without Triton), with no loop: head h's j-th one-token step has the key j - (raw - out) (growing) or
+raw - out + j (shrinking); the greedy loop takes the smallest key in turn (ties: the earlier head) and each head's
+keys increase, so it takes the first |sum(out) - total| steps of one stable sort of every head's first 2 n_kv
+steps. `ref_exact` says where that is the host's answer:
+- |sum(out) - total| <= 2 n_kv: each raw is a float32 product then sum (relative errors 2^-24 each, 1 - alpha's
+  too), so raw_h is within 2^-24 (3 c_h + base_h) of c_h (1 - alpha) + int(base_h alpha): with n_kv * B <=
+  REF_MAX_TOTAL (2^20) within 1/4 per head and in all; then sum(raw) lies in (total - n_kv - 1/4, total + 1/4],
+  rounding moves it by n_kv / 2 at most, and no raw reaches room + 1/2 (the clamp never binds);
+- every key exact in float64 (the host steps its residuals by +-1 in float64, rounding each time): raw is 0 or
+  >= 2^-17 when alpha == 1 or 1 - alpha >= 2^-17, so raw's last bit is >= 2^-40 and |raw - out - j| < 2^11.
+Elsewhere AdaKV reads the counts on the host (its path before this module).
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+
+from . import HAS_TRITON, check_triton_inputs, next_pow2
+
+REF_MAX_TOTAL = 1 << 20  # n_kv * budget up to which the torch version's correction width (2 n_kv) is exact
+MAX_HEADS = 1024          # lanes of the Triton program
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _budgets_kernel(stats_ptr, out_ptr, h, budget, L, alpha_bits, one_minus_alpha, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        ok = i < h
+        f = tl.load(stats_ptr + i, mask=ok, other=0)      # +inf (window) tokens per head
+        c = tl.load(stats_ptr + h + i, mask=ok, other=0)  # share of the global top-k
+        base = tl.where(ok, tl.maximum(budget - f, 0), 0)
+        room = L - f
+        total = tl.sum(base, 0)
+        alpha = tl.full([], alpha_bits, tl.int64).to(tl.float64, bitcast=True)  # the float64 alpha, exactly
+        floor_cap = (base.to(tl.float64) * alpha).to(tl.int64)                   # int(): truncation, base >= 0
+        raw = c.to(tl.float32) * one_minus_alpha + floor_cap.to(tl.float32)      # no FMA: see the launch
+        r = tl.floor(raw)
+        up = (raw - r > 0.5) | ((raw - r == 0.5) & (r.to(tl.int64) % 2 == 1))   # torch.round: half to even
+        out = tl.minimum(r + up.to(tl.float32), room.to(tl.float32)).to(tl.int64)
+        out = tl.where(ok, out, 0)
+        resid = raw.to(tl.float64) - out.to(tl.float64)  # float64, updated step by step as the host's
+        diff = total - tl.sum(out, 0)
+        while diff > 0:   # +1 to the head rounded down the most (then the earlier) that has room
+            key = tl.where(ok & (out < room), resid, float("-inf"))
+            pick = i == tl.min(tl.where(ok & (key == tl.max(key, 0)), i, BLOCK), 0)
+            out += pick.to(tl.int64)
+            resid = tl.where(pick, resid - 1.0, resid)
+            diff -= 1
+        while diff < 0:   # -1 to the head rounded up the most (then the earlier) that has a token
+            key = tl.where(ok & (out > 0), resid, float("inf"))
+            pick = i == tl.min(tl.where(ok & (key == tl.min(key, 0)), i, BLOCK), 0)
+            out -= pick.to(tl.int64)
+            resid = tl.where(pick, resid + 1.0, resid)
+            diff += 1
+        kept = tl.where(total == 0, tl.minimum(f, budget), out + f)
+        kept = tl.where(ok, kept, 0)
+        tl.store(out_ptr + i, tl.cumsum(kept, 0) - kept, mask=ok)
+        tl.store(out_ptr + h + i, kept, mask=ok)
+        tl.store(out_ptr + 2 * h + i, kept, mask=ok)
+
+
+def _check(stats: torch.Tensor, budget: int, L: int, alpha: float) -> None:
+    if stats.dim() != 2 or stats.shape[0] != 2 or stats.dtype != torch.int64:
+        raise ValueError(f"stats must be (2, n_kv) int64 (window and global top-k counts), got "
+                         f"{tuple(stats.shape)} {stats.dtype}")
+    if not 0 < budget <= L or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"need 0 < budget <= L and 0 <= alpha <= 1, got budget={budget}, L={L}, alpha={alpha}")
+
+
+def adakv_budgets_ref(stats: torch.Tensor, budget: int, L: int, alpha: float) -> torch.Tensor:
+    """(3, n_kv) int64 on the stats' device: starts, kept counts, kept counts (see the module docstring), in torch
+    ops with no host read. The host's answer where `ref_exact` holds and stats are as `global_topk_counts` gives
+    them (the counts sum to the heads' free budgets, none above its room)."""
+    _check(stats, budget, L, alpha)
+    f, c = stats[0], stats[1]
+    h, dev = f.shape[0], f.device
+    base = (budget - f).clamp(min=0)
+    room = L - f
+    total = base.sum()
+    floor_cap = (base.double() * alpha).long()  # Python's int(base * alpha)
+    raw = c * (1.0 - alpha) + floor_cap         # float32, as the host's torch ops
+    out = torch.minimum(torch.round(raw), room.to(raw.dtype)).long()
+    diff = total - out.sum()
+    # the corrections: each head's first w one-token steps keyed as the greedy loop picks them (smallest first,
+    # ties: the earlier head, as a stable sort of the head-major keys); steps past a head's room / tokens last
+    w = 2 * h
+    j = torch.arange(w, device=dev)
+    resid = (raw.double() - out).unsqueeze(1)
+    grow = diff > 0
+    key = torch.where(grow, j - resid, resid + j)
+    key = key.masked_fill(j >= torch.where(grow, room - out, out).unsqueeze(1), float("inf"))
+    first = key.view(-1).argsort(stable=True)[:w] // w  # the heads of the first w steps taken
+    steps = ((first == torch.arange(h, device=dev).unsqueeze(1)) & (j < diff.abs())).sum(1)
+    kept = torch.where(total == 0, f.clamp(max=budget), out + torch.where(grow, steps, -steps) + f)
+    return torch.stack([kept.cumsum(0) - kept, kept, kept])
+
+
+def adakv_budgets_triton(stats: torch.Tensor, budget: int, L: int, alpha: float) -> torch.Tensor:
+    """`adakv_budgets_ref` as one Triton program, exact for any budget (n_kv <= MAX_HEADS). One launch, no sync."""
+    _check(stats, budget, L, alpha)
+    stats = stats.contiguous()
+    check_triton_inputs(stats)
+    h = stats.shape[1]
+    if h > MAX_HEADS:
+        raise ValueError(f"adakv_budgets_triton: {h} heads; allowed: at most {MAX_HEADS}")
+    out = torch.empty(3, h, dtype=torch.long, device=stats.device)
+    alpha = float(alpha)
+    alpha_bits = struct.unpack("<q", struct.pack("<d", alpha))[0]
+    # enable_fp_fusion=False: raw is a float32 product then a sum, each rounded, as torch computes it (an FMA would
+    # round once)
+    _budgets_kernel[(1,)](stats, out, h, budget, L, alpha_bits, 1.0 - alpha, BLOCK=max(16, next_pow2(h)),
+                          num_warps=1, enable_fp_fusion=False)
+    return out
+
+
+def ref_exact(n_kv: int, budget: int, alpha: float) -> bool:
+    """Whether `adakv_budgets_ref` gives the host's counts for a layer of n_kv heads, this budget and alpha (see
+    the module docstring)."""
+    return n_kv * budget <= REF_MAX_TOTAL and n_kv <= MAX_HEADS and (alpha == 1.0 or 1.0 - alpha >= 2.0 ** -17)
+
+
+def adakv_budgets(stats: torch.Tensor, budget: int, L: int, alpha: float) -> torch.Tensor:
+    """The Triton program on CUDA (with Triton), the torch version otherwise (see `ref_exact`)."""
+    from . import use_triton
+    if use_triton(stats) and stats.shape[1] <= MAX_HEADS:
+        return adakv_budgets_triton(stats, budget, L, alpha)
+    return adakv_budgets_ref(stats, budget, L, alpha)
+
+
+def exact_on(device: torch.device, n_kv: int, budget: int, alpha: float) -> bool:
+    """Whether `adakv_budgets` gives the host's counts there: the Triton program always, the torch version
+    where `ref_exact` holds."""
+    from . import HAS_TRITON
+    return (HAS_TRITON and device.type == "cuda" and n_kv <= MAX_HEADS) or ref_exact(n_kv, budget, alpha)
