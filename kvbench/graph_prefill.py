@@ -118,7 +118,7 @@ class _Slot:
         self.logits: torch.Tensor | None = None
         self.questions: dict[int, _Question] = {}
         self.lent: list[weakref.ref] = []  # the layers of the last cache the store was lent to
-        self.peak_bytes = 0  # store + the forward's transient peak, measured at capture
+        self.peak_bytes = 0  # the store + the forward's transient peak (measured at capture; on CPU the store)
 
     def busy(self) -> bool:
         """A layer the store was lent to is alive and still holds it (a layer that grew out of it, or was
@@ -224,8 +224,7 @@ class GraphPrefill:
         first (Triton/cuBLAS/cuDNN set-up; never inside a capture), then the capture. Not on CPU."""
         if not self.use_graph:
             return None, None, 0
-        outer = active_peak_memory()
-        with (outer.uncounted() if outer is not None else contextlib.nullcontext()), PeakMemory(self.dev) as pm:
+        with PeakMemory(self.dev) as pm:  # from here: the warm-up's activations, then the graph's pool
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -236,6 +235,13 @@ class GraphPrefill:
                 logits = run()
             torch.cuda.synchronize(self.dev)
         return graph, logits, pm.peak
+
+    @staticmethod
+    def _set_up():
+        """A bucket's store and graphs are allocated once and reused by later samples, so they stay out of the
+        running sample's peak growth here; every replay reports them instead (`held_elsewhere`)."""
+        outer = active_peak_memory()
+        return outer.uncounted() if outer is not None else contextlib.nullcontext()
 
     def _slot(self, n: int, spare: int) -> _Slot | None:
         """The bucket of a context of n tokens with `spare` rows per head after it; captured if new."""
@@ -249,13 +255,15 @@ class GraphPrefill:
             while self.slots and (len(self.slots) >= self.max_slots or
                                   need + sum(s.store_bytes for s in self.slots.values()) > self.max_bytes):
                 self.slots.pop(next(iter(self.slots)))
-            slot = _Slot(self.n_layers, self.n_kv, self.head_dim, rows, cap, self.dtype, self.dev)
-            self._fill_context(slot, [0] * n)
-            try:
-                slot.graph, slot.logits, slot.peak_bytes = self._capture(lambda: self._run_context(slot))
-            except (RuntimeError, ValueError) as e:  # a model this static forward cannot run: eager from now on
-                self.unsupported = str(e).splitlines()[0]
-                return None
+            with self._set_up():
+                slot = _Slot(self.n_layers, self.n_kv, self.head_dim, rows, cap, self.dtype, self.dev)
+                self._fill_context(slot, [0] * n)
+                try:
+                    slot.graph, slot.logits, act = self._capture(lambda: self._run_context(slot))
+                except (RuntimeError, ValueError) as e:  # a model this static forward cannot run: eager from now on
+                    self.unsupported = str(e).splitlines()[0]
+                    return None
+            slot.peak_bytes = slot.store_bytes + act
         self.slots[key] = slot  # most recently used last
         return slot
 
@@ -339,16 +347,17 @@ class GraphPrefill:
         q = slot.questions.get(rows)
         self.last_setup_ms = 0.0
         if q is None:
-            q = slot.questions[rows] = _Question(rows, slot.cap, self.dev)
-            # the capture's warm-up run writes the rows the question will write (spare rows: see why_not_question)
-            L = cache.kv[0].head_lengths[0]
-            self._fill_question(q, [0] * n, L, cache.seen_tokens)
-            try:
-                q.graph, q.logits, q.peak_bytes = self._capture(lambda: self._run_question(slot, q))
-            except (RuntimeError, ValueError) as e:
-                self.unsupported = str(e).splitlines()[0]
-                del slot.questions[rows]
-                return None
+            with self._set_up():
+                q = slot.questions[rows] = _Question(rows, slot.cap, self.dev)
+                # the capture's warm-up run writes the rows the question will write (spare rows: why_not_question)
+                L = cache.kv[0].head_lengths[0]
+                self._fill_question(q, [0] * n, L, cache.seen_tokens)
+                try:
+                    q.graph, q.logits, q.peak_bytes = self._capture(lambda: self._run_question(slot, q))
+                except (RuntimeError, ValueError) as e:
+                    self.unsupported = str(e).splitlines()[0]
+                    del slot.questions[rows]
+                    return None
             self.last_setup_ms = (time.perf_counter() - t0) * 1e3 if q.graph is not None else 0.0
         return q
 

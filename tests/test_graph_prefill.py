@@ -246,3 +246,19 @@ def test_buckets_are_kept_least_recently_used_within_the_count_and_bytes(tiny):
     gp.max_slots, gp.max_bytes = 10, 5 * one
     assert eng.prefill(eng.new_cache(), random_ids(40), None, True).path == "graph"
     assert [r for r, _ in gp.slots] == [96, 64]
+
+
+def test_each_replay_reports_the_store_to_the_running_peak(tiny, monkeypatch):
+    """The store is allocated once (outside the running sample's growth) and reported by every replay, so each
+    sample's peak counts it whether or not that sample allocated it."""
+    reported, set_ups = [], []
+    monkeypatch.setattr(graph_prefill, "held_elsewhere", reported.append)
+    orig = PeakMemory.uncounted
+    monkeypatch.setattr(PeakMemory, "uncounted", lambda self: (set_ups.append(1), orig(self))[1])
+    eng = static_engine(tiny, GraphPrefill(tiny.model, use_graph=False, rows=32, q_rows=8))
+    for seed in (0, 1):
+        with PeakMemory(torch.device("cpu")):
+            assert eng.prefill(eng.new_cache(), random_ids(40, seed), None, True, spare=4).path == "graph"
+        assert len(set_ups) == 1  # the first sample allocated the store, uncounted; the second reused it
+    (slot,) = eng._static.slots.values()
+    assert reported == [slot.store_bytes] * 2 and slot.store_bytes > 0
