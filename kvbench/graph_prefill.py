@@ -220,20 +220,22 @@ class GraphPrefill:
     # -- capture ----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def _capture(self, run) -> tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None, int]:
-        """(graph, its logits output, the bytes the capture held at most). One eager run on a side stream
-        first (Triton/cuBLAS/cuDNN set-up; never inside a capture), then the capture. Not on CPU."""
+        """(graph, its logits output, the forward's transient peak in bytes). Two eager runs on a side stream
+        first (Triton/cuBLAS/cuDNN set-up, never inside a capture; the second one's peak is the forward's
+        activations, without the first's one-time workspaces), then the capture. Not on CPU."""
         if not self.use_graph:
             return None, None, 0
-        with PeakMemory(self.dev) as pm:  # from here: the warm-up's activations, then the graph's pool
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            run()
+            with PeakMemory(self.dev) as pm:
                 run()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = run()
-            torch.cuda.synchronize(self.dev)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = run()
+        torch.cuda.synchronize(self.dev)
         return graph, logits, pm.peak
 
     @staticmethod
