@@ -9,24 +9,20 @@ without it, the Triton tests here are skipped in-process and rerun in one fresh 
 """
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
-_SET_INTERPRET = (not torch.cuda.is_available() and "triton" not in sys.modules
-                  and "TRITON_INTERPRET" not in os.environ)
-if _SET_INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from kvbench.methods.kernels import HAS_TRITON
-    from kvbench.methods.kernels import adakv_budgets as AB
-finally:
-    if _SET_INTERPRET:  # the choice is made at import; don't leak the variable into other tests
-        del os.environ["TRITON_INTERPRET"]
+import triton_modes  # noqa: E402  (tests/: how this process runs Triton)
+
+
+def _import():
+    from kvbench.methods.kernels import HAS_TRITON, adakv_budgets
+    return HAS_TRITON, adakv_budgets
+
+
+HAS_TRITON, AB = triton_modes.import_kernels(_import)
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -36,27 +32,14 @@ from kvbench.method import build_method  # noqa: E402
 from kvbench.methods.adakv import SCORERS, AdaKV, global_topk_counts, safeguard_mix  # noqa: E402
 
 
-def _triton_mode() -> str:
-    if not HAS_TRITON:
-        return "none"
-    if torch.cuda.is_available():
-        return "cuda"
-    if type(AB._budgets_kernel).__name__ == "InterpretedFunction":
-        return "interpret"
-    return "subprocess"
-
-
-MODE = _triton_mode()
+MODE = triton_modes.triton_mode(HAS_TRITON, getattr(AB, "_budgets_kernel", None))
 DEV = "cuda" if MODE == "cuda" else "cpu"
-needs_triton = pytest.mark.skipif(MODE not in ("cuda", "interpret"),
-                                  reason=f"Triton kernels not runnable in this process (mode={MODE})")
+needs_triton = triton_modes.needs_triton(MODE)
 
 
 @pytest.fixture
 def interpret_env(monkeypatch):
-    """Keep TRITON_INTERPRET=1 visible while interpreted kernels run (checked by the launch wrappers)."""
-    if MODE == "interpret":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_modes.interpret_env(MODE, monkeypatch)
 
 
 # ---------------------------------------------------------------- the mix: cases and the host's answer
@@ -210,12 +193,7 @@ def test_triton_mix_equals_torch_mix_and_host_mix(interpret_env):
 
 def test_triton_suite_in_fresh_interpreter_process():
     """Triton was imported (compiled mode) before this module on a machine without CUDA: rerun here."""
-    if MODE != "subprocess":
-        pytest.skip(f"Triton tests ran in-process (mode={MODE})")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    triton_modes.rerun_in_fresh_process(MODE, __file__, "triton", 600)
 
 
 # ---------------------------------------------------------------- end to end on a tiny Llama

@@ -9,46 +9,28 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-_SET_INTERPRET = (not torch.cuda.is_available() and "triton" not in sys.modules
-                  and "TRITON_INTERPRET" not in os.environ)
-if _SET_INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from kvbench.methods import kernels as K
-    from kvbench.methods.kernels import ragged_decode as _rd
-finally:
-    if _SET_INTERPRET:  # the choice is made at import; don't leak the variable into other tests
-        del os.environ["TRITON_INTERPRET"]
+import triton_modes  # noqa: E402  (tests/: how this process runs Triton)
 
 
-def _triton_mode() -> str:
-    if not K.HAS_TRITON:
-        return "none"
-    if torch.cuda.is_available():
-        return "cuda"
-    if type(_rd._decode_split_kernel).__name__ == "InterpretedFunction":
-        return "interpret"
-    return "subprocess"
+def _import():
+    from kvbench.methods import kernels
+    from kvbench.methods.kernels import ragged_decode
+    return kernels, ragged_decode
 
 
-MODE = _triton_mode()
+K, _rd = triton_modes.import_kernels(_import)
+MODE = triton_modes.triton_mode(K.HAS_TRITON, getattr(_rd, "_decode_split_kernel", None))
 DEV = "cuda" if MODE == "cuda" else "cpu"
-needs_triton = pytest.mark.skipif(MODE not in ("cuda", "interpret"),
-                                  reason=f"Triton kernels not runnable in this process (mode={MODE})")
+needs_triton = triton_modes.needs_triton(MODE)
 
 
 @pytest.fixture
 def interpret_env(monkeypatch):
-    """Keep TRITON_INTERPRET=1 visible while interpreted kernels run (checked by the launch wrappers)."""
-    if MODE == "interpret":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_modes.interpret_env(MODE, monkeypatch)
 
 
 # ---------------------------------------------------------------- inputs
@@ -481,13 +463,8 @@ def test_adakv_global_topk_counts_through_the_split_kernel(seed, P, monkeypatch,
 
 def test_triton_suite_in_fresh_interpreter_process():
     """Triton was imported (compiled mode) before this module on a machine without CUDA: rerun here."""
-    if MODE != "subprocess":
-        pytest.skip(f"Triton tests ran in-process (mode={MODE})")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "triton or hand_worked or zero_query or spare_row or ring or topk or h2o_scores"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    triton_modes.rerun_in_fresh_process(
+        MODE, __file__, "triton or hand_worked or zero_query or spare_row or ring or topk or h2o_scores", 300)
 
 
 # ---------------------------------------------------------------- dispatch and input validation
