@@ -148,10 +148,10 @@ class _Question:
 
 
 class GraphPrefill:
-    """Per engine: buckets (`_Slot`s) of the full cache's static prefill. `context()` / `question()` return
-    the last token's logits, or None when this path does not apply (the caller prefills eagerly);
-    `last_setup_ms` is what the call spent capturing (a one-time cost, timed apart by the caller through
-    `prepare_*`), `last_path` how it ran."""
+    """Per engine: buckets (`_Slot`s) of the full cache's static prefill. `why_not_context` / `why_not_question`
+    say whether a prefill can take it, `prepare_context` / `prepare_question` capture what is new (its time:
+    `last_setup_ms`, a one-time cost the caller keeps out of its clock), `context()` / `question()` replay and
+    return the last token's logits (None: the model's attention is not plain causal; the caller goes eager)."""
 
     def __init__(self, model: torch.nn.Module, use_graph: bool | None = None, rows: int = 256, q_rows: int = 32,
                  max_slots: int = 8, max_bytes: int = 4 << 30, compile: str | None | bool = True):
