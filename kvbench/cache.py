@@ -345,7 +345,7 @@ class LayerKV:
             if counts.shape != (3, self.n_heads) or pending is None:
                 raise ValueError(f"keep_ragged(): a device layout must be (3, {self.n_heads}) with a pending queue")
             rows = torch.repeat_interleave(self.starts, counts[1], output_size=flat_idx.shape[0]) + flat_idx
-            return self._take_rows(rows, counts, pending)
+            return self.keep_rows(rows, counts, pending)
         if len(counts) != self.n_heads:
             raise ValueError(f"keep_ragged(): got counts for {len(counts)} heads, the layer has {self.n_heads}")
         if any(c > n for c, n in zip(counts, self._lens)):
@@ -354,6 +354,14 @@ class LayerKV:
         starts, cnt = long_tensor([self._starts, counts], dev)
         rows = torch.repeat_interleave(starts, cnt, output_size=sum(counts)) + flat_idx.to(dev).long()
         self._take_rows(rows, counts)
+
+    def keep_rows(self, rows: torch.Tensor, layout: torch.Tensor, pending: PendingLengths) -> None:
+        """`keep_ragged` of a device layout with the buffer rows to keep already built (head h's layout[1][h] rows
+        back to back; methods/kernels/ragged_rows.py builds them in one launch): one gather per tensor, nothing
+        read back."""
+        if layout.shape != (3, self.n_heads) or pending is None:
+            raise ValueError(f"keep_rows(): the device layout must be (3, {self.n_heads}) with a pending queue")
+        self._take_rows(rows, layout, pending)
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more tokens per head (one reallocation instead of one per step)."""

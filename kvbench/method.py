@@ -210,7 +210,14 @@ def keep_top(layer, scores: torch.Tensor, per_head: list[int] | torch.Tensor, to
     the (3, n_kv) device layout of a cut made on the device (AdaKV), with its host-known sum `total` and the
     `PendingLengths` queue that will read the head lengths (`LayerKV.keep_ragged`): no host read here."""
     if isinstance(per_head, torch.Tensor):
-        layer.keep_ragged(ragged_topk_indices(scores, per_head, total), per_head, pending)
+        from kvbench.methods.kernels import use_triton
+        if use_triton(scores, per_head):  # the gather rows from the per-head top-k in one launch
+            from kvbench.methods.kernels.ragged_rows import ragged_rows_triton
+            from kvbench.methods.kernels.topk_select import topk_select
+            order = topk_select(scores, per_head[1], min(scores.shape[1], total))
+            layer.keep_rows(ragged_rows_triton(order, per_head, layer.starts, total), per_head, pending)
+        else:
+            layer.keep_ragged(ragged_topk_indices(scores, per_head, total), per_head, pending)
     elif layer.is_uniform() and len(set(per_head)) == 1:
         layer.keep(topk_indices(scores, per_head[0]), ascending=True)
     elif layer.is_uniform():  # per-head budgets over a fresh prefill (AdaKV): batched, no head loop

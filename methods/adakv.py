@@ -20,7 +20,7 @@ import torch
 
 from kvbench.cache import PendingLengths
 from kvbench.method import LayerContext, ScoredEviction, build_method, keep_top, register_method
-from kvbench.methods.kernels.adakv_budgets import adakv_budgets, exact_on
+from kvbench.methods.kernels.adakv_budgets import adakv_layout, exact_on, head_shares_ref, window_counts_ref
 from kvbench.methods.snapkv import WindowQueries
 
 SCORERS = ("snapkv", "pyramidkv", "knorm", "tova", "cake", "random")
@@ -38,22 +38,16 @@ def adaptive_head_budgets(scores: torch.Tensor, budget: int, alpha: float) -> li
 
 def global_topk_counts(scores: torch.Tensor, budget: int) -> torch.Tensor:
     """(2, n_kv) int64 on the scores' device, no sync: each head's +inf (window) tokens, and its share of the
-    unconstrained global top-k over every head's other scores (k = the heads' free budgets together)."""
+    unconstrained global top-k over every head's other scores (k = the heads' free budgets together). In torch
+    ops: the host cut's and the CPU path's, and the reference of the device version (`adakv_layout`)."""
     from kvbench.methods.kernels.topk_select import topk_select
     h, L = scores.shape
-    s = scores.float()
-    forced = s == float("inf")
-    n_forced_t = forced.sum(dim=1)                                 # the window, per head
-    total_t = (budget - n_forced_t).clamp(min=0).sum()
+    masked, n_forced_t, total_t = window_counts_ref(scores, budget)
     # the global top-k as one row of h*L scores (ties: the earlier head, then the earlier token), k on the
     # device; h * budget slots bound it on the host. Then per head how many of the first total_t it holds.
     # (A global sort, then a scatter_add of h*L ones into n_kv counters, took several times longer on a GPU.)
-    width = h * budget
-    kept = topk_select(torch.where(forced, float("-inf"), s).reshape(1, -1), total_t.view(1), width)[0]
-    valid = torch.arange(width, device=s.device) < total_t          # slots past k are undefined
-    head = torch.div(kept, L, rounding_mode="floor")
-    counts_t = ((head.unsqueeze(0) == torch.arange(h, device=s.device).unsqueeze(1)) & valid).sum(dim=1)
-    return torch.stack([n_forced_t, counts_t])
+    kept = topk_select(masked.view(1, -1), total_t, h * budget)[0]
+    return torch.stack([n_forced_t, head_shares_ref(kept, total_t, h, L)])
 
 
 def safeguard_mix(n_forced: list[int], counts: list[int], budget: int, L: int, alpha: float) -> list[int]:
@@ -150,7 +144,7 @@ class AdaKV(WindowQueries, ScoredEviction):
         are the observation window, the same columns in every head); the read after the prefill checks it
         (PendingLengths.resolve raises otherwise)."""
         alpha = float(self.alpha_safeguard)
-        layout = adakv_budgets(global_topk_counts(scores, budget), budget, scores.shape[1], alpha)
+        layout = adakv_layout(scores, budget, alpha)
         if getattr(self, "_pending", None) is None:  # used without reset() (direct calls)
             self._pending = PendingLengths()
         keep_top(layer, scores, layout, total=scores.shape[0] * budget, pending=self._pending)

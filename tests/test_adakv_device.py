@@ -18,11 +18,13 @@ import triton_modes  # noqa: E402  (tests/: how this process runs Triton)
 
 
 def _import():
+    import kvbench.methods.kernels as kernels
     from kvbench.methods.kernels import HAS_TRITON, adakv_budgets
-    return HAS_TRITON, adakv_budgets
+    from kvbench.methods.kernels import ragged_rows  # noqa: F401  (its kernel, in the chosen mode)
+    return HAS_TRITON, adakv_budgets, kernels
 
 
-HAS_TRITON, AB = triton_modes.import_kernels(_import)
+HAS_TRITON, AB, KERNELS = triton_modes.import_kernels(_import)
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -189,6 +191,126 @@ def test_triton_mix_equals_torch_mix_and_host_mix(interpret_env):
         assert sum(c) == total and max(c) <= room
         got = AB.adakv_budgets_triton(torch.tensor([f, c]).to(DEV), budget, L, alpha).cpu()
         assert torch.equal(got, host_layout(f, c, budget, L, alpha)), (h, budget, alpha)
+
+
+def score_cases(seed: int, n: int):
+    """(scores, budget) as the scorers give them: ties, -0.0, +inf windows of every length (some above the budget,
+    some per head), float32 or bfloat16, some non-contiguous; a few with over 1024 global top-k slots."""
+    g = torch.Generator().manual_seed(seed)
+    for k in range(n):
+        h = int(torch.randint(1, 9, (1,), generator=g))
+        L = int(torch.randint(2, 80, (1,), generator=g)) if k % 5 else int(torch.randint(300, 700, (1,), generator=g))
+        budget = int(torch.randint(1, L, (1,), generator=g)) if k % 5 else L // 2
+        s = torch.randint(-2, 4, (h, L), generator=g).float() * 0.5
+        s[s == 0] = -0.0 if k % 2 else 0.0
+        w = int(torch.randint(0, min(L, budget + 3), (1,), generator=g))
+        if w:
+            s[:, L - w:] = float("inf")
+        if k % 7 == 3:  # a head of its own: more +inf tokens
+            s[0, : L // 2] = float("inf")
+        if k % 3 == 1:
+            s = s.to(torch.bfloat16)
+        if k % 4 == 2:
+            s = torch.cat([s, s], dim=1)[:, :L]  # a row stride of 2 L
+        yield s, budget
+
+
+@needs_triton
+def test_triton_window_counts_equal_torch(interpret_env):
+    """The window kernel: the masked scores bit for bit, the +inf counts and the total as the torch version."""
+    for n, (s, budget) in enumerate(score_cases(3, 60)):
+        want = AB.window_counts_ref(s, budget)
+        got = AB.window_counts_triton(s.to(DEV), budget)
+        assert torch.equal(got[0].cpu().view(torch.int32), want[0].view(torch.int32)), n
+        assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2]), n
+
+
+@needs_triton
+def test_triton_mix_from_topk_equals_torch_and_host(interpret_env):
+    """The mix counting each head's share of the global top-k in the program: the layout of the torch version
+    (`global_topk_counts`, then the mix) and of the host's cut, whatever the top-k's slots past k hold; and
+    `adakv_layout` on the device path (the window kernel, the top-k, this mix) the same."""
+    from kvbench.methods.adakv import adaptive_head_budgets
+    from kvbench.methods.kernels.topk_select import topk_select_ref
+    for n, (s, budget) in enumerate(score_cases(4, 60)):
+        h, L = s.shape
+        alpha = [0.0, 0.2, 0.5, 1.0, 1 / 3][n % 5]
+        masked, forced, total = AB.window_counts_ref(s, budget)
+        kept = topk_select_ref(masked.view(1, -1), total, h * budget)[0]
+        kept = torch.where(torch.arange(h * budget) < total, kept, torch.randint(0, h * L, (h * budget,)))
+        got = AB.adakv_budgets_topk_triton(forced.to(DEV), kept.to(DEV), budget, L, alpha).cpu()
+        want = AB.adakv_budgets_ref(global_topk_counts(s, budget), budget, L, alpha)
+        assert torch.equal(got, want), n
+        assert got[1].tolist() == adaptive_head_budgets(s, budget, alpha), n
+        assert torch.equal(AB.adakv_layout(s.to(DEV), budget, alpha).cpu(), want), n  # DEV's path
+        if DEV == "cpu":
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(KERNELS, "use_triton", lambda *t: True)
+                assert torch.equal(AB.adakv_layout(s, budget, alpha), want), n
+
+
+@needs_triton
+def test_triton_ragged_rows_equal_torch(interpret_env):
+    """The gather rows of a device cut: each head's first counts[h] per-head top-k slots (later slots garbage)
+    shifted by its first buffer row, at the layout's starts, as the torch ops give them (heads keeping 0 rows,
+    all rows, over 1024 rows)."""
+    from kvbench.methods.kernels import ragged_rows
+    g = torch.Generator().manual_seed(5)
+    for n in range(40):
+        h = int(torch.randint(1, 9, (1,), generator=g))
+        width = int(torch.randint(1, 40, (1,), generator=g)) if n % 4 else 1500
+        cnt = torch.randint(0, width + 1, (h,), generator=g)
+        cnt[0] = 0 if n % 3 == 0 else width
+        layout = torch.stack([cnt.cumsum(0) - cnt, cnt, cnt])
+        order = torch.randint(0, 5000, (h, width), generator=g)
+        starts = torch.randint(0, 10_000, (h,), generator=g)
+        total = int(cnt.sum())
+        want = ragged_rows.ragged_rows_ref(order, layout, starts, total)
+        got = ragged_rows.ragged_rows_triton(order.to(DEV), layout.to(DEV), starts.to(DEV), total).cpu()
+        assert torch.equal(got, want), n
+
+
+@needs_triton
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
+def test_triton_device_cut_keeps_the_host_cut_rows(alpha, interpret_env, monkeypatch):
+    """A layer cut on the device path with the Triton kernels (the window counts, the mix counting the top-k's
+    shares, the gather rows) keeps the host cut's rows (DEFER = "never"): per head the same positions in the same
+    order, the same keys and values, the same lengths once read."""
+    from kvbench.methods.kernels import ragged_rows
+    ran = []
+    for mod, name in ((AB, "window_counts_triton"), (AB, "adakv_budgets_topk_triton"),
+                      (ragged_rows, "ragged_rows_triton")):
+        f = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, f=f, name=name: (ran.append(name), f(*a))[1])
+    cut = 0
+    for n, (s, budget) in enumerate(score_cases(6, 14)):
+        s = s.float().contiguous()
+        h, L = s.shape
+        f = (s == float("inf")).sum(1)
+        if not (bool((f <= budget).all()) or bool((f >= budget).all())):
+            continue  # windows on both sides of the budget: not cut on the device (AdaKV.cut_on_device)
+        g = torch.Generator().manual_seed(n)
+        kv = [torch.randn(h, L, 4, generator=g) for _ in range(2)]
+        host = LayerKV.from_dense(*kv, torch.arange(L))
+        dev = LayerKV.from_dense(*(t.to(DEV) for t in kv), torch.arange(L, device=DEV))
+        m = build_method("adakv", budget=budget, scorer="snapkv", alpha_safeguard=alpha)
+        m.reset()
+        monkeypatch.setattr(AdaKV, "DEFER", "never")
+        m.cut(host, s, budget)
+        monkeypatch.setattr(AdaKV, "DEFER", "always")
+        with pytest.MonkeyPatch.context() as mp:
+            if DEV == "cpu":
+                mp.setattr(KERNELS, "use_triton", lambda *t: True)
+            del ran[:]
+            m.cut(dev, s.to(DEV), budget)
+            assert ran == ["window_counts_triton", "adakv_budgets_topk_triton", "ragged_rows_triton"], n
+        m._pending.resolve()
+        assert dev.head_lengths == host.head_lengths, n
+        for i in range(h):
+            for t, u in zip(dev.head(i), host.head(i)):  # keys, values, positions
+                assert torch.equal(t.cpu(), u), (n, i)
+        cut += 1
+    assert cut >= 10
 
 
 def test_triton_suite_in_fresh_interpreter_process():
