@@ -81,23 +81,6 @@ def round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-class _PassThroughCache(KVBenchCache):
-    """The cache transformers sees inside the static forward: `update` stores nothing (the attention below
-    writes the store); the mask sizes are constants of the captured shape (kvbench's attention ignores the
-    mask transformers builds)."""
-
-    def __init__(self, n_layers: int, seen: int):
-        super().__init__(n_layers)
-        self.seen_tokens = seen
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return key_states, value_states
-
-    def get_mask_sizes(self, query_length, layer_idx=0):
-        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
-        return self.seen_tokens + q, 0
-
-
 class _Slot:
     """One bucket: the store of cap rows per KV head for contexts of up to `rows` tokens, its static inputs,
     the context's graph and a graph per question bucket."""
@@ -173,8 +156,10 @@ class GraphPrefill:
         self.last_setup_ms = 0.0
 
     # -- the forward ------------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, seen: int, attend) -> torch.Tensor:
-        cache = _PassThroughCache(self.n_layers, seen)
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, attend) -> torch.Tensor:
+        # transformers' view of the cache: update() stores nothing (the attention above writes the store), and the
+        # mask sizes are constants of the captured shape (kvbench's attention ignores transformers' mask)
+        cache = fast_decode._InPlaceCache(KVBenchCache(self.n_layers))
         region = fast_decode.regional(self.model, self.compile) if self.compile else contextlib.nullcontext()
         with attention.inplace_prefill(attend), region:
             out = self.model(input_ids=ids, **cache_kwargs(self.model, cache, pos), use_cache=True,
@@ -211,11 +196,11 @@ class GraphPrefill:
         return attend
 
     def _run_context(self, slot: _Slot) -> torch.Tensor:
-        return self._forward(slot.ids, slot.pos, slot.last, 0, self._context_attention(slot))
+        return self._forward(slot.ids, slot.pos, slot.last, self._context_attention(slot))
 
     def _run_question(self, slot: _Slot, q: _Question) -> torch.Tensor:
         torch.le(q.cols.unsqueeze(0), q.at.unsqueeze(1), out=q.mask)  # row j visible to token i: j <= its row
-        return self._forward(q.ids, q.pos, q.last, 0, self._question_attention(slot, q))
+        return self._forward(q.ids, q.pos, q.last, self._question_attention(slot, q))
 
     # -- capture ----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -245,13 +230,15 @@ class GraphPrefill:
         outer = active_peak_memory()
         return outer.uncounted() if outer is not None else contextlib.nullcontext()
 
-    def _slot(self, n: int, spare: int) -> _Slot | None:
-        """The bucket of a context of n tokens with `spare` rows per head after it; captured if new."""
+    def _slot(self, n: int, spare: int) -> tuple[_Slot | None, bool]:
+        """The bucket of a context of n tokens with `spare` rows per head after it, and whether it was captured
+        now (None: the capture failed)."""
         rows = round_up(n, self.rows)
         cap = round_up(n + spare + self.q_rows, self.rows)  # the question's padded rows fit in any case
         key = (rows, cap)
         slot = self.slots.pop(key, None)
-        if slot is None:
+        new = slot is None
+        if new:
             # the least recently used buckets go first (a lent store lives on with its cache)
             need = self.n_layers * self.n_kv * cap * (2 * self.head_dim * self.dtype.itemsize + 8)  # = store_bytes
             while self.slots and (len(self.slots) >= self.max_slots or
@@ -264,10 +251,10 @@ class GraphPrefill:
                     slot.graph, slot.logits, act = self._capture(lambda: self._run_context(slot))
                 except (RuntimeError, ValueError) as e:  # a model this static forward cannot run: eager from now on
                     self.unsupported = str(e).splitlines()[0]
-                    return None
+                    return None, True
             slot.peak_bytes = slot.store_bytes + act
         self.slots[key] = slot  # most recently used last
-        return slot
+        return slot, new
 
     # -- the public calls -------------------------------------------------------------------------------
     def failure(self) -> str | None:
@@ -289,9 +276,8 @@ class GraphPrefill:
         it is new (the time it took: `last_setup_ms`), or None (its store is still lent to a live cache, or
         the capture failed)."""
         t0 = time.perf_counter()
-        known = (round_up(n, self.rows), round_up(n + spare + self.q_rows, self.rows)) in self.slots
-        slot = self._slot(n, spare)
-        self.last_setup_ms = 0.0 if known or not self.use_graph else (time.perf_counter() - t0) * 1e3
+        slot, new = self._slot(n, spare)
+        self.last_setup_ms = (time.perf_counter() - t0) * 1e3 if new and self.use_graph else 0.0
         return None if slot is None or slot.busy() else slot
 
     def _fill_context(self, slot: _Slot, ids: list[int]) -> None:

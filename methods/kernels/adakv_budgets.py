@@ -9,7 +9,8 @@ budget, L its tokens:
 - while sum(out) < total: +1 to the head with room left whose raw - out is largest (ties: the earlier head);
   while sum(out) > total: -1 to the head with out > 0 whose raw - out is smallest (ties: the earlier head);
 - keep out + f.
-`adakv_budgets_triton` runs it in one program (n_kv <= 1024 lanes, the corrections as a loop over float64
+`adakv_budgets_triton` (the mix alone, tested directly; `adakv_layout` runs the same mix inside
+`_budgets_topk_kernel`) runs it in one program (n_kv <= 1024 lanes, the corrections as a loop over float64
 residuals updated as the host updates them): exact for any input. `adakv_budgets_ref` is the torch version (CPU,
 and CUDA without Triton), with no loop: head h's j-th one-token step has the key j - (raw - out) (growing) or
 raw - out + j (shrinking); the greedy loop takes the smallest key in turn (ties: the earlier head) and each head's
@@ -26,7 +27,7 @@ Elsewhere AdaKV reads the counts on the host (its path before this module).
 the global top-k's (in place of ~20 small torch ops): `_window_kernel` (each head's +inf tokens, the global top-k's
 k and the scores it ranks; references `window_counts_ref`), the top-k, and `_budgets_topk_kernel`, the mix above
 with each head's share of the top-k counted in the same program (`head_shares_ref`). Elsewhere its torch version,
-`adakv_budgets(global_topk_counts(...))`.
+`adakv_budgets_ref(global_topk_counts(...))`.
 """
 from __future__ import annotations
 
@@ -233,7 +234,7 @@ def adakv_layout(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tenso
     """The (3, n_kv) layout of a layer's cut from its (n_kv, L) scores, no host read: where the Triton kernels run,
     the window counts (1 launch + a zeroing), the global top-k (methods/kernels/topk_select.py) and the mix
     counting each head's share of it (1 launch), in place of ~20 small torch launches; elsewhere
-    `adakv_budgets(global_topk_counts(...))` (kvbench.methods.adakv), the reference."""
+    `adakv_budgets_ref(global_topk_counts(...))` (kvbench.methods.adakv), the reference."""
     from . import use_triton
     from .topk_select import topk_select
     h, L = scores.shape
@@ -242,7 +243,8 @@ def adakv_layout(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tenso
         kept = topk_select(masked.view(1, -1), total, h * budget)[0]
         return adakv_budgets_topk_triton(forced, kept, budget, L, alpha)
     from kvbench.methods.adakv import global_topk_counts
-    return adakv_budgets(global_topk_counts(scores, budget), budget, L, alpha)
+    return adakv_budgets_ref(global_topk_counts(scores, budget), budget, L, alpha)
+
 
 def ref_exact(n_kv: int, budget: int, alpha: float) -> bool:
     """Whether `adakv_budgets_ref` gives the host's counts for a layer of n_kv heads, this budget and alpha (see
@@ -250,16 +252,8 @@ def ref_exact(n_kv: int, budget: int, alpha: float) -> bool:
     return n_kv * budget <= REF_MAX_TOTAL and n_kv <= MAX_HEADS and (alpha == 1.0 or 1.0 - alpha >= 2.0 ** -17)
 
 
-def adakv_budgets(stats: torch.Tensor, budget: int, L: int, alpha: float) -> torch.Tensor:
-    """The Triton program on CUDA (with Triton), the torch version otherwise (see `ref_exact`)."""
-    from . import use_triton
-    if use_triton(stats) and stats.shape[1] <= MAX_HEADS:
-        return adakv_budgets_triton(stats, budget, L, alpha)
-    return adakv_budgets_ref(stats, budget, L, alpha)
-
-
 def exact_on(device: torch.device, n_kv: int, budget: int, alpha: float) -> bool:
-    """Whether `adakv_budgets` gives the host's counts there: the Triton program always, the torch version
+    """Whether `adakv_layout` gives the host's counts there: the Triton programs always, the torch version
     where `ref_exact` holds."""
     from . import HAS_TRITON
     return (HAS_TRITON and device.type == "cuda" and n_kv <= MAX_HEADS) or ref_exact(n_kv, budget, alpha)

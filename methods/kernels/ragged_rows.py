@@ -53,10 +53,3 @@ def ragged_rows_triton(order: torch.Tensor, layout: torch.Tensor, starts: torch.
         _ragged_rows_kernel[(h,)](order, layout, starts, rows, h, total, order.stride(0), BLOCK=1024, num_warps=4)
     return rows
 
-
-def ragged_rows(order: torch.Tensor, layout: torch.Tensor, starts: torch.Tensor, total: int) -> torch.Tensor:
-    """The Triton kernel on CUDA (with Triton), the torch version otherwise."""
-    from . import use_triton
-    if use_triton(order, layout, starts):
-        return ragged_rows_triton(order, layout, starts, total)
-    return ragged_rows_ref(order, layout, starts, total)
