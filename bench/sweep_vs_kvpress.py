@@ -27,7 +27,7 @@ nor kvpress and never touches the GPU):
    None (full), SnapKVPress(r, window_size=32, kernel_size=7), StreamingLLMPress(r, n_sink=4),
    PyramidKVPress(r, window_size=32, kernel_size=7), AdaKVPress(SnapKVPress(r, 32, 7)), with
    r = max(0, 1 - budget / context_tokens) per sample (context_tokens: the templated context kvpress prefills).
-   Predictions go to OUT/kvpress_predictions.jsonl; this parent scores them with kvbench's RULER metric
+   Predictions go to OUT/kvpress_predictions.<methods>.jsonl; this parent scores them with kvbench's RULER metric
    (RulerNIAH.score: string_match_all after RULER's postprocess).
 
 SHIM (the only change to kvpress's path, in `install_cache_position_shim`): kvpress 0.5.5's press hooks read
@@ -60,6 +60,17 @@ or in two (each side's results are kept in --out; a --skip-* call reuses the oth
 call with the same sweep, and the export when it matches):
     PYTHONPATH=$PWD python bench/sweep_vs_kvpress.py --out sweep16 --skip-kvpress
     PYTHONPATH=$PWD python bench/sweep_vs_kvpress.py --out sweep16 --skip-kvbench --json sweep16/out.json
+kvpress's side can also run in parts (`--kvpress-methods`: the methods of this call's kvpress process; each part
+keeps its own files, OUT/kvpress_*.<methods>.*), when one part would outlast a call's time limit. The report then
+joins the parts: predictions and loop times summed, and the wall of ONE kvpress process = the parts' walls summed
+less every part's setup (imports, model load) but the first one's, so splitting never costs kvpress anything.
+Export first (both --skip-*), then the sides and parts may run at once on different GPUs (CUDA_VISIBLE_DEVICES),
+then a report call (both --skip-*) prints the table:
+    python bench/sweep_vs_kvpress.py --out S --skip-kvbench --skip-kvpress
+    CUDA_VISIBLE_DEVICES=0 python bench/sweep_vs_kvpress.py --out S --skip-kvpress &
+    CUDA_VISIBLE_DEVICES=1 python bench/sweep_vs_kvpress.py --out S --skip-kvbench --kvpress-methods full snapkv
+    ...
+    python bench/sweep_vs_kvpress.py --out S --skip-kvbench --skip-kvpress --json S/out.json
 Smoke (CPU):
     PYTHONPATH=$PWD .venv-compat/bin/python bench/sweep_vs_kvpress.py --device cpu --samples 1 --lengths 1024 \\
         --methods full snapkv --kvpress-path /tmp/kvpress_site --out /tmp/sweep16_smoke
@@ -431,9 +442,53 @@ def score_kvpress(pred_file: Path, samples_file: Path) -> list[dict]:
     return rows
 
 
-def side_key(args) -> dict:
+def side_key(args, methods=None) -> dict:
     """What one side's results depend on (a --skip-* call reuses them only when this matches)."""
-    return dict(export_key(args), methods=list(args.methods), budget=int(args.budget), device=args.device)
+    return dict(export_key(args), methods=list(args.methods if methods is None else methods), budget=int(args.budget),
+                device=args.device)
+
+
+def part_tag(methods) -> str:
+    """The file tag of one kvpress part: its methods, in the order they ran."""
+    return "-".join(methods)
+
+
+def join_kvpress_parts(parts: list[dict]) -> dict:
+    """kvpress parts (each {wall_s, rc, timing: {load_s, loop_s, method_s}}, in the order they ran) -> one
+    kvpress process: wall = the parts' walls summed less every part's setup (load_s) but the first one's (as if
+    one process had loaded the model once and run every part's loop), loop and per-method seconds summed; rc the
+    first nonzero one."""
+    if not parts:
+        return {}
+    wall = sum(float(p["wall_s"]) for p in parts) - sum(float((p.get("timing") or {}).get("load_s") or 0.0)
+                                                        for p in parts[1:])
+    loops = [(p.get("timing") or {}).get("loop_s") for p in parts]
+    method_s: dict[str, float] = {}
+    for p in parts:
+        for m, sec in ((p.get("timing") or {}).get("method_s") or {}).items():
+            method_s[m] = method_s.get(m, 0.0) + float(sec)
+    return dict(wall_s=wall, loop_s=None if any(x is None for x in loops) else sum(float(x) for x in loops),
+                method_s=method_s, rc=next((p["rc"] for p in parts if p.get("rc")), 0), parts=len(parts))
+
+
+def load_kvpress_parts(out: Path, args) -> list[dict]:
+    """The kvpress parts an earlier call saved in `out` for this sweep (same export, budget and device; methods
+    among args.methods; a method's earliest part only), each with its wall, rc, timing and prediction file; in the
+    order they started. Missing methods are simply absent from the table."""
+    found = sorted((json.loads(p.read_text()) for p in out.glob("kvpress_wall.*.json")),
+                   key=lambda d: d.get("started", 0.0))
+    parts, seen = [], set()
+    for d in found:
+        ms = d.get("key", {}).get("methods") or []
+        if d.get("key") != side_key(args, ms) or not set(ms) <= set(args.methods) or seen & set(ms):
+            continue
+        seen |= set(ms)
+        tag = part_tag(ms)
+        t = out / f"kvpress_timing.{tag}.json"
+        d.update(tag=tag, timing=json.loads(t.read_text()) if t.exists() else {},
+                 pred=out / f"kvpress_predictions.{tag}.jsonl")
+        parts.append(d)
+    return parts
 
 
 def load_side(out: Path, fw: str, args) -> dict | None:
@@ -496,6 +551,8 @@ def main() -> None:
     ap.add_argument("--skip-kvpress", action="store_true")
     ap.add_argument("--fail-fast", action="store_true", help="kvpress: stop at the first failing sample")
     ap.add_argument("--kvbench-extra", nargs="*", default=[], help="extra overrides for kvbench's CLI")
+    ap.add_argument("--kvpress-methods", nargs="+", default=None, choices=METHODS,
+                    help="the methods of this call's kvpress part (default: --methods)")
     # internal (kvpress process)
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--samples-file", default=None)
@@ -552,33 +609,37 @@ def main() -> None:
                                  loop_s=kvbench_loop_s(summaries), method_s=kvbench_method_s(summaries),
                                  rc=prev_side["rc"], reused=True)
         print(f"[kvbench] skipped: reusing the results of an earlier call in {out}", flush=True)
-    # 3. kvpress: its own process, after kvbench's has ended
+    # 3. kvpress: its own process (after kvbench's has ended, unless the caller runs the two at once on two GPUs)
     if not args.skip_kvpress:
-        pred, timing = out / "kvpress_predictions.jsonl", out / "kvpress_timing.json"
-        for p in (pred, timing):
+        ms = list(args.kvpress_methods or args.methods)
+        if not set(ms) <= set(args.methods):
+            sys.exit(f"--kvpress-methods {ms}: must be among --methods {list(args.methods)}")
+        tag = part_tag(ms)
+        pred, timing = out / f"kvpress_predictions.{tag}.jsonl", out / f"kvpress_timing.{tag}.json"
+        for p in (pred, timing, out / f"kvpress_wall.{tag}.json"):
             p.unlink(missing_ok=True)
         cmd = [sys.executable, str(HERE), "--framework", "kvpress", "--model-dir", meta["model_dir"],
                "--samples-file", str(out / "samples.jsonl"), "--pred-file", str(pred), "--timing-file", str(timing),
-               "--budget", str(args.budget), "--device", args.device, "--methods", *args.methods]
+               "--budget", str(args.budget), "--device", args.device, "--methods", *ms]
         if args.fail_fast:
             cmd.append("--fail-fast")
         # only kvpress's path (and no repo root: the kvpress process must not find kvbench's package by accident)
         env = _env(args.kvpress_path, drop=(str(REPO), "", "."), add_repo=False)
-        wall, rc = _timed(cmd, env, out / "kvpress.log")
-        t = json.loads(timing.read_text()) if timing.exists() else {}
-        rows = score_kvpress(pred, out / "samples.jsonl") if pred.exists() else []
-        per_fw["kvpress"] = dict(rows=rows, wall_s=wall, loop_s=t.get("loop_s"), method_s=t.get("method_s") or {},
-                                 rc=rc, timing=t)
-        (out / "kvpress_wall.json").write_text(json.dumps(dict(wall_s=wall, rc=rc, key=side_key(args))))
+        started = time.time()
+        wall, rc = _timed(cmd, env, out / f"kvpress.{tag}.log")
+        (out / f"kvpress_wall.{tag}.json").write_text(json.dumps(dict(wall_s=wall, rc=rc, started=started,
+                                                                      key=side_key(args, ms))))
+        print(f"[kvpress] part {tag}: rc {rc}, wall {wall:.1f} s", flush=True)
+    if parts := load_kvpress_parts(out, args):
+        rows = [r for p in parts if p["pred"].exists() for r in score_kvpress(p["pred"], out / "samples.jsonl")]
+        joined = join_kvpress_parts(parts)
+        per_fw["kvpress"] = dict(rows=rows, wall_s=joined["wall_s"], loop_s=joined["loop_s"],
+                                 method_s=joined["method_s"], rc=joined["rc"], timing=[p["timing"] for p in parts],
+                                 parts=[p["tag"] for p in parts], reused=args.skip_kvpress)
+        t = parts[0]["timing"]
         meta.update({k: t[k] for k in ("kvpress", "torch", "transformers") if k in t})
-        print(f"[kvpress] rc {rc}, {len(rows)} predictions, wall {wall:.1f} s", flush=True)
-    elif (prev_side := load_side(out, "kvpress", args)) is not None:
-        t = json.loads((out / "kvpress_timing.json").read_text()) if (out / "kvpress_timing.json").exists() else {}
-        rows = score_kvpress(out / "kvpress_predictions.jsonl", out / "samples.jsonl")
-        per_fw["kvpress"] = dict(rows=rows, wall_s=prev_side["wall_s"], loop_s=t.get("loop_s"),
-                                 method_s=t.get("method_s") or {}, rc=prev_side["rc"], timing=t, reused=True)
-        meta.update({k: t[k] for k in ("kvpress", "torch", "transformers") if k in t})
-        print(f"[kvpress] skipped: reusing the results of an earlier call in {out}", flush=True)
+        print(f"[kvpress] {len(parts)} part(s) {[p['tag'] for p in parts]}: {len(rows)} predictions, joined wall "
+              f"{joined['wall_s']:.1f} s", flush=True)
     if "kvpress" in per_fw:
         errs = sorted({r["error"] for r in per_fw["kvpress"]["rows"] if r.get("error")})
         for e in errs[:5]:

@@ -140,6 +140,34 @@ def test_side_reuse_needs_same_sweep(sv, tmp_path):
     assert sv.load_side(tmp_path, "kvbench", args) is None
 
 
+def test_kvpress_parts_join_as_one_process(sv, tmp_path):
+    """Two kvpress parts count as one process: walls summed less the second part's setup, loops and per-method
+    seconds summed; parts of another sweep, or repeating a method, are not joined."""
+    import argparse
+    args = argparse.Namespace(samples=20, lengths=[4096], model="smollm2-135m", methods=["full", "snapkv", "adakv"],
+                              budget=256, device="auto")
+
+    def part(ms, wall, load, loop, started, budget=256):
+        a = argparse.Namespace(**{**vars(args), "budget": budget})
+        tag = sv.part_tag(ms)
+        (tmp_path / f"kvpress_wall.{tag}.json").write_text(json.dumps(
+            dict(wall_s=wall, rc=0, started=started, key=sv.side_key(a, ms))))
+        (tmp_path / f"kvpress_timing.{tag}.json").write_text(json.dumps(
+            dict(load_s=load, loop_s=loop, method_s={m: loop / len(ms) for m in ms})))
+
+    part(["adakv"], 50.0, 6.0, 43.0, started=2.0)
+    part(["full", "snapkv"], 100.0, 8.0, 90.0, started=1.0)
+    part(["snapkv"], 70.0, 5.0, 64.0, started=3.0)          # snapkv twice: the later file is left out
+    part(["full"], 70.0, 5.0, 64.0, started=4.0, budget=128)  # another sweep
+    parts = sv.load_kvpress_parts(tmp_path, args)
+    assert [p["tag"] for p in parts] == ["full-snapkv", "adakv"]  # in the order they started
+    j = sv.join_kvpress_parts(parts)
+    assert j["wall_s"] == pytest.approx(100.0 + 50.0 - 6.0)  # the second part's model load left out
+    assert j["loop_s"] == pytest.approx(133.0)
+    assert j["method_s"] == pytest.approx({"full": 45.0, "snapkv": 45.0, "adakv": 43.0})
+    assert sv.join_kvpress_parts([]) == {}
+
+
 def test_per_method_rates(sv):
     rows = lambda m, n: [dict(method=m, length=4096, subset="s", ok=True, score=1.0, prompt_tokens=10)] * n  # noqa: E731
     per_fw = {"kvbench": dict(rows=rows("full", 4) + rows("snapkv", 4), wall_s=4.0, loop_s=3.0,
