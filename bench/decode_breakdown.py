@@ -3,11 +3,14 @@
 Prefills a synthetic model of a real shape (random bf16 weights) with one method, builds the CUDA-graph
 decoder (`--compile` for the torch.compile'd step), then profiles a few graph replays with torch.profiler and
 prints GPU time per kernel family and per step, beside two floors measured in the same run:
-  linears-only   every nn.Linear of the model applied to one token, captured in one CUDA graph (cuBLAS GEMVs)
+  linears-only   every nn.Linear of the model applied to one token, captured in one CUDA graph (cuBLAS GEMVs,
+                 then the decode step's Triton GEMV: kvbench.fast_decode.triton_linears)
   copy roofline  (weight bytes read per step + KV bytes) / device-to-device copy bandwidth
 
     python bench/decode_breakdown.py [--shape llama-3.1-8b] [--length 32768] [--method snapkv] [--budget 1024]
-                                     [--compile] [--replays 10]
+                                     [--compile] [--replays 10] [--gemv cublas triton]
+Each --gemv setting decodes a clone of the same prefilled cache; its step is timed over back-to-back graph
+replays (CUDA events), then profiled.
 """
 from __future__ import annotations
 
@@ -63,6 +66,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--replays", type=int, default=10)
+    ap.add_argument("--gemv", nargs="+", default=["cublas", "triton"], choices=["cublas", "triton"],
+                    help="the decode step's linears, each measured in turn on a clone of the same cache")
+    ap.add_argument("--top", type=int, default=12, help="kernel families printed per setting")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/decode_breakdown.py needs a CUDA GPU")
@@ -74,10 +80,13 @@ def main() -> None:
     bw = gpu_speed.copy_bandwidth()
     wbytes = gpu_speed.decode_weight_bytes(model)
 
-    # floor 1: every Linear on one token, one graph
+    # floor 1: every Linear on one token, one graph (torch's linear = cuBLAS; then the step's Triton GEMV)
+    from kvbench.fast_decode import triton_linears
     lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {f: torch.randn(1, f, device="cuda", dtype=lm.dtype) for f in {m.in_features for m in lins}}
-    lin_ms = graph_ms(lambda: [m(xs[m.in_features]) for m in lins])
+    lin_ms = {"cublas": graph_ms(lambda: [m(xs[m.in_features]) for m in lins])}
+    with triton_linears(model):
+        lin_ms["triton"] = graph_ms(lambda: [m(xs[m.in_features]) for m in lins])
 
     method = build_method(args.method, budget=None if args.method == "full" else args.budget)
     eng = Engine(lm, method, query_aware=True)
@@ -85,34 +94,60 @@ def main() -> None:
     cache = eng.new_cache()
     pre = eng.prefill(cache, ids, method, compress=True)
     kv = cache.nbytes()
+    roof = gpu_speed.roofline_ms(wbytes, kv, bw)
+    print(f"{args.shape} {args.method} budget {args.budget} length {args.length} compile={args.compile}: "
+          f"KV {kv / 2**20:.0f} MB, weights {wbytes / 1e9:.2f} GB, copy bandwidth {bw / 1e12:.2f} TB/s "
+          f"({torch.cuda.get_device_name()})")
+    print(f"  copy roofline {roof:.3f} ms   linears-only graph: cuBLAS {lin_ms['cublas']:.3f} ms "
+          f"({lin_ms['cublas'] / roof:.3f}x), Triton GEMV {lin_ms['triton']:.3f} ms ({lin_ms['triton'] / roof:.3f}x)")
     steps = 3 + args.replays
-    fd = FastDecoder(model, cache, steps + 1, compile=args.compile)
-    fd.ids.fill_(int(pre.logits.argmax()))
-    for _ in range(3):  # warm-up, capture, one replay
-        fd._run_one()
-    torch.cuda.synchronize()
-    if fd.graph is None:
-        sys.exit(f"no CUDA graph: {fd.graph_error}")
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.replays):
+    step_ms = {}
+    for gemv in (["cublas"] if args.compile else args.gemv):
+        c = cache.clone()
+        fd = FastDecoder(model, c, steps + 1 + args.replays, compile=args.compile, gemv=gemv)
+        fd.ids.fill_(int(pre.logits.argmax()))
+        for _ in range(3):  # warm-up, capture, one replay
             fd._run_one()
         torch.cuda.synchronize()
-    per = defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            f = family(ev.name)
-            per[f][0] += ev.device_time / 1e3 / args.replays
-            per[f][1] += 1
-    fd.finish()
-    roof = gpu_speed.roofline_ms(wbytes, kv, bw)
-    total = sum(v[0] for v in per.values())
-    print(f"{args.shape} {args.method} budget {args.budget} length {args.length} compile={args.compile}: "
-          f"KV {kv / 2**20:.0f} MB, weights {wbytes / 1e9:.2f} GB, copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"  copy roofline {roof:.2f} ms   linears-only graph {lin_ms:.2f} ms   profiled kernels {total:.2f} ms/step")
-    for f, (ms, n) in sorted(per.items(), key=lambda kv_: -kv_[1][0]):
-        print(f"  {ms:7.3f} ms  {n // args.replays:5d} kernels/step  {f}")
-
+        if fd.graph is None:
+            sys.exit(f"no CUDA graph: {fd.graph_error}")
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(args.replays):  # timed replays, back to back (no host read in between)
+            fd.graph.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        step_ms[gemv] = e0.elapsed_time(e1) / args.replays
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.replays):
+                fd._run_one()
+            torch.cuda.synchronize()
+        per = defaultdict(lambda: [0.0, 0])
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                f = family(ev.name)
+                per[f][0] += ev.device_time / 1e3 / args.replays
+                per[f][1] += 1
+        fd.finish()
+        path = fd.path
+        del fd, c
+        total = sum(v[0] for v in per.values())
+        print(f"  gemv={gemv}: path '{path}' step {step_ms[gemv]:.3f} ms replayed "
+              f"({step_ms[gemv] / roof:.3f}x the roofline), profiled kernels {total:.3f} ms/step")
+        for f, (ms, n) in sorted(per.items(), key=lambda kv_: -kv_[1][0])[:args.top]:
+            print(f"    {ms:7.3f} ms  {n // args.replays:5d} kernels/step  {f}")
+    if len(step_ms) == 2:
+        print(f"  step cuBLAS / Triton GEMV: {step_ms['cublas'] / step_ms['triton']:.3f}x")
+        toks, logits = {}, {}
+        for gemv in step_ms:  # the same 24 greedy tokens from the same cache, and the last step's logits
+            fd = FastDecoder(model, cache.clone(), 24, gemv=gemv)
+            toks[gemv], _ = fd.decode(int(pre.logits.argmax()), 24)
+            logits[gemv] = fd.logits.float().clone()
+            del fd
+        err = (logits["cublas"] - logits["triton"]).abs().max().item()
+        print(f"  24 greedy tokens equal: {toks['cublas'] == toks['triton']}   last logits max |diff| {err:.3g} "
+              f"(max |logit| {logits['cublas'].abs().max().item():.3g})")
 
 if __name__ == "__main__":
     main()

@@ -73,12 +73,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, words):
 
 @pytest.mark.parametrize("var,value,allowed", [("KVBENCH_GRAPH_PREFILL", "yes", "auto, 0, 1"),
                                                ("KVBENCH_COMPILE_PREFILL", "1", "0, regional"),
-                                               ("KVBENCH_COMPILE_DECODE", "fast", "0, 1, regional")])
+                                               ("KVBENCH_COMPILE_DECODE", "fast", "0, 1, regional"),
+                                               ("KVBENCH_DECODE_GEMV", "fast", "auto, triton, cublas")])
 def test_bad_speed_switch_in_the_environment_exits_2_with_one_line(tmp_path, var, value, allowed):
     out = kvbench(tmp_path, env={var: value})
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == f"kvbench: error: {var}={value!r}; allowed: {allowed}"
     assert not any(tmp_path.rglob("config.yaml"))
+
+
+def test_triton_gemv_with_a_compiled_decode_exits_2_with_one_line(tmp_path):
+    out = kvbench(tmp_path, env={"KVBENCH_DECODE_GEMV": "triton", "KVBENCH_COMPILE_DECODE": "1"})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().startswith("kvbench: error: KVBENCH_DECODE_GEMV='triton' with KVBENCH_COMPILE_DECODE")
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_composed_job_equals_hydra_compose():

@@ -1,0 +1,221 @@
+"""The one-token GEMV (methods/kernels/gemv.py): the Triton kernel under TRITON_INTERPRET=1 against `gemv_ref` on
+small shapes (N, K not multiples of the blocks, N = 1, K under one block, split K, bias, fp32 and bf16), the
+reference against torch's linear, the config arithmetic, and bench/gemv_gpu.py's CPU-side logic (its config grid
+run through the interpreter on a tiny shape).
+
+Triton's mode is chosen at import (tests/triton_modes.py): where another test module already loaded triton
+without the interpreter, the Triton tests here are skipped in-process and rerun in one fresh subprocess.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triton_modes  # noqa: E402  (tests/: how this process runs Triton)
+
+
+def _import():
+    from kvbench.methods.kernels import HAS_TRITON, gemv
+    return HAS_TRITON, gemv
+
+
+HAS_TRITON, G = triton_modes.import_kernels(_import)
+MODE = triton_modes.triton_mode(HAS_TRITON, getattr(G, "_gemv_kernel", None))
+DEV = "cuda" if MODE == "cuda" else "cpu"
+needs_triton = triton_modes.needs_triton(MODE)
+# bf16: one rounding of the fp32 sum, <= 1 ulp (2**-7 relative) from the reference's (the interpreter truncates)
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+
+
+@pytest.fixture
+def interpret_env(monkeypatch):
+    triton_modes.interpret_env(MODE, monkeypatch)
+
+
+@pytest.fixture
+def bench(bench_module):
+    return bench_module("gemv_gpu")
+
+
+def test_ref_equals_linear_hand_case():
+    w = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    x, b = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([0.5, -1.0])
+    want = torch.tensor([[1 - 3 + 0.5, 4 - 6 - 1.0]])
+    assert torch.equal(G.gemv_ref(x, w, b), want)
+    assert torch.equal(torch.nn.functional.linear(x, w, b), want)
+    assert torch.equal(G.gemv_ref(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_one_token_only():
+    w = torch.randn(8, 16)
+    for x in (torch.randn(2, 16), torch.randn(1, 2, 16)):
+        with pytest.raises(ValueError, match="one token"):
+            G.gemv_triton(x, w)
+    with pytest.raises(ValueError, match="weight"):
+        G.gemv_triton(torch.randn(1, 15), w)
+
+
+def test_split_plan_and_default_config():
+    assert G.split_plan(4096, 1024, 3) == (2, 2048)   # 4 blocks: 2 + 2, not 2 + 1 + 1 slices of uneven blocks
+    assert G.split_plan(4096, 1024, 8) == (4, 1024)   # never more slices than blocks
+    assert G.split_plan(300, 64, 3) == (3, 128)       # 5 blocks: 2 + 2 + 1
+    assert G.split_plan(5, 16, 4) == (1, 16)
+    assert G.gemv_config(1024, 4096, 264) == {"block_n": 1, "block_k": 1024, "split_k": 1, "num_warps": 4}
+    assert G.gemv_config(192, 576, 264) == {"block_n": 1, "block_k": 1024, "split_k": 1, "num_warps": 4}
+    assert G.gemv_config(100, 4096, 264) == {"block_n": 1, "block_k": 1024, "split_k": 2, "num_warps": 4}  # 3 asked: 2 of 2048
+    assert G.gemv_config(1, 5, 16) == {"block_n": 1, "block_k": 16, "split_k": 1, "num_warps": 4}
+
+
+CASES = [  # (n, k, dtype, bias, x is (1, 1, K) else (K,), config)
+    (37, 300, torch.float32, True, True, {}),                                       # the default config
+    (37, 300, torch.float32, False, False, dict(block_n=8, block_k=64, split_k=3)),
+    (100, 257, torch.float32, True, False, dict(block_n=16, block_k=32, split_k=4)),
+    (1, 5, torch.float32, True, True, dict(block_k=64)),                           # N = 1, K < block_k
+    (64, 128, torch.float32, False, True, dict(block_n=16, block_k=128, split_k=1)),  # exact multiples
+    (37, 300, torch.bfloat16, True, True, dict(block_n=4, block_k=128, split_k=1)),
+    (37, 300, torch.bfloat16, False, False, dict(block_n=2, block_k=64, split_k=2)),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("n,k,dtype,bias,three_d,cfg", CASES)
+def test_triton_matches_ref(n, k, dtype, bias, three_d, cfg, interpret_env):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype).to(DEV)
+    x = torch.randn((1, 1, k) if three_d else (k,), generator=g).to(dtype).to(DEV)
+    b = torch.randn(n, generator=g).to(dtype).to(DEV) if bias else None
+    y, ref = G.gemv_triton(x, w, b, **cfg), G.gemv_ref(x, w, b)
+    assert y.shape == x.shape[:-1] + (n,) and y.dtype == dtype
+    torch.testing.assert_close(y, ref, **TOL[dtype])
+
+
+def test_bench_config_grid(bench):
+    for n, k in ((1024, 4096), (4096, 4096), (14336, 4096)):
+        grid = bench.config_grid(n, k, 132)
+        assert grid and all(c not in grid[:i] for i, c in enumerate(grid))
+        for c in grid:
+            assert 8 <= c["block_n"] * c["block_k"] // (32 * c["num_warps"]) <= 64
+            assert G.split_plan(k, c["block_k"], c["split_k"])[0] == c["split_k"]  # slices really made
+            if c["split_k"] > 1:
+                assert n <= 4096 and -(-n // c["block_n"]) < 4 * 132
+    assert {c["split_k"] for c in bench.config_grid(1024, 4096, 132)} == {1, 2, 4, 8}
+    assert {c["split_k"] for c in bench.config_grid(14336, 4096, 132)} == {1}
+
+
+def test_bench_roofline_arithmetic(bench):
+    shapes = bench.llama_shapes(**bench.LLAMA_8B)
+    assert shapes["qkv"] == (6144, 4096) and shapes["down"] == (4096, 14336) and shapes["lm_head"] == (128256, 4096)
+    per_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096
+    want = 2 * (32 * per_layer + 128256 * 4096)  # 15.0 GB: Llama-3.1-8B less its embedding table
+    assert bench.model_weight_bytes(shapes, 32) == bench.model_weight_bytes(shapes, 32, bench.FUSED) == want
+    # bandwidth = bytes read + written per second of a copy (bench/gpu_speed.py): 4.12e12 reads 15.0 GB in 3.64 ms
+    assert bench.roofline_ms(want, 4.12e12) == pytest.approx(want / 4.12e12 * 1e3)
+    assert bench.tbps(4.12e12, 1000.0) == pytest.approx(4.12)
+
+
+@needs_triton
+def test_triton_bench_configs_run_and_match_ref(bench, interpret_env):
+    """Every config the benchmark's grid makes for a tiny shape (splits included), and the default, launch and
+    pass its check."""
+    n, k = 20, 300
+    w = (torch.randn(n, k) * k ** -0.5).to(torch.bfloat16).to(DEV)
+    x = torch.randn(1, k).to(torch.bfloat16).to(DEV)
+    ref = G.gemv_ref(x, w)
+    grid = bench.config_grid(n, k, 8) + [G.gemv_config(n, k, 32)]
+    assert any(c["split_k"] > 1 for c in grid)
+    for cfg in grid:
+        err, ok = bench.check_config(x, w, ref, cfg)
+        assert ok, (cfg, err)
+    _, ok = bench.check_config(x, w, ref + 1, grid[0])  # the check can fail
+    assert not ok
+
+
+@needs_triton
+def test_triton_bench_flow_on_a_tiny_model(bench, interpret_env, monkeypatch, capsys):
+    """bench_shape and bench_model end to end on the CPU (each graph replay: one plain call of its function)."""
+    monkeypatch.setattr(bench, "DEVICE", DEV)
+    monkeypatch.setattr(bench, "graph_ms", lambda fn, reps: (fn(), 1.0)[1])
+    shapes = bench.llama_shapes(hidden=32, intermediate=48, n_q=2, n_kv=1, head_dim=16, vocab=40)
+    best = {s: bench.bench_shape([nm], *s, 2, 1, 1, False) for nm, s in shapes.items()}
+    assert all(best.values())
+    bench.bench_model(shapes, 2, best, 1e12, 1)
+    out = capsys.readouterr().out
+    assert "INVALID" not in out and "FAILED" not in out
+    assert out.count("triton best") == 2 and "whole model, fused qkv, gate_up" in out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from kvbench.models import load_model
+    return load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
+
+
+def _prefilled(lm, name="snapkv", n=97):
+    from test_gpu_path import prefilled, _NoTokenizer
+    lm.tokenizer = _NoTokenizer()
+    return prefilled(lm, name, n=n)
+
+
+@needs_triton
+def test_decode_with_triton_linears_matches_cublas_linears(tiny, interpret_env, monkeypatch):
+    """FastDecoder with gemv="triton" (every linear of the step through gemv_triton, here under the interpreter)
+    decodes the same 10 tokens and leaves the same cache as with torch's linear; the kernel really ran for every
+    linear of every step, and the model is untouched afterwards."""
+    from kvbench import fast_decode
+    from kvbench.fast_decode import FastDecoder
+    from test_gpu_path import _same_cache
+    calls, real = [], G.gemv_triton
+
+    def counting(x, w, b=None):  # the interpreter runs programs one by one: wide row blocks keep it quick
+        calls.append(tuple(w.shape))
+        return real(x, w, b, block_n=None if MODE == "cuda" else 256)
+    monkeypatch.setattr(G, "gemv_triton", counting)
+    _, c1, _, pre = _prefilled(tiny)
+    _, c2, _, _ = _prefilled(tiny)
+    ref = FastDecoder(tiny.model, c1, 10, use_graph=False, gemv="cublas")
+    assert not ref.gemv and ref.path == "graph"
+    ids_ref, _ = ref.decode(int(pre.logits.argmax()), 10)
+    assert calls == []
+    fd = FastDecoder(tiny.model, c2, 10, use_graph=False, gemv="triton")
+    assert fd.gemv and fd.path == "graph (triton gemv)"
+    ids, _ = fd.decode(int(pre.logits.argmax()), 10)
+    assert ids == ids_ref
+    _same_cache(c1, c2)
+    lins = [m for m in tiny.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(calls) == 9 * len(lins)  # 9 forward steps after the prefill's token, every linear each
+    assert all(m._compiled_call_impl is None for m in lins)
+
+
+def test_triton_linears_leaves_hooked_and_subclassed_linears_alone(monkeypatch):
+    from kvbench.fast_decode import triton_linears
+    monkeypatch.setattr(G, "gemv_triton", lambda x, w, b=None: torch.full(x.shape[:-1] + (w.shape[0],), 7.0))
+
+    class Sub(torch.nn.Linear):
+        pass
+    model = torch.nn.ModuleDict(dict(a=torch.nn.Linear(4, 3), b=torch.nn.Linear(4, 3), c=Sub(4, 3)))
+    model["b"].register_forward_hook(lambda m, i, o: o)
+    x = torch.randn(1, 4)
+    with triton_linears(model):
+        assert torch.equal(model["a"](x), torch.full((1, 3), 7.0))    # the GEMV
+        assert not torch.equal(model["a"](torch.randn(2, 4))[0], torch.full((3,), 7.0))  # two tokens: torch
+        assert torch.equal(model["b"](x), torch.nn.functional.linear(x, model["b"].weight, model["b"].bias))
+        assert torch.equal(model["c"](x), torch.nn.functional.linear(x, model["c"].weight, model["c"].bias))
+    assert torch.equal(model["a"](x), torch.nn.functional.linear(x, model["a"].weight, model["a"].bias))
+
+
+def test_gemv_mode_switch(tiny, monkeypatch):
+    from kvbench.fast_decode import FastDecoder, default_gemv
+    assert default_gemv() == "auto"
+    monkeypatch.setenv("KVBENCH_DECODE_GEMV", "fast")
+    with pytest.raises(ValueError, match="KVBENCH_DECODE_GEMV='fast'; allowed: auto, triton, cublas"):
+        default_gemv()
+    monkeypatch.delenv("KVBENCH_DECODE_GEMV")
+    _, cache, _, _ = _prefilled(tiny)
+    assert not FastDecoder(tiny.model, cache, 4, use_graph=False).gemv  # auto: only the CUDA graph path
+    with pytest.raises(ValueError, match="compiled step"):
+        FastDecoder(tiny.model, cache, 4, use_graph=False, gemv="triton", compile="aot_eager")
+
+
+def test_triton_suite_in_fresh_interpreter_process():
+    """Triton was imported (compiled mode) before this module on a machine without CUDA: rerun here."""
+    triton_modes.rerun_in_fresh_process(MODE, __file__, "triton", 300)
