@@ -365,7 +365,8 @@ def check_env() -> None:
     """The engine's speed switches from the environment (each raises one line naming the bad value)."""
     from kvbench.fast_decode import default_compile, default_gemv
     from kvbench.graph_prefill import compile_mode, mode
-    if default_compile() and default_gemv() == "triton":
+    compiling, gemv = default_compile(), default_gemv()
+    if compiling and gemv == "triton":
         raise ValueError("KVBENCH_DECODE_GEMV='triton' with KVBENCH_COMPILE_DECODE set; allowed: "
                          "KVBENCH_DECODE_GEMV auto or cublas when compiling (Inductor generates the step's GEMVs)")
     mode()
