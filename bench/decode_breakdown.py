@@ -8,9 +8,9 @@ prints GPU time per kernel family and per step, beside two floors measured in th
   copy roofline  (weight bytes read per step + KV bytes) / device-to-device copy bandwidth
 
     python bench/decode_breakdown.py [--shape llama-3.1-8b] [--length 32768] [--method snapkv] [--budget 1024]
-                                     [--compile] [--replays 10] [--gemv cublas triton]
-Each --gemv setting decodes a clone of the same prefilled cache; its step is timed over back-to-back graph
-replays (CUDA events), then profiled.
+                                     [--compile] [--replays 10] [--kernels cublas/torch triton/triton]
+Each --kernels setting (linears/norms: the values of KVBENCH_DECODE_GEMV/KVBENCH_DECODE_NORM) decodes a clone of
+the same prefilled cache; its step is timed over back-to-back graph replays (CUDA events), then profiled.
 """
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--replays", type=int, default=10)
-    ap.add_argument("--gemv", nargs="+", default=["cublas", "triton"], choices=["cublas", "triton"],
-                    help="the decode step's linears, each measured in turn on a clone of the same cache")
+    ap.add_argument("--kernels", nargs="+", default=["cublas/torch", "triton/torch", "triton/triton"],
+                    help="the decode step's linears/norms (KVBENCH_DECODE_GEMV / KVBENCH_DECODE_NORM values), each "
+                         "measured in turn on a clone of the same cache")
     ap.add_argument("--top", type=int, default=12, help="kernel families printed per setting")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -102,9 +103,10 @@ def main() -> None:
           f"({lin_ms['cublas'] / roof:.3f}x), Triton GEMV {lin_ms['triton']:.3f} ms ({lin_ms['triton'] / roof:.3f}x)")
     steps = 3 + args.replays
     step_ms = {}
-    for gemv in (["cublas"] if args.compile else args.gemv):
+    for kern in (["cublas/torch"] if args.compile else args.kernels):
+        gemv, norm = kern.split("/")
         c = cache.clone()
-        fd = FastDecoder(model, c, steps + 1 + args.replays, compile=args.compile, gemv=gemv)
+        fd = FastDecoder(model, c, steps + 1 + args.replays, compile=args.compile, gemv=gemv, norm=norm)
         fd.ids.fill_(int(pre.logits.argmax()))
         for _ in range(3):  # warm-up, capture, one replay
             fd._run_one()
@@ -117,7 +119,7 @@ def main() -> None:
             fd.graph.replay()
         e1.record()
         torch.cuda.synchronize()
-        step_ms[gemv] = e0.elapsed_time(e1) / args.replays
+        step_ms[kern] = e0.elapsed_time(e1) / args.replays
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.replays):
@@ -133,21 +135,25 @@ def main() -> None:
         path = fd.path
         del fd, c
         total = sum(v[0] for v in per.values())
-        print(f"  gemv={gemv}: path '{path}' step {step_ms[gemv]:.3f} ms replayed "
-              f"({step_ms[gemv] / roof:.3f}x the roofline), profiled kernels {total:.3f} ms/step")
+        print(f"  linears/norms {kern}: path '{path}' step {step_ms[kern]:.3f} ms replayed "
+              f"({step_ms[kern] / roof:.3f}x the roofline), profiled kernels {total:.3f} ms/step")
         for f, (ms, n) in sorted(per.items(), key=lambda kv_: -kv_[1][0])[:args.top]:
             print(f"    {ms:7.3f} ms  {n // args.replays:5d} kernels/step  {f}")
-    if len(step_ms) == 2:
-        print(f"  step cuBLAS / Triton GEMV: {step_ms['cublas'] / step_ms['triton']:.3f}x")
+    if len(step_ms) > 1:
+        first = next(iter(step_ms))
+        print("  step time over " + first + "'s: " + "  ".join(f"{k} {step_ms[first] / v:.3f}x faster"
+                                                                 for k, v in step_ms.items() if k != first))
         toks, logits = {}, {}
-        for gemv in step_ms:  # the same 24 greedy tokens from the same cache, and the last step's logits
-            fd = FastDecoder(model, cache.clone(), 24, gemv=gemv)
-            toks[gemv], _ = fd.decode(int(pre.logits.argmax()), 24)
-            logits[gemv] = fd.logits.float().clone()
+        for kern in step_ms:  # 24 greedy tokens from the same cache, and the last step's logits
+            gemv, norm = kern.split("/")
+            fd = FastDecoder(model, cache.clone(), 24, gemv=gemv, norm=norm)
+            toks[kern], _ = fd.decode(int(pre.logits.argmax()), 24)
+            logits[kern] = fd.logits.float().clone()
             del fd
-        err = (logits["cublas"] - logits["triton"]).abs().max().item()
-        print(f"  24 greedy tokens equal: {toks['cublas'] == toks['triton']}   last logits max |diff| {err:.3g} "
-              f"(max |logit| {logits['cublas'].abs().max().item():.3g})")
+        for kern in list(step_ms)[1:]:  # random weights: rounding alone can part the tokens (gemv_accuracy.py)
+            err = (logits[first] - logits[kern]).abs().max().item()
+            print(f"  {kern} vs {first}: 24 greedy tokens equal {toks[first] == toks[kern]}, last logits max |diff| "
+                  f"{err:.3g} (max |logit| {logits[first].abs().max().item():.3g})")
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,9 @@ kernel launches, syncs), which at this size costs as much as the step itself. Th
 5. Without compiling, every plain nn.Linear applied to the step's one token runs a Triton GEMV
    (methods/kernels/gemv.py; `triton_linears`, `KVBENCH_DECODE_GEMV=auto|triton|cublas`) instead of cuBLAS,
    which reads the small batch-1 weights well below the bandwidth on Hopper (H200, Llama-3.1-8B shape, every
-   linear once: 4.02 ms against cuBLAS's 4.61 ms, a 3.57 ms copy roofline; reports/examples/gemv_h200.txt).
+   linear once: 4.02 ms against cuBLAS's 4.61 ms, a 3.57 ms copy roofline; reports/examples/gemv_h200.txt),
+   and every Llama-style RMSNorm runs one Triton launch (methods/kernels/rmsnorm.py; `triton_norms`,
+   `KVBENCH_DECODE_NORM=auto|triton|torch`) instead of transformers' ~7 small kernels.
 Qualify (`supports`, `plan`): methods without decode-time hooks (full, snapkv, pyramidkv, adakv, ...); methods
 whose decode-time eviction is a rolling window (StreamingLLM, recent: `Method.decode_ring`, run as a ring
 buffer by the append kernel while no head holds more than the window); and methods that describe their
@@ -423,6 +425,45 @@ def triton_linears(model: torch.nn.Module):
             m._compiled_call_impl = None
 
 
+NORM_MODES = ("auto", "triton", "torch")
+# norms whose forward is exactly `rmsnorm_ref` (transformers' Llama formula); Gemma's (1 + weight) is not
+LLAMA_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def default_norm() -> str:
+    """KVBENCH_DECODE_NORM=auto|triton|torch (default auto): the RMSNorms of the graph decode path. auto: one
+    Triton launch per norm on CUDA when the step is not compiled (Inductor then fuses them itself)."""
+    v = os.environ.get("KVBENCH_DECODE_NORM", "auto")
+    if v not in NORM_MODES:
+        raise ValueError(f"KVBENCH_DECODE_NORM={v!r}; allowed: {', '.join(NORM_MODES)}")
+    return v
+
+
+def _norm_call(norm: torch.nn.Module, fn):
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if not x.is_contiguous():  # a strided view: transformers' own code
+            return norm.forward(x)
+        return fn(x, norm.weight, norm.variance_epsilon)
+    return call
+
+
+@contextlib.contextmanager
+def triton_norms(model: torch.nn.Module):
+    """While active, every norm of a class in LLAMA_RMSNORMS (no hooks, a weight over the last dim) runs
+    `rmsnorm_triton`, set as `triton_linears` does; outside the context the model is untouched."""
+    from kvbench.methods.kernels.rmsnorm import MAX_COLS, rmsnorm_triton
+    mods = [m for m in model.modules() if type(m).__name__ in LLAMA_RMSNORMS and hasattr(m, "variance_epsilon")
+            and getattr(m, "weight", None) is not None and m.weight.dim() == 1 and m.weight.numel() <= MAX_COLS
+            and m._compiled_call_impl is None and not (m._forward_hooks or m._forward_pre_hooks)]
+    for m in mods:
+        m._compiled_call_impl = _norm_call(m, rmsnorm_triton)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m._compiled_call_impl = None
+
+
 def decoder_layers(model: torch.nn.Module) -> list:
     """The model's decoder layers (the ModuleList of config.num_hidden_layers blocks)."""
     n = model.config.num_hidden_layers
@@ -491,7 +532,7 @@ class FastDecoder:
     def __init__(self, model: torch.nn.Module, cache: KVBenchCache, max_new_tokens: int,
                  use_graph: bool | None = None, warmup_steps: int = 1, compile: bool | str = False,
                  ring: tuple[int, int] | None = None, evict: DecodeEviction | None = None,
-                 gemv: str | None = None):
+                 gemv: str | None = None, norm: str | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; allowed: >= 1")
         dev = next(model.parameters()).device
@@ -551,10 +592,19 @@ class FastDecoder:
         if gemv == "triton" and compile:
             raise ValueError("gemv='triton' with a compiled step; allowed: gemv 'auto' or 'cublas' when compiling "
                              "(Inductor generates the step's GEMVs)")
+        norm = default_norm() if norm is None else norm
+        if norm not in NORM_MODES:
+            raise ValueError(f"norm={norm!r}; allowed: {', '.join(NORM_MODES)}")
+        if norm == "triton" and compile:
+            raise ValueError("norm='triton' with a compiled step; allowed: norm 'auto' or 'torch' when compiling "
+                             "(Inductor fuses the step's norms)")
         from kvbench.methods.kernels import HAS_TRITON
-        self.gemv = gemv == "triton" or (gemv == "auto" and self.use_graph and not compile and HAS_TRITON)
+        auto = self.use_graph and not compile and HAS_TRITON
+        self.gemv = gemv == "triton" or (gemv == "auto" and auto)
+        self.norm = norm == "triton" or (norm == "auto" and auto)
         self.path = "regional compiled graph" if self.region else "compiled graph" if compile else "graph"
-        self.path += " (triton gemv)" if self.gemv else ""
+        kernels = [k for k, on in (("gemv", self.gemv), ("rmsnorm", self.norm)) if on]
+        self.path += f" (triton {', '.join(kernels)})" if kernels else ""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
         self.logits: torch.Tensor | None = None
@@ -624,7 +674,8 @@ class FastDecoder:
         step_fn = _step if first else self.step_fn  # the first step over a question runs once: never compiled
         region = regional(self.model, self.region) if self.region and not first else contextlib.nullcontext()
         linears = triton_linears(self.model) if self.gemv else contextlib.nullcontext()
-        with session(self.cache, None, "decode"), attention.inplace_decode(state), region, linears:
+        norms = triton_norms(self.model) if self.norm else contextlib.nullcontext()
+        with session(self.cache, None, "decode"), attention.inplace_decode(state), region, linears, norms:
             self.logits = step_fn(self.model, self.ids, self.pos, self.cache)
 
     def _run_one(self) -> None:

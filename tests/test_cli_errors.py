@@ -74,7 +74,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, words):
 @pytest.mark.parametrize("var,value,allowed", [("KVBENCH_GRAPH_PREFILL", "yes", "auto, 0, 1"),
                                                ("KVBENCH_COMPILE_PREFILL", "1", "0, regional"),
                                                ("KVBENCH_COMPILE_DECODE", "fast", "0, 1, regional"),
-                                               ("KVBENCH_DECODE_GEMV", "fast", "auto, triton, cublas")])
+                                               ("KVBENCH_DECODE_GEMV", "fast", "auto, triton, cublas"),
+                                               ("KVBENCH_DECODE_NORM", "fast", "auto, triton, torch")])
 def test_bad_speed_switch_in_the_environment_exits_2_with_one_line(tmp_path, var, value, allowed):
     out = kvbench(tmp_path, env={var: value})
     assert out.returncode == 2, out.stderr
@@ -82,10 +83,11 @@ def test_bad_speed_switch_in_the_environment_exits_2_with_one_line(tmp_path, var
     assert not any(tmp_path.rglob("config.yaml"))
 
 
-def test_triton_gemv_with_a_compiled_decode_exits_2_with_one_line(tmp_path):
-    out = kvbench(tmp_path, env={"KVBENCH_DECODE_GEMV": "triton", "KVBENCH_COMPILE_DECODE": "1"})
+@pytest.mark.parametrize("var", ["KVBENCH_DECODE_GEMV", "KVBENCH_DECODE_NORM"])
+def test_triton_decode_kernels_with_a_compiled_decode_exit_2_with_one_line(tmp_path, var):
+    out = kvbench(tmp_path, env={var: "triton", "KVBENCH_COMPILE_DECODE": "1"})
     assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().startswith("kvbench: error: KVBENCH_DECODE_GEMV='triton' with KVBENCH_COMPILE_DECODE")
+    assert out.stderr.strip().startswith(f"kvbench: error: {var}='triton' with KVBENCH_COMPILE_DECODE")
     assert len(out.stderr.strip().splitlines()) == 1
 
 
