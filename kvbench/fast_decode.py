@@ -388,80 +388,86 @@ def default_compile() -> bool | str:
 
 
 GEMV_MODES = ("auto", "triton", "cublas")
-
-
-def default_gemv() -> str:
-    """KVBENCH_DECODE_GEMV=auto|triton|cublas (default auto): the batch-1 linears of the graph decode path.
-    auto: the Triton GEMV on CUDA when the step is not compiled (Inductor then generates its own GEMVs)."""
-    v = os.environ.get("KVBENCH_DECODE_GEMV", "auto")
-    if v not in GEMV_MODES:
-        raise ValueError(f"KVBENCH_DECODE_GEMV={v!r}; allowed: {', '.join(GEMV_MODES)}")
-    return v
-
-
-def _gemv_call(linear: torch.nn.Linear, gemv):
-    def call(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() != 1:  # only one token is a GEMV (never in a decode step; kept correct anyway)
-            return torch.nn.functional.linear(x, linear.weight, linear.bias)
-        return gemv(x, linear.weight, linear.bias)
-    return call
-
-
-@contextlib.contextmanager
-def triton_linears(model: torch.nn.Module):
-    """While active, every plain nn.Linear of the model (exact type, contiguous weight, no hooks: a quantized
-    subclass or a hooked module keeps its own call) applied to one token runs `gemv_triton`. Set through the
-    module's `_compiled_call_impl`, as `regional` does; outside the context the model is untouched."""
-    from kvbench.methods.kernels.gemv import gemv_triton
-    mods = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dim() == 2
-            and m.weight.stride(-1) == 1 and m._compiled_call_impl is None
-            and not (m._forward_hooks or m._forward_pre_hooks)]
-    for m in mods:
-        m._compiled_call_impl = _gemv_call(m, gemv_triton)
-    try:
-        yield
-    finally:
-        for m in mods:
-            m._compiled_call_impl = None
-
-
 NORM_MODES = ("auto", "triton", "torch")
 # norms whose forward is exactly `rmsnorm_ref` (transformers' Llama formula); Gemma's (1 + weight) is not
 LLAMA_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
-def default_norm() -> str:
-    """KVBENCH_DECODE_NORM=auto|triton|torch (default auto): the RMSNorms of the graph decode path. auto: one
-    Triton launch per norm on CUDA when the step is not compiled (Inductor then fuses them itself)."""
-    v = os.environ.get("KVBENCH_DECODE_NORM", "auto")
-    if v not in NORM_MODES:
-        raise ValueError(f"KVBENCH_DECODE_NORM={v!r}; allowed: {', '.join(NORM_MODES)}")
+def _env_mode(var: str, modes: tuple[str, ...]) -> str:
+    v = os.environ.get(var, modes[0])
+    if v not in modes:
+        raise ValueError(f"{var}={v!r}; allowed: {', '.join(modes)}")
     return v
 
 
-def _norm_call(norm: torch.nn.Module, fn):
-    def call(x: torch.Tensor) -> torch.Tensor:
-        if not x.is_contiguous():  # a strided view: transformers' own code
-            return norm.forward(x)
-        return fn(x, norm.weight, norm.variance_epsilon)
-    return call
+def default_gemv() -> str:
+    """KVBENCH_DECODE_GEMV=auto|triton|cublas (default auto): the batch-1 linears of the graph decode path.
+    auto: the Triton GEMV on CUDA when the step is not compiled (Inductor then generates its own GEMVs)."""
+    return _env_mode("KVBENCH_DECODE_GEMV", GEMV_MODES)
+
+
+def default_norm() -> str:
+    """KVBENCH_DECODE_NORM=auto|triton|torch (default auto): the RMSNorms of the graph decode path. auto: one
+    Triton launch per norm on CUDA when the step is not compiled (Inductor then fuses them itself)."""
+    return _env_mode("KVBENCH_DECODE_NORM", NORM_MODES)
+
+
+def _swappable(m: torch.nn.Module) -> bool:
+    """A module whose call can be replaced: not compiled, no hooks (a hooked module keeps its own call)."""
+    return m._compiled_call_impl is None and not (m._forward_hooks or m._forward_pre_hooks)
 
 
 @contextlib.contextmanager
-def triton_norms(model: torch.nn.Module):
-    """While active, every norm of a class in LLAMA_RMSNORMS (no hooks, a weight over the last dim) runs
-    `rmsnorm_triton`, set as `triton_linears` does; outside the context the model is untouched."""
-    from kvbench.methods.kernels.rmsnorm import MAX_COLS, rmsnorm_triton
-    mods = [m for m in model.modules() if type(m).__name__ in LLAMA_RMSNORMS and hasattr(m, "variance_epsilon")
-            and getattr(m, "weight", None) is not None and m.weight.dim() == 1 and m.weight.numel() <= MAX_COLS
-            and m._compiled_call_impl is None and not (m._forward_hooks or m._forward_pre_hooks)]
+def _calls_replaced(mods: list, make_call):
+    """While active, each module's call is make_call(module) (its `_compiled_call_impl`, as `regional` sets it)."""
     for m in mods:
-        m._compiled_call_impl = _norm_call(m, rmsnorm_triton)
+        m._compiled_call_impl = make_call(m)
     try:
         yield
     finally:
         for m in mods:
             m._compiled_call_impl = None
+
+
+def _use_triton(knob: str, mode: str, modes: tuple[str, ...], compile, auto: bool) -> bool:
+    """A decode kernel knob (gemv / norm): forced on ("triton"), off, or on where `auto` allows."""
+    if mode not in modes:
+        raise ValueError(f"{knob}={mode!r}; allowed: {', '.join(modes)}")
+    if mode == "triton" and compile:
+        raise ValueError(f"{knob}='triton' with a compiled step; allowed: {knob} {' or '.join(modes[::2])} when "
+                         "compiling (Inductor generates its own kernels for the step)")
+    return mode == "triton" or (mode == "auto" and auto)
+
+
+def triton_linears(model: torch.nn.Module):
+    """While active, every plain nn.Linear of the model (exact type: a quantized subclass keeps its own call;
+    contiguous weight rows) applied to one token runs `gemv_triton`; outside the context the model is untouched."""
+    from kvbench.methods.kernels.gemv import gemv_triton
+
+    def make_call(linear):
+        def call(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[:-1].numel() != 1:  # only one token is a GEMV (never in a decode step; kept correct anyway)
+                return torch.nn.functional.linear(x, linear.weight, linear.bias)
+            return gemv_triton(x, linear.weight, linear.bias)
+        return call
+    return _calls_replaced([m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dim() == 2
+                            and m.weight.stride(-1) == 1 and _swappable(m)], make_call)
+
+
+def triton_norms(model: torch.nn.Module):
+    """While active, every norm of a class in LLAMA_RMSNORMS (a weight over the last dim) runs `rmsnorm_triton`
+    on contiguous rows; outside the context the model is untouched."""
+    from kvbench.methods.kernels.rmsnorm import MAX_COLS, rmsnorm_triton
+
+    def make_call(norm):
+        def call(x: torch.Tensor) -> torch.Tensor:
+            if not x.is_contiguous():  # a strided view: transformers' own code
+                return norm.forward(x)
+            return rmsnorm_triton(x, norm.weight, norm.variance_epsilon)
+        return call
+    return _calls_replaced([m for m in model.modules() if type(m).__name__ in LLAMA_RMSNORMS
+                            and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None
+                            and m.weight.dim() == 1 and m.weight.numel() <= MAX_COLS and _swappable(m)], make_call)
 
 
 def decoder_layers(model: torch.nn.Module) -> list:
@@ -586,22 +592,10 @@ class FastDecoder:
         else:
             self.step_fn = compiled_step("inductor" if compile is True else compile) if compile else _step
         self.compiled = bool(compile)
-        gemv = default_gemv() if gemv is None else gemv
-        if gemv not in GEMV_MODES:
-            raise ValueError(f"gemv={gemv!r}; allowed: {', '.join(GEMV_MODES)}")
-        if gemv == "triton" and compile:
-            raise ValueError("gemv='triton' with a compiled step; allowed: gemv 'auto' or 'cublas' when compiling "
-                             "(Inductor generates the step's GEMVs)")
-        norm = default_norm() if norm is None else norm
-        if norm not in NORM_MODES:
-            raise ValueError(f"norm={norm!r}; allowed: {', '.join(NORM_MODES)}")
-        if norm == "triton" and compile:
-            raise ValueError("norm='triton' with a compiled step; allowed: norm 'auto' or 'torch' when compiling "
-                             "(Inductor fuses the step's norms)")
         from kvbench.methods.kernels import HAS_TRITON
         auto = self.use_graph and not compile and HAS_TRITON
-        self.gemv = gemv == "triton" or (gemv == "auto" and auto)
-        self.norm = norm == "triton" or (norm == "auto" and auto)
+        self.gemv = _use_triton("gemv", default_gemv() if gemv is None else gemv, GEMV_MODES, compile, auto)
+        self.norm = _use_triton("norm", default_norm() if norm is None else norm, NORM_MODES, compile, auto)
         self.path = "regional compiled graph" if self.region else "compiled graph" if compile else "graph"
         kernels = [k for k, on in (("gemv", self.gemv), ("rmsnorm", self.norm)) if on]
         self.path += f" (triton {', '.join(kernels)})" if kernels else ""
