@@ -20,9 +20,7 @@ kernel launches, syncs), which at this size costs as much as the step itself. Th
    which reads the small batch-1 weights well below the bandwidth on Hopper (H200, Llama-3.1-8B shape, every
    linear once: 4.02 ms against cuBLAS's 4.61 ms, a 3.57 ms copy roofline; reports/examples/gemv_h200.txt),
    and every Llama-style RMSNorm runs one Triton launch (methods/kernels/rmsnorm.py; `triton_norms`,
-   `KVBENCH_DECODE_NORM=auto|triton|torch`) instead of transformers' ~7 small kernels, and so does the rotary
-   embedding of the token's queries and keys (methods/kernels/rope.py; `triton_rope`,
-   `KVBENCH_DECODE_ROPE=auto|triton|torch`), bit for bit torch's result.
+   `KVBENCH_DECODE_NORM=auto|triton|torch`) instead of transformers' ~7 small kernels.
 Qualify (`supports`, `plan`): methods without decode-time hooks (full, snapkv, pyramidkv, adakv, ...); methods
 whose decode-time eviction is a rolling window (StreamingLLM, recent: `Method.decode_ring`, run as a ring
 buffer by the append kernel while no head holds more than the window); and methods that describe their
@@ -390,7 +388,7 @@ def default_compile() -> bool | str:
 
 
 GEMV_MODES = ("auto", "triton", "cublas")
-NORM_MODES = ROPE_MODES = ("auto", "triton", "torch")
+NORM_MODES = ("auto", "triton", "torch")
 # norms whose forward is exactly `rmsnorm_ref` (transformers' Llama formula); Gemma's (1 + weight) is not
 LLAMA_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
@@ -412,12 +410,6 @@ def default_norm() -> str:
     """KVBENCH_DECODE_NORM=auto|triton|torch (default auto): the RMSNorms of the graph decode path. auto: one
     Triton launch per norm on CUDA when the step is not compiled (Inductor then fuses them itself)."""
     return _env_mode("KVBENCH_DECODE_NORM", NORM_MODES)
-
-
-def default_rope() -> str:
-    """KVBENCH_DECODE_ROPE=auto|triton|torch (default auto): the rotary embedding of the graph decode path. auto:
-    one Triton launch for the queries and one for the keys on CUDA when the step is not compiled."""
-    return _env_mode("KVBENCH_DECODE_ROPE", ROPE_MODES)
 
 
 def _swappable(m: torch.nn.Module) -> bool:
@@ -476,53 +468,6 @@ def triton_norms(model: torch.nn.Module):
     return _calls_replaced([m for m in model.modules() if type(m).__name__ in LLAMA_RMSNORMS
                             and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None
                             and m.weight.dim() == 1 and m.weight.numel() <= MAX_COLS and _swappable(m)], make_call)
-
-
-_ROPE_OK: dict[object, bool] = {}  # apply_rotary_pos_emb function -> computes rope_ref (checked once)
-
-
-def _standard_rope(fn) -> bool:
-    """Whether a model file's apply_rotary_pos_emb(q, k, cos, sin) is `rope_ref` (checked on a small CPU case:
-    a family with interleaved or partial rotary gives other numbers and keeps its own function)."""
-    if fn not in _ROPE_OK:
-        from kvbench.methods.kernels.rope import rope_ref
-        g = torch.Generator().manual_seed(0)
-        q, k = torch.randn(1, 3, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g)
-        cos, sin = torch.randn(1, 1, 8, generator=g), torch.randn(1, 1, 8, generator=g)
-        try:
-            got = fn(q, k, cos, sin)
-            _ROPE_OK[fn] = all(torch.equal(a, b) for a, b in zip(got, rope_ref(q, k, cos, sin)))
-        except Exception:  # noqa: BLE001 - another signature: not ours to replace
-            _ROPE_OK[fn] = False
-    return _ROPE_OK[fn]
-
-
-@contextlib.contextmanager
-def triton_rope(model: torch.nn.Module):
-    """While active, the `apply_rotary_pos_emb` that the model's attention modules call (a global of their
-    transformers model file) runs `rope_triton` for one token (batch 1), where that file's function computes
-    `rope_ref`; any other call goes to the original. Restored on exit."""
-    import sys
-
-    from kvbench.methods.kernels.rope import fits, rope_triton
-    files = {sys.modules[type(m).__module__] for m in model.modules() if type(m).__name__.endswith("Attention")}
-    patched = []
-    for f in files:
-        orig = getattr(f, "apply_rotary_pos_emb", None)
-        if orig is None or not _standard_rope(orig):
-            continue
-
-        def fused(q, k, cos, sin, unsqueeze_dim=1, _orig=orig, **kw):
-            if unsqueeze_dim != 1 or kw or not (fits(q, cos, sin) and fits(k, cos, sin)):
-                return _orig(q, k, cos, sin, unsqueeze_dim, **kw)
-            return rope_triton(q, k, cos, sin)
-        f.apply_rotary_pos_emb = fused
-        patched.append((f, orig))
-    try:
-        yield
-    finally:
-        for f, orig in patched:
-            f.apply_rotary_pos_emb = orig
 
 
 def decoder_layers(model: torch.nn.Module) -> list:
@@ -593,7 +538,7 @@ class FastDecoder:
     def __init__(self, model: torch.nn.Module, cache: KVBenchCache, max_new_tokens: int,
                  use_graph: bool | None = None, warmup_steps: int = 1, compile: bool | str = False,
                  ring: tuple[int, int] | None = None, evict: DecodeEviction | None = None,
-                 gemv: str | None = None, norm: str | None = None, rope: str | None = None):
+                 gemv: str | None = None, norm: str | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; allowed: >= 1")
         dev = next(model.parameters()).device
@@ -651,9 +596,8 @@ class FastDecoder:
         auto = self.use_graph and not compile and HAS_TRITON
         self.gemv = _use_triton("gemv", default_gemv() if gemv is None else gemv, GEMV_MODES, compile, auto)
         self.norm = _use_triton("norm", default_norm() if norm is None else norm, NORM_MODES, compile, auto)
-        self.rope = _use_triton("rope", default_rope() if rope is None else rope, ROPE_MODES, compile, auto)
         self.path = "regional compiled graph" if self.region else "compiled graph" if compile else "graph"
-        kernels = [k for k, on in (("gemv", self.gemv), ("rmsnorm", self.norm), ("rope", self.rope)) if on]
+        kernels = [k for k, on in (("gemv", self.gemv), ("rmsnorm", self.norm)) if on]
         self.path += f" (triton {', '.join(kernels)})" if kernels else ""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
@@ -725,8 +669,7 @@ class FastDecoder:
         region = regional(self.model, self.region) if self.region and not first else contextlib.nullcontext()
         linears = triton_linears(self.model) if self.gemv else contextlib.nullcontext()
         norms = triton_norms(self.model) if self.norm else contextlib.nullcontext()
-        rope = triton_rope(self.model) if self.rope else contextlib.nullcontext()
-        with session(self.cache, None, "decode"), attention.inplace_decode(state), region, linears, norms, rope:
+        with session(self.cache, None, "decode"), attention.inplace_decode(state), region, linears, norms:
             self.logits = step_fn(self.model, self.ids, self.pos, self.cache)
 
     def _run_one(self) -> None:
