@@ -155,5 +155,6 @@ def main() -> None:
             print(f"  {kern} vs {first}: 24 greedy tokens equal {toks[first] == toks[kern]}, last logits max |diff| "
                   f"{err:.3g} (max |logit| {logits[first].abs().max().item():.3g})")
 
+
 if __name__ == "__main__":
     main()

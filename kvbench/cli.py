@@ -363,15 +363,13 @@ def check_components(cfg: dict, here: bool = True) -> None:
 
 def check_env() -> None:
     """The engine's speed switches from the environment (each raises one line naming the bad value)."""
-    from kvbench.fast_decode import default_compile, default_gemv, default_norm
+    from kvbench.fast_decode import GEMV_MODES, NORM_MODES, check_not_compiled, default_compile, default_gemv, \
+        default_norm
     from kvbench.graph_prefill import compile_mode, mode
-    compiling, gemv, norm = default_compile(), default_gemv(), default_norm()
-    if compiling and gemv == "triton":
-        raise ValueError("KVBENCH_DECODE_GEMV='triton' with KVBENCH_COMPILE_DECODE set; allowed: "
-                         "KVBENCH_DECODE_GEMV auto or cublas when compiling (Inductor generates the step's GEMVs)")
-    if compiling and norm == "triton":
-        raise ValueError("KVBENCH_DECODE_NORM='triton' with KVBENCH_COMPILE_DECODE set; allowed: "
-                         "KVBENCH_DECODE_NORM auto or torch when compiling (Inductor fuses the step's norms)")
+    compiling = default_compile()
+    for var, value, modes in (("KVBENCH_DECODE_GEMV", default_gemv(), GEMV_MODES),
+                              ("KVBENCH_DECODE_NORM", default_norm(), NORM_MODES)):
+        check_not_compiled(var, value, modes, compiling, "KVBENCH_COMPILE_DECODE set")
     mode()
     compile_mode()
 

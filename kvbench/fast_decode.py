@@ -419,7 +419,8 @@ def _swappable(m: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def _calls_replaced(mods: list, make_call):
-    """While active, each module's call is make_call(module) (its `_compiled_call_impl`, as `regional` sets it)."""
+    """While active, each module's call is make_call(module): set as its `_compiled_call_impl`, which nn.Module's
+    call runs instead of its hooks and forward (what `nn.Module.compile` sets)."""
     for m in mods:
         m._compiled_call_impl = make_call(m)
     try:
@@ -429,13 +430,19 @@ def _calls_replaced(mods: list, make_call):
             m._compiled_call_impl = None
 
 
+def check_not_compiled(knob: str, mode: str, modes: tuple[str, ...], compiled, compiled_by: str) -> None:
+    """A decode kernel forced to Triton cannot go with a compiled step (Inductor generates the step's kernels):
+    one line naming the knob and its allowed values then."""
+    if mode == "triton" and compiled:
+        raise ValueError(f"{knob}='triton' with {compiled_by}; allowed: {knob} {' or '.join(modes[::2])} when "
+                         "compiling (Inductor generates its own kernels for the step)")
+
+
 def _use_triton(knob: str, mode: str, modes: tuple[str, ...], compile, auto: bool) -> bool:
     """A decode kernel knob (gemv / norm): forced on ("triton"), off, or on where `auto` allows."""
     if mode not in modes:
         raise ValueError(f"{knob}={mode!r}; allowed: {', '.join(modes)}")
-    if mode == "triton" and compile:
-        raise ValueError(f"{knob}='triton' with a compiled step; allowed: {knob} {' or '.join(modes[::2])} when "
-                         "compiling (Inductor generates its own kernels for the step)")
+    check_not_compiled(knob, mode, modes, compile, "a compiled step")
     return mode == "triton" or (mode == "auto" and auto)
 
 
@@ -493,7 +500,6 @@ def _regions(model: torch.nn.Module, backend: str) -> list:
     return regions[backend]
 
 
-@contextlib.contextmanager
 def regional(model: torch.nn.Module, backend: str = "inductor"):
     """While active, each decoder layer's modules but attention run compiled (regional compilation, as
     `nn.Module.compile` does it: the module's call goes through torch.compile). Every layer's MLP (and norm)
@@ -502,14 +508,8 @@ def regional(model: torch.nn.Module, backend: str = "inductor"):
     whole step's (which traces every layer and specialises on each layer's index in the cache). Attention and
     the cache ops stay as in the graph path. Outside the context the model is untouched (the prefill, the
     engine loop)."""
-    pairs = _regions(model, backend)
-    for m, fn in pairs:
-        m._compiled_call_impl = fn
-    try:
-        yield
-    finally:
-        for m, _ in pairs:
-            m._compiled_call_impl = None
+    calls = dict(_regions(model, backend))
+    return _calls_replaced(list(calls), calls.__getitem__)
 
 
 def _zero_spare_side(layer: LayerKV) -> None:

@@ -28,3 +28,11 @@ def bench_module():
         spec.loader.exec_module(mod)
         return mod
     return load
+
+
+@pytest.fixture
+def interpret_env(request, monkeypatch):
+    """Keep TRITON_INTERPRET=1 visible while a kernel test module's interpreted kernels run (its MODE:
+    tests/triton_modes.py)."""
+    import triton_modes
+    triton_modes.interpret_env(request.module.MODE, monkeypatch)

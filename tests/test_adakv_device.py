@@ -34,14 +34,7 @@ from kvbench.method import build_method  # noqa: E402
 from kvbench.methods.adakv import SCORERS, AdaKV, global_topk_counts, safeguard_mix  # noqa: E402
 
 
-MODE = triton_modes.triton_mode(HAS_TRITON, getattr(AB, "_budgets_kernel", None))
-DEV = "cuda" if MODE == "cuda" else "cpu"
-needs_triton = triton_modes.needs_triton(MODE)
-
-
-@pytest.fixture
-def interpret_env(monkeypatch):
-    triton_modes.interpret_env(MODE, monkeypatch)
+MODE, DEV, needs_triton = triton_modes.module_modes(HAS_TRITON, getattr(AB, "_budgets_kernel", None))
 
 
 # ---------------------------------------------------------------- the mix: cases and the host's answer

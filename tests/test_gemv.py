@@ -20,16 +20,9 @@ def _import():
 
 
 HAS_TRITON, G = triton_modes.import_kernels(_import)
-MODE = triton_modes.triton_mode(HAS_TRITON, getattr(G, "_gemv_kernel", None))
-DEV = "cuda" if MODE == "cuda" else "cpu"
-needs_triton = triton_modes.needs_triton(MODE)
+MODE, DEV, needs_triton = triton_modes.module_modes(HAS_TRITON, getattr(G, "_gemv_kernel", None))
 # bf16: one rounding of the fp32 sum, <= 1 ulp (2**-7 relative) from the reference's (the interpreter truncates)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
-
-
-@pytest.fixture
-def interpret_env(monkeypatch):
-    triton_modes.interpret_env(MODE, monkeypatch)
 
 
 @pytest.fixture

@@ -23,14 +23,7 @@ def _import():
 
 
 K, _rd = triton_modes.import_kernels(_import)
-MODE = triton_modes.triton_mode(K.HAS_TRITON, getattr(_rd, "_decode_split_kernel", None))
-DEV = "cuda" if MODE == "cuda" else "cpu"
-needs_triton = triton_modes.needs_triton(MODE)
-
-
-@pytest.fixture
-def interpret_env(monkeypatch):
-    triton_modes.interpret_env(MODE, monkeypatch)
+MODE, DEV, needs_triton = triton_modes.module_modes(K.HAS_TRITON, getattr(_rd, "_decode_split_kernel", None))
 
 
 # ---------------------------------------------------------------- inputs

@@ -15,14 +15,7 @@ def _import():
 
 
 HAS_TRITON, R = triton_modes.import_kernels(_import)
-MODE = triton_modes.triton_mode(HAS_TRITON, getattr(R, "_rmsnorm_kernel", None))
-DEV = "cuda" if MODE == "cuda" else "cpu"
-needs_triton = triton_modes.needs_triton(MODE)
-
-
-@pytest.fixture
-def interpret_env(monkeypatch):
-    triton_modes.interpret_env(MODE, monkeypatch)
+MODE, DEV, needs_triton = triton_modes.module_modes(HAS_TRITON, getattr(R, "_rmsnorm_kernel", None))
 
 
 def test_ref_is_transformers_llama_rmsnorm():

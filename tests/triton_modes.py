@@ -37,6 +37,14 @@ def triton_mode(has_triton: bool, kernel) -> str:
     return "interpret" if type(kernel).__name__ == "InterpretedFunction" else "subprocess"
 
 
+def module_modes(has_triton: bool, kernel) -> tuple[str, str, object]:
+    """A kernel test module's (MODE, DEV, needs_triton mark): how this process runs `kernel`, the device its
+    tensors go to, and the skip mark of its Triton tests. The module's MODE also drives the `interpret_env`
+    fixture (tests/conftest.py)."""
+    mode = triton_mode(has_triton, kernel)
+    return mode, "cuda" if mode == "cuda" else "cpu", needs_triton(mode)
+
+
 def needs_triton(mode: str):
     return pytest.mark.skipif(mode not in ("cuda", "interpret"),
                               reason=f"Triton kernels not runnable in this process (mode={mode})")
