@@ -8,9 +8,9 @@ prints GPU time per kernel family and per step, beside two floors measured in th
   copy roofline  (weight bytes read per step + KV bytes) / device-to-device copy bandwidth
 
     python bench/decode_breakdown.py [--shape llama-3.1-8b] [--length 32768] [--method snapkv] [--budget 1024]
-                                     [--compile] [--replays 10] [--kernels cublas/torch triton/triton]
-Each --kernels setting (linears/norms: the values of KVBENCH_DECODE_GEMV/KVBENCH_DECODE_NORM) decodes a clone of
-the same prefilled cache; its step is timed over back-to-back graph replays (CUDA events), then profiled.
+                                     [--compile] [--replays 10] [--kernels cublas/torch/torch fused/triton/triton]
+Each --kernels setting (linears/norms/rope: the values of KVBENCH_DECODE_GEMV / _NORM / _ROPE; fused/triton/triton
+is the default path) decodes a clone of the same prefilled cache; its step is timed over back-to-back graph replays (CUDA events), then profiled.
 """
 from __future__ import annotations
 
@@ -48,13 +48,20 @@ def graph_ms(fn, reps: int = 20) -> float:
 
 def family(name: str) -> str:
     n = name.lower()
-    for key, fam in (("gemv", "gemm/gemv (cuBLAS)"), ("gemm", "gemm/gemv (cuBLAS)"), ("cutlass", "gemm/gemv (cuBLAS)"),
+    for key, fam in (("gemv", "gemm/gemv (Triton or cuBLAS)"), ("gemm", "gemm/gemv (Triton or cuBLAS)"),
+                     ("cutlass", "gemm/gemv (Triton or cuBLAS)"),
                      ("_decode_split", "attention split (Triton)"), ("_decode_reduce", "attention merge (Triton)"),
                      ("index", "index_copy / append"), ("triton_", "fused element-wise (Inductor)"),
                      ("elementwise", "element-wise (eager)"), ("reduce", "reductions (eager)")):
         if key in n:
             return fam
     return "other: " + name[:60]
+
+
+def knobs(setting: str) -> tuple[str, str, str]:
+    """"gemv/norm/rope" -> the three FastDecoder knobs (missing ones: off, i.e. torch's own ops)."""
+    parts = setting.split("/")
+    return parts[0], (parts[1:2] or ["torch"])[0], (parts[2:3] or ["torch"])[0]
 
 
 @torch.inference_mode()
@@ -66,8 +73,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--replays", type=int, default=10)
-    ap.add_argument("--kernels", nargs="+", default=["cublas/torch", "triton/torch", "triton/triton"],
-                    help="the decode step's linears/norms (KVBENCH_DECODE_GEMV / KVBENCH_DECODE_NORM values), each "
+    ap.add_argument("--kernels", nargs="+",
+                    default=["cublas/torch/torch", "triton/triton/torch", "fused/triton/torch", "fused/triton/triton"],
+                    help="the decode step's linears/norms/rope (KVBENCH_DECODE_GEMV / _NORM / _ROPE values), each "
                          "measured in turn on a clone of the same cache")
     ap.add_argument("--top", type=int, default=12, help="kernel families printed per setting")
     args = ap.parse_args()
@@ -103,10 +111,10 @@ def main() -> None:
           f"({lin_ms['cublas'] / roof:.3f}x), Triton GEMV {lin_ms['triton']:.3f} ms ({lin_ms['triton'] / roof:.3f}x)")
     steps = 3 + args.replays
     step_ms = {}
-    for kern in (["cublas/torch"] if args.compile else args.kernels):
-        gemv, norm = kern.split("/")
+    for kern in (["cublas/torch/torch"] if args.compile else args.kernels):
+        gemv, norm, rope = knobs(kern)
         c = cache.clone()
-        fd = FastDecoder(model, c, steps + 1 + args.replays, compile=args.compile, gemv=gemv, norm=norm)
+        fd = FastDecoder(model, c, steps + 1 + args.replays, compile=args.compile, gemv=gemv, norm=norm, rope=rope)
         fd.ids.fill_(int(pre.logits.argmax()))
         for _ in range(3):  # warm-up, capture, one replay
             fd._run_one()
@@ -135,7 +143,7 @@ def main() -> None:
         path = fd.path
         del fd, c
         total = sum(v[0] for v in per.values())
-        print(f"  linears/norms {kern}: path '{path}' step {step_ms[kern]:.3f} ms replayed "
+        print(f"  linears/norms/rope {kern}: path '{path}' step {step_ms[kern]:.3f} ms replayed "
               f"({step_ms[kern] / roof:.3f}x the roofline), profiled kernels {total:.3f} ms/step")
         for f, (ms, n) in sorted(per.items(), key=lambda kv_: -kv_[1][0])[:args.top]:
             print(f"    {ms:7.3f} ms  {n // args.replays:5d} kernels/step  {f}")
@@ -145,8 +153,8 @@ def main() -> None:
                                                                  for k, v in step_ms.items() if k != first))
         toks, logits = {}, {}
         for kern in step_ms:  # 24 greedy tokens from the same cache, and the last step's logits
-            gemv, norm = kern.split("/")
-            fd = FastDecoder(model, cache.clone(), 24, gemv=gemv, norm=norm)
+            gemv, norm, rope = knobs(kern)
+            fd = FastDecoder(model, cache.clone(), 24, gemv=gemv, norm=norm, rope=rope)
             toks[kern], _ = fd.decode(int(pre.logits.argmax()), 24)
             logits[kern] = fd.logits.float().clone()
             del fd

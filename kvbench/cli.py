@@ -363,12 +363,13 @@ def check_components(cfg: dict, here: bool = True) -> None:
 
 def check_env() -> None:
     """The engine's speed switches from the environment (each raises one line naming the bad value)."""
-    from kvbench.fast_decode import GEMV_MODES, NORM_MODES, check_not_compiled, default_compile, default_gemv, \
-        default_norm
+    from kvbench.fast_decode import GEMV_MODES, NORM_MODES, ROPE_MODES, check_not_compiled, default_compile, \
+        default_gemv, default_norm, default_rope
     from kvbench.graph_prefill import compile_mode, mode
     compiling = default_compile()
     for var, value, modes in (("KVBENCH_DECODE_GEMV", default_gemv(), GEMV_MODES),
-                              ("KVBENCH_DECODE_NORM", default_norm(), NORM_MODES)):
+                              ("KVBENCH_DECODE_NORM", default_norm(), NORM_MODES),
+                              ("KVBENCH_DECODE_ROPE", default_rope(), ROPE_MODES)):
         check_not_compiled(var, value, modes, compiling, "KVBENCH_COMPILE_DECODE set")
     mode()
     compile_mode()

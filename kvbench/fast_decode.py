@@ -16,11 +16,14 @@ kernel launches, syncs), which at this size costs as much as the step itself. Th
    to the compiler (declared mutations of the cache tensors, applied in place), so the cache layout and the
    Triton kernel are the same as without compiling.
 5. Without compiling, every plain nn.Linear applied to the step's one token runs a Triton GEMV
-   (methods/kernels/gemv.py; `triton_linears`, `KVBENCH_DECODE_GEMV=auto|triton|cublas`) instead of cuBLAS,
-   which reads the small batch-1 weights well below the bandwidth on Hopper (H200, Llama-3.1-8B shape, every
-   linear once: 4.02 ms against cuBLAS's 4.61 ms, a 3.57 ms copy roofline; reports/examples/gemv_h200.txt),
-   and every Llama-style RMSNorm runs one Triton launch (methods/kernels/rmsnorm.py; `triton_norms`,
-   `KVBENCH_DECODE_NORM=auto|triton|torch`) instead of transformers' ~7 small kernels.
+   (methods/kernels/gemv.py; `triton_linears`, `KVBENCH_DECODE_GEMV=auto|fused|triton|cublas`) instead of
+   cuBLAS, which reads the small batch-1 weights well below the bandwidth on Hopper (H200, Llama-3.1-8B shape,
+   every linear once: 4.02 ms against cuBLAS's 4.61 ms, a 3.57 ms copy roofline; reports/examples/gemv_h200.txt);
+   `fused` (auto's choice) also computes a layer's q/k/v projections in one launch and a Llama MLP's
+   SiLU(gate) * up in one. Every Llama-style RMSNorm runs one Triton launch (methods/kernels/rmsnorm.py;
+   `triton_norms`, `KVBENCH_DECODE_NORM=auto|triton|torch`) instead of transformers' ~7 small kernels, and so
+   does the rotary embedding of the token's queries and keys (methods/kernels/rope.py; `triton_rope`,
+   `KVBENCH_DECODE_ROPE=auto|triton|torch`).
 Qualify (`supports`, `plan`): methods without decode-time hooks (full, snapkv, pyramidkv, adakv, ...); methods
 whose decode-time eviction is a rolling window (StreamingLLM, recent: `Method.decode_ring`, run as a ring
 buffer by the append kernel while no head holds more than the window); and methods that describe their
@@ -387,10 +390,12 @@ def default_compile() -> bool | str:
     return "regional" if v == "regional" else v == "1"
 
 
-GEMV_MODES = ("auto", "triton", "cublas")
-NORM_MODES = ("auto", "triton", "torch")
+GEMV_MODES = ("auto", "fused", "triton", "cublas")  # auto's choice first after it, the off switch last
+NORM_MODES = ROPE_MODES = ("auto", "triton", "torch")
 # norms whose forward is exactly `rmsnorm_ref` (transformers' Llama formula); Gemma's (1 + weight) is not
 LLAMA_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+# MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (with a SiLU act_fn: `silu_mul_ref`)
+LLAMA_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
 
 def _env_mode(var: str, modes: tuple[str, ...]) -> str:
@@ -401,8 +406,10 @@ def _env_mode(var: str, modes: tuple[str, ...]) -> str:
 
 
 def default_gemv() -> str:
-    """KVBENCH_DECODE_GEMV=auto|triton|cublas (default auto): the batch-1 linears of the graph decode path.
-    auto: the Triton GEMV on CUDA when the step is not compiled (Inductor then generates its own GEMVs)."""
+    """KVBENCH_DECODE_GEMV=auto|fused|triton|cublas (default auto): the batch-1 linears of the graph decode path.
+    triton: one Triton GEMV per linear; fused: the same, with each layer's q/k/v projections in one launch and
+    its MLP's SiLU(gate) * up in another (`triton_linears`). auto: fused on CUDA when the step is not compiled
+    (Inductor then generates its own GEMVs)."""
     return _env_mode("KVBENCH_DECODE_GEMV", GEMV_MODES)
 
 
@@ -410,6 +417,12 @@ def default_norm() -> str:
     """KVBENCH_DECODE_NORM=auto|triton|torch (default auto): the RMSNorms of the graph decode path. auto: one
     Triton launch per norm on CUDA when the step is not compiled (Inductor then fuses them itself)."""
     return _env_mode("KVBENCH_DECODE_NORM", NORM_MODES)
+
+
+def default_rope() -> str:
+    """KVBENCH_DECODE_ROPE=auto|triton|torch (default auto): the rotary embedding of the graph decode path. auto:
+    one Triton launch for the queries and one for the keys on CUDA when the step is not compiled."""
+    return _env_mode("KVBENCH_DECODE_ROPE", ROPE_MODES)
 
 
 def _swappable(m: torch.nn.Module) -> bool:
@@ -432,33 +445,87 @@ def _calls_replaced(mods: list, make_call):
 
 def check_not_compiled(knob: str, mode: str, modes: tuple[str, ...], compiled, compiled_by: str) -> None:
     """A decode kernel forced to Triton cannot go with a compiled step (Inductor generates the step's kernels):
-    one line naming the knob and its allowed values then."""
-    if mode == "triton" and compiled:
-        raise ValueError(f"{knob}='triton' with {compiled_by}; allowed: {knob} {' or '.join(modes[::2])} when "
+    one line naming the knob and its allowed values then (modes: auto, the Triton kernels, the off switch)."""
+    if mode not in (modes[0], modes[-1]) and compiled:
+        raise ValueError(f"{knob}={mode!r} with {compiled_by}; allowed: {knob} {modes[0]} or {modes[-1]} when "
                          "compiling (Inductor generates its own kernels for the step)")
 
 
-def _use_triton(knob: str, mode: str, modes: tuple[str, ...], compile, auto: bool) -> bool:
-    """A decode kernel knob (gemv / norm): forced on ("triton"), off, or on where `auto` allows."""
+def _kernel_mode(knob: str, mode: str, modes: tuple[str, ...], compile, auto: bool) -> str | None:
+    """A decode kernel knob (gemv / norm / rope): the Triton kernel in effect (one forced, or modes[1] where
+    `auto` allows), or None (torch's own ops)."""
     if mode not in modes:
         raise ValueError(f"{knob}={mode!r}; allowed: {', '.join(modes)}")
     check_not_compiled(knob, mode, modes, compile, "a compiled step")
-    return mode == "triton" or (mode == "auto" and auto)
+    if mode == modes[0]:
+        return modes[1] if auto else None
+    return None if mode == modes[-1] else mode
 
 
-def triton_linears(model: torch.nn.Module):
+def _one_token(x: torch.Tensor) -> bool:
+    return x.shape[:-1].numel() == 1  # a GEMV (a decode step's only case; more tokens kept correct anyway)
+
+
+def triton_linears(model: torch.nn.Module, fused: bool = False):
     """While active, every plain nn.Linear of the model (exact type: a quantized subclass keeps its own call;
-    contiguous weight rows) applied to one token runs `gemv_triton`; outside the context the model is untouched."""
-    from kvbench.methods.kernels.gemv import gemv_triton
+    contiguous weight rows) applied to one token runs `gemv_triton`; outside the context the model is untouched.
+    fused: also, where a module's q_proj, k_proj and v_proj are such linears of one input size and dtype (all with
+    bias or none), q_proj's call computes all three in one launch (`gemv_many_triton`) and hands k_proj and v_proj
+    their rows when they are called on that same input tensor (otherwise they compute their own); and a Llama MLP
+    (LLAMA_MLPS, SiLU, such gate/up linears without bias) computes SiLU(gate) * up in one launch
+    (`gemv_silu_mul_triton`) before its down projection."""
+    from kvbench.methods.kernels import gemv as G
+    F = torch.nn.functional
 
-    def make_call(linear):
+    def plain(linear):
         def call(x: torch.Tensor) -> torch.Tensor:
-            if x.shape[:-1].numel() != 1:  # only one token is a GEMV (never in a decode step; kept correct anyway)
-                return torch.nn.functional.linear(x, linear.weight, linear.bias)
-            return gemv_triton(x, linear.weight, linear.bias)
+            return G.gemv_triton(x, linear.weight, linear.bias) if _one_token(x) else \
+                F.linear(x, linear.weight, linear.bias)
         return call
-    return _calls_replaced([m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dim() == 2
-                            and m.weight.stride(-1) == 1 and _swappable(m)], make_call)
+    calls = {m: plain(m) for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dim() == 2
+             and m.weight.stride(-1) == 1 and _swappable(m)}
+    if fused:
+        for m in model.modules():
+            projs = [getattr(m, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+            if all(p in calls for p in projs) and len({(p.in_features, p.weight.dtype, p.weight.device,
+                                                         p.bias is None) for p in projs}) == 1:
+                calls.update(_fused_qkv(projs, calls, G.gemv_many_triton))
+            act = type(getattr(m, "act_fn", None)).__name__
+            gate_up = [getattr(m, n, None) for n in ("gate_proj", "up_proj")]
+            if (type(m).__name__ in LLAMA_MLPS and act in ("SiLU", "SiLUActivation") and _swappable(m)
+                    and all(p in calls and p.bias is None for p in gate_up)
+                    and gate_up[0].weight.shape == gate_up[1].weight.shape):
+                calls[m] = _fused_mlp(m, G.gemv_silu_mul_triton)
+    return _calls_replaced(list(calls), calls.__getitem__)
+
+
+def _fused_qkv(projs: list, calls: dict, gemv_many) -> dict:
+    """The calls of a q/k/v trio: the first computes all three, the others take theirs if called on its input."""
+    first, rest, handed = projs[0], projs[1:], {}
+
+    def first_call(x: torch.Tensor) -> torch.Tensor:
+        if not _one_token(x):
+            return calls[first](x)
+        out = gemv_many(x, [p.weight for p in projs], [p.bias for p in projs] if first.bias is not None else None)
+        handed.update({p: (x, y) for p, y in zip(rest, out[1:])})  # keeps x alive: `is` below cannot be fooled
+        return out[0]
+
+    def later(p):
+        own = calls[p]
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            got = handed.pop(p, None)
+            return got[1] if got is not None and got[0] is x else own(x)
+        return call
+    return {first: first_call, **{p: later(p) for p in rest}}
+
+
+def _fused_mlp(mlp: torch.nn.Module, gemv_silu_mul):
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if not _one_token(x):
+            return mlp.forward(x)
+        return mlp.down_proj(gemv_silu_mul(x, mlp.gate_proj.weight, mlp.up_proj.weight))
+    return call
 
 
 def triton_norms(model: torch.nn.Module):
@@ -475,6 +542,53 @@ def triton_norms(model: torch.nn.Module):
     return _calls_replaced([m for m in model.modules() if type(m).__name__ in LLAMA_RMSNORMS
                             and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None
                             and m.weight.dim() == 1 and m.weight.numel() <= MAX_COLS and _swappable(m)], make_call)
+
+
+_ROPE_OK: dict[object, bool] = {}  # apply_rotary_pos_emb function -> computes rope_ref (checked once)
+
+
+def _standard_rope(fn) -> bool:
+    """Whether a model file's apply_rotary_pos_emb(q, k, cos, sin) is `rope_ref` (checked on a small CPU case:
+    a family with interleaved or partial rotary gives other numbers and keeps its own function)."""
+    if fn not in _ROPE_OK:
+        from kvbench.methods.kernels.rope import rope_ref
+        g = torch.Generator().manual_seed(0)
+        q, k = torch.randn(1, 3, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g)
+        cos, sin = torch.randn(1, 1, 8, generator=g), torch.randn(1, 1, 8, generator=g)
+        try:
+            got = fn(q, k, cos, sin)
+            _ROPE_OK[fn] = all(torch.equal(a, b) for a, b in zip(got, rope_ref(q, k, cos, sin)))
+        except Exception:  # noqa: BLE001 - another signature: not ours to replace
+            _ROPE_OK[fn] = False
+    return _ROPE_OK[fn]
+
+
+@contextlib.contextmanager
+def triton_rope(model: torch.nn.Module):
+    """While active, the `apply_rotary_pos_emb` that the model's attention modules call (a global of their
+    transformers model file) runs `rope_triton` for one token (batch 1), where that file's function computes
+    `rope_ref`; any other call goes to the original. Restored on exit."""
+    import sys
+
+    from kvbench.methods.kernels.rope import fits, rope_triton
+    files = {sys.modules[type(m).__module__] for m in model.modules() if type(m).__name__.endswith("Attention")}
+    patched = []
+    for f in files:
+        orig = getattr(f, "apply_rotary_pos_emb", None)
+        if orig is None or not _standard_rope(orig):
+            continue
+
+        def fused(q, k, cos, sin, unsqueeze_dim=1, _orig=orig, **kw):
+            if unsqueeze_dim != 1 or kw or not (fits(q, cos, sin) and fits(k, cos, sin)):
+                return _orig(q, k, cos, sin, unsqueeze_dim, **kw)
+            return rope_triton(q, k, cos, sin)
+        f.apply_rotary_pos_emb = fused
+        patched.append((f, orig))
+    try:
+        yield
+    finally:
+        for f, orig in patched:
+            f.apply_rotary_pos_emb = orig
 
 
 def decoder_layers(model: torch.nn.Module) -> list:
@@ -538,7 +652,7 @@ class FastDecoder:
     def __init__(self, model: torch.nn.Module, cache: KVBenchCache, max_new_tokens: int,
                  use_graph: bool | None = None, warmup_steps: int = 1, compile: bool | str = False,
                  ring: tuple[int, int] | None = None, evict: DecodeEviction | None = None,
-                 gemv: str | None = None, norm: str | None = None):
+                 gemv: str | None = None, norm: str | None = None, rope: str | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; allowed: >= 1")
         dev = next(model.parameters()).device
@@ -594,10 +708,13 @@ class FastDecoder:
         self.compiled = bool(compile)
         from kvbench.methods.kernels import HAS_TRITON
         auto = self.use_graph and not compile and HAS_TRITON
-        self.gemv = _use_triton("gemv", default_gemv() if gemv is None else gemv, GEMV_MODES, compile, auto)
-        self.norm = _use_triton("norm", default_norm() if norm is None else norm, NORM_MODES, compile, auto)
+        # the Triton kernel in effect per knob ("fused" / "triton"), or None: torch's own ops
+        self.gemv = _kernel_mode("gemv", default_gemv() if gemv is None else gemv, GEMV_MODES, compile, auto)
+        self.norm = _kernel_mode("norm", default_norm() if norm is None else norm, NORM_MODES, compile, auto)
+        self.rope = _kernel_mode("rope", default_rope() if rope is None else rope, ROPE_MODES, compile, auto)
         self.path = "regional compiled graph" if self.region else "compiled graph" if compile else "graph"
-        kernels = [k for k, on in (("gemv", self.gemv), ("rmsnorm", self.norm)) if on]
+        kernels = [k for k, on in (("fused gemv" if self.gemv == "fused" else "gemv", self.gemv),
+                                   ("rmsnorm", self.norm), ("rope", self.rope)) if on]
         self.path += f" (triton {', '.join(kernels)})" if kernels else ""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
@@ -667,9 +784,10 @@ class FastDecoder:
         state = (self.base.kv, self.pos, self.ring_next, plan, self.evict_tensors)
         step_fn = _step if first else self.step_fn  # the first step over a question runs once: never compiled
         region = regional(self.model, self.region) if self.region and not first else contextlib.nullcontext()
-        linears = triton_linears(self.model) if self.gemv else contextlib.nullcontext()
+        linears = triton_linears(self.model, self.gemv == "fused") if self.gemv else contextlib.nullcontext()
         norms = triton_norms(self.model) if self.norm else contextlib.nullcontext()
-        with session(self.cache, None, "decode"), attention.inplace_decode(state), region, linears, norms:
+        rope = triton_rope(self.model) if self.rope else contextlib.nullcontext()
+        with session(self.cache, None, "decode"), attention.inplace_decode(state), region, linears, norms, rope:
             self.logits = step_fn(self.model, self.ids, self.pos, self.cache)
 
     def _run_one(self) -> None:

@@ -74,8 +74,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, words):
 @pytest.mark.parametrize("var,value,allowed", [("KVBENCH_GRAPH_PREFILL", "yes", "auto, 0, 1"),
                                                ("KVBENCH_COMPILE_PREFILL", "1", "0, regional"),
                                                ("KVBENCH_COMPILE_DECODE", "fast", "0, 1, regional"),
-                                               ("KVBENCH_DECODE_GEMV", "fast", "auto, triton, cublas"),
-                                               ("KVBENCH_DECODE_NORM", "fast", "auto, triton, torch")])
+                                               ("KVBENCH_DECODE_GEMV", "fast", "auto, fused, triton, cublas"),
+                                               ("KVBENCH_DECODE_NORM", "fast", "auto, triton, torch"),
+                                               ("KVBENCH_DECODE_ROPE", "fast", "auto, triton, torch")])
 def test_bad_speed_switch_in_the_environment_exits_2_with_one_line(tmp_path, var, value, allowed):
     out = kvbench(tmp_path, env={var: value})
     assert out.returncode == 2, out.stderr
@@ -83,7 +84,7 @@ def test_bad_speed_switch_in_the_environment_exits_2_with_one_line(tmp_path, var
     assert not any(tmp_path.rglob("config.yaml"))
 
 
-@pytest.mark.parametrize("var", ["KVBENCH_DECODE_GEMV", "KVBENCH_DECODE_NORM"])
+@pytest.mark.parametrize("var", ["KVBENCH_DECODE_GEMV", "KVBENCH_DECODE_NORM", "KVBENCH_DECODE_ROPE"])
 def test_triton_decode_kernels_with_a_compiled_decode_exit_2_with_one_line(tmp_path, var):
     out = kvbench(tmp_path, env={var: "triton", "KVBENCH_COMPILE_DECODE": "1"})
     assert out.returncode == 2, out.stderr

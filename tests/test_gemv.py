@@ -15,12 +15,13 @@ import triton_modes  # noqa: E402  (tests/: how this process runs Triton)
 
 
 def _import():
-    from kvbench.methods.kernels import HAS_TRITON, gemv
-    return HAS_TRITON, gemv
+    from kvbench.methods.kernels import HAS_TRITON, gemv, rmsnorm, rope  # all three: the decode tests use each
+    return HAS_TRITON, gemv, rmsnorm, rope
 
 
-HAS_TRITON, G = triton_modes.import_kernels(_import)
-MODE, DEV, needs_triton = triton_modes.module_modes(HAS_TRITON, getattr(G, "_gemv_kernel", None))
+HAS_TRITON, G, _RMSNORM, _ROPE = triton_modes.import_kernels(_import)
+MODE, DEV, needs_triton = triton_modes.module_modes(HAS_TRITON, *(getattr(m, k, None) for m, k in (
+    (G, "_gemv_kernel"), (_RMSNORM, "_rmsnorm_kernel"), (_ROPE, "_rope_kernel"))))
 # bf16: one rounding of the fp32 sum, <= 1 ulp (2**-7 relative) from the reference's (the interpreter truncates)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
 
@@ -196,17 +197,174 @@ def test_triton_linears_leaves_hooked_and_subclassed_linears_alone(monkeypatch):
     assert torch.equal(model["a"](x), torch.nn.functional.linear(x, model["a"].weight, model["a"].bias))
 
 
+MANY_CASES = [  # (rows of each weight, K, dtype, bias)
+    ((24, 8, 8), 300, torch.float32, True),      # a q/k/v trio (GQA: k and v narrower), K not a block multiple
+    ((24, 8, 8), 300, torch.float32, False),
+    ((5, 3), 64, torch.bfloat16, False),         # two weights
+    ((36, 12, 12), 40, torch.bfloat16, True),    # K under one block
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("rows,k,dtype,bias", MANY_CASES)
+def test_triton_many_matches_ref_and_the_single_gemv(rows, k, dtype, bias, interpret_env):
+    """One launch for 2-3 weights: each output is gemv_ref's, and the same bits as gemv_triton's default config
+    (the same per-row sum), so fusing q/k/v changes no number."""
+    g = torch.Generator().manual_seed(k + len(rows))
+    ws = [(torch.randn(n, k, generator=g) * k ** -0.5).to(dtype).to(DEV) for n in rows]
+    bs = [torch.randn(n, generator=g).to(dtype).to(DEV) for n in rows] if bias else None
+    x = torch.randn(1, 1, k, generator=g).to(dtype).to(DEV)
+    outs = G.gemv_many_triton(x, ws, bs)
+    assert len(outs) == len(rows)
+    for i, (y, w) in enumerate(zip(outs, ws)):
+        b = bs[i] if bias else None
+        assert y.shape == (1, 1, w.shape[0]) and y.dtype == dtype
+        torch.testing.assert_close(y, G.gemv_ref(x, w, b), **TOL[dtype])
+        assert torch.equal(y, G.gemv_triton(x, w, b, split_k=1))
+
+
+def test_many_and_silu_mul_bad_input():
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="2 or 3 weights"):
+        G.gemv_many_triton(torch.randn(8), [w])
+    with pytest.raises(ValueError, match="2 or 3 weights"):
+        G.gemv_many_triton(torch.randn(8), [w, torch.randn(4, 9)])
+    with pytest.raises(ValueError, match="a bias"):
+        G.gemv_many_triton(torch.randn(8), [w, w], [torch.randn(4), None])
+    with pytest.raises(ValueError, match="one token"):
+        G.gemv_many_triton(torch.randn(2, 8), [w, w])
+    with pytest.raises(ValueError, match="gate and up"):
+        G.gemv_silu_mul_triton(torch.randn(8), w, torch.randn(5, 8))
+    with pytest.raises(ValueError, match="one token"):
+        G.gemv_silu_mul_triton(torch.randn(1, 2, 8), w, w)
+
+
+def test_silu_mul_ref_is_the_llama_mlp_hand_case():
+    """silu_mul_ref is what LlamaMLP feeds its down projection, and SiLU by hand: x * sigmoid(x)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    mlp = LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=12, num_attention_heads=2, hidden_act="silu"))
+    x = torch.randn(1, 1, 8)
+    got = G.silu_mul_ref(x, mlp.gate_proj.weight, mlp.up_proj.weight)
+    torch.testing.assert_close(got, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), rtol=1e-6, atol=1e-6)
+    w_g, w_u = torch.tensor([[1.0, 0.0], [0.0, -2.0]]), torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    x = torch.tensor([2.0, 1.0])  # gate (2, -2), up (6, 3)
+    sig = lambda v: 1 / (1 + torch.exp(torch.tensor(-v)))  # noqa: E731
+    torch.testing.assert_close(G.silu_mul_ref(x, w_g, w_u), torch.stack([2 * sig(2.0) * 6, -2 * sig(-2.0) * 3]))
+
+
+@needs_triton
+@pytest.mark.parametrize("n,k,dtype", [(12, 300, torch.float32), (40, 64, torch.bfloat16), (7, 1100, torch.bfloat16)])
+def test_triton_silu_mul_matches_ref(n, k, dtype, interpret_env):
+    g = torch.Generator().manual_seed(n + k)
+    wg, wu = [(torch.randn(n, k, generator=g) * k ** -0.5 * 3).to(dtype).to(DEV) for _ in range(2)]
+    x = torch.randn(1, 1, k, generator=g).to(dtype).to(DEV)
+    y, ref = G.gemv_silu_mul_triton(x, wg, wu), G.silu_mul_ref(x, wg, wu)
+    assert y.shape == (1, 1, n) and y.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    else:  # up to an ulp at each of its four roundings (gate, up, SiLU, product)
+        torch.testing.assert_close(y.float(), ref.float(), rtol=4 * 2 ** -7, atol=2e-2)
+
+
+@needs_triton
+def test_decode_with_triton_fused_linears_matches_cublas_linears(tiny, interpret_env, monkeypatch):
+    """FastDecoder with gemv="fused" decodes the engine's 6 tokens and cache; per step and layer, the q/k/v
+    projections ran as one launch and the MLP's SiLU(gate) * up as another, every other linear through the GEMV;
+    the model is untouched afterwards."""
+    from kvbench.fast_decode import FastDecoder
+    from test_gpu_path import _same_cache
+    calls = {"gemv": [], "many": [], "silu_mul": []}
+    real = G.gemv_triton, G.gemv_many_triton, G.gemv_silu_mul_triton
+
+    def counting(name, fn):
+        return lambda x, *ws: calls[name].append(ws[0].shape if name != "many" else len(ws[0])) or fn(x, *ws)
+    monkeypatch.setattr(G, "gemv_triton", counting("gemv", lambda x, w, b=None: real[0](
+        x, w, b, block_n=None if MODE == "cuda" else 256)))
+    monkeypatch.setattr(G, "gemv_many_triton", counting("many", real[1]))
+    monkeypatch.setattr(G, "gemv_silu_mul_triton", counting("silu_mul", real[2]))
+    _, c1, _, pre = _prefilled(tiny)
+    _, c2, _, _ = _prefilled(tiny)
+    ids_ref, _ = FastDecoder(tiny.model, c1, 6, use_graph=False, gemv="cublas").decode(int(pre.logits.argmax()), 6)
+    fd = FastDecoder(tiny.model, c2, 6, use_graph=False, gemv="fused")
+    assert fd.gemv == "fused" and fd.path == "graph (triton fused gemv)"
+    ids, _ = fd.decode(int(pre.logits.argmax()), 6)
+    assert ids == ids_ref
+    _same_cache(c1, c2)
+    n_layers = tiny.model.config.num_hidden_layers
+    assert calls["many"] == [3] * 5 * n_layers and len(calls["silu_mul"]) == 5 * n_layers  # 5 forward steps
+    assert len(calls["gemv"]) == 5 * (2 * n_layers + 1)  # o_proj and down_proj per layer, and the LM head
+    assert all(m._compiled_call_impl is None for m in tiny.model.modules())
+
+
+def test_fused_qkv_hands_rows_only_to_its_own_input(monkeypatch):
+    """k_proj/v_proj take the fused launch's rows only when called on q_proj's input tensor; on any other input
+    (or with no launch before) they compute their own; a hooked projection keeps the trio unfused."""
+    from kvbench.fast_decode import triton_linears
+    monkeypatch.setattr(G, "gemv_triton", lambda x, w, b=None: torch.nn.functional.linear(x, w, b))
+    monkeypatch.setattr(G, "gemv_many_triton", lambda x, ws, bs=None: [
+        torch.full(x.shape[:-1] + (w.shape[0],), 7.0 + i) for i, w in enumerate(ws)])
+    attn = torch.nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = (torch.nn.Linear(4, n, bias=False) for n in (4, 2, 2))
+    x, other = torch.randn(1, 1, 4), torch.randn(1, 1, 4)
+    with triton_linears(attn, fused=True):
+        assert torch.equal(attn.k_proj(x)[0, 0], torch.nn.functional.linear(x, attn.k_proj.weight)[0, 0])  # none yet
+        assert torch.equal(attn.q_proj(x), torch.full((1, 1, 4), 7.0))
+        assert torch.equal(attn.k_proj(x), torch.full((1, 1, 2), 8.0))          # handed over
+        assert torch.equal(attn.v_proj(other), torch.nn.functional.linear(other, attn.v_proj.weight))  # not its input
+        assert torch.equal(attn.k_proj(x), torch.nn.functional.linear(x, attn.k_proj.weight))  # handed once only
+    attn.v_proj.register_forward_hook(lambda m, i, o: o)
+    with triton_linears(attn, fused=True):
+        assert torch.equal(attn.q_proj(x), torch.nn.functional.linear(x, attn.q_proj.weight))
+
+
+@needs_triton
+@pytest.mark.parametrize("model_type,mlp_fused", [("qwen2", True), ("qwen3", True), ("gemma", False)])
+def test_every_triton_decode_kernel_on_model_families(model_type, mlp_fused, interpret_env, monkeypatch):
+    """The fast-decode step with every Triton kernel on (fused GEMVs, norms, rope) gives transformers' eager
+    logits on tiny models of other families: Qwen2 (q/k/v with bias, a sliding layer), Qwen3 (per-head q/k norms
+    on the projections), Gemma (its (1 + w) norm and GELU MLP are left to torch: q/k/v fused, MLP not)."""
+    from test_attention_models import N, assert_close, eager_logits, random_ids, tiny_model, use_kvbench
+    from kvbench.engine import Engine
+    from kvbench.fast_decode import FastDecoder
+    calls = {"many": 0, "silu_mul": 0}
+    for name, attr in (("many", "gemv_many_triton"), ("silu_mul", "gemv_silu_mul_triton")):
+        def counted(*a, _n=name, _f=getattr(G, attr)):
+            calls[_n] += 1
+            return _f(*a)
+        monkeypatch.setattr(G, attr, counted)
+    lm = tiny_model(model_type)
+    ids = random_ids(seed=1)
+    ref = eager_logits(lm, ids)
+    use_kvbench(lm)
+    eng = Engine(lm, None)
+    cache = eng.new_cache()
+    start = N - 2  # 2 steps: the interpreter runs one program per weight row
+    eng.prefill(cache, ids[:start], None, compress=False)
+    fd = FastDecoder(lm.model, cache, 2, use_graph=False, gemv="fused", norm="triton", rope="triton")
+    with torch.inference_mode():
+        for i in range(start, N):
+            fd.ids.fill_(ids[i])
+            fd._run_one()
+            assert_close(fd.logits, ref[i], f"{model_type} step at position {i}")
+    fd.finish()
+    n_layers = lm.model.config.num_hidden_layers
+    assert calls == {"many": 2 * n_layers, "silu_mul": 2 * n_layers if mlp_fused else 0}
+
+
 def test_gemv_mode_switch(tiny, monkeypatch):
     from kvbench.fast_decode import FastDecoder, default_gemv
     assert default_gemv() == "auto"
     monkeypatch.setenv("KVBENCH_DECODE_GEMV", "fast")
-    with pytest.raises(ValueError, match="KVBENCH_DECODE_GEMV='fast'; allowed: auto, triton, cublas"):
+    with pytest.raises(ValueError, match="KVBENCH_DECODE_GEMV='fast'; allowed: auto, fused, triton, cublas"):
         default_gemv()
     monkeypatch.delenv("KVBENCH_DECODE_GEMV")
     _, cache, _, _ = _prefilled(tiny)
     assert not FastDecoder(tiny.model, cache, 4, use_graph=False).gemv  # auto: only the CUDA graph path
-    with pytest.raises(ValueError, match="compiled step"):
-        FastDecoder(tiny.model, cache, 4, use_graph=False, gemv="triton", compile="aot_eager")
+    for forced in ("triton", "fused"):
+        assert FastDecoder(tiny.model, cache, 4, use_graph=False, gemv=forced).gemv == forced
+        with pytest.raises(ValueError, match=f"gemv='{forced}' with a compiled step; allowed: gemv auto or cublas"):
+            FastDecoder(tiny.model, cache, 4, use_graph=False, gemv=forced, compile="aot_eager")
 
 
 def test_triton_suite_in_fresh_interpreter_process():

@@ -27,21 +27,21 @@ def import_kernels(importer):
             del os.environ["TRITON_INTERPRET"]
 
 
-def triton_mode(has_triton: bool, kernel) -> str:
-    """"cuda", "interpret" (this process interprets `kernel`), "subprocess" (compiled mode without a GPU) or
-    "none" (no Triton)."""
+def triton_mode(has_triton: bool, *kernels) -> str:
+    """"cuda", "interpret" (this process interprets every one of `kernels`), "subprocess" (compiled mode without
+    a GPU) or "none" (no Triton)."""
     if not has_triton:
         return "none"
     if torch.cuda.is_available():
         return "cuda"
-    return "interpret" if type(kernel).__name__ == "InterpretedFunction" else "subprocess"
+    return "interpret" if all(type(k).__name__ == "InterpretedFunction" for k in kernels) else "subprocess"
 
 
-def module_modes(has_triton: bool, kernel) -> tuple[str, str, object]:
-    """A kernel test module's (MODE, DEV, needs_triton mark): how this process runs `kernel`, the device its
+def module_modes(has_triton: bool, *kernels) -> tuple[str, str, object]:
+    """A kernel test module's (MODE, DEV, needs_triton mark): how this process runs `kernels`, the device its
     tensors go to, and the skip mark of its Triton tests. The module's MODE also drives the `interpret_env`
     fixture (tests/conftest.py)."""
-    mode = triton_mode(has_triton, kernel)
+    mode = triton_mode(has_triton, *kernels)
     return mode, "cuda" if mode == "cuda" else "cpu", needs_triton(mode)
 
 

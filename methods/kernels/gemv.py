@@ -65,6 +65,62 @@ if HAS_TRITON:
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+    @triton.jit
+    def _row_dot(x_ptr, w_ptr, row, K, stride_wn, BLOCK_K: tl.constexpr):
+        """(1,) fp32: W[row] . x, BLOCK_K columns a step, as _gemv_kernel sums one row (block_n 1, no split)."""
+        w_row = w_ptr + row.to(tl.int64) * stride_wn
+        acc = tl.zeros((1, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_row + cols[None, :], mask=col_ok[None, :], other=0.0, eviction_policy="evict_first")
+            acc += w.to(tl.float32) * xv[None, :]
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _row_out(x_ptr, w_ptr, out_ptr, bias_ptr, row, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
+        y = _row_dot(x_ptr, w_ptr, row, K, stride_wn, BLOCK_K)
+        one = tl.arange(0, 1)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + row + one).to(tl.float32)
+        tl.store(out_ptr + row + one, y.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _gemv_many_kernel(x_ptr, w0, w1, w2, o0, o1, o2, b0, b1, b2, n0, n1, K, s0, s1, s2,
+                          HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program r: row r of [W0; W1; W2] . x, written to the output of the weight the row belongs to."""
+        r = tl.program_id(0)
+        if r < n0:
+            _row_out(x_ptr, w0, o0, b0, r, K, s0, HAS_BIAS, BLOCK_K)
+        elif r < n0 + n1:
+            _row_out(x_ptr, w1, o1, b1, r - n0, K, s1, HAS_BIAS, BLOCK_K)
+        else:
+            _row_out(x_ptr, w2, o2, b2, r - n0 - n1, K, s2, HAS_BIAS, BLOCK_K)
+
+    @triton.jit
+    def _gemv_silu_mul_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, K, stride_g, stride_u, BLOCK_K: tl.constexpr):
+        """Program r: silu(Wg[r] . x) * (Wu[r] . x), with torch's roundings to the output dtype in between (each
+        projection, the SiLU, the product); both rows streamed in one loop."""
+        r = tl.program_id(0)
+        g_row = wg_ptr + r.to(tl.int64) * stride_g
+        u_row = wu_ptr + r.to(tl.int64) * stride_u
+        acc_g = tl.zeros((1, BLOCK_K), dtype=tl.float32)
+        acc_u = tl.zeros((1, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            ok = cols < K
+            xv = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)[None, :]
+            g = tl.load(g_row + cols[None, :], mask=ok[None, :], other=0.0, eviction_policy="evict_first")
+            u = tl.load(u_row + cols[None, :], mask=ok[None, :], other=0.0, eviction_policy="evict_first")
+            acc_g += g.to(tl.float32) * xv
+            acc_u += u.to(tl.float32) * xv
+        dt = out_ptr.dtype.element_ty
+        g1 = tl.sum(acc_g, axis=1).to(dt).to(tl.float32)
+        u1 = tl.sum(acc_u, axis=1).to(dt).to(tl.float32)
+        s = (g1 / (1.0 + tl.exp(-g1))).to(dt).to(tl.float32)  # torch's silu: x / (1 + exp(-x)) in fp32
+        tl.store(out_ptr + r + tl.arange(0, 1), (s * u1).to(dt))
+
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference: x (..., K) @ weight (N, K).T (+ bias (N,)) accumulated in fp32, returned as x.dtype.
     (Any number of tokens; the Triton version takes one.)"""
@@ -124,4 +180,61 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                        HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     _gemv_reduce_kernel[(triton.cdiv(n, 1024),)](ws, out, bias if bias is not None else out, n, splits,
                                                  HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
+    return out
+
+
+def _one_token(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
+    if x.dim() < 1 or x.shape[-1] != k or math.prod(x.shape[:-1]) != 1:
+        raise ValueError(f"{what} takes one token of {k} features: x (..., {k}) with leading dims multiplying to 1, "
+                         f"got {tuple(x.shape)}")
+    return x.reshape(k).contiguous()
+
+
+def gemv_many_triton(x: torch.Tensor, weights: list, biases: list | None = None) -> list:
+    """[gemv_ref(x, w, b) for each weight] for one token in ONE launch: 2 or 3 weights (N_i, K) of one dtype with
+    unit column stride (a layer's q/k/v projections), biases all given or all None. One program per output row,
+    each row summed as `gemv_triton`'s default config sums it (block_n 1, no split, so where that config does
+    not split K the results are the same bits); no weight is copied or concatenated. No host sync."""
+    if len(weights) not in (2, 3) or any(w.dim() != 2 or w.stride(-1) != 1 or w.dtype != weights[0].dtype
+                                         or w.shape[1] != weights[0].shape[1] for w in weights):
+        raise ValueError("gemv_many_triton: 2 or 3 weights (N_i, K) of one K and dtype with unit column stride, got "
+                         f"{[(tuple(w.shape), w.dtype, w.stride()) for w in weights]}")
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    has_bias = biases[0] is not None
+    if len(biases) != len(weights) or any((b is not None) != has_bias for b in biases) or (
+            has_bias and any(tuple(b.shape) != (w.shape[0],) for b, w in zip(biases, weights))):
+        raise ValueError("gemv_many_triton: a bias (N_i,) for every weight, or none")
+    k = weights[0].shape[1]
+    x1 = _one_token(x, k, "gemv_many_triton")
+    check_triton_inputs(x1, *weights, *(biases if has_bias else []))
+    outs = [torch.empty(x.shape[:-1] + (w.shape[0],), dtype=x.dtype, device=x.device) for w in weights]
+    ws, os_, bs = (weights + weights[-1:])[:3], (outs + outs[-1:])[:3], ((biases if has_bias else outs) * 2)[:3]
+    rows = sum(w.shape[0] for w in weights)
+    if rows:
+        block_k = gemv_config(weights[0].shape[0], k, 1)["block_k"]
+        _gemv_many_kernel[(rows,)](x1, *ws, *os_, *bs, ws[0].shape[0], ws[1].shape[0], k,
+                                   *(w.stride(0) for w in ws), HAS_BIAS=has_bias, BLOCK_K=block_k, num_warps=4)
+    return outs
+
+
+def silu_mul_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """A Llama MLP's input to its down projection, `act_fn(gate_proj(x)) * up_proj(x)` with SiLU, each linear
+    summed in fp32 (`gemv_ref`) and every step rounded to x.dtype as torch rounds it."""
+    return torch.nn.functional.silu(gemv_ref(x, w_gate)) * gemv_ref(x, w_up)
+
+
+def gemv_silu_mul_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """`silu_mul_ref` for one token in one launch (no bias): program r reads row r of both weights (I, K) and
+    writes one of the (..., I) outputs; the gate and up projections and the SiLU never reach memory. No sync."""
+    if w_gate.dim() != 2 or w_gate.shape != w_up.shape or w_gate.dtype != w_up.dtype or \
+            w_gate.stride(-1) != 1 or w_up.stride(-1) != 1:
+        raise ValueError("gemv_silu_mul_triton: gate and up weights (I, K) of one shape and dtype, unit column "
+                         f"stride; got {tuple(w_gate.shape)} {w_gate.dtype} and {tuple(w_up.shape)} {w_up.dtype}")
+    n, k = w_gate.shape
+    x1 = _one_token(x, k, "gemv_silu_mul_triton")
+    check_triton_inputs(x1, w_gate, w_up)
+    out = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
+    if n:
+        _gemv_silu_mul_kernel[(n,)](x1, w_gate, w_up, out, k, w_gate.stride(0), w_up.stride(0),
+                                    BLOCK_K=gemv_config(n, k, 1)["block_k"], num_warps=4)
     return out

@@ -1,0 +1,134 @@
+"""The decode token's rotary embedding in one launch (methods/kernels/rope.py): the reference against
+transformers' own apply_rotary_pos_emb, the Triton kernel under TRITON_INTERPRET=1 against it (bit for bit in
+fp32), and a decode with the Triton rope against one with transformers' (tests/triton_modes.py decides how this
+process runs Triton)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triton_modes  # noqa: E402  (tests/: how this process runs Triton)
+
+
+def _import():
+    from kvbench.methods.kernels import HAS_TRITON, rope
+    return HAS_TRITON, rope
+
+
+HAS_TRITON, R = triton_modes.import_kernels(_import)
+MODE, DEV, needs_triton = triton_modes.module_modes(HAS_TRITON, getattr(R, "_rope_kernel", None))
+
+
+def _qkcs(h, hk, d, dtype, seed=0, q_transposed=True):
+    g = torch.Generator().manual_seed(seed)
+    # as LlamaAttention makes them: (1, 1, H, D) projections viewed as (1, H, 1, D)
+    q = torch.randn(1, 1, h, d, generator=g).to(dtype).transpose(1, 2) if q_transposed \
+        else torch.randn(1, h, 1, d, generator=g).to(dtype)
+    k = torch.randn(1, 1, hk, d, generator=g).to(dtype).transpose(1, 2)
+    ang = torch.randn(1, 1, d // 2, generator=g) * 3
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    return [t.to(DEV) for t in (q, k, cos, sin)]
+
+
+def test_ref_is_transformers_apply_rotary_pos_emb():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, cos, sin = [t.cpu() for t in _qkcs(4, 2, 16, dtype)]
+        for a, b in zip(R.rope_ref(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+            assert torch.equal(a, b)
+
+
+def test_ref_hand_case():
+    # D = 2: a rotation of (x1, x2) by the angle: (x1 cos - x2 sin, x2 cos + x1 sin)
+    x = torch.tensor([3.0, 4.0]).view(1, 1, 1, 2)
+    c, s = torch.tensor([[[0.0, 0.0]]]), torch.tensor([[[1.0, 1.0]]])  # 90 degrees
+    q, _ = R.rope_ref(x, x, c, s)
+    assert torch.equal(q.view(2), torch.tensor([-4.0, 3.0]))
+
+
+@needs_triton
+@pytest.mark.parametrize("h,hk,d,dtype,transposed", [(4, 2, 16, torch.float32, True), (3, 1, 64, torch.float32, False),
+                                                     (9, 3, 64, torch.bfloat16, True), (2, 2, 6, torch.float32, True)])
+def test_triton_matches_ref(h, hk, d, dtype, transposed, interpret_env):
+    q, k, cos, sin = _qkcs(h, hk, d, dtype, seed=d, q_transposed=transposed)
+    for y, ref in zip(R.rope_triton(q, k, cos, sin), R.rope_ref(q, k, cos, sin)):
+        assert y.shape == ref.shape and y.dtype == ref.dtype
+        if dtype == torch.float32 or MODE == "cuda":  # torch's roundings, bit for bit
+            assert torch.equal(y, ref)
+        else:  # the interpreter casts to bf16 by truncation: up to an ulp per rounding
+            torch.testing.assert_close(y.float(), ref.float(), rtol=2 ** -6, atol=2e-2)
+
+
+def test_fits_and_bad_input():
+    q, k, cos, sin = _qkcs(4, 2, 16, torch.float32)
+    assert R.fits(q, cos, sin) and R.fits(k, cos, sin)
+    assert not R.fits(torch.randn(1, 4, 2, 16), cos, sin)         # two tokens
+    assert not R.fits(torch.randn(1, 4, 1, 15), cos[..., :15], sin[..., :15])  # odd D
+    with pytest.raises(ValueError, match="rope_triton"):
+        R.rope_triton(torch.randn(2, 4, 1, 16), k, cos, sin)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from kvbench.models import load_model
+    return load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
+
+
+@needs_triton
+def test_decode_with_triton_rope_matches_torch_rope(tiny, interpret_env, monkeypatch):
+    """FastDecoder with rope="triton" decodes the same 10 tokens and leaves the same cache (keys bit for bit) as
+    with transformers' rope; the kernel ran for both tensors of every layer of every step; transformers'
+    function is back afterwards."""
+    from transformers.models.llama import modeling_llama
+    from kvbench.fast_decode import FastDecoder
+    from test_gpu_path import _NoTokenizer, _same_cache, prefilled
+    tiny.tokenizer = _NoTokenizer()
+    calls, real = [], R.rope_triton
+
+    def counting(q, k, cos, sin):
+        calls.append(q.shape[1])
+        return real(q, k, cos, sin)
+    monkeypatch.setattr(R, "rope_triton", counting)
+    orig = modeling_llama.apply_rotary_pos_emb
+    _, c1, _, pre = prefilled(tiny, "snapkv", n=97)
+    _, c2, _, _ = prefilled(tiny, "snapkv", n=97)
+    ref = FastDecoder(tiny.model, c1, 10, use_graph=False, rope="torch")
+    assert not ref.rope and ref.path == "graph"
+    ids_ref, _ = ref.decode(int(pre.logits.argmax()), 10)
+    fd = FastDecoder(tiny.model, c2, 10, use_graph=False, rope="triton")
+    assert fd.rope and fd.path == "graph (triton rope)"
+    ids, _ = fd.decode(int(pre.logits.argmax()), 10)
+    assert ids == ids_ref
+    _same_cache(c1, c2)
+    for a, b in zip(c1.kv, c2.kv):  # fp32: every rotated key is torch's bits
+        for h in range(a.n_heads):
+            assert torch.equal(a.head(h)[0], b.head(h)[0])
+    assert len(calls) == 9 * 2  # 9 forward steps x 2 layers
+    assert modeling_llama.apply_rotary_pos_emb is orig
+
+
+def test_a_nonstandard_rope_is_left_alone():
+    from kvbench.fast_decode import _standard_rope
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    assert _standard_rope(apply_rotary_pos_emb)
+    assert not _standard_rope(lambda q, k, cos, sin, unsqueeze_dim=1: (q * cos, k * cos))  # no rotate_half
+
+
+def test_rope_mode_switch(tiny, monkeypatch):
+    from kvbench.fast_decode import FastDecoder, default_rope
+    from test_gpu_path import _NoTokenizer, prefilled
+    tiny.tokenizer = _NoTokenizer()
+    assert default_rope() == "auto"
+    monkeypatch.setenv("KVBENCH_DECODE_ROPE", "fast")
+    with pytest.raises(ValueError, match="KVBENCH_DECODE_ROPE='fast'; allowed: auto, triton, torch"):
+        default_rope()
+    monkeypatch.delenv("KVBENCH_DECODE_ROPE")
+    _, cache, _, _ = prefilled(tiny, "snapkv", n=97)
+    assert not FastDecoder(tiny.model, cache, 4, use_graph=False).rope  # auto: only the CUDA graph path
+    with pytest.raises(ValueError, match="compiled step"):
+        FastDecoder(tiny.model, cache, 4, use_graph=False, rope="triton", compile="aot_eager")
+
+
+def test_triton_suite_in_fresh_interpreter_process():
+    """Triton was imported (compiled mode) before this module on a machine without CUDA: rerun here."""
+    triton_modes.rerun_in_fresh_process(MODE, __file__, "triton", 300)
