@@ -83,6 +83,26 @@ def test_triton_matches_ref(n, k, dtype, bias, three_d, cfg, interpret_env):
     torch.testing.assert_close(y, ref, **TOL[dtype])
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype,split_k", [(torch.float32, 1), (torch.bfloat16, 1), (torch.bfloat16, 3)])
+def test_triton_residual_is_added_in_the_store(dtype, split_k, interpret_env):
+    """residual=r gives torch's `linear(x) + r` on the kernel's own output, bit for bit (the add after the
+    rounding to the output dtype), with and without a split K."""
+    g = torch.Generator().manual_seed(7)
+    w = (torch.randn(37, 300, generator=g) * 300 ** -0.5).to(dtype).to(DEV)
+    x, b = torch.randn(1, 1, 300, generator=g).to(dtype).to(DEV), torch.randn(37, generator=g).to(dtype).to(DEV)
+    r = (torch.randn(1, 1, 37, generator=g) * 4).to(dtype).to(DEV)
+    cfg = dict(block_n=None if MODE == "cuda" else 8, block_k=64, split_k=split_k)
+    y, want = G.gemv_triton(x, w, b, residual=r, **cfg), G.gemv_triton(x, w, b, **cfg) + r
+    if dtype == torch.float32 or MODE == "cuda":
+        assert torch.equal(y, want)
+    else:  # the interpreter casts to bf16 by truncation, torch's add rounds to nearest: an ulp apart at most
+        torch.testing.assert_close(y.float(), want.float(), rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(y, G.gemv_ref(x, w, b) + r, **TOL[dtype])
+    with pytest.raises(ValueError, match="residual"):
+        G.gemv_triton(x, w, b, residual=r[..., :5])
+
+
 def test_bench_config_grid(bench):
     for n, k in ((1024, 4096), (4096, 4096), (14336, 4096)):
         grid = bench.config_grid(n, k, 132)
@@ -270,17 +290,21 @@ def test_triton_silu_mul_matches_ref(n, k, dtype, interpret_env):
 @needs_triton
 def test_decode_with_triton_fused_linears_matches_cublas_linears(tiny, interpret_env, monkeypatch):
     """FastDecoder with gemv="fused" decodes the engine's 6 tokens and cache; per step and layer, the q/k/v
-    projections ran as one launch and the MLP's SiLU(gate) * up as another, every other linear through the GEMV;
-    the model is untouched afterwards."""
+    projections ran as one launch and the MLP's SiLU(gate) * up as another, every other linear through the GEMV,
+    o_proj and down_proj adding the layer's residuals in theirs; the model is untouched afterwards."""
     from kvbench.fast_decode import FastDecoder
     from test_gpu_path import _same_cache
-    calls = {"gemv": [], "many": [], "silu_mul": []}
+    calls = {"gemv": [], "many": [], "silu_mul": [], "residual": []}
     real = G.gemv_triton, G.gemv_many_triton, G.gemv_silu_mul_triton
 
     def counting(name, fn):
-        return lambda x, *ws: calls[name].append(ws[0].shape if name != "many" else len(ws[0])) or fn(x, *ws)
-    monkeypatch.setattr(G, "gemv_triton", counting("gemv", lambda x, w, b=None: real[0](
-        x, w, b, block_n=None if MODE == "cuda" else 256)))
+        return lambda x, *ws, **kw: calls[name].append(ws[0].shape if name != "many" else len(ws[0])) or fn(
+            x, *ws, **kw)
+
+    def gemv(x, w, b=None, residual=None):
+        calls["residual"] += [] if residual is None else [w.shape]
+        return real[0](x, w, b, residual=residual, block_n=None if MODE == "cuda" else 256)
+    monkeypatch.setattr(G, "gemv_triton", counting("gemv", gemv))
     monkeypatch.setattr(G, "gemv_many_triton", counting("many", real[1]))
     monkeypatch.setattr(G, "gemv_silu_mul_triton", counting("silu_mul", real[2]))
     _, c1, _, pre = _prefilled(tiny)
@@ -294,6 +318,8 @@ def test_decode_with_triton_fused_linears_matches_cublas_linears(tiny, interpret
     n_layers = tiny.model.config.num_hidden_layers
     assert calls["many"] == [3] * 5 * n_layers and len(calls["silu_mul"]) == 5 * n_layers  # 5 forward steps
     assert len(calls["gemv"]) == 5 * (2 * n_layers + 1)  # o_proj and down_proj per layer, and the LM head
+    h = tiny.model.config.hidden_size
+    assert calls["residual"] == [(h, h), (h, tiny.model.config.intermediate_size)] * 5 * n_layers
     assert all(m._compiled_call_impl is None for m in tiny.model.modules())
 
 
@@ -323,15 +349,16 @@ def test_fused_qkv_hands_rows_only_to_its_own_input(monkeypatch):
 def test_every_triton_decode_kernel_on_model_families(model_type, mlp_fused, interpret_env, monkeypatch):
     """The fast-decode step with every Triton kernel on (fused GEMVs, norms, rope) gives transformers' eager
     logits on tiny models of other families: Qwen2 (q/k/v with bias, a sliding layer), Qwen3 (per-head q/k norms
-    on the projections), Gemma (its (1 + w) norm and GELU MLP are left to torch: q/k/v fused, MLP not)."""
+    on the projections), Gemma (its (1 + w) norm, GELU MLP and layer are left to torch: q/k/v fused, the rest
+    not)."""
     from test_attention_models import N, assert_close, eager_logits, random_ids, tiny_model, use_kvbench
     from kvbench.engine import Engine
     from kvbench.fast_decode import FastDecoder
-    calls = {"many": 0, "silu_mul": 0}
-    for name, attr in (("many", "gemv_many_triton"), ("silu_mul", "gemv_silu_mul_triton")):
-        def counted(*a, _n=name, _f=getattr(G, attr)):
-            calls[_n] += 1
-            return _f(*a)
+    calls = {"many": 0, "silu_mul": 0, "residual": 0}
+    for name, attr in (("many", "gemv_many_triton"), ("silu_mul", "gemv_silu_mul_triton"), ("residual", "gemv_triton")):
+        def counted(*a, _n=name, _f=getattr(G, attr), **kw):
+            calls[_n] += _n != "residual" or kw.get("residual") is not None
+            return _f(*a, **kw)
         monkeypatch.setattr(G, attr, counted)
     lm = tiny_model(model_type)
     ids = random_ids(seed=1)
@@ -349,7 +376,8 @@ def test_every_triton_decode_kernel_on_model_families(model_type, mlp_fused, int
             assert_close(fd.logits, ref[i], f"{model_type} step at position {i}")
     fd.finish()
     n_layers = lm.model.config.num_hidden_layers
-    assert calls == {"many": 2 * n_layers, "silu_mul": 2 * n_layers if mlp_fused else 0}
+    fused = 2 * n_layers if mlp_fused else 0  # 2 steps; the residuals: 2 per layer and step
+    assert calls == {"many": 2 * n_layers, "silu_mul": fused, "residual": 2 * fused}
 
 
 def test_gemv_mode_switch(tiny, monkeypatch):

@@ -31,9 +31,10 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, N, K, stride_wn, k_per_split,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program (i, s): out[s, rows] = W[rows, K slice s] . x[K slice s] (+ bias); rows = i's block_n rows."""
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, N, K, stride_wn, k_per_split,
+                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (i, s): out[s, rows] = W[rows, K slice s] . x[K slice s] (+ bias) (+ res, added to the result
+        rounded to out's dtype, as torch adds to a linear's output); rows = i's block_n rows."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # int64: lm_head rows x stride nears 2**31
@@ -50,11 +51,14 @@ if HAS_TRITON:
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            y = y.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + rows, mask=row_ok).to(tl.float32)
         tl.store(out_ptr + tl.program_id(1) * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
-    def _gemv_reduce_kernel(ws_ptr, out_ptr, bias_ptr, N, split_k, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        """out[rows] = sum over s = 0, 1, ... of ws[s, rows] (+ bias), in that order."""
+    def _gemv_reduce_kernel(ws_ptr, out_ptr, bias_ptr, res_ptr, N, split_k, HAS_BIAS: tl.constexpr,
+                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        """out[rows] = sum over s = 0, 1, ... of ws[s, rows] (+ bias), in that order (+ res, as _gemv_kernel)."""
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = rows < N
         y = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -62,6 +66,8 @@ if HAS_TRITON:
             y += tl.load(ws_ptr + s * N + rows, mask=ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            y = y.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + rows, mask=ok).to(tl.float32)
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -148,11 +154,13 @@ def gemv_config(n: int, k: int, target_programs: int) -> dict:
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-                num_warps: int | None = None) -> torch.Tensor:
+                residual: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
+                split_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """`gemv_ref` for one token in one launch (two with split_k > 1). x: (..., K), leading dims multiplying to 1;
-    weight: (N, K) with unit column stride; bias: (N,) or None. Returns (..., N) in x.dtype. Configs left as None
-    come from `gemv_config`; block sizes must be powers of two; split_k may shrink (`split_plan`). No host sync."""
+    weight: (N, K) with unit column stride; bias: (N,) or None. Returns (..., N) in x.dtype. residual (N values,
+    x.dtype, contiguous): returns `gemv_ref(x, weight, bias) + residual` with torch's two roundings, the add
+    fused into the store (a decoder layer's residual connection). Configs left as None come from `gemv_config`;
+    block sizes must be powers of two; split_k may shrink (`split_plan`). No host sync."""
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"gemv: x (..., K) and weight (N, K); got {tuple(x.shape)} and {tuple(weight.shape)}")
     if math.prod(x.shape[:-1]) != 1:
@@ -160,8 +168,11 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     n, k = weight.shape
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"gemv: bias must be ({n},), got {tuple(bias.shape)}")
+    if residual is not None and (residual.numel() != n or residual.dtype != x.dtype or not residual.is_contiguous()):
+        raise ValueError(f"gemv: residual must be {n} contiguous {x.dtype} values, got {tuple(residual.shape)} "
+                         f"{residual.dtype} (contiguous {residual.is_contiguous()})")
     x1 = x.reshape(k).contiguous()
-    check_triton_inputs(x1, weight, *([] if bias is None else [bias]))
+    check_triton_inputs(x1, weight, *([] if bias is None else [bias]), *([] if residual is None else [residual]))
     default = gemv_config(n, k, num_programs_hint(weight.device))
     block_n = block_n or default["block_n"]
     block_k = block_k or default["block_k"]
@@ -172,14 +183,17 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return out
     grid = (triton.cdiv(n, block_n), splits)
     if splits == 1:
-        _gemv_kernel[grid](x1, weight, out, bias if bias is not None else out, n, k, weight.stride(0), k_per_split,
-                           HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+        _gemv_kernel[grid](x1, weight, out, bias if bias is not None else out, out if residual is None else residual,
+                           n, k, weight.stride(0), k_per_split, HAS_BIAS=bias is not None,
+                           HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
         return out
     ws = torch.empty((splits, n), dtype=torch.float32, device=x.device)
-    _gemv_kernel[grid](x1, weight, ws, ws, n, k, weight.stride(0), k_per_split,
-                       HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
-    _gemv_reduce_kernel[(triton.cdiv(n, 1024),)](ws, out, bias if bias is not None else out, n, splits,
-                                                 HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
+    _gemv_kernel[grid](x1, weight, ws, ws, ws, n, k, weight.stride(0), k_per_split,
+                       HAS_BIAS=False, HAS_RES=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    _gemv_reduce_kernel[(triton.cdiv(n, 1024),)](ws, out, bias if bias is not None else out,
+                                                 out if residual is None else residual, n, splits,
+                                                 HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                                                 BLOCK=1024, num_warps=4)
     return out
 
 
