@@ -397,6 +397,37 @@ def _check_split_decoder_steps():
     assert any(merged.get("d2o", [])), "D2O's merge never ran in the fused kernel"
 
 
+def _check_scheduled(device="cpu"):
+    """LaCache's scheduled rank in one launch (`_scheduled_evict_kernel`, through evict_rows_split) against
+    evict_rows: any rank up to the head's length (the binary search over positions), sinks and a recent window
+    protected, ranks past the candidates (the +inf rows' row order), heads under their cap. (device "cuda": the
+    same check on a GPU, python -c "import test_evict_kernel as T; T._check_scheduled('cuda')" in tests/.)"""
+    g = torch.Generator().manual_seed(5)
+    moved = 0
+    for case in range(24):
+        n_heads = int(torch.randint(1, 5, (1,), generator=g))
+        n = int(torch.randint(2, 40, (1,), generator=g))
+        t, q_pos = _layout(g, [n] * n_heads, 16)
+        t = {k: v.to(device) for k, v in t.items()}
+        caps = [n - 1 if i % 3 else NO_CAP for i in range(n_heads)]
+        kw = dict(rank="scheduled", n_sink=(0, 3)[case % 2], recent=(0, 5)[(case // 2) % 2],
+                  ranks=torch.randint(0, n if case % 4 == 3 else max(1, n - 8), (6,), generator=g))
+        results = []
+        for fn in (evict_rows, evict_rows_split):
+            c = {k: v.clone() for k, v in t.items()}
+            c["done"] = torch.randint(0, 8, (n_heads,), generator=g).to(device) if not results else results[0][1]
+            done0 = c["done"].clone()
+            fn(c["probs"], c["keys"], c["values"], c["positions"], c["starts"], c["lengths"], None, c["log_weight"],
+               torch.tensor([q_pos], device=device), torch.tensor(caps, device=device), n + int(case % 5 == 0), 1,
+               done=c["done"], **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+            results.append((c, done0))
+        (want, d0), (got, _) = results
+        for name in MUTATED:
+            assert torch.equal(got[name], want[name]), (case, name)
+        moved += int((want["lengths"] != t["lengths"]).sum())
+    assert moved > 20, moved
+
+
 def _interpreted(*checks):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
@@ -421,7 +452,7 @@ def test_fused_merge_matches_evict_rows():
 def test_split_eviction_matches_evict_rows():
     """Pooling, scheduled ranks and merging: torch's choice and the Triton moves equal evict_rows bit for bit,
     alone and through the fast decoder (CAKE and D2O: the fused kernel; LaCache: the split)."""
-    _interpreted("_check_split", "_check_split_decoder_steps")
+    _interpreted("_check_split", "_check_scheduled", "_check_split_decoder_steps")
 
 
 def test_fused_pool_matches_evict_rows():

@@ -123,7 +123,7 @@ def _choose(probs, keys, values, positions, starts, lengths, score, q_pos, caps,
     key = eviction_keys(grid, valid, positions, probs, score, q_pos, rank, n_sink, recent, shared)
     if rank == "scheduled":  # the row of the scheduled position rank
         nth = ranks[done.clamp(max=ranks.numel() - 1)]
-        victim = key.argsort(-1).gather(1, nth.unsqueeze(1)).squeeze(1)
+        victim = key.argsort(dim=-1, stable=True).gather(1, nth.unsqueeze(1)).squeeze(1)  # ties (+inf): row order
     else:
         victim = key.argmin(-1)
     full = lengths > caps
@@ -487,6 +487,43 @@ if HAS_TRITON:
                   HAS_DONE, D_PAD)
 
 
+    @triton.jit
+    def _scheduled_evict_kernel(k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, ranks_ptr, n_ranks,
+                                starts_ptr, lengths_ptr, caps_ptr, qpos_ptr, stride_kt, stride_vt, D, width, n_sink,
+                                recent, HAS_PROBS: tl.constexpr, HAS_SCORE: tl.constexpr, HAS_LOGW: tl.constexpr,
+                                HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, BLOCK: tl.constexpr,
+                                D_PAD: tl.constexpr):
+        """grid (n_heads,): a scheduled rank's removal (LaCache) in one launch. Head h's victim is where `_choose`
+        puts it, `argsort(key)[nth]` over the head's `width` grid rows (key: the position, +inf where protected
+        or past the head's length; nth = ranks[min(done[h], n_ranks - 1)]): the candidate row of the nth smallest
+        position (distinct within a head: a binary search over positions, a count per probe), or, past the
+        candidates, the (nth - candidates)-th +inf row in row order (a stable sort's tie order); then
+        `_move_row` removes it if the head is over its cap."""
+        h = tl.program_id(0)
+        start = tl.load(starts_ptr + h)
+        length = tl.load(lengths_ptr + h)
+        r = tl.arange(0, BLOCK)
+        in_grid = r < width
+        ok = in_grid & (r < length)
+        pos = tl.load(pos_ptr + start + r, mask=ok, other=0)
+        cand = ~_protected(pos, ok, tl.load(qpos_ptr), n_sink, recent, HAS_SINK, HAS_RECENT)
+        nth = tl.load(ranks_ptr + tl.minimum(tl.load(done_ptr + h), n_ranks - 1))
+        n_cand = tl.sum(cand.to(tl.int64), 0)
+        lo = tl.min(tl.where(cand, pos, 2 ** 62), 0)
+        hi = tl.max(tl.where(cand, pos, -1), 0)
+        while lo < hi:  # the smallest candidate position p with nth + 1 candidates at positions <= p
+            mid = lo + (hi - lo) // 2
+            enough = tl.sum((cand & (pos <= mid)).to(tl.int64), 0) >= nth + 1
+            hi = tl.where(enough, mid, hi)
+            lo = tl.where(enough, lo, mid + 1)
+        blocked = in_grid & ~cand
+        tie = tl.cumsum(blocked.to(tl.int64), 0) - 1  # the +inf rows' order: their row order
+        pick = tl.where(nth < n_cand, cand & (pos == lo), blocked & (tie == nth - n_cand))
+        victim = tl.sum(tl.where(pick, r, 0).to(tl.int64), 0)
+        _move_row(h, victim, k_ptr, v_ptr, pos_ptr, probs_ptr, score_ptr, lw_ptr, done_ptr, starts_ptr,
+                  lengths_ptr, caps_ptr, stride_kt, stride_vt, D, HAS_PROBS, HAS_SCORE, HAS_LOGW, True, D_PAD)
+
+
 def evict_rows_split(probs: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                      starts: torch.Tensor, lengths: torch.Tensor, score: torch.Tensor | None,
                      log_weight: torch.Tensor | None, q_pos: torch.Tensor, caps: torch.Tensor, width: int,
@@ -496,18 +533,31 @@ def evict_rows_split(probs: torch.Tensor | None, keys: torch.Tensor, values: tor
     """`evict_rows` for the cases the fused kernel does not choose for (a scheduled rank: LaCache; pooling or
     merging outside the fused cases), one removal per step: the choice is `evict_rows`' own torch ops, the row
     moves (about half of its ops) one Triton launch (`_move_victims_kernel`, LayerKV.remove's moves as in the
-    fused kernel). Same effect as `evict_rows`, bit for bit."""
+    fused kernel); a scheduled rank not shared, without pooling or merging (LaCache's), chooses and moves in one
+    launch (`_scheduled_evict_kernel`; torch's choice took ~20 small kernels per layer, 1.4x the full cache's
+    step on an H200 once the rest of the step got fast). Same effect as `evict_rows`, bit for bit."""
     if repeat != 1:
         raise ValueError(f"evict_rows_split does one removal per step, got repeat={repeat}; use evict_rows")
     if score is not None:
         score.add_(probs)
+    d = keys.shape[1]
+    if rank == "scheduled" and not shared and pool <= 1 and tau is None:
+        extra = [t for t in (probs, score, log_weight) if t is not None]
+        check_triton_inputs(keys, values, positions, starts, lengths, caps, ranks, done, q_pos, *extra)
+        _scheduled_evict_kernel[(starts.numel(),)](
+            keys, values, positions, probs if probs is not None else positions,  # unused pointers: any
+            score if score is not None else positions, log_weight if log_weight is not None else positions, done,
+            ranks, ranks.numel(), starts, lengths, caps, q_pos, keys.stride(0), values.stride(0), d, int(width),
+            int(n_sink), int(recent), HAS_PROBS=probs is not None, HAS_SCORE=score is not None,
+            HAS_LOGW=log_weight is not None, HAS_SINK=n_sink > 0, HAS_RECENT=recent > 0,
+            BLOCK=max(16, next_pow2(int(width))), D_PAD=max(16, next_pow2(d)), num_warps=4)
+        return
     if pool > 1:
         probs.copy_(pool_by_position(probs, positions, starts, lengths, width, pool))
     victim, _ = _choose(probs, keys, values, positions, starts, lengths, score, q_pos, caps, width, rank, n_sink,
                         recent, shared, ranks, done, tau, beta)
     extra = [t for t in (probs, score, log_weight, done) if t is not None]
     check_triton_inputs(keys, values, positions, starts, lengths, caps, victim, *extra)
-    d = keys.shape[1]
     _move_victims_kernel[(starts.numel(),)](
         victim, keys, values, positions, probs if probs is not None else positions,  # unused pointers: any
         score if score is not None else positions, log_weight if log_weight is not None else positions,
