@@ -121,16 +121,23 @@ def test_supported_model_matches_eager(model_type):
         assert_close(logits, ref[i], f"decode step at position {i}")
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "qwen2_moe", "mistral"])
-def test_fast_decode_step_matches_eager(model_type):
-    """The in-place decode step (the CUDA-graph path, run eagerly on CPU) applies the window and softcap."""
+def eager_then_prefilled(model_type: str, start: int):
+    """A tiny model of this type, a random sequence, transformers' eager logits of it, and kvbench's cache
+    prefilled with its first `start` tokens (for a decode step to go on from)."""
     lm = tiny_model(model_type)
     ids = random_ids(seed=1)
     ref = eager_logits(lm, ids)
     use_kvbench(lm)
     eng = Engine(lm, None)
     cache = eng.new_cache()
-    eng.prefill(cache, ids[:PREFIX], None, compress=False)
+    eng.prefill(cache, ids[:start], None, compress=False)
+    return lm, ids, ref, cache
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "qwen2_moe", "mistral"])
+def test_fast_decode_step_matches_eager(model_type):
+    """The in-place decode step (the CUDA-graph path, run eagerly on CPU) applies the window and softcap."""
+    lm, ids, ref, cache = eager_then_prefilled(model_type, PREFIX)
     fd = FastDecoder(lm.model, cache, N - PREFIX, use_graph=False)
     with torch.inference_mode():
         for i in range(PREFIX, N):

@@ -351,8 +351,7 @@ def test_every_triton_decode_kernel_on_model_families(model_type, mlp_fused, int
     logits on tiny models of other families: Qwen2 (q/k/v with bias, a sliding layer), Qwen3 (per-head q/k norms
     on the projections), Gemma (its (1 + w) norm, GELU MLP and layer are left to torch: q/k/v fused, the rest
     not)."""
-    from test_attention_models import N, assert_close, eager_logits, random_ids, tiny_model, use_kvbench
-    from kvbench.engine import Engine
+    from test_attention_models import N, assert_close, eager_then_prefilled
     from kvbench.fast_decode import FastDecoder
     calls = {"many": 0, "silu_mul": 0, "residual": 0}
     for name, attr in (("many", "gemv_many_triton"), ("silu_mul", "gemv_silu_mul_triton"), ("residual", "gemv_triton")):
@@ -360,14 +359,8 @@ def test_every_triton_decode_kernel_on_model_families(model_type, mlp_fused, int
             calls[_n] += _n != "residual" or kw.get("residual") is not None
             return _f(*a, **kw)
         monkeypatch.setattr(G, attr, counted)
-    lm = tiny_model(model_type)
-    ids = random_ids(seed=1)
-    ref = eager_logits(lm, ids)
-    use_kvbench(lm)
-    eng = Engine(lm, None)
-    cache = eng.new_cache()
     start = N - 2  # 2 steps: the interpreter runs one program per weight row
-    eng.prefill(cache, ids[:start], None, compress=False)
+    lm, ids, ref, cache = eager_then_prefilled(model_type, start)
     fd = FastDecoder(lm.model, cache, 2, use_graph=False, gemv="fused", norm="triton", rope="triton")
     with torch.inference_mode():
         for i in range(start, N):
@@ -380,19 +373,30 @@ def test_every_triton_decode_kernel_on_model_families(model_type, mlp_fused, int
     assert calls == {"many": 2 * n_layers, "silu_mul": fused, "residual": 2 * fused}
 
 
-def test_gemv_mode_switch(tiny, monkeypatch):
-    from kvbench.fast_decode import FastDecoder, default_gemv
-    assert default_gemv() == "auto"
-    monkeypatch.setenv("KVBENCH_DECODE_GEMV", "fast")
-    with pytest.raises(ValueError, match="KVBENCH_DECODE_GEMV='fast'; allowed: auto, fused, triton, cublas"):
-        default_gemv()
-    monkeypatch.delenv("KVBENCH_DECODE_GEMV")
+KNOBS = [("gemv", "KVBENCH_DECODE_GEMV", ("auto", "fused", "triton", "cublas")),
+         ("norm", "KVBENCH_DECODE_NORM", ("auto", "triton", "torch")),
+         ("rope", "KVBENCH_DECODE_ROPE", ("auto", "triton", "torch"))]
+
+
+@pytest.mark.parametrize("knob,var,modes", KNOBS)
+def test_decode_kernel_switches(knob, var, modes, tiny, monkeypatch):
+    """Each decode-kernel knob: auto by default, a bad value named with the allowed ones, auto off the CUDA graph
+    path, every Triton mode forceable, and none of them with a compiled step (auto or the off switch only)."""
+    from kvbench import fast_decode
+    from kvbench.fast_decode import FastDecoder
+    default = getattr(fast_decode, f"default_{knob}")
+    assert default() == "auto"
+    monkeypatch.setenv(var, "fast")
+    with pytest.raises(ValueError, match=f"{var}='fast'; allowed: {', '.join(modes)}"):
+        default()
+    monkeypatch.delenv(var)
     _, cache, _, _ = _prefilled(tiny)
-    assert not FastDecoder(tiny.model, cache, 4, use_graph=False).gemv  # auto: only the CUDA graph path
-    for forced in ("triton", "fused"):
-        assert FastDecoder(tiny.model, cache, 4, use_graph=False, gemv=forced).gemv == forced
-        with pytest.raises(ValueError, match=f"gemv='{forced}' with a compiled step; allowed: gemv auto or cublas"):
-            FastDecoder(tiny.model, cache, 4, use_graph=False, gemv=forced, compile="aot_eager")
+    assert getattr(FastDecoder(tiny.model, cache, 4, use_graph=False), knob) is None  # auto: the CUDA graph path
+    for forced in modes[1:-1]:
+        assert getattr(FastDecoder(tiny.model, cache, 4, use_graph=False, **{knob: forced}), knob) == forced
+        with pytest.raises(ValueError, match=f"{knob}='{forced}' with a compiled step; allowed: {knob} auto or "
+                                             f"{modes[-1]}"):
+            FastDecoder(tiny.model, cache, 4, use_graph=False, compile="aot_eager", **{knob: forced})
 
 
 def test_triton_suite_in_fresh_interpreter_process():

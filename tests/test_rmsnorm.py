@@ -102,21 +102,6 @@ def test_decode_with_triton_norms_matches_torch_norms(tiny, interpret_env, monke
     assert all(m._compiled_call_impl is None for m in norms)
 
 
-def test_norm_mode_switch(tiny, monkeypatch):
-    from kvbench.fast_decode import FastDecoder, default_norm
-    from test_gpu_path import _NoTokenizer, prefilled
-    tiny.tokenizer = _NoTokenizer()
-    assert default_norm() == "auto"
-    monkeypatch.setenv("KVBENCH_DECODE_NORM", "fast")
-    with pytest.raises(ValueError, match="KVBENCH_DECODE_NORM='fast'; allowed: auto, triton, torch"):
-        default_norm()
-    monkeypatch.delenv("KVBENCH_DECODE_NORM")
-    _, cache, _, _ = prefilled(tiny, "snapkv", n=97)
-    assert not FastDecoder(tiny.model, cache, 4, use_graph=False).norm  # auto: only the CUDA graph path
-    with pytest.raises(ValueError, match="compiled step"):
-        FastDecoder(tiny.model, cache, 4, use_graph=False, norm="triton", compile="aot_eager")
-
-
 def test_triton_suite_in_fresh_interpreter_process():
     """Triton was imported (compiled mode) before this module on a machine without CUDA: rerun here."""
     triton_modes.rerun_in_fresh_process(MODE, __file__, "triton", 300)

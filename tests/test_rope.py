@@ -114,21 +114,6 @@ def test_a_nonstandard_rope_is_left_alone():
     assert not _standard_rope(lambda q, k, cos, sin, unsqueeze_dim=1: (q * cos, k * cos))  # no rotate_half
 
 
-def test_rope_mode_switch(tiny, monkeypatch):
-    from kvbench.fast_decode import FastDecoder, default_rope
-    from test_gpu_path import _NoTokenizer, prefilled
-    tiny.tokenizer = _NoTokenizer()
-    assert default_rope() == "auto"
-    monkeypatch.setenv("KVBENCH_DECODE_ROPE", "fast")
-    with pytest.raises(ValueError, match="KVBENCH_DECODE_ROPE='fast'; allowed: auto, triton, torch"):
-        default_rope()
-    monkeypatch.delenv("KVBENCH_DECODE_ROPE")
-    _, cache, _, _ = prefilled(tiny, "snapkv", n=97)
-    assert not FastDecoder(tiny.model, cache, 4, use_graph=False).rope  # auto: only the CUDA graph path
-    with pytest.raises(ValueError, match="compiled step"):
-        FastDecoder(tiny.model, cache, 4, use_graph=False, rope="triton", compile="aot_eager")
-
-
 def test_triton_suite_in_fresh_interpreter_process():
     """Triton was imported (compiled mode) before this module on a machine without CUDA: rerun here."""
     triton_modes.rerun_in_fresh_process(MODE, __file__, "triton", 300)
