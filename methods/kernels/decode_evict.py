@@ -541,7 +541,7 @@ def evict_rows_split(probs: torch.Tensor | None, keys: torch.Tensor, values: tor
     if score is not None:
         score.add_(probs)
     d = keys.shape[1]
-    if rank == "scheduled" and not shared and pool <= 1 and tau is None:
+    if rank == "scheduled" and not shared and pool <= 1 and tau is None and ranks is not None and done is not None:
         extra = [t for t in (probs, score, log_weight) if t is not None]
         check_triton_inputs(keys, values, positions, starts, lengths, caps, ranks, done, q_pos, *extra)
         _scheduled_evict_kernel[(starts.numel(),)](

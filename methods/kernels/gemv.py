@@ -16,6 +16,12 @@ cuBLAS's 1.20; q/o 4096x4096 and down 4096x14336 4.07 TB/s; lm_head 4.36 against
 the model once took 4.02 ms against cuBLAS's 4.61 (copy roofline 3.57 ms). The earlier guess (block_n 4, K
 split for k/v) took 4.93 ms.
 
+Fused forms for a decoder layer's step (kvbench/fast_decode.py's `fused` linears), each in one launch, without
+copying a weight: `gemv_many_triton` (a layer's q/k/v: one program per row of the stacked weights, the same sums
+as `gemv_triton`'s default config), `gemv_silu_mul_triton` (SiLU(gate) * up, both rows streamed by one program;
+`silu_mul_ref`), and `gemv_triton(residual=)` (the residual add in the store). Each keeps torch's roundings to the
+output dtype between its steps.
+
 `gemv_ref` is the torch reference (fp32 accumulation) and the test oracle (tests/test_gemv.py).
 """
 from __future__ import annotations
@@ -197,7 +203,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
-def _one_token(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
+def _token_vector(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
     if x.dim() < 1 or x.shape[-1] != k or math.prod(x.shape[:-1]) != 1:
         raise ValueError(f"{what} takes one token of {k} features: x (..., {k}) with leading dims multiplying to 1, "
                          f"got {tuple(x.shape)}")
@@ -219,7 +225,7 @@ def gemv_many_triton(x: torch.Tensor, weights: list, biases: list | None = None)
             has_bias and any(tuple(b.shape) != (w.shape[0],) for b, w in zip(biases, weights))):
         raise ValueError("gemv_many_triton: a bias (N_i,) for every weight, or none")
     k = weights[0].shape[1]
-    x1 = _one_token(x, k, "gemv_many_triton")
+    x1 = _token_vector(x, k, "gemv_many_triton")
     check_triton_inputs(x1, *weights, *(biases if has_bias else []))
     outs = [torch.empty(x.shape[:-1] + (w.shape[0],), dtype=x.dtype, device=x.device) for w in weights]
     ws, os_, bs = (weights + weights[-1:])[:3], (outs + outs[-1:])[:3], ((biases if has_bias else outs) * 2)[:3]
@@ -245,7 +251,7 @@ def gemv_silu_mul_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tens
         raise ValueError("gemv_silu_mul_triton: gate and up weights (I, K) of one shape and dtype, unit column "
                          f"stride; got {tuple(w_gate.shape)} {w_gate.dtype} and {tuple(w_up.shape)} {w_up.dtype}")
     n, k = w_gate.shape
-    x1 = _one_token(x, k, "gemv_silu_mul_triton")
+    x1 = _token_vector(x, k, "gemv_silu_mul_triton")
     check_triton_inputs(x1, w_gate, w_up)
     out = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
     if n:
