@@ -79,7 +79,7 @@ class Engine:
         from kvbench import graph_prefill
         self._static_why = graph_prefill.wanted(self.model, self.devices)  # None: use it where it applies
         self._static: graph_prefill.GraphPrefill | None = None
-        self.last_prefill_path = ""    # how the last prefill() ran: "graph" or "eager: <why>"
+        self.last_prefill_path = ""    # how the last prefill() ran: "graph" ("graph (triton ...)") or "eager: <why>"
         self.last_prefill_setup_ms = 0.0  # what the last prefill() spent capturing its graph (timed apart)
 
     # -- the loop's pieces ---------------------------------------------------------------------------
@@ -163,8 +163,8 @@ class Engine:
                 logits = run()
             if logits is None:
                 why = gp.failure() or "static prefill failed"
-        self.last_prefill_path = f"eager: {why}" if why else "graph"
-        return None if why else Prefilled(logits, t.ms, 0.0, "graph", self.last_prefill_setup_ms)
+        self.last_prefill_path = f"eager: {why}" if why else gp.path
+        return None if why else Prefilled(logits, t.ms, 0.0, gp.path, self.last_prefill_setup_ms)
 
     @torch.inference_mode()
     def decode(self, cache: KVBenchCache, method: Method | None, first_logits: torch.Tensor, max_new_tokens: int,

@@ -154,6 +154,17 @@ class GraphPrefill:
         self.pool = torch.cuda.graph_pool_handle() if self.use_graph else None  # one pool for every graph
         self.unsupported: str | None = None  # set when a capture failed: every later call runs eagerly
         self.last_setup_ms = 0.0
+        # the decode step's Triton RMSNorm and RoPE (whole rows, a whole context's tokens) where its knobs allow
+        # them (KVBENCH_DECODE_NORM / _ROPE: auto on CUDA) and the forward is not compiled: transformers' ~7 + ~10
+        # element-wise kernels per layer over every token become 2 + 1 (H200, 135M shape, 8K: reports/examples/
+        # prefill_small_model_h200.md)
+        from kvbench.methods.kernels import HAS_TRITON
+        auto = self.use_graph and not self.compile and HAS_TRITON
+        knobs = (("rmsnorm", "norm", fast_decode.default_norm(), fast_decode.NORM_MODES),
+                 ("rope", "rope", fast_decode.default_rope(), fast_decode.ROPE_MODES))
+        self.kernels = [k for k, knob, mode, modes in knobs
+                        if not self.compile and fast_decode._kernel_mode(knob, mode, modes, False, auto)]
+        self.path = "graph" + (f" (triton {', '.join(self.kernels)})" if self.kernels else "")
 
     # -- the forward ------------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, attend) -> torch.Tensor:
@@ -161,7 +172,9 @@ class GraphPrefill:
         # mask sizes are constants of the captured shape (kvbench's attention ignores transformers' mask)
         cache = fast_decode._InPlaceCache(KVBenchCache(self.n_layers))
         region = fast_decode.regional(self.model, self.compile) if self.compile else contextlib.nullcontext()
-        with attention.inplace_prefill(attend), region:
+        norms = fast_decode.triton_norms(self.model) if "rmsnorm" in self.kernels else contextlib.nullcontext()
+        rope = fast_decode.triton_rope(self.model) if "rope" in self.kernels else contextlib.nullcontext()
+        with attention.inplace_prefill(attend), region, norms, rope:
             out = self.model(input_ids=ids, **cache_kwargs(self.model, cache, pos), use_cache=True,
                              logits_to_keep=last)
         return out.logits[0, -1]

@@ -11,21 +11,22 @@ import triton_modes  # noqa: E402  (tests/: how this process runs Triton)
 
 
 def _import():
-    from kvbench.methods.kernels import HAS_TRITON, rope
-    return HAS_TRITON, rope
+    from kvbench.methods.kernels import HAS_TRITON, rmsnorm, rope  # the graph prefill test runs both
+    return HAS_TRITON, rope, rmsnorm
 
 
-HAS_TRITON, R = triton_modes.import_kernels(_import)
-MODE, DEV, needs_triton = triton_modes.module_modes(HAS_TRITON, getattr(R, "_rope_kernel", None))
+HAS_TRITON, R, _RMSNORM = triton_modes.import_kernels(_import)
+MODE, DEV, needs_triton = triton_modes.module_modes(HAS_TRITON, getattr(R, "_rope_kernel", None),
+                                                    getattr(_RMSNORM, "_rmsnorm_kernel", None))
 
 
-def _qkcs(h, hk, d, dtype, seed=0, q_transposed=True):
+def _qkcs(h, hk, d, dtype, seed=0, q_transposed=True, t=1):
     g = torch.Generator().manual_seed(seed)
-    # as LlamaAttention makes them: (1, 1, H, D) projections viewed as (1, H, 1, D)
-    q = torch.randn(1, 1, h, d, generator=g).to(dtype).transpose(1, 2) if q_transposed \
-        else torch.randn(1, h, 1, d, generator=g).to(dtype)
-    k = torch.randn(1, 1, hk, d, generator=g).to(dtype).transpose(1, 2)
-    ang = torch.randn(1, 1, d // 2, generator=g) * 3
+    # as LlamaAttention makes them: (1, T, H, D) projections viewed as (1, H, T, D)
+    q = torch.randn(1, t, h, d, generator=g).to(dtype).transpose(1, 2) if q_transposed \
+        else torch.randn(1, h, t, d, generator=g).to(dtype)
+    k = torch.randn(1, t, hk, d, generator=g).to(dtype).transpose(1, 2)
+    ang = torch.randn(1, t, d // 2, generator=g) * 3
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
     return [t.to(DEV) for t in (q, k, cos, sin)]
 
@@ -47,10 +48,13 @@ def test_ref_hand_case():
 
 
 @needs_triton
-@pytest.mark.parametrize("h,hk,d,dtype,transposed", [(4, 2, 16, torch.float32, True), (3, 1, 64, torch.float32, False),
-                                                     (9, 3, 64, torch.bfloat16, True), (2, 2, 6, torch.float32, True)])
-def test_triton_matches_ref(h, hk, d, dtype, transposed, interpret_env):
-    q, k, cos, sin = _qkcs(h, hk, d, dtype, seed=d, q_transposed=transposed)
+@pytest.mark.parametrize("h,hk,d,dtype,transposed,t", [
+    (4, 2, 16, torch.float32, True, 1), (3, 1, 64, torch.float32, False, 1), (9, 3, 64, torch.bfloat16, True, 1),
+    (2, 2, 6, torch.float32, True, 1),
+    (3, 1, 16, torch.float32, True, 37), (9, 3, 64, torch.bfloat16, True, 20), (2, 1, 8, torch.float32, False, 16)])
+def test_triton_matches_ref(h, hk, d, dtype, transposed, t, interpret_env):
+    """One decode token, or a prefill's tokens (tiles of 16, a partial last one)."""
+    q, k, cos, sin = _qkcs(h, hk, d, dtype, seed=d + t, q_transposed=transposed, t=t)
     for y, ref in zip(R.rope_triton(q, k, cos, sin), R.rope_ref(q, k, cos, sin)):
         assert y.shape == ref.shape and y.dtype == ref.dtype
         if dtype == torch.float32 or MODE == "cuda":  # torch's roundings, bit for bit
@@ -62,7 +66,7 @@ def test_triton_matches_ref(h, hk, d, dtype, transposed, interpret_env):
 def test_fits_and_bad_input():
     q, k, cos, sin = _qkcs(4, 2, 16, torch.float32)
     assert R.fits(q, cos, sin) and R.fits(k, cos, sin)
-    assert not R.fits(torch.randn(1, 4, 2, 16), cos, sin)         # two tokens
+    assert not R.fits(torch.randn(1, 4, 2, 16), cos, sin)         # two tokens, one position
     assert not R.fits(torch.randn(1, 4, 1, 15), cos[..., :15], sin[..., :15])  # odd D
     with pytest.raises(ValueError, match="rope_triton"):
         R.rope_triton(torch.randn(2, 4, 1, 16), k, cos, sin)
@@ -105,6 +109,38 @@ def test_decode_with_triton_rope_matches_torch_rope(tiny, interpret_env, monkeyp
             assert torch.equal(a.head(h)[0], b.head(h)[0])
     assert len(calls) == 9 * 2  # 9 forward steps x 2 layers
     assert modeling_llama.apply_rotary_pos_emb is orig
+
+
+@needs_triton
+def test_graph_prefill_with_triton_norms_and_rope_matches_the_engine(tiny, interpret_env, monkeypatch):
+    """The small-model graph prefill (its static forward, eager here) with the Triton RMSNorm and RoPE over the
+    context's and the question's tokens: the engine's eager prefill's logits and cache (keys within the norms'
+    fp32 sum order), and its record says so; the kernels really ran."""
+    from test_graph_prefill import random_ids, static_engine
+    from kvbench.engine import Engine
+    from kvbench.graph_prefill import GraphPrefill
+    calls, real = [], R.rope_triton
+    monkeypatch.setattr(R, "rope_triton", lambda q, k, c, s: calls.append(q.shape[2]) or real(q, k, c, s))
+    monkeypatch.setenv("KVBENCH_DECODE_NORM", "triton")  # auto: only on CUDA
+    monkeypatch.setenv("KVBENCH_DECODE_ROPE", "triton")
+    gp = GraphPrefill(tiny.model, use_graph=False, rows=32, q_rows=8)
+    assert gp.path == "graph (triton rmsnorm, rope)"
+    eager, eng = Engine(tiny, None, query_aware=False), static_engine(tiny, gp)
+    c1, c2 = eager.new_cache(), eng.new_cache()
+    ctx, q = random_ids(50), random_ids(5, seed=1)
+    p1, p2 = eager.prefill(c1, ctx, None, compress=True, spare=16), eng.prefill(c2, ctx, None, compress=True, spare=16)
+    assert p2.path == "graph (triton rmsnorm, rope)"
+    torch.testing.assert_close(p2.logits, p1.logits, rtol=1e-4, atol=1e-4)
+    q1, q2 = eager.prefill(c1, q, None, compress=False), eng.prefill(c2, q, None, compress=False)
+    torch.testing.assert_close(q2.logits, q1.logits, rtol=1e-4, atol=1e-4)
+    for a, b in zip(c1.kv, c2.kv):
+        for h in range(a.n_heads):
+            ka, _, pa = a.head(h)
+            kb, _, pb = b.head(h)
+            assert torch.equal(pa, pb)
+            torch.testing.assert_close(kb, ka, rtol=1e-4, atol=1e-4)
+    n_layers = tiny.model.config.num_hidden_layers
+    assert calls == [64] * n_layers + [8] * n_layers  # the padded context bucket, then the question's
 
 
 def test_a_nonstandard_rope_is_left_alone():
