@@ -58,10 +58,12 @@ def family(name: str) -> str:
     return "other: " + name[:60]
 
 
-def knobs(setting: str) -> tuple[str, str, str]:
-    """"gemv/norm/rope" -> the three FastDecoder knobs (missing ones: off, i.e. torch's own ops)."""
+def knobs(setting: str) -> dict:
+    """"gemv/norm/rope[/nofold]" -> FastDecoder's knobs (missing ones: off, i.e. torch's own ops; nofold: the
+    layers' norms keep their own launches beside fused linears)."""
     parts = setting.split("/")
-    return parts[0], (parts[1:2] or ["torch"])[0], (parts[2:3] or ["torch"])[0]
+    return dict(gemv=parts[0], norm=(parts[1:2] or ["torch"])[0], rope=(parts[2:3] or ["torch"])[0],
+                fold_norms=parts[3:4] != ["nofold"])
 
 
 @torch.inference_mode()
@@ -74,7 +76,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--replays", type=int, default=10)
     ap.add_argument("--kernels", nargs="+",
-                    default=["cublas/torch/torch", "triton/triton/torch", "fused/triton/torch", "fused/triton/triton"],
+                    default=["cublas/torch/torch", "triton/triton/triton", "fused/triton/triton/nofold",
+                             "fused/triton/triton"],
                     help="the decode step's linears/norms/rope (KVBENCH_DECODE_GEMV / _NORM / _ROPE values), each "
                          "measured in turn on a clone of the same cache")
     ap.add_argument("--top", type=int, default=12, help="kernel families printed per setting")
@@ -112,9 +115,8 @@ def main() -> None:
     steps = 3 + args.replays
     step_ms = {}
     for kern in (["cublas/torch/torch"] if args.compile else args.kernels):
-        gemv, norm, rope = knobs(kern)
         c = cache.clone()
-        fd = FastDecoder(model, c, steps + 1 + args.replays, compile=args.compile, gemv=gemv, norm=norm, rope=rope)
+        fd = FastDecoder(model, c, steps + 1 + args.replays, compile=args.compile, **knobs(kern))
         fd.ids.fill_(int(pre.logits.argmax()))
         for _ in range(3):  # warm-up, capture, one replay
             fd._run_one()
@@ -153,8 +155,7 @@ def main() -> None:
                                                                  for k, v in step_ms.items() if k != first))
         toks, logits = {}, {}
         for kern in step_ms:  # 24 greedy tokens from the same cache, and the last step's logits
-            gemv, norm, rope = knobs(kern)
-            fd = FastDecoder(model, cache.clone(), 24, gemv=gemv, norm=norm, rope=rope)
+            fd = FastDecoder(model, cache.clone(), 24, **knobs(kern))
             toks[kern], _ = fd.decode(int(pre.logits.argmax()), 24)
             logits[kern] = fd.logits.float().clone()
             del fd

@@ -471,7 +471,7 @@ def _one_token(x: torch.Tensor) -> bool:
     return x.shape[:-1].numel() == 1  # a GEMV (a decode step's only case; more tokens kept correct anyway)
 
 
-def triton_linears(model: torch.nn.Module, fused: bool = False):
+def triton_linears(model: torch.nn.Module, fused: bool = False, fold_norms: bool = False):
     """While active, every plain nn.Linear of the model (exact type: a quantized subclass keeps its own call;
     contiguous weight rows) applied to one token runs `gemv_triton`; outside the context the model is untouched.
     fused: also, where a module's q_proj, k_proj and v_proj are such linears of one input size and dtype (all with
@@ -480,10 +480,16 @@ def triton_linears(model: torch.nn.Module, fused: bool = False):
     (LLAMA_MLPS, SiLU, such gate/up linears without bias) computes SiLU(gate) * up in one launch
     (`gemv_silu_mul_triton`) before its down projection; and a Llama decoder layer (LLAMA_LAYERS, with a
     LLAMA_ATTENTIONS attention and a LLAMA_MLPS MLP whose o_proj and down_proj are such linears) hands each of its
-    two residuals to the linear that ends the branch, which adds it in its GEMV's store (`_fused_layer`)."""
+    two residuals to the linear that ends the branch, which adds it in its GEMV's store (`_fused_layer`).
+    fold_norms (with fused; the Triton norms' setting): such a layer whose two norms are LLAMA_RMSNORMS over at
+    most FOLD_MAX_HIDDEN values also hands each norm to the fused launch after it (q/k/v, SiLU(gate) * up), which
+    normalizes its input first: two launches fewer per layer, the same bits as the norm's own kernel
+    (`_norm_rstd` sums as `_rmsnorm_kernel`)."""
     from kvbench.methods.kernels import gemv as G
     F = torch.nn.functional
     residuals: dict = {}  # linear -> the residual its output is to be added to (set by a fused layer's call)
+    prenorm: dict = {}    # q_proj / an MLP -> the RMSNorm its fused launch applies first (set by a fused layer)
+    qkv_fused, mlp_fused = set(), set()
 
     def plain(linear):
         def call(x: torch.Tensor) -> torch.Tensor:
@@ -502,30 +508,53 @@ def triton_linears(model: torch.nn.Module, fused: bool = False):
             projs = [getattr(m, n, None) for n in ("q_proj", "k_proj", "v_proj")]
             if all(p in calls for p in projs) and len({(p.in_features, p.weight.dtype, p.weight.device,
                                                          p.bias is None) for p in projs}) == 1:
-                calls.update(_fused_qkv(projs, calls, G.gemv_many_triton))
+                calls.update(_fused_qkv(projs, calls, G.gemv_many_triton, prenorm))
+                qkv_fused.add(m)
             act = type(getattr(m, "act_fn", None)).__name__
             gate_up = [getattr(m, n, None) for n in ("gate_proj", "up_proj")]
             if (type(m).__name__ in LLAMA_MLPS and act in ("SiLU", "SiLUActivation") and _swappable(m)
                     and all(p in calls and p.bias is None for p in gate_up)
                     and gate_up[0].weight.shape == gate_up[1].weight.shape):
-                calls[m] = _fused_mlp(m, G.gemv_silu_mul_triton)
+                calls[m] = _fused_mlp(m, G.gemv_silu_mul_triton, prenorm)
+                mlp_fused.add(m)
         for m in model.modules():
             attn, mlp = getattr(m, "self_attn", None), getattr(m, "mlp", None)
             if (type(m).__name__ in LLAMA_LAYERS and type(attn).__name__ in LLAMA_ATTENTIONS
                     and type(mlp).__name__ in LLAMA_MLPS and _swappable(m) and _swappable(attn) and _swappable(mlp)
                     and getattr(attn, "o_proj", None) in calls and getattr(mlp, "down_proj", None) in calls):
-                calls[m] = _fused_layer(m, residuals)
+                fold = fold_norms and attn in qkv_fused and mlp in mlp_fused and all(
+                    _rmsnorm_foldable(n, attn.q_proj.weight) for n in (m.input_layernorm, m.post_attention_layernorm))
+                calls[m] = _fused_layer(m, residuals, prenorm if fold else None)
     return _calls_replaced(list(calls), calls.__getitem__)
 
 
-def _fused_qkv(projs: list, calls: dict, gemv_many) -> dict:
-    """The calls of a q/k/v trio: the first computes all three, the others take theirs if called on its input."""
+# The widest input whose norm is folded into the launches after it. Every program of a folded launch re-reads the
+# whole input for its sum of squares and normalizes each column it reads: on an H200 that slowed the 8B shape's
+# GEMVs (hidden 4096) from 3.75 to 4.24 ms per step, more than the 64 norm launches it saved, while the 135M
+# shape's (hidden 576) step went from 0.844 to 0.777 ms (reports/examples/decode_fused_h200.md).
+FOLD_MAX_HIDDEN = 1024
+
+
+def _rmsnorm_foldable(norm, weight: torch.Tensor) -> bool:
+    """A norm a fused launch can apply to its input: Llama's formula, a weight of the input's size and dtype, a
+    narrow input (FOLD_MAX_HIDDEN)."""
+    w = getattr(norm, "weight", None)
+    return (type(norm).__name__ in LLAMA_RMSNORMS and hasattr(norm, "variance_epsilon") and w is not None
+            and w.dim() == 1 and w.numel() == weight.shape[1] <= FOLD_MAX_HIDDEN and w.dtype == weight.dtype
+            and w.is_contiguous() and _swappable(norm))
+
+
+def _fused_qkv(projs: list, calls: dict, gemv_many, prenorm: dict) -> dict:
+    """The calls of a q/k/v trio: the first computes all three, the others take theirs if called on its input
+    (a norm handed over for the first, `prenorm`, applies to all three)."""
     first, rest, handed = projs[0], projs[1:], {}
 
     def first_call(x: torch.Tensor) -> torch.Tensor:
+        norm = prenorm.pop(first, None)
         if not _one_token(x):
-            return calls[first](x)
-        out = gemv_many(x, [p.weight for p in projs], [p.bias for p in projs] if first.bias is not None else None)
+            return calls[first](x if norm is None else norm(x))
+        out = gemv_many(x, [p.weight for p in projs], [p.bias for p in projs] if first.bias is not None else None,
+                        **({} if norm is None else {"norm": (norm.weight, norm.variance_epsilon)}))
         handed.update({p: (x, y) for p, y in zip(rest, out[1:])})  # keeps x alive: `is` below cannot be fooled
         return out[0]
 
@@ -534,30 +563,45 @@ def _fused_qkv(projs: list, calls: dict, gemv_many) -> dict:
 
         def call(x: torch.Tensor) -> torch.Tensor:
             got = handed.pop(p, None)
-            return got[1] if got is not None and got[0] is x else own(x)
+            if got is not None and got[0] is x:
+                return got[1]
+            norm = prenorm.get(first)  # called before the first: the norm still applies
+            return own(x if norm is None else norm(x))
         return call
     return {first: first_call, **{p: later(p) for p in rest}}
 
 
-def _fused_layer(layer: torch.nn.Module, residuals: dict):
+def _fused_layer(layer: torch.nn.Module, residuals: dict, prenorm: dict | None):
     """A Llama decoder layer's forward, `h = x + attn(norm1(x)); return h + mlp(norm2(h))`, with each residual
     handed to the linear that ends its branch (attention's o_proj, the MLP's down_proj: each called once, last)
-    instead of a separate add: the same roundings, two launches fewer per layer."""
+    instead of a separate add: the same roundings, two launches fewer per layer. With `prenorm`, norm1 and norm2
+    go to the fused launches that start the branches (q/k/v, the MLP's SiLU(gate) * up): two launches fewer."""
+    attn, mlp = layer.self_attn, layer.mlp
+
     def call(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or not _one_token(hidden_states):
             return layer.forward(hidden_states, *args, **kwargs)
-        residuals[layer.self_attn.o_proj] = hidden_states
-        h, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
-        residuals[layer.mlp.down_proj] = h
-        return layer.mlp(layer.post_attention_layernorm(h))
+        residuals[attn.o_proj] = hidden_states
+        if prenorm is None:
+            h, _ = attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+        else:  # LLAMA_ATTENTIONS read their input only through q/k/v (and its shape)
+            prenorm[attn.q_proj] = layer.input_layernorm
+            h, _ = attn(hidden_states=hidden_states, **kwargs)
+        residuals[mlp.down_proj] = h
+        if prenorm is None:
+            return mlp(layer.post_attention_layernorm(h))
+        prenorm[mlp] = layer.post_attention_layernorm
+        return mlp(h)
     return call
 
 
-def _fused_mlp(mlp: torch.nn.Module, gemv_silu_mul):
+def _fused_mlp(mlp: torch.nn.Module, gemv_silu_mul, prenorm: dict):
     def call(x: torch.Tensor) -> torch.Tensor:
+        norm = prenorm.pop(mlp, None)
         if not _one_token(x):
-            return mlp.forward(x)
-        return mlp.down_proj(gemv_silu_mul(x, mlp.gate_proj.weight, mlp.up_proj.weight))
+            return mlp.forward(x if norm is None else norm(x))
+        return mlp.down_proj(gemv_silu_mul(x, mlp.gate_proj.weight, mlp.up_proj.weight,
+                                           **({} if norm is None else {"norm": (norm.weight, norm.variance_epsilon)})))
     return call
 
 
@@ -685,7 +729,8 @@ class FastDecoder:
     def __init__(self, model: torch.nn.Module, cache: KVBenchCache, max_new_tokens: int,
                  use_graph: bool | None = None, warmup_steps: int = 1, compile: bool | str = False,
                  ring: tuple[int, int] | None = None, evict: DecodeEviction | None = None,
-                 gemv: str | None = None, norm: str | None = None, rope: str | None = None):
+                 gemv: str | None = None, norm: str | None = None, rope: str | None = None,
+                 fold_norms: bool = True):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; allowed: >= 1")
         dev = next(model.parameters()).device
@@ -745,6 +790,9 @@ class FastDecoder:
         self.gemv = _kernel_mode("gemv", default_gemv() if gemv is None else gemv, GEMV_MODES, compile, auto)
         self.norm = _kernel_mode("norm", default_norm() if norm is None else norm, NORM_MODES, compile, auto)
         self.rope = _kernel_mode("rope", default_rope() if rope is None else rope, ROPE_MODES, compile, auto)
+        # with fused linears and Triton norms, a layer's norms go into the fused launches after them (`triton_linears`;
+        # fold_norms=False keeps their own launches: an A/B switch for bench/decode_breakdown.py)
+        self.fold_norms = fold_norms and self.gemv == "fused" and self.norm is not None
         self.path = "regional compiled graph" if self.region else "compiled graph" if compile else "graph"
         kernels = [k for k, on in (("fused gemv" if self.gemv == "fused" else "gemv", self.gemv),
                                    ("rmsnorm", self.norm), ("rope", self.rope)) if on]
@@ -817,7 +865,8 @@ class FastDecoder:
         state = (self.base.kv, self.pos, self.ring_next, plan, self.evict_tensors)
         step_fn = _step if first else self.step_fn  # the first step over a question runs once: never compiled
         region = regional(self.model, self.region) if self.region and not first else contextlib.nullcontext()
-        linears = triton_linears(self.model, self.gemv == "fused") if self.gemv else contextlib.nullcontext()
+        linears = triton_linears(self.model, self.gemv == "fused", self.fold_norms) if self.gemv \
+            else contextlib.nullcontext()
         norms = triton_norms(self.model) if self.norm else contextlib.nullcontext()
         rope = triton_rope(self.model) if self.rope else contextlib.nullcontext()
         with session(self.cache, None, "decode"), attention.inplace_decode(state), region, linears, norms, rope:

@@ -243,6 +243,42 @@ def test_triton_many_matches_ref_and_the_single_gemv(rows, k, dtype, bias, inter
         assert torch.equal(y, G.gemv_triton(x, w, b, split_k=1))
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_norm_folded_into_many_and_silu_mul(dtype, interpret_env):
+    """norm=(weight, eps): the input goes through RMSNorm inside the launch; the same bits as the norm's own
+    kernel followed by the plain launch (the sum of squares in the same block), and the references' values."""
+    g = torch.Generator().manual_seed(11)
+    k = 300
+    x = (torch.randn(1, 1, k, generator=g) * 3).to(dtype).to(DEV)
+    nw = torch.randn(k, generator=g).to(dtype).to(DEV)
+    ws = [(torch.randn(n, k, generator=g) * k ** -0.5).to(dtype).to(DEV) for n in (24, 8, 8)]
+    xn = _RMSNORM.rmsnorm_triton(x, nw, 1e-5)
+    folded, plain = G.gemv_many_triton(x, ws, norm=(nw, 1e-5)), G.gemv_many_triton(xn, ws)
+    ref_x = G.rmsnorm_rows_ref(x, (nw, 1e-5))
+    for y, y0, w in zip(folded, plain, ws):
+        assert torch.equal(y, y0)
+        torch.testing.assert_close(y.float(), G.gemv_ref(ref_x, w).float(), **TOL[torch.bfloat16])
+    y = G.gemv_silu_mul_triton(x, ws[1], ws[2], norm=(nw, 1e-5))
+    assert torch.equal(y, G.gemv_silu_mul_triton(xn, ws[1], ws[2]))
+    with pytest.raises(ValueError, match="norm weight"):
+        G.gemv_many_triton(x, ws, norm=(nw[:5], 1e-5))
+
+
+def test_norms_fold_only_into_narrow_launches():
+    """A Llama RMSNorm folds into the fused launch after it up to FOLD_MAX_HIDDEN columns (wider: its own launch,
+    measured faster on the 8B shape); another norm class, or a hooked one, never."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from kvbench.fast_decode import FOLD_MAX_HIDDEN, _rmsnorm_foldable
+    for k, want in ((576, True), (FOLD_MAX_HIDDEN, True), (4096, False)):
+        assert _rmsnorm_foldable(LlamaRMSNorm(k), torch.empty(8, k)) is want
+    assert not _rmsnorm_foldable(LlamaRMSNorm(64), torch.empty(8, 64, dtype=torch.bfloat16))  # another dtype
+    hooked = LlamaRMSNorm(64)
+    hooked.register_forward_hook(lambda m, i, o: o)
+    assert not _rmsnorm_foldable(hooked, torch.empty(8, 64))
+    assert not _rmsnorm_foldable(torch.nn.LayerNorm(64), torch.empty(8, 64))
+
+
 def test_many_and_silu_mul_bad_input():
     w = torch.randn(4, 8)
     with pytest.raises(ValueError, match="2 or 3 weights"):
@@ -347,18 +383,22 @@ def test_fused_qkv_hands_rows_only_to_its_own_input(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("model_type,mlp_fused", [("qwen2", True), ("qwen3", True), ("gemma", False)])
 def test_every_triton_decode_kernel_on_model_families(model_type, mlp_fused, interpret_env, monkeypatch):
-    """The fast-decode step with every Triton kernel on (fused GEMVs, norms, rope) gives transformers' eager
-    logits on tiny models of other families: Qwen2 (q/k/v with bias, a sliding layer), Qwen3 (per-head q/k norms
-    on the projections), Gemma (its (1 + w) norm, GELU MLP and layer are left to torch: q/k/v fused, the rest
-    not)."""
+    """The fast-decode step with every Triton kernel on (fused GEMVs with the layers' norms folded in, norms,
+    rope) gives transformers' eager logits on tiny models of other families: Qwen2 (q/k/v with bias, a sliding
+    layer), Qwen3 (per-head q/k norms on the projections), Gemma (its (1 + w) norm, GELU MLP and layer are left
+    to torch: q/k/v fused, the rest not)."""
     from test_attention_models import N, assert_close, eager_then_prefilled
     from kvbench.fast_decode import FastDecoder
-    calls = {"many": 0, "silu_mul": 0, "residual": 0}
+    calls = {"many": 0, "silu_mul": 0, "residual": 0, "folded": 0, "norm": 0}
     for name, attr in (("many", "gemv_many_triton"), ("silu_mul", "gemv_silu_mul_triton"), ("residual", "gemv_triton")):
         def counted(*a, _n=name, _f=getattr(G, attr), **kw):
             calls[_n] += _n != "residual" or kw.get("residual") is not None
+            calls["folded"] += kw.get("norm") is not None
             return _f(*a, **kw)
         monkeypatch.setattr(G, attr, counted)
+    real_norm = _RMSNORM.rmsnorm_triton
+    monkeypatch.setattr(_RMSNORM, "rmsnorm_triton", lambda *a: (calls.__setitem__("norm", calls["norm"] + 1),
+                                                                real_norm(*a))[1])
     start = N - 2  # 2 steps: the interpreter runs one program per weight row
     lm, ids, ref, cache = eager_then_prefilled(model_type, start)
     fd = FastDecoder(lm.model, cache, 2, use_graph=False, gemv="fused", norm="triton", rope="triton")
@@ -369,8 +409,11 @@ def test_every_triton_decode_kernel_on_model_families(model_type, mlp_fused, int
             assert_close(fd.logits, ref[i], f"{model_type} step at position {i}")
     fd.finish()
     n_layers = lm.model.config.num_hidden_layers
-    fused = 2 * n_layers if mlp_fused else 0  # 2 steps; the residuals: 2 per layer and step
-    assert calls == {"many": 2 * n_layers, "silu_mul": fused, "residual": 2 * fused}
+    fused = 2 * n_layers if mlp_fused else 0  # 2 steps; the residuals and folded norms: 2 per layer and step
+    # norms left: the final one, and Qwen3's per-head q/k norms (Gemma's are its own class: never Triton)
+    norms = 0 if model_type == "gemma" else 2 * (1 + 2 * n_layers * (model_type == "qwen3"))
+    assert calls == {"many": 2 * n_layers, "silu_mul": fused, "residual": 2 * fused, "folded": 2 * fused,
+                     "norm": norms}
 
 
 KNOBS = [("gemv", "KVBENCH_DECODE_GEMV", ("auto", "fused", "triton", "cublas")),

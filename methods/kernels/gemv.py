@@ -78,43 +78,70 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _row_dot(x_ptr, w_ptr, row, K, stride_wn, BLOCK_K: tl.constexpr):
-        """(1,) fp32: W[row] . x, BLOCK_K columns a step, as _gemv_kernel sums one row (block_n 1, no split)."""
+    def _norm_rstd(x_ptr, K, eps, HAS_NORM: tl.constexpr, KPOW: tl.constexpr):
+        """RMSNorm's 1 / sqrt(mean(x^2) + eps) in fp32, the row in one block as `_rmsnorm_kernel` sums it (1.0
+        without a norm)."""
+        if HAS_NORM:
+            cols = tl.arange(0, KPOW)
+            xf = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            return tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
+        return 1.0
+
+    @triton.jit
+    def _x_cols(x_ptr, nw_ptr, cols, col_ok, rstd, HAS_NORM: tl.constexpr):
+        """x's columns in fp32; with a norm, RMSNorm's output there with torch's roundings: (x * rstd) to x's
+        dtype, times the norm's weight (x's dtype too), rounded again."""
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+        if HAS_NORM:
+            h = (x.to(tl.float32) * rstd).to(x.dtype)
+            nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0)
+            return (nw.to(tl.float32) * h.to(tl.float32)).to(x.dtype).to(tl.float32)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _row_dot(x_ptr, w_ptr, row, K, stride_wn, nw_ptr, rstd, HAS_NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(1,) fp32: W[row] . x (x normalized first with HAS_NORM), BLOCK_K columns a step, as _gemv_kernel sums
+        one row (block_n 1, no split)."""
         w_row = w_ptr + row.to(tl.int64) * stride_wn
         acc = tl.zeros((1, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
-            xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            xv = _x_cols(x_ptr, nw_ptr, cols, col_ok, rstd, HAS_NORM)
             w = tl.load(w_row + cols[None, :], mask=col_ok[None, :], other=0.0, eviction_policy="evict_first")
             acc += w.to(tl.float32) * xv[None, :]
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _row_out(x_ptr, w_ptr, out_ptr, bias_ptr, row, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
-        y = _row_dot(x_ptr, w_ptr, row, K, stride_wn, BLOCK_K)
+    def _row_out(x_ptr, w_ptr, out_ptr, bias_ptr, row, K, stride_wn, nw_ptr, rstd, HAS_NORM: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
+        y = _row_dot(x_ptr, w_ptr, row, K, stride_wn, nw_ptr, rstd, HAS_NORM, BLOCK_K)
         one = tl.arange(0, 1)
         if HAS_BIAS:
             y += tl.load(bias_ptr + row + one).to(tl.float32)
         tl.store(out_ptr + row + one, y.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _gemv_many_kernel(x_ptr, w0, w1, w2, o0, o1, o2, b0, b1, b2, n0, n1, K, s0, s1, s2,
-                          HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program r: row r of [W0; W1; W2] . x, written to the output of the weight the row belongs to."""
+    def _gemv_many_kernel(x_ptr, w0, w1, w2, o0, o1, o2, b0, b1, b2, n0, n1, K, s0, s1, s2, nw_ptr, eps,
+                          HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, KPOW: tl.constexpr):
+        """Program r: row r of [W0; W1; W2] . x (x RMS-normalized first with HAS_NORM), written to the output of
+        the weight the row belongs to."""
         r = tl.program_id(0)
+        rstd = _norm_rstd(x_ptr, K, eps, HAS_NORM, KPOW)
         if r < n0:
-            _row_out(x_ptr, w0, o0, b0, r, K, s0, HAS_BIAS, BLOCK_K)
+            _row_out(x_ptr, w0, o0, b0, r, K, s0, nw_ptr, rstd, HAS_NORM, HAS_BIAS, BLOCK_K)
         elif r < n0 + n1:
-            _row_out(x_ptr, w1, o1, b1, r - n0, K, s1, HAS_BIAS, BLOCK_K)
+            _row_out(x_ptr, w1, o1, b1, r - n0, K, s1, nw_ptr, rstd, HAS_NORM, HAS_BIAS, BLOCK_K)
         else:
-            _row_out(x_ptr, w2, o2, b2, r - n0 - n1, K, s2, HAS_BIAS, BLOCK_K)
+            _row_out(x_ptr, w2, o2, b2, r - n0 - n1, K, s2, nw_ptr, rstd, HAS_NORM, HAS_BIAS, BLOCK_K)
 
     @triton.jit
-    def _gemv_silu_mul_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, K, stride_g, stride_u, BLOCK_K: tl.constexpr):
+    def _gemv_silu_mul_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, K, stride_g, stride_u, nw_ptr, eps,
+                              HAS_NORM: tl.constexpr, BLOCK_K: tl.constexpr, KPOW: tl.constexpr):
         """Program r: silu(Wg[r] . x) * (Wu[r] . x), with torch's roundings to the output dtype in between (each
-        projection, the SiLU, the product); both rows streamed in one loop."""
+        projection, the SiLU, the product; x RMS-normalized first with HAS_NORM); both rows in one loop."""
         r = tl.program_id(0)
+        rstd = _norm_rstd(x_ptr, K, eps, HAS_NORM, KPOW)
         g_row = wg_ptr + r.to(tl.int64) * stride_g
         u_row = wu_ptr + r.to(tl.int64) * stride_u
         acc_g = tl.zeros((1, BLOCK_K), dtype=tl.float32)
@@ -122,7 +149,7 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             ok = cols < K
-            xv = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)[None, :]
+            xv = _x_cols(x_ptr, nw_ptr, cols, ok, rstd, HAS_NORM)[None, :]
             g = tl.load(g_row + cols[None, :], mask=ok[None, :], other=0.0, eviction_policy="evict_first")
             u = tl.load(u_row + cols[None, :], mask=ok[None, :], other=0.0, eviction_policy="evict_first")
             acc_g += g.to(tl.float32) * xv
@@ -210,11 +237,30 @@ def _token_vector(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
     return x.reshape(k).contiguous()
 
 
-def gemv_many_triton(x: torch.Tensor, weights: list, biases: list | None = None) -> list:
+def _norm_args(x: torch.Tensor, k: int, norm, what: str) -> tuple:
+    """(norm weight or x, eps, HAS_NORM, KPOW) for a kernel that RMS-normalizes x first (norm: (weight, eps))."""
+    if norm is None:
+        return x, 0.0, False, 16
+    w, eps = norm
+    if tuple(w.shape) != (k,) or w.dtype != x.dtype or not w.is_contiguous() or k > 16384:
+        raise ValueError(f"{what}: norm weight ({k},) contiguous {x.dtype} (K <= 16384), got {tuple(w.shape)} "
+                         f"{w.dtype}")
+    return w, float(eps), True, next_pow2(k)
+
+
+def rmsnorm_rows_ref(x: torch.Tensor, norm) -> torch.Tensor:
+    """x through RMSNorm first when norm = (weight, eps) is given (`rmsnorm_ref`, Llama's formula), else x."""
+    from .rmsnorm import rmsnorm_ref
+    return x if norm is None else rmsnorm_ref(x, norm[0], norm[1])
+
+
+def gemv_many_triton(x: torch.Tensor, weights: list, biases: list | None = None, norm=None) -> list:
     """[gemv_ref(x, w, b) for each weight] for one token in ONE launch: 2 or 3 weights (N_i, K) of one dtype with
     unit column stride (a layer's q/k/v projections), biases all given or all None. One program per output row,
     each row summed as `gemv_triton`'s default config sums it (block_n 1, no split, so where that config does
-    not split K the results are the same bits); no weight is copied or concatenated. No host sync."""
+    not split K the results are the same bits); no weight is copied or concatenated. norm = (weight, eps): x goes
+    through the layer's RMSNorm first, in every program (`rmsnorm_rows_ref`; the norm's own launch saved). No
+    host sync."""
     if len(weights) not in (2, 3) or any(w.dim() != 2 or w.stride(-1) != 1 or w.dtype != weights[0].dtype
                                          or w.shape[1] != weights[0].shape[1] for w in weights):
         raise ValueError("gemv_many_triton: 2 or 3 weights (N_i, K) of one K and dtype with unit column stride, got "
@@ -227,13 +273,15 @@ def gemv_many_triton(x: torch.Tensor, weights: list, biases: list | None = None)
     k = weights[0].shape[1]
     x1 = _token_vector(x, k, "gemv_many_triton")
     check_triton_inputs(x1, *weights, *(biases if has_bias else []))
+    nw, eps, has_norm, kpow = _norm_args(x1, k, norm, "gemv_many_triton")
     outs = [torch.empty(x.shape[:-1] + (w.shape[0],), dtype=x.dtype, device=x.device) for w in weights]
     ws, os_, bs = (weights + weights[-1:])[:3], (outs + outs[-1:])[:3], ((biases if has_bias else outs) * 2)[:3]
     rows = sum(w.shape[0] for w in weights)
     if rows:
         block_k = gemv_config(weights[0].shape[0], k, 1)["block_k"]
         _gemv_many_kernel[(rows,)](x1, *ws, *os_, *bs, ws[0].shape[0], ws[1].shape[0], k,
-                                   *(w.stride(0) for w in ws), HAS_BIAS=has_bias, BLOCK_K=block_k, num_warps=4)
+                                   *(w.stride(0) for w in ws), nw, eps, HAS_NORM=has_norm, HAS_BIAS=has_bias,
+                                   BLOCK_K=block_k, KPOW=kpow, num_warps=4)
     return outs
 
 
@@ -243,9 +291,10 @@ def silu_mul_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> t
     return torch.nn.functional.silu(gemv_ref(x, w_gate)) * gemv_ref(x, w_up)
 
 
-def gemv_silu_mul_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+def gemv_silu_mul_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, norm=None) -> torch.Tensor:
     """`silu_mul_ref` for one token in one launch (no bias): program r reads row r of both weights (I, K) and
-    writes one of the (..., I) outputs; the gate and up projections and the SiLU never reach memory. No sync."""
+    writes one of the (..., I) outputs; the gate and up projections and the SiLU never reach memory. norm =
+    (weight, eps): x goes through RMSNorm first, as in `gemv_many_triton`. No sync."""
     if w_gate.dim() != 2 or w_gate.shape != w_up.shape or w_gate.dtype != w_up.dtype or \
             w_gate.stride(-1) != 1 or w_up.stride(-1) != 1:
         raise ValueError("gemv_silu_mul_triton: gate and up weights (I, K) of one shape and dtype, unit column "
@@ -253,8 +302,10 @@ def gemv_silu_mul_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tens
     n, k = w_gate.shape
     x1 = _token_vector(x, k, "gemv_silu_mul_triton")
     check_triton_inputs(x1, w_gate, w_up)
+    nw, eps, has_norm, kpow = _norm_args(x1, k, norm, "gemv_silu_mul_triton")
     out = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
     if n:
-        _gemv_silu_mul_kernel[(n,)](x1, w_gate, w_up, out, k, w_gate.stride(0), w_up.stride(0),
-                                    BLOCK_K=gemv_config(n, k, 1)["block_k"], num_warps=4)
+        _gemv_silu_mul_kernel[(n,)](x1, w_gate, w_up, out, k, w_gate.stride(0), w_up.stride(0), nw, eps,
+                                    HAS_NORM=has_norm, BLOCK_K=gemv_config(n, k, 1)["block_k"], KPOW=kpow,
+                                    num_warps=4)
     return out
