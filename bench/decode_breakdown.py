@@ -10,7 +10,8 @@ prints GPU time per kernel family and per step, beside two floors measured in th
     python bench/decode_breakdown.py [--shape llama-3.1-8b] [--length 32768] [--method snapkv] [--budget 1024]
                                      [--compile] [--replays 10] [--kernels cublas/torch/torch fused/triton/triton]
 Each --kernels setting (linears/norms/rope: the values of KVBENCH_DECODE_GEMV / _NORM / _ROPE; fused/triton/triton
-is the default path) decodes a clone of the same prefilled cache; its step is timed over back-to-back graph replays (CUDA events), then profiled.
+is the default path; a fourth part "nofold" keeps the layers' norms out of the fused launches) decodes a clone of
+the same prefilled cache; its step is timed over back-to-back graph replays (CUDA events), then profiled.
 """
 from __future__ import annotations
 

@@ -175,28 +175,19 @@ def test_decode_with_triton_linears_matches_cublas_linears(tiny, interpret_env, 
     """FastDecoder with gemv="triton" (every linear of the step through gemv_triton, here under the interpreter)
     decodes the same 10 tokens and leaves the same cache as with torch's linear; the kernel really ran for every
     linear of every step, and the model is untouched afterwards."""
-    from kvbench import fast_decode
-    from kvbench.fast_decode import FastDecoder
-    from test_gpu_path import _same_cache
+    from test_gpu_path import decode_two_ways
     calls, real = [], G.gemv_triton
 
     def counting(x, w, b=None):  # the interpreter runs programs one by one: wide row blocks keep it quick
         calls.append(tuple(w.shape))
         return real(x, w, b, block_n=None if MODE == "cuda" else 256)
     monkeypatch.setattr(G, "gemv_triton", counting)
-    _, c1, _, pre = _prefilled(tiny)
-    _, c2, _, _ = _prefilled(tiny)
-    ref = FastDecoder(tiny.model, c1, 10, use_graph=False, gemv="cublas")
+    ref, fd = decode_two_ways(tiny, 10, dict(gemv="cublas"), dict(gemv="triton"))
     assert not ref.gemv and ref.path == "graph"
-    ids_ref, _ = ref.decode(int(pre.logits.argmax()), 10)
-    assert calls == []
-    fd = FastDecoder(tiny.model, c2, 10, use_graph=False, gemv="triton")
     assert fd.gemv and fd.path == "graph (triton gemv)"
-    ids, _ = fd.decode(int(pre.logits.argmax()), 10)
-    assert ids == ids_ref
-    _same_cache(c1, c2)
     lins = [m for m in tiny.model.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(calls) == 9 * len(lins)  # 9 forward steps after the prefill's token, every linear each
+    # 9 forward steps after the prefill's token, every linear each, all in the Triton run (none in torch's)
+    assert len(calls) == 9 * len(lins)
     assert all(m._compiled_call_impl is None for m in lins)
 
 
@@ -328,8 +319,7 @@ def test_decode_with_triton_fused_linears_matches_cublas_linears(tiny, interpret
     """FastDecoder with gemv="fused" decodes the engine's 6 tokens and cache; per step and layer, the q/k/v
     projections ran as one launch and the MLP's SiLU(gate) * up as another, every other linear through the GEMV,
     o_proj and down_proj adding the layer's residuals in theirs; the model is untouched afterwards."""
-    from kvbench.fast_decode import FastDecoder
-    from test_gpu_path import _same_cache
+    from test_gpu_path import decode_two_ways
     calls = {"gemv": [], "many": [], "silu_mul": [], "residual": []}
     real = G.gemv_triton, G.gemv_many_triton, G.gemv_silu_mul_triton
 
@@ -343,14 +333,8 @@ def test_decode_with_triton_fused_linears_matches_cublas_linears(tiny, interpret
     monkeypatch.setattr(G, "gemv_triton", counting("gemv", gemv))
     monkeypatch.setattr(G, "gemv_many_triton", counting("many", real[1]))
     monkeypatch.setattr(G, "gemv_silu_mul_triton", counting("silu_mul", real[2]))
-    _, c1, _, pre = _prefilled(tiny)
-    _, c2, _, _ = _prefilled(tiny)
-    ids_ref, _ = FastDecoder(tiny.model, c1, 6, use_graph=False, gemv="cublas").decode(int(pre.logits.argmax()), 6)
-    fd = FastDecoder(tiny.model, c2, 6, use_graph=False, gemv="fused")
+    _, fd = decode_two_ways(tiny, 6, dict(gemv="cublas"), dict(gemv="fused"))
     assert fd.gemv == "fused" and fd.path == "graph (triton fused gemv)"
-    ids, _ = fd.decode(int(pre.logits.argmax()), 6)
-    assert ids == ids_ref
-    _same_cache(c1, c2)
     n_layers = tiny.model.config.num_hidden_layers
     assert calls["many"] == [3] * 5 * n_layers and len(calls["silu_mul"]) == 5 * n_layers  # 5 forward steps
     assert len(calls["gemv"]) == 5 * (2 * n_layers + 1)  # o_proj and down_proj per layer, and the LM head

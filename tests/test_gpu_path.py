@@ -50,6 +50,23 @@ def prefilled(lm, name, n=120, budget=40, **knobs):
     return eng, cache, method, pre
 
 
+def decode_two_ways(lm, steps: int, ref_knobs: dict, knobs: dict):
+    """Two identical SnapKV caches (97 tokens) decoded `steps` tokens by the in-place step (eager, as on the CPU):
+    one with FastDecoder's `ref_knobs` (torch's ops), one with `knobs` (a Triton kernel). Same tokens, same cache;
+    returns both decoders (their caches: `.base`)."""
+    from kvbench.fast_decode import FastDecoder
+    lm.tokenizer = _NoTokenizer()
+    decoders, tokens = [], []
+    for kn in (ref_knobs, knobs):
+        _, cache, _, pre = prefilled(lm, "snapkv", n=97)
+        fd = FastDecoder(lm.model, cache, steps, use_graph=False, **kn)
+        tokens.append(fd.decode(int(pre.logits.argmax()), steps)[0])
+        decoders.append(fd)
+    assert tokens[1] == tokens[0]
+    _same_cache(decoders[0].base, decoders[1].base)
+    return decoders
+
+
 def _same_cache(c1, c2):
     assert c2.seen_tokens == c1.seen_tokens and c2.head_lengths() == c1.head_lengths()
     for a, b in zip(c1.kv, c2.kv):

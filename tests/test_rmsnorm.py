@@ -78,25 +78,17 @@ def tiny():
 def test_decode_with_triton_norms_matches_torch_norms(tiny, interpret_env, monkeypatch):
     """FastDecoder with norm="triton" decodes the same 10 tokens and leaves the same cache as with
     transformers' norms; the kernel ran for every norm of every step; the model is untouched afterwards."""
-    from kvbench.fast_decode import LLAMA_RMSNORMS, FastDecoder
-    from test_gpu_path import _NoTokenizer, _same_cache, prefilled
-    tiny.tokenizer = _NoTokenizer()
+    from kvbench.fast_decode import LLAMA_RMSNORMS
+    from test_gpu_path import decode_two_ways
     calls, real = [], R.rmsnorm_triton
 
     def counting(x, w, eps):
         calls.append(x.shape[-1])
         return real(x, w, eps)
     monkeypatch.setattr(R, "rmsnorm_triton", counting)
-    _, c1, _, pre = prefilled(tiny, "snapkv", n=97)
-    _, c2, _, _ = prefilled(tiny, "snapkv", n=97)
-    ref = FastDecoder(tiny.model, c1, 10, use_graph=False, norm="torch")
+    ref, fd = decode_two_ways(tiny, 10, dict(norm="torch"), dict(norm="triton"))
     assert not ref.norm and ref.path == "graph"
-    ids_ref, _ = ref.decode(int(pre.logits.argmax()), 10)
-    fd = FastDecoder(tiny.model, c2, 10, use_graph=False, norm="triton")
     assert fd.norm and fd.path == "graph (triton rmsnorm)"
-    ids, _ = fd.decode(int(pre.logits.argmax()), 10)
-    assert ids == ids_ref
-    _same_cache(c1, c2)
     norms = [m for m in tiny.model.modules() if type(m).__name__ in LLAMA_RMSNORMS]
     assert len(norms) == 5 and len(calls) == 9 * len(norms)  # 2 layers x 2 + the final norm, 9 steps
     assert all(m._compiled_call_impl is None for m in norms)

@@ -84,9 +84,7 @@ def test_decode_with_triton_rope_matches_torch_rope(tiny, interpret_env, monkeyp
     with transformers' rope; the kernel ran for both tensors of every layer of every step; transformers'
     function is back afterwards."""
     from transformers.models.llama import modeling_llama
-    from kvbench.fast_decode import FastDecoder
-    from test_gpu_path import _NoTokenizer, _same_cache, prefilled
-    tiny.tokenizer = _NoTokenizer()
+    from test_gpu_path import decode_two_ways
     calls, real = [], R.rope_triton
 
     def counting(q, k, cos, sin):
@@ -94,17 +92,10 @@ def test_decode_with_triton_rope_matches_torch_rope(tiny, interpret_env, monkeyp
         return real(q, k, cos, sin)
     monkeypatch.setattr(R, "rope_triton", counting)
     orig = modeling_llama.apply_rotary_pos_emb
-    _, c1, _, pre = prefilled(tiny, "snapkv", n=97)
-    _, c2, _, _ = prefilled(tiny, "snapkv", n=97)
-    ref = FastDecoder(tiny.model, c1, 10, use_graph=False, rope="torch")
+    ref, fd = decode_two_ways(tiny, 10, dict(rope="torch"), dict(rope="triton"))
     assert not ref.rope and ref.path == "graph"
-    ids_ref, _ = ref.decode(int(pre.logits.argmax()), 10)
-    fd = FastDecoder(tiny.model, c2, 10, use_graph=False, rope="triton")
     assert fd.rope and fd.path == "graph (triton rope)"
-    ids, _ = fd.decode(int(pre.logits.argmax()), 10)
-    assert ids == ids_ref
-    _same_cache(c1, c2)
-    for a, b in zip(c1.kv, c2.kv):  # fp32: every rotated key is torch's bits
+    for a, b in zip(ref.base.kv, fd.base.kv):  # fp32: every rotated key is torch's bits
         for h in range(a.n_heads):
             assert torch.equal(a.head(h)[0], b.head(h)[0])
     assert len(calls) == 9 * 2  # 9 forward steps x 2 layers

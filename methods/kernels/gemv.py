@@ -196,15 +196,13 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     block sizes must be powers of two; split_k may shrink (`split_plan`). No host sync."""
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"gemv: x (..., K) and weight (N, K); got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if math.prod(x.shape[:-1]) != 1:
-        raise ValueError(f"gemv_triton takes one token: x's leading dims must multiply to 1, got {tuple(x.shape)}")
     n, k = weight.shape
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"gemv: bias must be ({n},), got {tuple(bias.shape)}")
     if residual is not None and (residual.numel() != n or residual.dtype != x.dtype or not residual.is_contiguous()):
         raise ValueError(f"gemv: residual must be {n} contiguous {x.dtype} values, got {tuple(residual.shape)} "
                          f"{residual.dtype} (contiguous {residual.is_contiguous()})")
-    x1 = x.reshape(k).contiguous()
+    x1 = _token_vector(x, k, "gemv_triton")
     check_triton_inputs(x1, weight, *([] if bias is None else [bias]), *([] if residual is None else [residual]))
     default = gemv_config(n, k, num_programs_hint(weight.device))
     block_n = block_n or default["block_n"]
