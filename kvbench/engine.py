@@ -181,15 +181,25 @@ class Engine:
         if self.fast_decode and on_step is None and self.device.type == "cuda" and max_new_tokens > 1 \
                 and len(self.devices) == 1:
             from kvbench import fast_decode
-            plan = fast_decode.plan(method, cache)  # None: the method's hooks need the loop below
+            plan = fast_decode.plan(method, cache, self.model)  # None: the method's hooks need the loop below
             if plan is not None:
                 lens0 = cache.head_lengths()
+                encoded = None  # storage formats: the loop's records, from the cache's state before decoding
+                if any(not isinstance(layer, LayerKV) for layer in cache.kv):
+                    encoded = fast_decode.encoded_records(cache, max_new_tokens - 1, self._group)
                 fd = fast_decode.FastDecoder(self.model, cache, max_new_tokens, compile=self.compile_decode,
                                              ring=plan.ring, evict=plan.evict)
                 out, step_ms = fd.decode(int(first_logits.argmax()), max_new_tokens, stop)
                 self.last_setup_steps = fd.setup_steps
                 self.last_decode_path = fd.path if fd.graph_error is None \
                     else f"eager: CUDA graph capture failed: {fd.graph_error}"
+                if encoded is not None:
+                    reads, attn_flops, peaks = encoded
+                    n = len(step_ms)
+                    cache.held.observe(peaks[n])
+                    cache.resync_held()
+                    self.last_read_bytes = reads[:n]
+                    return out, step_ms, [self._linear_flops + f for f in attn_flops[:n]]
                 # per step, the rows every head reads: before the step + the token being decoded; a head with a
                 # cap is back to it after the step (a ring keeps cap + 1)
                 caps = plan.caps(len(lens0))

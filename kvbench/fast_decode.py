@@ -153,13 +153,33 @@ def supports(method: Method | None) -> bool:
     return type(method).on_decode is Method.on_decode or method.decode_ring() is not None
 
 
-def plan(method: Method | None, cache: KVBenchCache) -> Plan | None:
-    """How this method decodes on the fast path over this cache, or None (the engine loop): plain rows only,
-    and only side data the in-place step keeps right (a log-weight: new rows weigh 1, spare rows are zeroed;
-    the eviction's scores; a ring overwrites rows, so it takes none)."""
-    if not supports(method) or not all(isinstance(layer, LayerKV) for layer in cache.kv):
+def _plain_attention(model: torch.nn.Module) -> bool:
+    """No sliding window and no score soft cap in any layer: what the storage formats' device steps compute."""
+    configs = [model.config, getattr(model.config, "text_config", None)]
+    for c in filter(None, configs):
+        if getattr(c, "attn_logit_softcapping", None) or "sliding_attention" in (getattr(c, "layer_types", None) or ()):
+            return False
+        if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
+            return False
+    return True
+
+
+def plan(method: Method | None, cache: KVBenchCache, model: torch.nn.Module | None = None) -> Plan | None:
+    """How this method decodes on the fast path over this cache, or None (the engine loop): plain rows, or
+    storage formats that step on the device (`EncodedLayer.device_decode`; a model without sliding windows or
+    soft caps, a method without decode-time hooks), and only side data the in-place step keeps right (a
+    log-weight: new rows weigh 1, spare rows are zeroed; the eviction's scores; a ring overwrites rows, so it
+    takes none)."""
+    if not supports(method):
         return None
-    side = set().union(*(layer.side for layer in cache.kv))
+    encoded = [layer for layer in cache.kv if not isinstance(layer, LayerKV)]
+    if encoded:  # storage formats: those that step on the device, under a method with no decode-time hooks
+        if not all(getattr(layer, "device_decode", False) for layer in encoded) or (model is not None and not
+                                                                                     _plain_attention(model)):
+            return None
+        if method is not None and (type(method).on_decode is not Method.on_decode or method.needs_decode_probs):
+            return None
+    side = set().union(*(layer.side for layer in cache.kv if isinstance(layer, LayerKV)))
     if method is None or (type(method).on_decode is Method.on_decode and not method.needs_decode_probs):
         return Plan() if side <= {"log_weight"} else None
     ring = method.decode_ring()
@@ -326,6 +346,11 @@ def inplace_attention(module, query, key, value, state, scaling, window=None, so
     layers, pos, ring_next, steps, evict_tensors = state
     i = module.layer_idx
     layer, step = layers[i], steps[i]
+    if not isinstance(layer, LayerKV):  # a storage format stepping its own device layout (kvbench/store.py)
+        if window or softcap:
+            raise ValueError(f"{type(layer).__name__}'s device step has no sliding window or soft cap")
+        out = _encoded_step(layer, query[0, :, 0], key[0, :, 0], value[0, :, 0], pos.view(1), scaling)
+        return out.view(1, 1, *out.shape), None
     ev = step.evict
     log_weight = layer.side.get("log_weight")
     out, probs = append_decode_attention(query[0, :, 0], key[0, :, 0], value[0, :, 0], pos.view(1), layer.keys,
@@ -338,6 +363,39 @@ def inplace_attention(module, query, key, value, state, scaling, window=None, so
                      layer.side[ev.score] if ev.score else None, log_weight, pos.view(1), t.caps, t.ranks, t.done,
                      t.tau, ev.width, ev.repeat, ev.rank, ev.n_sink, ev.recent, ev.shared, ev.pool, ev.beta)
     return out.view(1, 1, *out.shape), None  # (1, q=1, n_q, d) as transformers expects
+
+
+@torch.compiler.disable  # a compiled step calls the format's own kernels as they are (a graph break)
+def _encoded_step(layer, q, k, v, pos, scaling):
+    return layer.device_step(q, k, v, pos, scaling)
+
+
+def encoded_records(cache: KVBenchCache, n_steps: int, group: int) -> tuple[list[int], list[int], list[int]]:
+    """What the engine loop records over n_steps decode steps of a cache holding storage formats, from its state
+    now (before decoding): per step the K/V bytes attention reads and its FLOPs, and after k steps (k = 0 ...
+    n_steps) the most bytes held so far, layer by layer as the loop's meter sees each append."""
+    def stored(layer, t):
+        if isinstance(layer, LayerKV):
+            return layer.nbytes() + t * layer.n_heads * layer.row_bytes
+        return layer.nbytes_after(t)
+
+    def read(layer, t):
+        return layer.read_bytes(t + 1) if isinstance(layer, LayerKV) else layer.read_bytes_at(t)
+
+    layers = [layer for layer in cache.kv if layer is not None]
+    reads = [sum(read(layer, t) for layer in layers) for t in range(n_steps)]
+    flops = [sum(layer.attention_flops(t + 1, group) for layer in layers) for t in range(n_steps)]
+    now = [stored(layer, 0) for layer in layers]
+    total = peak = sum(now)
+    peaks = [peak]
+    for t in range(n_steps):
+        for j, layer in enumerate(layers):
+            after = stored(layer, t + 1)
+            total += after - now[j]
+            now[j] = after
+            peak = max(peak, total)
+        peaks.append(peak)
+    return reads, flops, peaks
 
 
 class _InPlaceCache(KVBenchCache):
@@ -744,6 +802,12 @@ class FastDecoder:
             raise ValueError("fast decode needs a prefilled cache (every layer holds tokens)")
         if ring is not None and evict is not None:
             raise ValueError("give ring or evict, not both")
+        encoded = [layer for layer in cache.kv if not isinstance(layer, LayerKV)]
+        if encoded and (ring is not None or evict is not None):
+            raise ValueError("a cache of storage formats decodes without decode-time eviction (ring / evict)")
+        if not all(getattr(layer, "device_decode", False) for layer in encoded):
+            raise ValueError(f"{type(next(l for l in encoded if not l.device_decode)).__name__} has no device step "
+                             "(EncodedLayer.device_decode); use the engine loop")
         n_layers = len(cache.kv)
         self.evict = evict
         self.lens0 = cache.head_lengths()
@@ -763,10 +827,12 @@ class FastDecoder:
         elif evict is not None:
             self.steps_plan, self.first_plan, self.evict_tensors = self._plan_eviction(cache, evict, max_new_tokens)
         else:
-            cache.reserve(max_new_tokens)  # capacity for every new token: the buffers never move while decoding
+            for layer in cache.kv:  # capacity for every new token: the buffers never move while decoding
+                layer.reserve(max_new_tokens) if isinstance(layer, LayerKV) else layer.device_begin(max_new_tokens)
             self.steps_plan = self.first_plan = [_LayerStep(0, 0)] * n_layers
         for layer in cache.kv:
-            _zero_spare_side(layer)
+            if isinstance(layer, LayerKV):
+                _zero_spare_side(layer)
         # the first step evicts a question on top down to the cap, eagerly (its shapes differ from later steps)
         self.overflow = self.first_plan != self.steps_plan
         self.ring_next = [torch.full((layer.n_heads,), self.steps_plan[i].n_sink, dtype=torch.long, device=dev)
@@ -929,7 +995,10 @@ class FastDecoder:
     def finish(self) -> None:
         """Bring the cache's host-side bookkeeping up to date and release the graph."""
         for layer in self.base.kv:
-            layer._lens = layer.lengths.tolist()  # the device lengths moved on; the host copies did not
+            if isinstance(layer, LayerKV):
+                layer._lens = layer.lengths.tolist()  # the device lengths moved on; the host copies did not
+            else:
+                layer.device_end()
         self.base.resync_held()  # the in-place steps never told the meter (the engine observes their peak)
         self.base.seen_tokens = int(self.pos)
         self.cache.seen_tokens = self.base.seen_tokens

@@ -134,6 +134,34 @@ class EncodedLayer:
     def clone(self):
         raise NotImplementedError
 
+    # -- the GPU fast path (kvbench/fast_decode.py): a fixed-capacity layout stepped on the device ------
+    # A format that sets `device_decode` decodes inside the CUDA graph: `device_begin(extra)` lays it out with
+    # room for `extra` tokens per head (no buffer moves afterwards); `device_step` appends one token and
+    # attends, as `append` then `attend` do, reading every count from device memory (no host sync, so a graph
+    # replays it); `device_end` brings the host-side view (lengths, bytes) up to date. The fast path's records
+    # come from `nbytes_after` / `read_bytes_at` (host arithmetic on the state at `device_begin`).
+    device_decode: bool = False
+
+    def device_begin(self, extra: int) -> None:
+        raise NotImplementedError
+
+    def device_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                    scaling: float) -> torch.Tensor:
+        """q (n_q, d), k / v (n_kv, d): the token's post-RoPE query, key, value; pos (1,) int64 its position.
+        Returns the attention output (n_q, d) over every row the format holds, the new token included."""
+        raise NotImplementedError
+
+    def device_end(self) -> None:
+        raise NotImplementedError
+
+    def nbytes_after(self, t: int) -> int:
+        """Bytes stored after `t` more tokens appended one at a time (default: each a plain row per head)."""
+        return self.nbytes() + t * self.n_heads * self.row_bytes
+
+    def read_bytes_at(self, t: int) -> int:
+        """What the engine loop records before decode step t (0-based): `read_bytes(1)` after t appends."""
+        return self.read_bytes(extra_tokens=t + 1)
+
     def _changed(self, before: int) -> None:
         """Report a change of the bytes held to the cache's meter (call with nbytes() from before)."""
         if self.meter is not None:
@@ -141,6 +169,14 @@ class EncodedLayer:
 
     def __deepcopy__(self, memo):
         return self  # as LayerKV: a cache layer belongs to the engine, forking a method never copies it
+
+
+def device_append(layer: LayerKV, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, triton: bool) -> None:
+    """A device step's append to plain rows inside a format (its reserved spare rows; lengths move on the
+    device): the Triton kernel or its torch reference, as the plain fast path does."""
+    from kvbench.methods import kernels
+    append = kernels.ragged_append_triton if triton else kernels.ragged_append_ref
+    append(k, v, pos, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths)
 
 
 def tensor_bytes(*ts: torch.Tensor | None) -> int:

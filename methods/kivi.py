@@ -223,16 +223,112 @@ class KIVILayer(EncodedLayer):
                          [q.clone() for q in self.vq], [t.clone() for t in self.vr], [p.clone() for p in self.pos],
                          self.dtype, self.head_dim)
 
+    @property
+    def kernel_ok(self) -> bool:
+        """The decode kernel's tile shapes and KIVI's per-channel keys (else: the torch reference)."""
+        d, g = self.head_dim, self.fmt.group_size
+        return d >= 16 and d & (d - 1) == 0 and g >= 16 and self.fmt.key_per_channel
+
     def attend(self, query, scaling, need_probs=False, window=None, softcap=None):
         if query.shape[1] == 1 and not need_probs and window is None and softcap is None:
             from kvbench.attention import _decode_kernel
-            d, g = self.head_dim, self.fmt.group_size
-            # the kernel's tile shapes and KIVI's per-channel keys (else: the reference)
-            kernel_ok = d >= 16 and d & (d - 1) == 0 and g >= 16 and self.fmt.key_per_channel
-            if kernel_ok and _decode_kernel(query) == "triton":  # dequantize inside the tile (GPU, or interpreted)
+            if self.kernel_ok and _decode_kernel(query) == "triton":  # dequantize inside the tile (GPU, or interpreted)
                 from kvbench.methods.kernels.kivi_decode import kivi_decode_attention_triton
                 return kivi_decode_attention_triton(query[:, 0], self.flat(), scaling).unsqueeze(1), None
         return super().attend(query, scaling, need_probs, window, softcap)
+
+
+    # -- the GPU fast path (kvbench/store.py) -----------------------------------------------------------
+    @property
+    def device_decode(self) -> bool:
+        """The append kernel quantizes R keys in one tile: R a power of two, and the decode kernel's shapes."""
+        R = self.fmt.residual_length
+        return self.kernel_ok and R & (R - 1) == 0
+
+    def device_begin(self, extra: int) -> None:
+        """The flat layout (`flat`) with room for `extra` tokens per head, every offset fixed: per head, the
+        quantized keys' rows for every flush to come, R full-precision key rows, the quantized values' rows, and
+        the full-precision values' rows, whose start (meta column 6) moves forward by one per quantized value.
+        The per-head tensors are released: the layout holds the layer until `device_end`."""
+        R, G, b, d = self.fmt.residual_length, self.fmt.group_size, self.fmt.bits, self.head_dim
+        dev = self.pos[0].device
+        nkq, nkr = [q.n for q in self.kq], [t.shape[0] for t in self.kr]
+        nvq, nvr = [q.n for q in self.vq], [t.shape[0] for t in self.vr]
+        cap_kq = [a + R * ((c + extra) // R) for a, c in zip(nkq, nkr)]
+        cap_vq = [a + max(0, c + extra - R) for a, c in zip(nvq, nvr)]
+        cap_vr = [c + extra for c in nvr]
+        lens = self.head_lengths
+        kq0, kr0, vq0, vr0 = (exclusive_cumsum(c) for c in (cap_kq, [R] * len(lens), cap_vq, cap_vr))
+        ps = exclusive_cumsum([n + extra for n in lens])
+
+        def buf(rows, width, dtype=self.dtype):  # one spare row: no kernel argument is ever empty
+            return torch.zeros(rows + 1, width, dtype=dtype, device=dev)
+
+        L = {"bits": b, "group_size": G, "residual": R, "rows": max(n + extra for n in lens) * len(lens),
+             "kq_codes": buf(sum(cap_kq), d * b // 8, torch.uint8), "kq_scale": buf(sum(cap_kq) // G, d),
+             "kq_min": buf(sum(cap_kq) // G, d), "kr": buf(R * len(lens), d),
+             "vq_codes": buf(sum(cap_vq), d * b // 8, torch.uint8), "vq_scale": buf(sum(cap_vq), d // G),
+             "vq_min": buf(sum(cap_vq), d // G), "vr": buf(sum(cap_vr), d),
+             "positions": torch.zeros(ps[-1] + lens[-1] + extra + 1, dtype=torch.long, device=dev),
+             "pos_start": torch.tensor(ps, dtype=torch.long, device=dev),
+             "meta": torch.tensor([list(m) for m in zip(lens, kq0, nkq, kr0, vq0, nvq, vr0)], dtype=torch.long,
+                                  device=dev)}
+        for h in range(len(lens)):
+            kq, vq = self.kq[h], self.vq[h]
+            L["kq_codes"][kq0[h]:kq0[h] + nkq[h]] = kq.codes
+            L["kq_scale"][kq0[h] // G:(kq0[h] + nkq[h]) // G] = kq.scale
+            L["kq_min"][kq0[h] // G:(kq0[h] + nkq[h]) // G] = kq.mn
+            L["kr"][kr0[h]:kr0[h] + nkr[h]] = self.kr[h]
+            L["vq_codes"][vq0[h]:vq0[h] + nvq[h]] = vq.codes
+            L["vq_scale"][vq0[h]:vq0[h] + nvq[h]] = vq.scale
+            L["vq_min"][vq0[h]:vq0[h] + nvq[h]] = vq.mn
+            L["vr"][vr0[h]:vr0[h] + nvr[h]] = self.vr[h]
+            L["positions"][ps[h]:ps[h] + lens[h]] = self.pos[h]
+        self._dev, self._flat = L, None
+        self.kq = self.kr = self.vq = self.vr = None
+
+    def device_step(self, q, k, v, pos, scaling):
+        from kvbench.attention import _decode_kernel
+        from kvbench.methods.kernels import kivi_decode as kd
+        if _decode_kernel(q) == "triton":
+            kd.kivi_append_triton(k, v, pos, self._dev)
+            return kd.kivi_decode_attention_triton(q, self._dev, scaling)
+        kd.kivi_append_ref(k, v, pos, self._dev)
+        return kd.kivi_decode_attention_ref(q, self._dev, scaling)
+
+    def device_end(self) -> None:
+        """Per-head tensors again, copied out of the layout (which is then released): one host read of meta."""
+        L, G = self._dev, self.fmt.group_size
+        self.kq, self.kr, self.vq, self.vr, self.pos = [], [], [], [], []
+        for (n, kqs, nkq, krs, vqs, nvq, vrs), ps in zip(L["meta"].tolist(), L["pos_start"].tolist()):
+            self.kq.append(_Quantized(L["kq_codes"][kqs:kqs + nkq].clone(), L["kq_scale"][kqs // G:(kqs + nkq) // G]
+                                      .clone(), L["kq_min"][kqs // G:(kqs + nkq) // G].clone()))
+            self.kr.append(L["kr"][krs:krs + n - nkq].clone())
+            self.vq.append(_Quantized(L["vq_codes"][vqs:vqs + nvq].clone(), L["vq_scale"][vqs:vqs + nvq].clone(),
+                                      L["vq_min"][vqs:vqs + nvq].clone()))
+            self.vr.append(L["vr"][vrs:vrs + n - nvq].clone())
+            self.pos.append(L["positions"][ps:ps + n].clone())
+        self._dev = None
+
+    def _counts_after(self, t: int) -> list[tuple[int, int, int, int]]:
+        """Per head (quantized keys, full keys, quantized values, full values) after t more appended tokens."""
+        R = self.fmt.residual_length
+        out = []
+        for kq, kr, vq, vr in zip(self.kq, self.kr, self.vq, self.vr):
+            nkr, nvr = kr.shape[0] + t, vr.shape[0] + t
+            out.append((kq.n + R * (nkr // R), nkr % R, vq.n + max(0, nvr - R), min(nvr, R)))
+        return out
+
+    def nbytes_after(self, t: int) -> int:
+        """`nbytes()` after t appends (per-channel keys), from the counts: codes d*bits/8 bytes a row, a key group's
+        scale and minimum d values each, a quantized value's d / G each, a full row d values."""
+        d, G, b = self.head_dim, self.fmt.group_size, self.fmt.bits
+        e = self.row_bytes // (2 * d)
+        return sum((nkq + nvq) * d * b // 8 + 2 * (nkq // G) * d * e + 2 * nvq * (d // G) * e + (nkr + nvr) * d * e
+                   for nkq, nkr, nvq, nvr in self._counts_after(t))
+
+    def read_bytes_at(self, t: int) -> int:
+        return self.nbytes_after(t) + self.n_heads * self.row_bytes
 
 
 @register_storage("kivi")

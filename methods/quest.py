@@ -43,7 +43,7 @@ import torch
 
 from kvbench.cache import LayerKV, long_tensor
 from kvbench.method import Method, register_method
-from kvbench.store import EncodedLayer, Storage, register_storage, tensor_bytes
+from kvbench.store import EncodedLayer, Storage, device_append, register_storage, tensor_bytes
 
 
 def n_pages(n_rows: int, page_size: int) -> int:
@@ -216,6 +216,51 @@ class QuestLayer(EncodedLayer):
         self.kmin = self.kmin.view(-1, d).scatter_reduce(0, idx, src, "amin").view(n_kv, cap, d)
         self.kmax = self.kmax.view(-1, d).scatter_reduce(0, idx, src, "amax").view(n_kv, cap, d)
         self._changed(before)
+
+    # -- the GPU fast path (kvbench/store.py): bounds, append and selection on the device ---------------
+    device_decode = True
+
+    def device_begin(self, extra: int) -> None:
+        self.reserve(extra)
+        # which attention each step takes, fixed for the whole decode (a graph replays one): dense while no
+        # head can outgrow the budget during these steps, else the page kernel, which reads every page of a
+        # head under budget, as `select` does
+        self._device_sparse = any(self.sparse_heads(extra))
+
+    def device_step(self, q, k, v, pos, scaling):
+        from kvbench.methods.kernels.quest_decode import quest_decode_attention, quest_page_scores
+        from kvbench.methods.kernels.ragged_decode import ragged_decode_attention
+        L, P = self.layer, self.fmt.page_size
+        n_kv, cap, d = self.kmin.shape
+        # the token's page in each head takes it into its bounds (`append`), then the row is stored
+        page = (torch.arange(n_kv, device=L.lengths.device) * cap + L.lengths // P).view(-1, 1).expand(-1, d)
+        src = k.to(self.kmin.dtype)
+        self.kmin.view(-1, d).scatter_reduce_(0, page, src, "amin")
+        self.kmax.view(-1, d).scatter_reduce_(0, page, src, "amax")
+        device_append(L, k, v, pos, L.keys.is_cuda)
+        if not self._device_sparse:
+            return ragged_decode_attention(q, L.keys, L.values, L.starts, L.lengths, scaling,
+                                           log_weight=L.log_weight())
+        # `select` at a fixed width: every page but each head's last scored over the reserved pages (those past
+        # a head's last score -inf, so they come back as -1, as pages past `top` do there)
+        last = torch.div(L.lengths - 1, P, rounding_mode="floor")
+        g = q.shape[0] // n_kv
+        top = min(self.fmt.page_budget - 1, cap - 1)
+        parts = [last.view(-1, 1).expand(n_kv, g).reshape(-1, 1)]
+        if top > 0:
+            val, idx = torch.topk(quest_page_scores(q, self.kmin[:, :cap - 1], self.kmax[:, :cap - 1], last), top,
+                                  dim=-1)
+            parts.insert(0, torch.where(val > float("-inf"), idx, -1))
+        pages = torch.sort(torch.cat(parts, 1), dim=1).values.to(torch.int32)
+        return quest_decode_attention(q, L.keys, L.values, L.starts, L.lengths, pages, P, scaling,
+                                      log_weight=L.log_weight())
+
+    def device_end(self) -> None:
+        self.layer._lens = self.layer.lengths.tolist()
+
+    def nbytes_after(self, t: int) -> int:
+        pages = sum(n_pages(n + t, self.fmt.page_size) for n in self.layer.head_lengths)
+        return self.layer.nbytes() + t * self.n_heads * self.row_bytes + pages * self.bound_bytes
 
     def clone(self) -> "QuestLayer":
         return QuestLayer(self.fmt, self.layer.clone(), self.kmin.clone(), self.kmax.clone(), self.active, self.n_q)

@@ -35,7 +35,7 @@ import torch
 
 from kvbench.cache import LayerKV, long_tensor
 from kvbench.method import Method, register_method
-from kvbench.store import EncodedLayer, Storage, register_storage, tensor_bytes
+from kvbench.store import EncodedLayer, Storage, device_append, register_storage, tensor_bytes
 
 QUERY_WINDOW = 32  # official: the last 32 queries (`q_states[..., -32:, :]`)
 
@@ -169,6 +169,23 @@ class ThinKLayer(EncodedLayer):
 
     def reserve(self, extra: int) -> None:
         self.full.reserve(extra)
+
+    # -- the GPU fast path (kvbench/store.py): new tokens are full rows, appended on the device ----------
+    device_decode = True
+
+    def device_begin(self, extra: int) -> None:
+        self.full.reserve(extra)
+
+    def device_step(self, q, k, v, pos, scaling):
+        from kvbench.attention import _decode_kernel
+        from kvbench.methods.kernels import lowrank_decode as lr
+        triton = _decode_kernel(q) == "triton"
+        device_append(self.full, k, v, pos, triton)
+        return (lr.lowrank_decode_attention_triton if triton else lr.lowrank_decode_attention_ref)(
+            q, self.parts(), scaling)
+
+    def device_end(self) -> None:
+        self.full._lens = self.full.lengths.tolist()
 
     def clone(self) -> "ThinKLayer":
         return ThinKLayer(self.kp.clone(), self.vp.clone(), self.pp.clone(), self.np_, self.ch.clone(),

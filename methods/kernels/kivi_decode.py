@@ -146,6 +146,144 @@ if HAS_TRITON:
         tl.store(work_ptr + base[:, None] + 2 + offs_d[None, :], acc, mask=g_ok[:, None])
 
 
+    @triton.jit
+    def _pack_rows(codes, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+        """(ROWS, D) integer codes -> (ROWS, D // (8 // BITS)) uint8, code j of a byte in bits [j*BITS, (j+1)*BITS)
+        (methods/kivi.py `pack`; the parts are disjoint, so their sum is their bitwise or)."""
+        PER: tl.constexpr = 8 // BITS
+        c = tl.reshape(codes, (ROWS, D // PER, PER))
+        shift = tl.arange(0, PER) * BITS
+        return tl.sum(c << shift[None, None, :], axis=2).to(tl.uint8)
+
+    @triton.jit
+    def _rounded(x, P_DTYPE: tl.constexpr):
+        """float32 -> P_DTYPE to nearest, ties to even, as torch rounds. bfloat16 by hand on the bits (the Triton
+        interpreter truncates that cast; on the GPU both give the same bits)."""
+        if P_DTYPE == tl.bfloat16:
+            u = x.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            return u.to(tl.float32, bitcast=True).to(P_DTYPE)
+        else:
+            return x.to(P_DTYPE)
+
+    @triton.jit
+    def _params(mn, mx, BITS: tl.constexpr, P_DTYPE: tl.constexpr):
+        """methods/kivi.py `quantize_groups`, bit for bit: the scale (max - min) / (2^b - 1) (IEEE division,
+        `div_rn`) and the minimum, both rounded to the stored dtype."""
+        return _rounded(tl.math.div_rn(mx - mn, 2.0 ** BITS - 1.0), P_DTYPE), _rounded(mn, P_DTYPE)
+
+    @triton.jit
+    def _codes(x, s, m, BITS: tl.constexpr):
+        """round((x - min) / scale) from the stored parameters, half to even (the magic-number add rounds to the
+        nearest integer, ties to even), clamped to the code range; 0 where the scale is 0."""
+        q = tl.math.div_rn(x - m, tl.where(s > 0, s, 1.0))
+        q = (q + 12582912.0) - 12582912.0
+        q = tl.where(s > 0, q, 0.0)
+        return tl.minimum(tl.maximum(q, 0.0), 2.0 ** BITS - 1.0).to(tl.int32)
+
+    @triton.jit
+    def _kivi_append_kernel(k_ptr, v_ptr, pos_ptr, meta_ptr, pstart_ptr, positions_ptr, kqc_ptr, kqs_ptr, kqm_ptr,
+                            kr_ptr, vqc_ptr, vqs_ptr, vqm_ptr, vr_ptr,
+                            R: tl.constexpr, QG: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
+        # grid: (n_kv,). One head's token: its key into the full-precision run, or, when that run reaches R,
+        # all R keys quantized per channel (groups of QG rows); its value into the full-precision run, whose
+        # oldest row is quantized per token once more than R are held (the layout of the module docstring)
+        h = tl.program_id(0)
+        P_DTYPE: tl.constexpr = kqs_ptr.dtype.element_ty
+        DB: tl.constexpr = D // (8 // BITS)
+        NGV: tl.constexpr = D // QG
+        n = tl.load(meta_ptr + h * 7)
+        kq_start = tl.load(meta_ptr + h * 7 + 1)
+        nkq = tl.load(meta_ptr + h * 7 + 2)
+        kr_start = tl.load(meta_ptr + h * 7 + 3)
+        vq_start = tl.load(meta_ptr + h * 7 + 4)
+        nvq = tl.load(meta_ptr + h * 7 + 5)
+        vr_start = tl.load(meta_ptr + h * 7 + 6)
+        offs_d = tl.arange(0, D)
+        offs_b = tl.arange(0, DB)
+        k = tl.load(k_ptr + h * D + offs_d)
+        v = tl.load(v_ptr + h * D + offs_d)
+        tl.store(positions_ptr + tl.load(pstart_ptr + h) + n, tl.load(pos_ptr))
+        nkr = n - nkq
+        nvr = n - nvq
+        if nkr + 1 == R:  # the R-th full-precision key: the R rows (the new one from registers) are quantized
+            rows = tl.arange(0, R)
+            kt = tl.load(kr_ptr + (kr_start + rows)[:, None] * D + offs_d[None, :], mask=(rows < R - 1)[:, None],
+                         other=0.0)
+            kt = tl.where((rows == R - 1)[:, None], k[None, :], kt).to(tl.float32)
+            g = tl.reshape(kt, (R // QG, QG, D))
+            scale, mn = _params(tl.min(g, axis=1), tl.max(g, axis=1), BITS, P_DTYPE)
+            codes = _codes(g, scale.to(tl.float32)[:, None, :], mn.to(tl.float32)[:, None, :], BITS)
+            packed = _pack_rows(tl.reshape(codes, (R, D)), R, D, BITS)
+            tl.store(kqc_ptr + (kq_start + nkq + rows)[:, None] * DB + offs_b[None, :], packed)
+            grp = (kq_start + nkq) // QG + tl.arange(0, R // QG)
+            tl.store(kqs_ptr + grp[:, None] * D + offs_d[None, :], scale)
+            tl.store(kqm_ptr + grp[:, None] * D + offs_d[None, :], mn)
+            nkq += R
+        else:
+            tl.store(kr_ptr + (kr_start + nkr) * D + offs_d, k)
+        tl.store(vr_ptr + (vr_start + nvr) * D + offs_d, v)
+        if nvr + 1 > R:  # R + 1 full-precision values: the oldest is quantized per token (groups of QG channels)
+            old = tl.reshape(tl.load(vr_ptr + vr_start * D + offs_d).to(tl.float32), (NGV, QG))
+            scale, mn = _params(tl.min(old, axis=1), tl.max(old, axis=1), BITS, P_DTYPE)
+            codes = _codes(old, scale.to(tl.float32)[:, None], mn.to(tl.float32)[:, None], BITS)
+            packed = tl.reshape(_pack_rows(tl.reshape(codes, (1, D)), 1, D, BITS), (DB,))
+            tl.store(vqc_ptr + (vq_start + nvq) * DB + offs_b, packed)
+            offs_g = tl.arange(0, NGV)
+            tl.store(vqs_ptr + (vq_start + nvq) * NGV + offs_g, scale)
+            tl.store(vqm_ptr + (vq_start + nvq) * NGV + offs_g, mn)
+            nvq += 1
+            vr_start += 1
+        tl.store(meta_ptr + h * 7, n + 1)
+        tl.store(meta_ptr + h * 7 + 2, nkq)
+        tl.store(meta_ptr + h * 7 + 5, nvq)
+        tl.store(meta_ptr + h * 7 + 6, vr_start)
+
+
+def kivi_append_ref(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, flat: dict) -> None:
+    """Append one token to every KV head of a device layout (`KIVILayer.device_begin`: the flat layout with
+    capacity, `positions` / `pos_start`, and `residual` R), as `KIVILayer.append` does: the key joins the
+    full-precision run, which is quantized per channel once it holds R; the value joins its run, whose oldest row
+    is quantized per token once it holds more than R. k, v (n_kv, d); pos (1,) int64. Updates `meta` in place."""
+    from kvbench.methods.kivi import pack, quantize_groups
+    bits, G, R = flat["bits"], flat["group_size"], flat["residual"]
+    meta = flat["meta"]
+    dt = flat["kr"].dtype
+    for h, ((n, kqs, nkq, krs, vqs, nvq, vrs), ps) in enumerate(zip(meta.tolist(), flat["pos_start"].tolist())):
+        nkr, nvr = n - nkq, n - nvq
+        flat["positions"][ps + n] = pos.reshape(())
+        if nkr + 1 == R:
+            codes, scale, mn = quantize_groups(torch.cat([flat["kr"][krs:krs + nkr], k[h:h + 1].to(dt)]), bits, G, 0, dt)
+            flat["kq_codes"][kqs + nkq:kqs + nkq + R] = pack(codes, bits)
+            r0 = (kqs + nkq) // G
+            flat["kq_scale"][r0:r0 + R // G] = scale
+            flat["kq_min"][r0:r0 + R // G] = mn
+            nkq += R
+        else:
+            flat["kr"][krs + nkr] = k[h].to(dt)
+        flat["vr"][vrs + nvr] = v[h].to(dt)
+        if nvr + 1 > R:
+            codes, scale, mn = quantize_groups(flat["vr"][vrs:vrs + 1], bits, G, 1, dt)
+            flat["vq_codes"][vqs + nvq] = pack(codes, bits)[0]
+            flat["vq_scale"][vqs + nvq] = scale[0]
+            flat["vq_min"][vqs + nvq] = mn[0]
+            nvq, vrs = nvq + 1, vrs + 1
+        meta[h] = torch.tensor([n + 1, kqs, nkq, krs, vqs, nvq, vrs], dtype=meta.dtype, device=meta.device)
+
+
+def kivi_append_triton(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, flat: dict) -> None:
+    """Triton version of `kivi_append_ref` (same arguments, same bits); one launch, no host sync."""
+    d = k.shape[1]
+    dt = flat["kr"].dtype
+    k, v = k.to(dt).contiguous(), v.to(dt).contiguous()
+    names = ("kq_codes", "kq_scale", "kq_min", "kr", "vq_codes", "vq_scale", "vq_min", "vr")
+    check_triton_inputs(k, v, pos, flat["meta"], flat["positions"], *(flat[x] for x in names))
+    R = flat["residual"]
+    _kivi_append_kernel[(k.shape[0],)](k, v, pos, flat["meta"], flat["pos_start"], flat["positions"],
+                                       *(flat[x] for x in names), R=R, QG=flat["group_size"], BITS=flat["bits"],
+                                       D=d, num_warps=4 if R * d <= 8192 else 8)
+
+
 def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per, mask = 8 // bits, (1 << bits) - 1
     return torch.stack([(codes >> (bits * j)) & mask for j in range(per)], dim=-1).view(codes.shape[0], codes.shape[1] * per)

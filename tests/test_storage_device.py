@@ -1,0 +1,200 @@
+"""Storage formats on the GPU fast path (kvbench/store.py `device_decode`, kvbench/fast_decode.py).
+
+A format that steps on the device lays itself out with fixed capacity, then appends and attends with every count
+in device memory. Checked here on the CPU (the in-place step run eagerly, as on the GPU minus the graph): the same
+greedy tokens over 40 steps, the same store afterwards and the same records (bytes read, FLOPs, peak bytes held)
+as the engine loop, whose `append` / `attend` are each format's definition; KIVI's device append (its flushes)
+bit-equal to `KIVILayer.append`, and its Triton kernel bit-equal to that under the interpreter.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kvbench import fast_decode
+from kvbench.cache import LayerKV
+from kvbench.engine import Engine
+from kvbench.fast_decode import FastDecoder, Plan, encoded_records
+from kvbench.method import build_method
+from kvbench.methods.kivi import KIVI, KIVILayer
+from kvbench.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
+
+
+CAL = {"calib_samples": 2, "calib_len": 128}
+KIVI_KN = {"group_size": 16, "residual_length": 16}
+# tiny: 2 layers, 2 KV heads, 4 query heads, d = 16, fp32. 40 steps: KIVI's key run (R = 16) flushes twice
+CASES = {
+    "kivi": ("kivi", None, {"bits": 2, **KIVI_KN}),
+    "snapkv+kivi": ("snapkv", 64, {"storage": {"name": "kivi", "bits": 4, **KIVI_KN}}),
+    "adakv+kivi": ("adakv", 64, {"storage": {"name": "kivi", "bits": 2, "group_size": 16, "residual_length": 32}}),
+    "quest": ("quest", None, {"token_budget": 64, "skip_layers": 1}),
+    "snapkv+quest": ("snapkv", 96, {"selector": {"name": "quest", "token_budget": 32, "skip_layers": 0}}),
+    "think": ("think", None, {}),
+    "pyramidkv+think": ("pyramidkv", 64, {"storage": {"name": "think"}}),
+    "eigen_attention": ("eigen_attention", None, {"rank": 8, **CAL}),
+}
+
+
+def prefilled(lm, case, n=300):
+    name, budget, knobs = CASES[case]
+    method = build_method(name, budget=budget, **knobs)
+    eng = Engine(lm, method, query_aware=True)
+    eng.stop_ids = set()  # random weights: never stop early, decode the full length
+    ids = torch.randint(10, 400, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    cache = eng.new_cache()
+    m = eng.method.fork()
+    pre = eng.prefill(cache, ids, m, compress=True)
+    cache.held.reset_peak()
+    return eng, cache, m, pre
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_device_decode_matches_engine_loop(tiny, case):
+    steps = 40
+    eng, c1, m1, pre = prefilled(tiny, case)
+    ids_ref, _, flops_ref = eng.decode(c1, m1, pre.logits, steps)  # the CPU: the engine loop
+    _, c2, m2, _ = prefilled(tiny, case)
+    assert not any(isinstance(layer, LayerKV) for layer in c2.kv)
+    assert fast_decode.plan(m2, c2, tiny.model) == Plan()
+    reads, flops, peaks = encoded_records(c2, steps - 1, eng._group)
+    fd = FastDecoder(tiny.model, c2, steps, use_graph=False)
+    ids_fast, step_ms = fd.decode(int(pre.logits.argmax()), steps)
+    assert ids_fast == ids_ref and len(step_ms) == steps - 1
+    # the records the fast path reports are the loop's
+    assert reads == eng.last_read_bytes
+    assert flops == [f - eng._linear_flops for f in flops_ref]
+    assert peaks[-1] == c1.held.peak
+    # the same store afterwards
+    assert c2.seen_tokens == c1.seen_tokens and c2.head_lengths() == c1.head_lengths()
+    assert c2.nbytes() == c1.nbytes()
+    c2.resync_held()
+    assert c2.held.now == c2.nbytes()
+    for a, b in zip(c1.kv, c2.kv):
+        ma, mb = a.materialize(), b.materialize()
+        for h in range(ma.n_heads):
+            (ka, va, pa), (kb, vb, pb) = ma.head(h), mb.head(h)
+            assert torch.equal(pa, pb)
+            torch.testing.assert_close(kb, ka, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(vb, va, atol=1e-5, rtol=1e-5)
+    if isinstance(c1.kv[0], KIVILayer):  # the same flushes (bit-equality of the codes: the unit tests below; here
+        for a, b in zip(c1.kv, c2.kv):    # the two paths' hidden states differ in the last bits)
+            assert [q.n for q in a.kq + a.vq] == [q.n for q in b.kq + b.vq]
+    # the store goes on decoding in the engine loop afterwards (its host view is current)
+    more, _, _ = eng.decode(c2, m2, pre.logits, 3)
+    assert len(more) == 3
+
+
+def test_whole_step_compile_keeps_the_formats_step_as_it_is(tiny):
+    """torch.compile (aot_eager here) breaks the graph at the format's step: the same tokens as the engine loop."""
+    eng, c1, m1, pre = prefilled(tiny, "snapkv+kivi")
+    ids_ref, _, _ = eng.decode(c1, m1, pre.logits, 20)
+    _, c2, _, _ = prefilled(tiny, "snapkv+kivi")
+    fd = FastDecoder(tiny.model, c2, 20, use_graph=False, compile="aot_eager")
+    assert fd.decode(int(pre.logits.argmax()), 20)[0] == ids_ref
+
+
+def _kivi_layer(lens, bits, R, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layer = LayerKV.from_dense(torch.randn(3, max(lens), 32, generator=g).to(dtype),
+                               torch.randn(3, max(lens), 32, generator=g).to(dtype), torch.arange(max(lens)))
+    layer.keep([torch.arange(n) for n in lens])  # ragged heads
+    return KIVILayer.encode(KIVI(bits=bits, group_size=16, residual_length=R), layer)
+
+
+@pytest.mark.parametrize("bits,lens,R,dtype", [(2, [150, 90, 40], 32, torch.float32),
+                                              (4, [70, 70, 10], 16, torch.bfloat16),
+                                              (8, [33, 64, 5], 32, torch.float16)])
+def test_kivi_device_append_is_the_formats_append(bits, lens, R, dtype):
+    """The device layout appended one token at a time (torch reference) = `KIVILayer.append`: the same codes,
+    parameters, full-precision rows and positions; and `nbytes_after` = the bytes really stored."""
+    from kvbench.methods.kernels.kivi_decode import kivi_append_ref
+    a = _kivi_layer(lens, bits, R, dtype)
+    b = a.clone()
+    T = 40
+    expect = [a.nbytes_after(t) for t in range(T + 1)]
+    b.device_begin(T)
+    g = torch.Generator().manual_seed(1)
+    flushes = 0
+    for t in range(T):
+        k, v = torch.randn(3, 32, generator=g).to(dtype), torch.randn(3, 32, generator=g).to(dtype)
+        pos = torch.tensor([1000 + t])
+        n_kq = [q.n for q in a.kq]
+        a.append(k.unsqueeze(1), v.unsqueeze(1), pos)
+        flushes += sum(q.n > n for q, n in zip(a.kq, n_kq))
+        assert a.nbytes() == expect[t + 1]
+        kivi_append_ref(k, v, pos, b._dev)
+    assert flushes >= 3
+    b.device_end()
+    for qa, qb in zip(a.kq + a.vq, b.kq + b.vq):
+        assert torch.equal(qa.codes, qb.codes) and torch.equal(qa.scale, qb.scale) and torch.equal(qa.mn, qb.mn)
+    for ta, tb in zip(a.kr + a.vr + a.pos, b.kr + b.vr + b.pos):
+        assert torch.equal(ta, tb)
+    assert b.nbytes() == a.nbytes() and b.head_lengths == a.head_lengths
+
+
+def test_kivi_append_kernel_matches_reference_under_the_triton_interpreter():
+    """The Triton append (one launch per step) leaves the layout bit-equal to the torch reference's, in fp32, fp16
+    and bf16 (its parameters rounded to nearest even, as torch rounds), and the decode kernel over it gives the
+    reference's attention."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from kvbench.cache import LayerKV
+        from kvbench.methods.kivi import KIVI, KIVILayer
+        from kvbench.methods.kernels import kivi_decode as kd
+        g = torch.Generator().manual_seed(0)
+        for bits, lens, R, dt in ((2, [150, 90, 40], 32, torch.float32), (4, [70, 70, 10], 16, torch.bfloat16),
+                                  (8, [33, 64, 5], 32, torch.float16)):
+            layer = LayerKV.from_dense(torch.randn(3, 150, 32, generator=g).to(dt),
+                                       torch.randn(3, 150, 32, generator=g).to(dt), torch.arange(150))
+            layer.keep([torch.arange(n) for n in lens])
+            a = KIVILayer.encode(KIVI(bits=bits, group_size=16, residual_length=R), layer)
+            b = a.clone()
+            a.device_begin(36); b.device_begin(36)
+            for t in range(36):
+                k, v = torch.randn(3, 32, generator=g).to(dt), torch.randn(3, 32, generator=g).to(dt)
+                pos = torch.tensor([1000 + t])
+                kd.kivi_append_ref(k, v, pos, a._dev)
+                kd.kivi_append_triton(k, v, pos, b._dev)
+                for key, x in a._dev.items():
+                    if isinstance(x, torch.Tensor):
+                        assert torch.equal(x, b._dev[key]), (bits, t, key)
+                if dt != torch.bfloat16:  # (the interpreter's bf16 dot is not the GPU's; checked on the GPU)
+                    q = torch.randn(6, 32, generator=g).to(dt)
+                    ref = kd.kivi_decode_attention_ref(q, a._dev, 0.2).float()
+                    tri = kd.kivi_decode_attention_triton(q, b._dev, 0.2).float()
+                    assert torch.allclose(ref, tri, atol=1e-3), (bits, t, (ref - tri).abs().max())
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_plan_keeps_the_engine_loop_where_the_device_step_does_not_apply(tiny):
+    """MiniCache has no device step; a method that evicts while decoding keeps its hooks in the loop; a model
+    with a sliding window or a soft cap: the formats' steps compute neither."""
+    _, c, m, _ = prefilled(tiny, "kivi")
+    assert fast_decode.plan(m, c, tiny.model) == Plan()
+    windowed = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
+    windowed.model.config.sliding_window = 64
+    assert fast_decode.plan(m, c, windowed.model) is None
+    mini = build_method("minicache", start_layer=0)
+    eng = Engine(tiny, mini, query_aware=True)
+    cm = eng.new_cache()
+    eng.prefill(cm, list(range(10, 110)), eng.method.fork(), compress=True)
+    assert fast_decode.plan(mini, cm, tiny.model) is None
+    with pytest.raises(ValueError, match="no device step"):
+        FastDecoder(tiny.model, cm, 4, use_graph=False)
+    h2o = build_method("h2o", budget=64)
+    assert fast_decode.plan(h2o, c, tiny.model) is None
+    with pytest.raises(ValueError, match="decode-time eviction"):
+        FastDecoder(tiny.model, c, 4, use_graph=False, ring=(4, 64))
