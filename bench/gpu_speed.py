@@ -54,6 +54,8 @@ if importlib.util.find_spec("kvbench") is None:  # a plain checkout (find_spec i
 
 # the decode-time methods (h2o ... lacache) evict on the device; duoattention needs a trained profile (not here)
 METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv", "h2o", "tova", "cake", "d2o", "lacache")
+# storage formats and selectors that decode on the device (kvbench/store.py `device_decode`); alone or composed
+FORMATS = ("kivi", "quest", "think", "eigen_attention")
 KVPRESS_METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv")  # those with a kvpress press here
 
 
@@ -173,7 +175,7 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
     from kvbench.engine import Engine
     from kvbench import fast_decode
     from kvbench.method import build_method
-    method = build_method(name, budget=None if name == "full" else budget)
+    method = build_spec(name, budget)
     eng = Engine(lm, method, query_aware=True)
     eng.stop_ids = set()  # random weights: decode all `steps` tokens
     cfg = lm.model.config
@@ -208,11 +210,12 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
     c_eager = cache.clone()
     eng.fast_decode = False  # the engine's own loop, per-layer hooks and all
     _, eager_ms, _ = eng.decode(c_eager, fork_sharing_cache(m, cache), pre.logits, steps)
+    eager_read = list(eng.last_read_bytes)  # per step: the K/V bytes the stored format's attention reads
     del c_eager
     row["eager_ms"] = median(eager_ms[2:])
     row["path"] = "eager"
     row["decode_ms"] = row["eager_ms"]
-    plan = fast_decode.plan(fork_sharing_cache(m, cache), cache)  # as Engine.decode: None keeps the engine loop
+    plan = fast_decode.plan(fork_sharing_cache(m, cache), cache, lm.model)  # as Engine.decode: None: the loop
     row["fast_plan"] = None if plan is None else "ring" if plan.ring else "evict" if plan.evict else "append"
     if plan is not None:
         compiled = "regional" if compile_decode == "regional" else "compiled"
@@ -220,7 +223,7 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
             if path == compiled and not compile_decode:
                 continue
             c = cache.clone() if path == "graph" and compile_decode else cache
-            p = fast_decode.plan(fork_sharing_cache(m, cache), c)  # an eviction may carry the method's state
+            p = fast_decode.plan(fork_sharing_cache(m, cache), c, lm.model)  # an eviction may carry method state
             fd = fast_decode.FastDecoder(lm.model, c, steps, compile=comp, ring=p.ring, evict=p.evict)
             t0 = time.perf_counter()
             _, g_ms = fd.decode(first, steps)
@@ -231,11 +234,28 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
                 row[f"{path}_ms"] = median(g_ms[2:])
                 row["path"], row["decode_ms"] = path, row[f"{path}_ms"]
     mean_kv = kv + per_tok * steps / 2  # every step adds one token to every head: the mean over the steps
+    if method.formats():  # a storage format or selector: the bytes its attention reads
+        mean_kv = sum(eager_read) / len(eager_read)
     row["roofline_ms"] = roofline_ms(wbytes, mean_kv, bw)
     row["decode_over_roofline"] = row["decode_ms"] / row["roofline_ms"]
     torch.cuda.synchronize()
     row["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
     return row
+
+
+def build_spec(name: str, budget: int):
+    """A method, or "method+format" (`snapkv+kivi`: the method's kept rows stored as KIVI; `snapkv+quest`: read
+    through Quest's selector); a method that takes no budget (full, kivi, quest, think, ...) gets none."""
+    from kvbench.method import build_method, load_all_methods, uses_budget
+    from kvbench.store import STORAGES
+    base, _, fmt = name.partition("+")
+    knobs = {}
+    if fmt:
+        load_all_methods()  # (the formats live beside the methods)
+        if fmt not in STORAGES:
+            raise ValueError(f"format {fmt!r} in {name!r}; allowed: {', '.join(sorted(STORAGES))}")
+        knobs[STORAGES[fmt].kind] = fmt
+    return build_method(base, budget=budget if uses_budget(base) and base != "full" else None, **knobs)
 
 
 # -- kvpress (its own process: nothing of kvbench's attention, kernels or compiler is imported here) ------
@@ -474,9 +494,11 @@ def main() -> None:
     ap.add_argument("--framework", choices=("kvbench", "kvpress"), default=None,
                     help="run only this framework, in this process (the parent spawns one process per framework)")
     args = ap.parse_args()
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"--methods {bad[0]!r}; allowed: {', '.join(METHODS)}")
+    for m in args.methods:  # a method, or method+format (FORMATS, storage formats decoding on the device)
+        base, _, fmt_name = m.partition("+")
+        if base not in METHODS + FORMATS or (fmt_name and fmt_name not in FORMATS):
+            ap.error(f"--methods {m!r}; allowed: {', '.join(METHODS + FORMATS)}, or one of them +"
+                     f"{'|'.join(FORMATS)} (e.g. snapkv+kivi)")
     if args.rest_ms < 0:
         ap.error(f"--rest-ms {args.rest_ms}; allowed: a number >= 0 (milliseconds)")
     if args.framework:

@@ -58,7 +58,9 @@ def quantize_groups(x: torch.Tensor, bits: int, group: int, dim: int, param_dtyp
     red = 1 if dim == 0 else 2
     mn = g.amin(dim=red, keepdim=True)
     mx = g.amax(dim=red, keepdim=True)
-    scale = ((mx - mn) / (2 ** bits - 1)).to(param_dtype)
+    # a tensor divisor: IEEE division on every device (torch's CUDA kernel multiplies by the reciprocal of a
+    # Python scalar, which can differ in the last bit; the device step's kernel divides exactly)
+    scale = ((mx - mn) / torch.full_like(mx, 2 ** bits - 1)).to(param_dtype)
     mn = mn.to(param_dtype)
     # codes from the parameters as stored, so dequantization is exact up to rounding of x itself
     s = scale.float()

@@ -198,3 +198,34 @@ def test_plan_keeps_the_engine_loop_where_the_device_step_does_not_apply(tiny):
     assert fast_decode.plan(h2o, c, tiny.model) is None
     with pytest.raises(ValueError, match="decode-time eviction"):
         FastDecoder(tiny.model, c, 4, use_graph=False, ring=(4, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["kivi", "snapkv+kivi", "adakv+kivi", "quest", "snapkv+quest", "think",
+                                  "pyramidkv+think"])
+def test_cuda_graph_decode_of_storage_formats_matches_the_engine_loop(case):
+    """On the GPU: the format's step captured in a CUDA graph and replayed gives the engine loop's tokens, store
+    and records, and the engine's own CUDA path takes it (decode_path "graph ...")."""
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import gpu_speed
+    finally:
+        sys.path.pop(0)
+    lm = gpu_speed.build_model("tiny", device="cuda", dtype="float32")  # works without the embedded tokenizer
+    steps = 40
+    eng, c1, m1, pre = prefilled(lm, case)
+    eng.fast_decode = False
+    ids_ref, _, flops_ref = eng.decode(c1, m1, pre.logits, steps)
+    reads_ref = list(eng.last_read_bytes)
+    _, c2, m2, _ = prefilled(lm, case)
+    fd = FastDecoder(lm.model, c2, steps)
+    ids_fast, _ = fd.decode(int(pre.logits.argmax()), steps)
+    assert fd.graph_error is None and fd.setup_steps >= 1
+    assert ids_fast == ids_ref and c2.head_lengths() == c1.head_lengths() and c2.nbytes() == c1.nbytes()
+    eng.fast_decode = True
+    _, c3, m3, _ = prefilled(lm, case)
+    ids_eng, _, flops_eng = eng.decode(c3, m3, pre.logits, steps)
+    assert eng.last_decode_path.startswith("graph")
+    assert ids_eng == ids_ref and flops_eng == flops_ref and eng.last_read_bytes == reads_ref
+    assert c3.held.peak == c1.held.peak
