@@ -13,7 +13,7 @@ COMPAT_TESTS := tests/test_engine.py tests/test_methods_wave2.py tests/test_prof
 	tests/test_attention_models.py tests/test_measurements.py tests/test_flops.py tests/test_tasks_e2e.py \
 	tests/test_niah.py tests/test_ruler.py tests/test_longbench.py tests/test_scbench.py tests/test_data_errors.py \
 	tests/test_lm_eval_bridge.py tests/test_storage_kivi.py tests/test_log_weight.py tests/test_graph_prefill.py tests/test_adakv_device.py \
-	tests/test_gemv.py
+	tests/test_gemv.py tests/test_storage_device.py
 
 .PHONY: install install-test demo test test-compat clean
 

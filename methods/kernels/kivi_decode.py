@@ -77,6 +77,13 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def _head_meta(meta_ptr, h):
+        """Head h's row of the layout's meta: n, kq_start, nkq, kr_start, vq_start, nvq, vr_start."""
+        return (tl.load(meta_ptr + h * 7), tl.load(meta_ptr + h * 7 + 1), tl.load(meta_ptr + h * 7 + 2),
+                tl.load(meta_ptr + h * 7 + 3), tl.load(meta_ptr + h * 7 + 4), tl.load(meta_ptr + h * 7 + 5),
+                tl.load(meta_ptr + h * 7 + 6))
+
+    @triton.jit
     def _kivi_split_kernel(q_ptr, kqc_ptr, kqs_ptr, kqm_ptr, kr_ptr, vqc_ptr, vqs_ptr, vqm_ptr, vr_ptr,
                            meta_ptr, work_ptr, stride_qh, G, scale_log2,
                            BITS: tl.constexpr, QG: tl.constexpr, NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr,
@@ -84,13 +91,7 @@ if HAS_TRITON:
         # grid: (n_kv, NUM_SPLITS); meta rows: n, kq_start, nkq, kr_start, vq_start, nvq, vr_start (per head)
         h = tl.program_id(0)
         split = tl.program_id(1)
-        n = tl.load(meta_ptr + h * 7)
-        kq_start = tl.load(meta_ptr + h * 7 + 1)
-        nkq = tl.load(meta_ptr + h * 7 + 2)
-        kr_start = tl.load(meta_ptr + h * 7 + 3)
-        vq_start = tl.load(meta_ptr + h * 7 + 4)
-        nvq = tl.load(meta_ptr + h * 7 + 5)
-        vr_start = tl.load(meta_ptr + h * 7 + 6)
+        n, kq_start, nkq, kr_start, vq_start, nvq, vr_start = _head_meta(meta_ptr, h)
         chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(lo + chunk, n)
@@ -192,13 +193,7 @@ if HAS_TRITON:
         P_DTYPE: tl.constexpr = kqs_ptr.dtype.element_ty
         DB: tl.constexpr = D // (8 // BITS)
         NGV: tl.constexpr = D // QG
-        n = tl.load(meta_ptr + h * 7)
-        kq_start = tl.load(meta_ptr + h * 7 + 1)
-        nkq = tl.load(meta_ptr + h * 7 + 2)
-        kr_start = tl.load(meta_ptr + h * 7 + 3)
-        vq_start = tl.load(meta_ptr + h * 7 + 4)
-        nvq = tl.load(meta_ptr + h * 7 + 5)
-        vr_start = tl.load(meta_ptr + h * 7 + 6)
+        n, kq_start, nkq, kr_start, vq_start, nvq, vr_start = _head_meta(meta_ptr, h)
         offs_d = tl.arange(0, D)
         offs_b = tl.arange(0, DB)
         k = tl.load(k_ptr + h * D + offs_d)
