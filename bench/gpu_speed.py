@@ -176,6 +176,7 @@ def run_kvbench(lm, name: str, ids: list[int], budget: int, steps: int, reps: in
     from kvbench import fast_decode
     from kvbench.method import build_method
     method = build_spec(name, budget)
+    random_eigen_bases(method, lm)
     eng = Engine(lm, method, query_aware=True)
     eng.stop_ids = set()  # random weights: decode all `steps` tokens
     cfg = lm.model.config
@@ -256,6 +257,20 @@ def build_spec(name: str, budget: int):
             raise ValueError(f"format {fmt!r} in {name!r}; allowed: {', '.join(sorted(STORAGES))}")
         knobs[STORAGES[fmt].kind] = fmt
     return build_method(base, budget=budget if uses_budget(base) and base != "full" else None, **knobs)
+
+
+def random_eigen_bases(method, lm) -> None:
+    """EigenAttention calibrates its bases on text; a model without a tokenizer (random weights: speed only) gets
+    random orthonormal bases of the same shapes instead."""
+    fmt = next((f for f in method.formats() if f.name == "eigen_attention"), None)
+    if fmt is None or not isinstance(lm.tokenizer, NoTokenizer):
+        return
+    cfg = lm.model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    L, h = cfg.num_hidden_layers, cfg.num_key_value_heads
+    g = torch.Generator().manual_seed(0)
+    fmt.use_bases({"key_basis": torch.linalg.qr(torch.randn(L, d, d, generator=g))[0],
+                   "value_basis": torch.linalg.qr(torch.randn(L, h, d, d, generator=g))[0]}, model=lm.model)
 
 
 # -- kvpress (its own process: nothing of kvbench's attention, kernels or compiler is imported here) ------

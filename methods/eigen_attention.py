@@ -254,11 +254,15 @@ class EigenAttention(Storage):
         self._entry, self._fp = entry, fp
         return entry, cached
 
-    def use_bases(self, tensors: dict[str, torch.Tensor]) -> None:
+    def use_bases(self, tensors: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> None:
         """Set the bases directly: key_basis (L, d, d) and value_basis (L, n_kv, d, d), columns by decreasing
-        eigenvalue (`prepare` does this from the profile; tests pass their own)."""
+        eigenvalue (`prepare` does this from the profile; tests and speed benchmarks pass their own, and with
+        `model` a later `prepare` of that model keeps them instead of calibrating)."""
         self._bases = {k: t.float() for k, t in tensors.items()}
         self._dev = {}
+        if model is not None:
+            self._fp = _profiles.model_fingerprint(model)
+            self._entry = {"given": True}
 
     def check_model(self, n_layers: int, n_kv: int, head_dim: int) -> None:
         if self.rank > head_dim:

@@ -28,7 +28,7 @@ def tiny():
     return load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
 
 
-CAL = {"calib_samples": 2, "calib_len": 128}
+CAL = {"calib_samples": 3, "calib_len": 96}  # (not test_storage_eigen.py's: that one counts its own calibration)
 KIVI_KN = {"group_size": 16, "residual_length": 16}
 # tiny: 2 layers, 2 KV heads, 4 query heads, d = 16, fp32. 40 steps: KIVI's key run (R = 16) flushes twice
 CASES = {
@@ -43,9 +43,11 @@ CASES = {
 }
 
 
-def prefilled(lm, case, n=300):
+def prefilled(lm, case, n=300, setup=None):
     name, budget, knobs = CASES[case]
     method = build_method(name, budget=budget, **knobs)
+    if setup is not None:
+        setup(method)
     eng = Engine(lm, method, query_aware=True)
     eng.stop_ids = set()  # random weights: never stop early, decode the full length
     ids = torch.randint(10, 400, (n,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -202,7 +204,7 @@ def test_plan_keeps_the_engine_loop_where_the_device_step_does_not_apply(tiny):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", ["kivi", "snapkv+kivi", "adakv+kivi", "quest", "snapkv+quest", "think",
-                                  "pyramidkv+think"])
+                                  "pyramidkv+think", "eigen_attention"])
 def test_cuda_graph_decode_of_storage_formats_matches_the_engine_loop(case):
     """On the GPU: the format's step captured in a CUDA graph and replayed gives the engine loop's tokens, store
     and records, and the engine's own CUDA path takes it (decode_path "graph ...")."""
@@ -214,18 +216,85 @@ def test_cuda_graph_decode_of_storage_formats_matches_the_engine_loop(case):
         sys.path.pop(0)
     lm = gpu_speed.build_model("tiny", device="cuda", dtype="float32")  # works without the embedded tokenizer
     steps = 40
-    eng, c1, m1, pre = prefilled(lm, case)
+    # without the embedded tokenizer EigenAttention has no text to calibrate on: random orthonormal bases
+    setup = lambda method: gpu_speed.random_eigen_bases(method, lm)  # noqa: E731
+    eng, c1, m1, pre = prefilled(lm, case, setup=setup)
     eng.fast_decode = False
     ids_ref, _, flops_ref = eng.decode(c1, m1, pre.logits, steps)
     reads_ref = list(eng.last_read_bytes)
-    _, c2, m2, _ = prefilled(lm, case)
+    _, c2, m2, _ = prefilled(lm, case, setup=setup)
     fd = FastDecoder(lm.model, c2, steps)
     ids_fast, _ = fd.decode(int(pre.logits.argmax()), steps)
     assert fd.graph_error is None and fd.setup_steps >= 1
     assert ids_fast == ids_ref and c2.head_lengths() == c1.head_lengths() and c2.nbytes() == c1.nbytes()
     eng.fast_decode = True
-    _, c3, m3, _ = prefilled(lm, case)
+    _, c3, m3, _ = prefilled(lm, case, setup=setup)
     ids_eng, _, flops_eng = eng.decode(c3, m3, pre.logits, steps)
     assert eng.last_decode_path.startswith("graph")
     assert ids_eng == ids_ref and flops_eng == flops_ref and eng.last_read_bytes == reads_ref
     assert c3.held.peak == c1.held.peak
+
+
+def test_quest_select_reference_is_the_top_pages_then_the_last():
+    """Hand-worked: 2 KV heads x 2 query heads, 6 scored pages; the top 3 by score (-inf: -1; ties: the lower
+    page first), then the head's last page (rows - 1) // 16."""
+    from kvbench.methods.kernels.quest_decode import quest_select_ref, quest_select_topk
+    inf = float("inf")
+    scores = torch.tensor([[0.5, 2.0, -1.0, 2.0, 0.1, -inf],
+                           [-inf, -inf, -inf, -inf, -inf, -inf],
+                           [3.0, 1.0, -inf, -inf, -inf, -inf],
+                           [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    pages = quest_select_ref(scores, torch.tensor([100, 40]), 16, 3)
+    assert pages.tolist() == [[1, 3, 0, 6], [-1, -1, -1, 6], [0, 1, -1, 2], [0, 1, 2, 2]]
+    # the GPU's torch.topk choice past SELECT_MAX_PAGES: the same pages where no two scores are equal
+    distinct = torch.randn(4, 3000, generator=torch.Generator().manual_seed(0))
+    distinct[:, 2500:] = -inf
+    lens = torch.tensor([2600 * 16, 1700 * 16])
+    assert torch.equal(quest_select_topk(distinct, lens, 16, 63), quest_select_ref(distinct, lens, 16, 63))
+
+
+def test_quest_device_kernels_match_references_under_the_triton_interpreter():
+    """The fused append (row + its page's bounds) and the one-launch selection give the torch references' bits;
+    the scores with the scored pages taken from the head lengths give the reference's."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from kvbench.cache import LayerKV
+        from kvbench.methods.quest import Quest, QuestLayer
+        from kvbench.methods.kernels import quest_decode as qd
+        g = torch.Generator().manual_seed(0)
+        for dt, lens in ((torch.float32, [200, 130, 77]), (torch.float16, [64, 65, 1])):
+            layer = LayerKV.from_dense(torch.randn(3, 200, 32, generator=g).to(dt),
+                                       torch.randn(3, 200, 32, generator=g).to(dt), torch.arange(200))
+            layer.keep([torch.arange(n) for n in lens])
+            a, b = (QuestLayer.encode(Quest(token_budget=64), layer.clone(), True, 6) for _ in range(2))
+            a.device_begin(40); b.device_begin(40)
+            for t in range(40):
+                k, v = torch.randn(3, 32, generator=g).to(dt), torch.randn(3, 32, generator=g).to(dt)
+                pos = torch.tensor([500 + t])
+                qd.quest_append_ref(k, v, pos, a.layer, a.kmin, a.kmax, 16)
+                qd.quest_append_triton(k, v, pos, b.layer, b.kmin, b.kmax, 16)
+                assert torch.equal(a.layer.lengths, b.layer.lengths)
+                owned = [r for s0, n in zip(a.layer.starts.tolist(), a.layer.lengths.tolist()) for r in range(s0, s0 + n)]
+                for x, y in ((a.layer.keys, b.layer.keys), (a.layer.values, b.layer.values),
+                             (a.layer.positions, b.layer.positions)):
+                    assert torch.equal(x[owned], y[owned]), (dt, t)  # (spare rows: unset memory)
+                assert torch.equal(a.kmin, b.kmin) and torch.equal(a.kmax, b.kmax), (dt, t)
+                cap = a.kmin.shape[1]
+                q = torch.randn(6, 32, generator=g).to(dt)
+                last = (a.layer.lengths - 1) // 16
+                ref = qd.quest_page_scores_ref(q, a.kmin[:, :cap - 1], a.kmax[:, :cap - 1], last)
+                tri = qd.quest_page_scores_triton(q, a.kmin[:, :cap - 1], a.kmax[:, :cap - 1], a.layer.lengths,
+                                                  page_size=16)
+                assert torch.equal(torch.isinf(ref), torch.isinf(tri)) and torch.allclose(ref, tri, atol=1e-2)
+                for top in (0, 3, cap - 1):
+                    assert torch.equal(qd.quest_select_ref(ref, a.layer.lengths, 16, top),
+                                       qd.quest_select_triton(ref, a.layer.lengths, 16, top)), (dt, t, top)
+        ties = torch.tensor([[1.0, 1.0, 2.0, float("-inf")] * 4] * 6)
+        lens = torch.tensor([64, 40, 17])
+        assert torch.equal(qd.quest_select_ref(ties, lens, 16, 5), qd.quest_select_triton(ties, lens, 16, 5))
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

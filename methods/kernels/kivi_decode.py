@@ -311,7 +311,7 @@ def kivi_decode_attention_ref(q: torch.Tensor, flat: dict, scaling: float | None
 
 def kivi_decode_attention_triton(q: torch.Tensor, flat: dict, scaling: float | None = None,
                                  num_splits: int | None = None, block_n: int | None = None,
-                                 num_warps: int = 4) -> torch.Tensor:
+                                 num_warps: int = 2) -> torch.Tensor:
     """Triton version of `kivi_decode_attention_ref` (same arguments and result); no host sync. block_n must
     divide the key group size (a tile's keys then share one scale/min vector); default min(64, group)."""
     G_q = flat["group_size"]
@@ -330,10 +330,12 @@ def kivi_decode_attention_triton(q: torch.Tensor, flat: dict, scaling: float | N
     out_dtype = q.dtype
     q = q.to(dtype).contiguous()
     if num_splits is None:
-        # about 2 programs per SM: the dequantizing tiles are compute-bound, so more programs than the plain
-        # kernel's one per SM (H200, 8 KV heads x 32K rows, d 128, 2 bits: 117 us at 17 splits, 80 at 34)
+        # about 4 small (2-warp) programs per SM: the dequantizing tiles are compute-bound, so more programs than
+        # the plain kernel's (one CUDA graph of 20 calls on an H200, 8 KV heads x 32K rows, d 128, 2 / 4 bits:
+        # 66 / 81 us at 34 splits of 4 warps, 47 / 51 us at 66 splits of 2 warps)
         avg_rows = max(1, int(flat["rows"]) // max(n_kv, 1))
-        num_splits = max(1, min(triton.cdiv(avg_rows, 2 * block_n), triton.cdiv(num_programs_hint(q.device), n_kv)))
+        num_splits = max(1, min(triton.cdiv(avg_rows, 2 * block_n),
+                                triton.cdiv(2 * num_programs_hint(q.device), n_kv)))
     d_pad = d
     work = torch.empty(n_q, num_splits, d_pad + 2, device=q.device, dtype=torch.float32)
     _kivi_split_kernel[(n_kv, num_splits)](

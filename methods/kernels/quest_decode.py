@@ -89,7 +89,7 @@ if HAS_TRITON:
     @triton.jit
     def _quest_score_kernel(q_ptr, lo_ptr, hi_ptr, nsc_ptr, out_ptr, stride_qh, stride_bh, stride_bp, stride_oh,
                             G, D, P, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-                            DOT_PRECISION: tl.constexpr):
+                            DOT_PRECISION: tl.constexpr, FROM_LENGTHS: tl.constexpr = 0):
         # grid: (n_kv, cdiv(P, BLOCK_P)): the g query heads of KV head h against BLOCK_P pages' bounds
         h = tl.program_id(0)
         pb = tl.program_id(1)
@@ -111,6 +111,8 @@ if HAS_TRITON:
         s = tl.dot(qp, tl.trans(hi), input_precision=DOT_PRECISION)
         s += tl.dot(qn, tl.trans(lo), input_precision=DOT_PRECISION)
         n_sc = tl.load(nsc_ptr + h)
+        if FROM_LENGTHS > 0:  # nsc_ptr holds the head's rows: every page but its last is scored
+            n_sc = (n_sc - 1) // FROM_LENGTHS
         s = tl.where((p < n_sc)[None, :], s, float("-inf"))
         tl.store(out_ptr + (h * G + offs_g)[:, None] * stride_oh + p[None, :], s, mask=g_ok[:, None] & p_ok[None, :])
 
@@ -129,9 +131,10 @@ def quest_page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
 
 
 def quest_page_scores_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_scored: torch.Tensor,
-                             block_p: int = 64, num_warps: int = 4) -> torch.Tensor:
+                             block_p: int = 64, num_warps: int = 4, page_size: int = 0) -> torch.Tensor:
     """Triton version of `quest_page_scores_ref`: reads each page's bounds once for the g heads of its group,
-    in their stored dtype, products accumulated in float32 (tl.dot)."""
+    in their stored dtype, products accumulated in float32 (tl.dot). page_size > 0: `n_scored` is each head's
+    row count, and the pages before its last are scored ((rows - 1) // page_size of them, on the device)."""
     n_kv, P, d = kmin.shape
     n_q = q.shape[0]
     g = group_size(n_q, n_kv)
@@ -143,8 +146,112 @@ def quest_page_scores_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Te
     _quest_score_kernel[(n_kv, triton.cdiv(max(P, 1), block_p))](
         q, kmin, kmax, n_scored, out, q.stride(0), kmin.stride(0), kmin.stride(1), out.stride(0), g, d, P,
         G_PAD=max(16, next_pow2(g)), D_PAD=max(16, next_pow2(d)), BLOCK_P=block_p,
-        DOT_PRECISION=_dot_precision(kmin.dtype), num_warps=num_warps)
+        DOT_PRECISION=_dot_precision(kmin.dtype), FROM_LENGTHS=page_size, num_warps=num_warps)
     return out
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _quest_select_kernel(s_ptr, lengths_ptr, out_ptr, stride_sh, stride_oh, G, P, TOP,
+                             PAGE: tl.constexpr, P_PAD: tl.constexpr):
+        # grid: (n_q,). The TOP highest-scoring pages of query head j (scores -inf: -1), then its head's last page.
+        # One sort of (order-preserving score bits << 32 | reversed index): ties go to the lower page index.
+        j = tl.program_id(0)
+        offs = tl.arange(0, P_PAD)
+        sc = tl.load(s_ptr + j * stride_sh + offs, mask=offs < P, other=float("-inf"))
+        bits = sc.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)   # float order as signed integer order
+        srt = tl.sort((key.to(tl.int64) << 32) | (P_PAD - 1 - offs).to(tl.int64), descending=True)
+        page = P_PAD - 1 - (srt & 0xFFFFFFFF).to(tl.int32)
+        ninf = tl.full((P_PAD,), float("-inf"), tl.float32).to(tl.int32, bitcast=True)
+        valid = (srt >> 32).to(tl.int32) != (ninf ^ ((ninf >> 31) & 0x7FFFFFFF))
+        tl.store(out_ptr + j * stride_oh + offs, tl.where(valid, page, -1), mask=offs < TOP)
+        last = (tl.load(lengths_ptr + j // G) - 1) // PAGE
+        tl.store(out_ptr + j * stride_oh + TOP, last.to(tl.int32))
+
+    @triton.jit
+    def _quest_append_kernel(kn_ptr, vn_ptr, pos_ptr, k_ptr, v_ptr, p_ptr, starts_ptr, lengths_ptr, lo_ptr, hi_ptr,
+                             stride_bh, D, PAGE: tl.constexpr, D_PAD: tl.constexpr):
+        # grid: (n_kv,). The token's row at the head's end, and its key into the bounds of the page it lands in
+        h = tl.program_id(0)
+        offs = tl.arange(0, D_PAD)
+        ok = offs < D
+        n = tl.load(lengths_ptr + h)
+        row = tl.load(starts_ptr + h) + n
+        k = tl.load(kn_ptr + h * D + offs, mask=ok)
+        tl.store(k_ptr + row * D + offs, k.to(k_ptr.dtype.element_ty), mask=ok)
+        tl.store(v_ptr + row * D + offs, tl.load(vn_ptr + h * D + offs, mask=ok).to(v_ptr.dtype.element_ty), mask=ok)
+        tl.store(p_ptr + row, tl.load(pos_ptr))
+        b = h * stride_bh + (n // PAGE) * D + offs
+        kb = k.to(lo_ptr.dtype.element_ty)
+        tl.store(lo_ptr + b, tl.minimum(tl.load(lo_ptr + b, mask=ok), kb), mask=ok)
+        tl.store(hi_ptr + b, tl.maximum(tl.load(hi_ptr + b, mask=ok), kb), mask=ok)
+        tl.store(lengths_ptr + h, n + 1)
+
+
+def quest_select_ref(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, top: int) -> torch.Tensor:
+    """Pages each query head reads at a decode step, at a fixed width (the device step's, methods/quest.py):
+    scores (n_q, P) from `quest_page_scores` (-inf: not scored); returns (n_q, top + 1) int32, the `top`
+    highest-scoring pages in descending order (-1 where the score is -inf), then the head's last page
+    (lengths - 1) // page_size. Ties: the lower page first."""
+    # a stable sort, descending: equal scores keep the lower index first
+    val, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return _with_last(val[:, :top], idx[:, :top], lengths, page_size)
+
+
+def _with_last(val: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor, page_size: int) -> torch.Tensor:
+    """(n_q, top) chosen pages (-1 where the score is -inf), then each query head's last page."""
+    n_q = val.shape[0]
+    last = torch.div(lengths - 1, page_size, rounding_mode="floor").repeat_interleave(n_q // lengths.numel())
+    return torch.cat([torch.where(val > float("-inf"), idx, -1), last.view(-1, 1)], 1).to(torch.int32)
+
+
+SELECT_MAX_PAGES = 1024  # the most scored pages `quest_select_triton` sorts in one program (see QuestLayer.device_step)
+
+
+def quest_select_topk(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, top: int) -> torch.Tensor:
+    """`quest_select_ref` through torch.topk (the GPU's choice past SELECT_MAX_PAGES pages; equal scores may be
+    taken in another order: a page set differs only on exact ties)."""
+    val, idx = torch.topk(scores, top, dim=-1)
+    return _with_last(val, idx, lengths, page_size)
+
+
+def quest_select_triton(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, top: int) -> torch.Tensor:
+    """Triton version of `quest_select_ref` (same result): one program per query head sorts its page scores."""
+    check_triton_inputs(scores, lengths)
+    n_q, P = scores.shape
+    if not 0 <= top <= P:
+        raise ValueError(f"top={top}; allowed: 0 .. {P} (the scored pages)")
+    out = torch.empty(n_q, top + 1, dtype=torch.int32, device=scores.device)
+    P_PAD = max(16, next_pow2(P))
+    _quest_select_kernel[(n_q,)](scores, lengths, out, scores.stride(0), out.stride(0), n_q // lengths.numel(), P, top,
+                                 PAGE=page_size, P_PAD=P_PAD, num_warps=4 if P_PAD <= 2048 else 8)
+    return out
+
+
+def quest_append_ref(k_new, v_new, pos, layer, kmin: torch.Tensor, kmax: torch.Tensor, page_size: int) -> None:
+    """Append one token (k_new, v_new: (n_kv, d); pos (1,)) to a QuestLayer's plain rows (spare rows reserved)
+    and take its key into the bounds of the page it lands in, as `QuestLayer.append` does."""
+    from .append import ragged_append_ref
+    n_kv, cap, d = kmin.shape
+    page = (torch.arange(n_kv, device=kmin.device) * cap + layer.lengths // page_size).view(-1, 1).expand(-1, d)
+    src = k_new.to(kmin.dtype)
+    kmin.view(-1, d).scatter_reduce_(0, page, src, "amin")
+    kmax.view(-1, d).scatter_reduce_(0, page, src, "amax")
+    ragged_append_ref(k_new, v_new, pos, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths)
+
+
+def quest_append_triton(k_new, v_new, pos, layer, kmin: torch.Tensor, kmax: torch.Tensor, page_size: int) -> None:
+    """Triton version of `quest_append_ref`: one launch (rows, bounds, lengths)."""
+    n_kv, cap, d = kmin.shape
+    k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    check_triton_inputs(k_new, v_new, pos, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths,
+                        kmin, kmax)
+    if layer.keys.stride(0) != d or not kmin.is_contiguous() or not kmax.is_contiguous():
+        raise ValueError("quest_append_triton needs contiguous rows and bounds")
+    _quest_append_kernel[(n_kv,)](k_new, v_new, pos, layer.keys, layer.values, layer.positions, layer.starts,
+                                  layer.lengths, kmin, kmax, kmin.stride(0), d, PAGE=page_size,
+                                  D_PAD=max(16, next_pow2(d)), num_warps=1)
 
 
 def quest_page_scores(q, kmin, kmax, n_scored):
