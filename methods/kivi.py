@@ -80,6 +80,11 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor
     return x.view(n, d).to(dtype)
 
 
+def _pieces(ts: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    """Copies of the tensors, made by one concatenation and split into views of it."""
+    return list(torch.cat(ts).split(counts)) if ts else []
+
+
 @dataclass
 class _Quantized:
     """One head's quantized rows of keys or values: packed codes and per-group scale / minimum."""
@@ -117,15 +122,13 @@ class KIVILayer(EncodedLayer):
         if layer.log_weight() is not None:
             raise ValueError("kivi stores plain token rows; a method that merges rows (log-weights) does not "
                              "compose with it")
-        self = cls(fmt, [], [], [], [], [], layer.keys.dtype, d)
-        for h in range(layer.n_heads):
-            k, v, p = layer.head(h)
-            self.kq.append(cls._empty_q(fmt, d, layer.keys))
-            self.vq.append(cls._empty_q(fmt, d, layer.keys, values=True))
-            self.kr.append(k.clone())
-            self.vr.append(v.clone())
-            self.pos.append(p.clone())
-            self._flush(h)
+        n = layer.n_heads
+        self = cls(fmt, [cls._empty_q(fmt, d, layer.keys) for _ in range(n)], [],
+                   [cls._empty_q(fmt, d, layer.keys, values=True) for _ in range(n)], [], [], layer.keys.dtype, d)
+        heads = [layer.head(h) for h in range(n)]
+        self.kr, self.vr, self.pos = ([x[i] for x in heads] for i in range(3))
+        self._flush()
+        self.pos = _pieces(self.pos, [p.shape[0] for p in self.pos])  # own copies, one gather
         return self
 
     @staticmethod
@@ -143,20 +146,31 @@ class KIVILayer(EncodedLayer):
         codes, scale, mn = quantize_groups(x, self.fmt.bits, self.fmt.group_size, dim, self.dtype)
         return _Quantized(pack(codes, self.fmt.bits), scale, mn)
 
-    def _flush(self, h: int) -> None:
-        """Quantize what KIVI quantizes: keys in whole blocks of R, values beyond the R most recent."""
+    def _flush(self) -> None:
+        """Quantize what KIVI quantizes: keys in whole blocks of R, values beyond the R most recent. Every head's
+        rows to quantize go through one `quantize_groups` call (groups never cross heads: a head's key rows are
+        a multiple of the group size, and value groups lie within a row), and the full-precision rest is
+        gathered once: a few launches per layer instead of a few per head."""
         R = self.fmt.residual_length
         if self.fmt.key_per_channel:
-            nk = (self.kr[h].shape[0] // R) * R
+            nk = [(t.shape[0] // R) * R for t in self.kr]
         else:  # per-token keys quantize like values: everything beyond the R most recent
-            nk = max(0, self.kr[h].shape[0] - R)
-        if nk:
-            self.kq[h] = self.kq[h].cat(self._quantize(self.kr[h][:nk], dim=self.key_dim))
-            self.kr[h] = self.kr[h][nk:].clone()
-        nv = max(0, self.vr[h].shape[0] - R)
-        if nv:
-            self.vq[h] = self.vq[h].cat(self._quantize(self.vr[h][:nv], dim=1))
-            self.vr[h] = self.vr[h][nv:].clone()
+            nk = [max(0, t.shape[0] - R) for t in self.kr]
+        nv = [max(0, t.shape[0] - R) for t in self.vr]
+        self.kq = self._quantized(self.kq, self.kr, nk, self.key_dim)
+        self.vq = self._quantized(self.vq, self.vr, nv, 1)
+        self.kr = _pieces([t[n:] for t, n in zip(self.kr, nk)], [t.shape[0] - n for t, n in zip(self.kr, nk)])
+        self.vr = _pieces([t[n:] for t, n in zip(self.vr, nv)], [t.shape[0] - n for t, n in zip(self.vr, nv)])
+
+    def _quantized(self, done: list, rows: list, counts: list[int], dim: int) -> list:
+        """Each head's quantized rows with its first counts[h] rows of `rows` quantized and appended."""
+        if not any(counts):
+            return done
+        q = self._quantize(torch.cat([t[:n] for t, n in zip(rows, counts)]), dim)
+        per = self.fmt.group_size if dim == 0 else 1  # parameter rows per quantized row
+        parts = zip(q.codes.split(counts), q.scale.split([n // per for n in counts]),
+                    q.mn.split([n // per for n in counts]))
+        return [d.cat(_Quantized(*p)) if n else d for d, p, n in zip(done, parts, counts)]
 
     # -- what the engine asks ----------------------------------------------------------------------------
     @property
@@ -217,7 +231,7 @@ class KIVILayer(EncodedLayer):
             self.kr[h] = torch.cat([self.kr[h], k[h].to(self.dtype)])
             self.vr[h] = torch.cat([self.vr[h], v[h].to(self.dtype)])
             self.pos[h] = torch.cat([self.pos[h], positions.to(self.pos[h].device, torch.long)])
-            self._flush(h)
+        self._flush()
         self._changed(before)
 
     def clone(self) -> "KIVILayer":
