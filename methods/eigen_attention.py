@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from kvbench.cache import LayerKV
 from kvbench.method import Method, register_method
-from kvbench.store import EncodedLayer, Storage, device_append, register_storage
+from kvbench.store import EncodedLayer, Storage, register_storage
 
 from . import _profiles
 
@@ -194,13 +194,13 @@ class EigenLayer(EncodedLayer):
         from kvbench.attention import _decode_kernel
         from kvbench.methods.kernels import lowrank_decode as lr
         triton = _decode_kernel(q) == "triton"
-        kp, vp = self._project(k.unsqueeze(1), v.unsqueeze(1))
         r = self.rows
-        device_append(r, kp[:, 0], vp[:, 0], pos, triton)
-        qp = (q.float() @ self.pk).to(r.keys.dtype)
+        (lr.project_append_triton if triton else lr.project_append_ref)(k, v, pos, self.pk, self.pv, r)
+        matvec = lr.matvec_triton if triton else lr.matvec_ref  # q P_k, then the lift out P_v^T: a launch each
+        qp = matvec(q, self.pk.unsqueeze(0), False, r.keys.dtype)
         attend = lr.lowrank_decode_attention_triton if triton else lr.lowrank_decode_attention_ref
         out_r = attend(qp, [(r.keys, r.values, r.starts, r.lengths, None)], scaling)
-        return self._lift(out_r.unsqueeze(1), r.n_heads, q.shape[0] // r.n_heads)[:, 0].to(q.dtype)
+        return matvec(out_r, self.pv, True, q.dtype)
 
     def device_end(self) -> None:
         self.rows._lens = self.rows.lengths.tolist()

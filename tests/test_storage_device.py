@@ -298,3 +298,45 @@ def test_quest_device_kernels_match_references_under_the_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_eigen_project_append_kernel_matches_reference_under_the_triton_interpreter():
+    """Eigen Attention's fused projection + append (one launch) stores the reference's rank-r rows (float32 sums in
+    another order: equal to rounding), position and length; its query projection and lift kernels give the
+    reference's products."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from kvbench.cache import LayerKV
+        from kvbench.methods.kernels import lowrank_decode as lr
+        g = torch.Generator().manual_seed(0)
+        for dt, d, r in ((torch.float32, 32, 8), (torch.float16, 64, 24)):
+            pk = torch.linalg.qr(torch.randn(d, d, generator=g))[0][:, :r].contiguous()
+            pv = torch.linalg.qr(torch.randn(3, d, d, generator=g))[0][:, :, :r].contiguous()
+            a, b = (LayerKV.from_dense(torch.zeros(3, 50, r, dtype=dt), torch.zeros(3, 50, r, dtype=dt),
+                                       torch.arange(50)) for _ in range(2))
+            for x in (a, b):
+                x.keep([torch.arange(n) for n in (50, 20, 3)])
+                x.reserve(10)
+            for t in range(10):
+                k, v = torch.randn(3, d, generator=g).to(dt), torch.randn(3, d, generator=g).to(dt)
+                pos = torch.tensor([100 + t])
+                lr.project_append_ref(k, v, pos, pk, pv, a)
+                lr.project_append_triton(k, v, pos, pk, pv, b)
+            assert torch.equal(a.lengths, b.lengths) and a.lengths.tolist() == [60, 30, 13]
+            for h, (s0, n) in enumerate(zip(a.starts.tolist(), a.lengths.tolist())):
+                rows = slice(s0, s0 + n)
+                assert torch.equal(a.positions[rows], b.positions[rows])
+                tol = 1e-5 if dt == torch.float32 else 2e-3
+                assert torch.allclose(a.keys[rows].float(), b.keys[rows].float(), atol=tol, rtol=tol), (dt, h)
+                assert torch.allclose(a.values[rows].float(), b.values[rows].float(), atol=tol, rtol=tol), (dt, h)
+            # the query projection (one matrix) and the lift (each KV head's P_v^T), 2 query heads per KV head
+            q, o = torch.randn(6, d, generator=g).to(dt), torch.randn(6, r, generator=g).to(dt)
+            for x, w, tr in ((q, pk.unsqueeze(0), False), (o, pv, True)):
+                ref, tri = lr.matvec_ref(x, w, tr, dt), lr.matvec_triton(x, w, tr, dt)
+                assert torch.allclose(ref.float(), tri.float(), atol=tol, rtol=tol), (dt, tr)
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -172,6 +172,93 @@ def lowrank_decode_attention_triton(q: torch.Tensor, parts, scaling: float | Non
     return out
 
 
+if HAS_TRITON:
+    @triton.jit
+    def _project_append_kernel(kn_ptr, vn_ptr, pos_ptr, pk_ptr, pv_ptr, k_ptr, v_ptr, p_ptr, starts_ptr,
+                               lengths_ptr, D, R, D_PAD: tl.constexpr, R_PAD: tl.constexpr):
+        # grid: (n_kv,). Head h's token projected to rank R (key: k P_k; value: v P_v[h], float32) and stored at
+        # the head's end in the cache's dtype; its position; its length + 1
+        h = tl.program_id(0)
+        offs_d = tl.arange(0, D_PAD)
+        offs_r = tl.arange(0, R_PAD)
+        d_ok = offs_d < D
+        r_ok = offs_r < R
+        m = d_ok[:, None] & r_ok[None, :]
+        k = tl.load(kn_ptr + h * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        v = tl.load(vn_ptr + h * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        pk = tl.load(pk_ptr + offs_d[:, None] * R + offs_r[None, :], mask=m, other=0.0)
+        pv = tl.load(pv_ptr + h * D * R + offs_d[:, None] * R + offs_r[None, :], mask=m, other=0.0)
+        n = tl.load(lengths_ptr + h)
+        row = tl.load(starts_ptr + h) + n
+        tl.store(k_ptr + row * R + offs_r, tl.sum(k[:, None] * pk, 0).to(k_ptr.dtype.element_ty), mask=r_ok)
+        tl.store(v_ptr + row * R + offs_r, tl.sum(v[:, None] * pv, 0).to(v_ptr.dtype.element_ty), mask=r_ok)
+        tl.store(p_ptr + row, tl.load(pos_ptr))
+        tl.store(lengths_ptr + h, n + 1)
+
+
+    @triton.jit
+    def _matvec_kernel(x_ptr, w_ptr, y_ptr, IN, OUT, stride_x, stride_y, W_GROUP, stride_wg, s_in, s_out,
+                       IN_PAD: tl.constexpr, OUT_PAD: tl.constexpr):
+        # grid: (rows,). y[j] = x[j] @ W[j // W_GROUP], W's entry (i, o) at i * s_in + o * s_out; float32 sums
+        j = tl.program_id(0)
+        offs_i = tl.arange(0, IN_PAD)
+        offs_o = tl.arange(0, OUT_PAD)
+        i_ok = offs_i < IN
+        o_ok = offs_o < OUT
+        x = tl.load(x_ptr + j * stride_x + offs_i, mask=i_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + (j // W_GROUP) * stride_wg + offs_i[:, None] * s_in + offs_o[None, :] * s_out,
+                    mask=i_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+        tl.store(y_ptr + j * stride_y + offs_o, tl.sum(x[:, None] * w, 0).to(y_ptr.dtype.element_ty), mask=o_ok)
+
+
+def matvec_ref(x: torch.Tensor, w: torch.Tensor, transpose: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """Row j of x (n, IN) times matrix j // (n / len(w)) of w (m, IN, OUT), or of its transpose (w (m, OUT, IN),
+    transpose=True), in float32, rounded to out_dtype: Eigen Attention's query projection q P_k (one matrix) and
+    its lift out P_v^T (one per KV head)."""
+    m = w.shape[0]
+    wf = w.float().transpose(1, 2) if transpose else w.float()
+    return (x.float().reshape(m, -1, x.shape[1]) @ wf).reshape(x.shape[0], -1).to(out_dtype)
+
+
+def matvec_triton(x: torch.Tensor, w: torch.Tensor, transpose: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """Triton version of `matvec_ref` (one launch; sums in another order: equal to float32 rounding)."""
+    n, IN = x.shape
+    m = w.shape[0]
+    w = w.contiguous()
+    check_triton_inputs(x, w)
+    OUT = w.shape[1] if transpose else w.shape[2]
+    s_in, s_out = (1, IN) if transpose else (OUT, 1)
+    y = torch.empty(n, OUT, dtype=out_dtype, device=x.device)
+    _matvec_kernel[(n,)](x, w, y, IN, OUT, x.stride(0), y.stride(0), n // m, w.stride(0), s_in, s_out,
+                         IN_PAD=max(16, next_pow2(IN)), OUT_PAD=max(16, next_pow2(OUT)), num_warps=4)
+    return y
+
+
+def project_append_ref(k_new, v_new, pos, pk: torch.Tensor, pv: torch.Tensor, rows) -> None:
+    """Eigen Attention's append of one token (k_new, v_new (n_kv, d); pos (1,)) to its rank-r rows (a LayerKV with
+    spare rows): the key times P_k (d, r), the value times its head's P_v (n_kv, d, r), in float32, stored in the
+    rows' dtype (methods/eigen_attention.py `EigenLayer.append`)."""
+    from .append import ragged_append_ref
+    dt = rows.keys.dtype
+    kp = (k_new.float() @ pk).to(dt)
+    vp = torch.einsum("hd,hdr->hr", v_new.float(), pv).to(dt)
+    ragged_append_ref(kp, vp, pos, rows.keys, rows.values, rows.positions, rows.starts, rows.lengths)
+
+
+def project_append_triton(k_new, v_new, pos, pk: torch.Tensor, pv: torch.Tensor, rows) -> None:
+    """Triton version of `project_append_ref`: one launch (the products summed in another order: float32
+    rounding apart, then the same rounding to the rows' dtype)."""
+    n_kv, d = k_new.shape
+    r = pk.shape[1]
+    k_new, v_new, pk, pv = k_new.contiguous(), v_new.contiguous(), pk.float().contiguous(), pv.float().contiguous()
+    check_triton_inputs(k_new, v_new, pos, pk, pv, rows.keys, rows.values, rows.positions, rows.starts, rows.lengths)
+    if rows.keys.stride(0) != r or rows.values.stride(0) != r:
+        raise ValueError("project_append_triton needs contiguous rank-r rows")
+    _project_append_kernel[(n_kv,)](k_new, v_new, pos, pk, pv, rows.keys, rows.values, rows.positions, rows.starts,
+                                    rows.lengths, d, r, D_PAD=max(16, next_pow2(d)), R_PAD=max(16, next_pow2(r)),
+                                    num_warps=4)
+
+
 def lowrank_decode_attention(q: torch.Tensor, parts, scaling: float | None = None) -> torch.Tensor:
     """Triton on CUDA, the torch reference elsewhere."""
     tensors = [q] + [t for p in parts for t in p if t is not None]
