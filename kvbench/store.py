@@ -171,14 +171,6 @@ class EncodedLayer:
         return self  # as LayerKV: a cache layer belongs to the engine, forking a method never copies it
 
 
-def device_append(layer: LayerKV, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, triton: bool) -> None:
-    """A device step's append to plain rows inside a format (its reserved spare rows; lengths move on the
-    device): the Triton kernel or its torch reference, as the plain fast path does."""
-    from kvbench.methods import kernels
-    append = kernels.ragged_append_triton if triton else kernels.ragged_append_ref
-    append(k, v, pos, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths)
-
-
 def tensor_bytes(*ts: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 

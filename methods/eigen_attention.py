@@ -97,9 +97,13 @@ class EigenLayer(EncodedLayer):
         self.row_bytes = rows.row_bytes  # new tokens are projected on append
 
     def _project(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (n_kv, q, d) -> (n_kv, q, r) each, in the cache's dtype."""
+        """k, v (n_kv, q, d) -> (n_kv, q, r) each, in the cache's dtype (the device step's products:
+        methods/kernels/lowrank_decode.py `matvec_ref`)."""
+        from kvbench.methods.kernels.lowrank_decode import matvec_ref
+        n_kv, q, d = k.shape
         dt = self.rows.keys.dtype
-        return (k.float() @ self.pk).to(dt), torch.einsum("hqd,hdr->hqr", v.float(), self.pv).to(dt)
+        return (matvec_ref(k.reshape(-1, d), self.pk.unsqueeze(0), False, dt).view(n_kv, q, -1),
+                matvec_ref(v.reshape(-1, d), self.pv, False, dt).view(n_kv, q, -1))
 
     @classmethod
     def encode(cls, layer: LayerKV, pk: torch.Tensor, pv: torch.Tensor) -> "EigenLayer":
@@ -152,27 +156,24 @@ class EigenLayer(EncodedLayer):
 
     def attend(self, query, scaling, need_probs=False, window=None, softcap=None):
         """Attention in the rank-r space: scores (q P_k) . (K P_k)^T, output (p @ V P_v) P_v^T."""
-        n_q, q_len, _ = query.shape
-        h = self.rows.n_heads
-        g = n_q // h
-        qp = (query.float() @ self.pk).to(self.rows.keys.dtype)  # (n_q, q, r)
-        probs = None
         from kvbench.attention import _decode_kernel, attend
+        from kvbench.methods.kernels.lowrank_decode import lowrank_decode_attention_triton, matvec_ref
+        n_q, q_len, d = query.shape
+        qp = matvec_ref(query.reshape(-1, d), self.pk.unsqueeze(0), False, self.rows.keys.dtype).view(n_q, q_len, -1)
         if q_len == 1 and not need_probs and window is None and softcap is None and _decode_kernel(query) == "triton":
             # CUDA (DECODE_KERNEL "auto"; "triton" also on the CPU interpreter): the lowrank_decode kernel at rank r
-            from kvbench.methods.kernels.lowrank_decode import lowrank_decode_attention_triton
             r = self.rows
             out_r = lowrank_decode_attention_triton(qp[:, 0], [(r.keys, r.values, r.starts, r.lengths, None)],
                                                     scaling).unsqueeze(1)
-            return self._lift(out_r, h, g).to(query.dtype), None
+            return self._lift(out_r).to(query.dtype), None
         out_r, probs = attend(qp, self.rows, scaling, need_probs, window, softcap)
-        return self._lift(out_r, h, g).to(query.dtype), probs
+        return self._lift(out_r).to(query.dtype), probs
 
-    def _lift(self, out_r: torch.Tensor, h: int, g: int) -> torch.Tensor:
-        """(n_q, q, r) -> (n_q, q, d): each query head's output times its KV head's P_v^T."""
+    def _lift(self, out_r: torch.Tensor) -> torch.Tensor:
+        """(n_q, q, r) -> (n_q, q, d) float32: each query head's output times its KV head's P_v^T."""
+        from kvbench.methods.kernels.lowrank_decode import matvec_ref
         n_q, q_len, r = out_r.shape
-        o = out_r.float().reshape(h, g * q_len, r) @ self.pv.transpose(1, 2)
-        return o.reshape(n_q, q_len, -1)
+        return matvec_ref(out_r.reshape(-1, r), self.pv, True, torch.float32).view(n_q, q_len, -1)
 
     # -- mutation ------------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:

@@ -189,35 +189,51 @@ class KIVILayer(EncodedLayer):
         return torch.cat([k, self.kr[h]]), torch.cat([v, self.vr[h]])
 
     def flat(self) -> dict:
-        """Every head's tensors back to back, as methods/kernels/kivi_decode.py reads them (built once after
-        each change; one spare row per tensor so no kernel argument is ever empty)."""
-        if getattr(self, "_flat", None) is not None:
-            return self._flat
+        """Every head's tensors back to back, as methods/kernels/kivi_decode.py reads them (`_layout(0)`, built
+        once after each change)."""
+        if getattr(self, "_flat", None) is None:
+            self._flat = self._layout(0)
+        return self._flat
 
-        def cat(ts, width, dtype):
-            ts = [t for t in ts if t.shape[0]]
-            pad = ts[0].new_zeros(1, width) if ts else torch.zeros(1, width, dtype=dtype, device=self.pos[0].device)
-            return torch.cat(ts + [pad]) if ts else pad
-
-        d, g, b = self.head_dim, self.fmt.group_size, self.fmt.bits
+    def _layout(self, extra: int) -> dict:
+        """The kernels' layout (methods/kernels/kivi_decode.py), each head with room for `extra` more tokens: the
+        quantized keys' rows for every flush to come, R full-precision key rows (extra = 0: just its own), the
+        quantized values' rows, and the full-precision values' rows, whose start (meta column 6) moves forward by
+        one per quantized value. One concatenation per tensor; one spare row each, so no kernel argument is
+        ever empty."""
+        R, G, b, d = self.fmt.residual_length, self.fmt.group_size, self.fmt.bits, self.head_dim
+        dev = self.pos[0].device
         nkq, nkr = [q.n for q in self.kq], [t.shape[0] for t in self.kr]
         nvq, nvr = [q.n for q in self.vq], [t.shape[0] for t in self.vr]
-        meta = [[n, a, k, c, e, v, f] for n, a, k, c, e, v, f in
-                zip(self.head_lengths, exclusive_cumsum(nkq), nkq, exclusive_cumsum(nkr), exclusive_cumsum(nvq), nvq,
-                    exclusive_cumsum(nvr))]
-        self._flat = {
-            "bits": b, "group_size": g, "rows": self.n_rows,
-            "meta": torch.tensor(meta, dtype=torch.long, device=self.pos[0].device),
-            "kq_codes": cat([q.codes for q in self.kq], d * b // 8, torch.uint8),
-            "kq_scale": cat([q.scale for q in self.kq], d if self.key_dim == 0 else d // g, self.dtype),
-            "kq_min": cat([q.mn for q in self.kq], d if self.key_dim == 0 else d // g, self.dtype),
-            "kr": cat(self.kr, d, self.dtype),
-            "vq_codes": cat([q.codes for q in self.vq], d * b // 8, torch.uint8),
-            "vq_scale": cat([q.scale for q in self.vq], d // g, self.dtype),
-            "vq_min": cat([q.mn for q in self.vq], d // g, self.dtype),
-            "vr": cat(self.vr, d, self.dtype),
-        }
-        return self._flat
+        lens = self.head_lengths
+        cap_kq = [a + R * ((c + extra) // R) for a, c in zip(nkq, nkr)]
+        cap_kr = [R if extra else c for c in nkr]
+        cap_vq = [a + max(0, c + extra - R) for a, c in zip(nvq, nvr)]
+        cap_vr = [c + extra for c in nvr]
+        cap_pos = [n + extra for n in lens]
+        per = G if self.key_dim == 0 else 1  # quantized key rows per row of key parameters
+
+        def packed(parts, caps, width, dtype=self.dtype):
+            pieces = [x for t, c in zip(parts, caps) for x in (t, t.new_zeros(c - t.shape[0], *t.shape[1:]))]
+            return torch.cat(pieces + [torch.zeros(1, *width, dtype=dtype, device=dev)])
+
+        kw = (d if self.key_dim == 0 else d // G,)
+        starts = [exclusive_cumsum(c) for c in (cap_kq, cap_kr, cap_vq, cap_vr)]
+        meta = [list(m) for m in zip(lens, starts[0], nkq, starts[1], starts[2], nvq, starts[3])]
+        layout = {"bits": b, "group_size": G, "residual": R, "rows": sum(cap_pos),
+                  "meta": torch.tensor(meta, dtype=torch.long, device=dev),
+                  "kq_codes": packed([q.codes for q in self.kq], cap_kq, (d * b // 8,), torch.uint8),
+                  "kq_scale": packed([q.scale for q in self.kq], [c // per for c in cap_kq], kw),
+                  "kq_min": packed([q.mn for q in self.kq], [c // per for c in cap_kq], kw),
+                  "kr": packed(self.kr, cap_kr, (d,)),
+                  "vq_codes": packed([q.codes for q in self.vq], cap_vq, (d * b // 8,), torch.uint8),
+                  "vq_scale": packed([q.scale for q in self.vq], cap_vq, (d // G,)),
+                  "vq_min": packed([q.mn for q in self.vq], cap_vq, (d // G,)),
+                  "vr": packed(self.vr, cap_vr, (d,))}
+        if extra:  # the device step stores each token's position (between steps: the per-head lists)
+            layout["positions"] = packed(self.pos, cap_pos, (), torch.long)
+            layout["pos_start"] = torch.tensor(exclusive_cumsum(cap_pos), dtype=torch.long, device=dev)
+        return layout
 
     def materialize(self) -> LayerKV:
         kv = [self.head_kv(h) for h in range(self.n_heads)]
@@ -262,45 +278,9 @@ class KIVILayer(EncodedLayer):
         return self.kernel_ok and R & (R - 1) == 0
 
     def device_begin(self, extra: int) -> None:
-        """The flat layout (`flat`) with room for `extra` tokens per head, every offset fixed: per head, the
-        quantized keys' rows for every flush to come, R full-precision key rows, the quantized values' rows, and
-        the full-precision values' rows, whose start (meta column 6) moves forward by one per quantized value.
-        The per-head tensors are released: the layout holds the layer until `device_end`."""
-        R, G, b, d = self.fmt.residual_length, self.fmt.group_size, self.fmt.bits, self.head_dim
-        dev = self.pos[0].device
-        nkq, nkr = [q.n for q in self.kq], [t.shape[0] for t in self.kr]
-        nvq, nvr = [q.n for q in self.vq], [t.shape[0] for t in self.vr]
-        cap_kq = [a + R * ((c + extra) // R) for a, c in zip(nkq, nkr)]
-        cap_vq = [a + max(0, c + extra - R) for a, c in zip(nvq, nvr)]
-        cap_vr = [c + extra for c in nvr]
-        lens = self.head_lengths
-        kq0, kr0, vq0, vr0 = (exclusive_cumsum(c) for c in (cap_kq, [R] * len(lens), cap_vq, cap_vr))
-        ps = exclusive_cumsum([n + extra for n in lens])
-
-        def buf(rows, width, dtype=self.dtype):  # one spare row: no kernel argument is ever empty
-            return torch.zeros(rows + 1, width, dtype=dtype, device=dev)
-
-        L = {"bits": b, "group_size": G, "residual": R, "rows": max(n + extra for n in lens) * len(lens),
-             "kq_codes": buf(sum(cap_kq), d * b // 8, torch.uint8), "kq_scale": buf(sum(cap_kq) // G, d),
-             "kq_min": buf(sum(cap_kq) // G, d), "kr": buf(R * len(lens), d),
-             "vq_codes": buf(sum(cap_vq), d * b // 8, torch.uint8), "vq_scale": buf(sum(cap_vq), d // G),
-             "vq_min": buf(sum(cap_vq), d // G), "vr": buf(sum(cap_vr), d),
-             "positions": torch.zeros(ps[-1] + lens[-1] + extra + 1, dtype=torch.long, device=dev),
-             "pos_start": torch.tensor(ps, dtype=torch.long, device=dev),
-             "meta": torch.tensor([list(m) for m in zip(lens, kq0, nkq, kr0, vq0, nvq, vr0)], dtype=torch.long,
-                                  device=dev)}
-        for h in range(len(lens)):
-            kq, vq = self.kq[h], self.vq[h]
-            L["kq_codes"][kq0[h]:kq0[h] + nkq[h]] = kq.codes
-            L["kq_scale"][kq0[h] // G:(kq0[h] + nkq[h]) // G] = kq.scale
-            L["kq_min"][kq0[h] // G:(kq0[h] + nkq[h]) // G] = kq.mn
-            L["kr"][kr0[h]:kr0[h] + nkr[h]] = self.kr[h]
-            L["vq_codes"][vq0[h]:vq0[h] + nvq[h]] = vq.codes
-            L["vq_scale"][vq0[h]:vq0[h] + nvq[h]] = vq.scale
-            L["vq_min"][vq0[h]:vq0[h] + nvq[h]] = vq.mn
-            L["vr"][vr0[h]:vr0[h] + nvr[h]] = self.vr[h]
-            L["positions"][ps[h]:ps[h] + lens[h]] = self.pos[h]
-        self._dev, self._flat = L, None
+        """`_layout(extra)`: every offset fixed for the whole decode. The per-head tensors are released; the layout
+        holds the layer until `device_end`."""
+        self._dev, self._flat = self._layout(extra), None
         self.kq = self.kr = self.vq = self.vr = None
 
     def device_step(self, q, k, v, pos, scaling):

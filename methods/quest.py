@@ -43,7 +43,7 @@ import torch
 
 from kvbench.cache import LayerKV, long_tensor
 from kvbench.method import Method, register_method
-from kvbench.store import EncodedLayer, Storage, device_append, register_storage, tensor_bytes
+from kvbench.store import EncodedLayer, Storage, register_storage, tensor_bytes
 
 
 def n_pages(n_rows: int, page_size: int) -> int:
@@ -149,25 +149,20 @@ class QuestLayer(EncodedLayer):
         """Pages each query head attends to at this decode step: (n_q, budget) int32 local page indices,
         -1 for none, sorted. The last page of each head is always in; the rest are the top (budget - 1)
         by the upper bound among the head's other pages (all of them when there are no more than that)."""
-        from kvbench.methods.kernels.quest_decode import quest_page_scores
+        from kvbench.methods.kernels.quest_decode import quest_page_scores, quest_select_topk
         P, B = self.fmt.page_size, self.fmt.page_budget
         npg = [n_pages(n, P) for n in self.layer.head_lengths]
         n_kv, dev = len(npg), query.device
-        g = query.shape[0] // n_kv
-        uniform = len(set(npg)) == 1
         top = max(npg) - 1                       # scored pages: all but each head's last
         k = min(B - 1, top)
-        if uniform:
+        if len(set(npg)) == 1:
             last = torch.full((n_kv,), npg[0] - 1, device=dev, dtype=torch.long)
         else:
             last = long_tensor([p - 1 for p in npg], dev)
-        parts = []
-        if k > 0:  # pages a head does not score (its last, past its end) come back -inf
-            s = quest_page_scores(query, self.kmin[:, :top], self.kmax[:, :top], last)   # (n_q, top)
-            val, idx = torch.topk(s, k, dim=-1)
-            parts.append(torch.where(val > float("-inf"), idx, -1))
-        parts.append(last.view(-1, 1).expand(n_kv, g).reshape(-1, 1))
-        return torch.sort(torch.cat(parts, 1), dim=1).values.to(torch.int32)
+        # pages a head does not score (its last, past its end) come back -inf
+        s = quest_page_scores(query, self.kmin[:, :top], self.kmax[:, :top], last) if k > 0 \
+            else query.new_empty(query.shape[0], 0, dtype=torch.float32)
+        return torch.sort(quest_select_topk(s, self.layer.lengths, P, k), dim=1).values
 
     def attend(self, query, scaling, need_probs=False, window=None, softcap=None):
         from kvbench.attention import attend
@@ -202,19 +197,13 @@ class QuestLayer(EncodedLayer):
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v (n_kv, q, d): row i of head h lands at local row n_h + i, i.e. page (n_h + i) // page_size,
         whose bounds take it in (a new page starts empty, so its first row sets them)."""
+        from kvbench.methods.kernels.quest_decode import take_into_bounds
         before = self.nbytes()
-        n_kv, q, d = k.shape
-        P = self.fmt.page_size
-        lens = self.layer.head_lengths
+        q = k.shape[1]
+        rows = long_tensor([[n + i for i in range(q)] for n in self.layer.head_lengths], self.kmin.device)
         self._grow(max(self.pages_per_head(q)))
         self.layer.append(k, v, positions)
-        cap = self.kmin.shape[1]
-        dev = self.kmin.device
-        h0 = [h * cap + (n + i) // P for h, n in enumerate(lens) for i in range(q)]   # flat (head, page)
-        idx = long_tensor(h0, dev).view(-1, 1).expand(-1, d)
-        src = k.reshape(-1, d).to(self.kmin.dtype)
-        self.kmin = self.kmin.view(-1, d).scatter_reduce(0, idx, src, "amin").view(n_kv, cap, d)
-        self.kmax = self.kmax.view(-1, d).scatter_reduce(0, idx, src, "amax").view(n_kv, cap, d)
+        take_into_bounds(self.kmin, self.kmax, rows, k, self.fmt.page_size)
         self._changed(before)
 
     # -- the GPU fast path (kvbench/store.py): bounds, append and selection on the device ---------------
@@ -236,7 +225,7 @@ class QuestLayer(EncodedLayer):
         from kvbench.methods.kernels.ragged_decode import ragged_decode_attention
         L, P = self.layer, self.fmt.page_size
         cap = self.kmin.shape[1]
-        triton = L.keys.is_cuda and qd.HAS_TRITON
+        triton = qd.use_triton(L.keys)
         (qd.quest_append_triton if triton else qd.quest_append_ref)(k, v, pos, L, self.kmin, self.kmax, P)
         if not self._device_sparse:
             return ragged_decode_attention(q, L.keys, L.values, L.starts, L.lengths, scaling,

@@ -35,7 +35,7 @@ import torch
 
 from kvbench.cache import LayerKV, long_tensor
 from kvbench.method import Method, register_method
-from kvbench.store import EncodedLayer, Storage, device_append, register_storage, tensor_bytes
+from kvbench.store import EncodedLayer, Storage, register_storage, tensor_bytes
 
 QUERY_WINDOW = 32  # official: the last 32 queries (`q_states[..., -32:, :]`)
 
@@ -178,9 +178,11 @@ class ThinKLayer(EncodedLayer):
 
     def device_step(self, q, k, v, pos, scaling):
         from kvbench.attention import _decode_kernel
-        from kvbench.methods.kernels import lowrank_decode as lr
+        from kvbench.methods.kernels import append, lowrank_decode as lr
         triton = _decode_kernel(q) == "triton"
-        device_append(self.full, k, v, pos, triton)
+        f = self.full
+        (append.ragged_append_triton if triton else append.ragged_append_ref)(
+            k, v, pos, f.keys, f.values, f.positions, f.starts, f.lengths)
         return (lr.lowrank_decode_attention_triton if triton else lr.lowrank_decode_attention_ref)(
             q, self.parts(), scaling)
 

@@ -240,8 +240,7 @@ def project_append_ref(k_new, v_new, pos, pk: torch.Tensor, pv: torch.Tensor, ro
     rows' dtype (methods/eigen_attention.py `EigenLayer.append`)."""
     from .append import ragged_append_ref
     dt = rows.keys.dtype
-    kp = (k_new.float() @ pk).to(dt)
-    vp = torch.einsum("hd,hdr->hr", v_new.float(), pv).to(dt)
+    kp, vp = matvec_ref(k_new, pk.unsqueeze(0), False, dt), matvec_ref(v_new, pv, False, dt)
     ragged_append_ref(kp, vp, pos, rows.keys, rows.values, rows.positions, rows.starts, rows.lengths)
 
 

@@ -229,15 +229,22 @@ def quest_select_triton(scores: torch.Tensor, lengths: torch.Tensor, page_size: 
     return out
 
 
+def take_into_bounds(kmin: torch.Tensor, kmax: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor,
+                     page_size: int) -> None:
+    """Keys (n_kv, q, d) at local rows (n_kv, q) into the per-channel minimum / maximum of the pages holding
+    them, in place (kmin, kmax (n_kv, pages, d); a new page starts at +inf / -inf, so its first row sets them)."""
+    n_kv, cap, d = kmin.shape
+    page = (torch.arange(n_kv, device=kmin.device).view(-1, 1) * cap + rows // page_size).view(-1, 1).expand(-1, d)
+    src = keys.reshape(-1, d).to(kmin.dtype)
+    kmin.view(-1, d).scatter_reduce_(0, page, src, "amin")
+    kmax.view(-1, d).scatter_reduce_(0, page, src, "amax")
+
+
 def quest_append_ref(k_new, v_new, pos, layer, kmin: torch.Tensor, kmax: torch.Tensor, page_size: int) -> None:
     """Append one token (k_new, v_new: (n_kv, d); pos (1,)) to a QuestLayer's plain rows (spare rows reserved)
     and take its key into the bounds of the page it lands in, as `QuestLayer.append` does."""
     from .append import ragged_append_ref
-    n_kv, cap, d = kmin.shape
-    page = (torch.arange(n_kv, device=kmin.device) * cap + layer.lengths // page_size).view(-1, 1).expand(-1, d)
-    src = k_new.to(kmin.dtype)
-    kmin.view(-1, d).scatter_reduce_(0, page, src, "amin")
-    kmax.view(-1, d).scatter_reduce_(0, page, src, "amax")
+    take_into_bounds(kmin, kmax, layer.lengths.view(-1, 1), k_new, page_size)
     ragged_append_ref(k_new, v_new, pos, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths)
 
 
