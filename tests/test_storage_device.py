@@ -246,7 +246,7 @@ def test_quest_select_reference_is_the_top_pages_then_the_last():
                            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     pages = quest_select_ref(scores, torch.tensor([100, 40]), 16, 3)
     assert pages.tolist() == [[1, 3, 0, 6], [-1, -1, -1, 6], [0, 1, -1, 2], [0, 1, 2, 2]]
-    # the GPU's torch.topk choice past SELECT_MAX_PAGES: the same pages where no two scores are equal
+    # torch.topk's choice (the engine loop's `select`): the same pages where no two scores are equal
     distinct = torch.randn(4, 3000, generator=torch.Generator().manual_seed(0))
     distinct[:, 2500:] = -inf
     lens = torch.tensor([2600 * 16, 1700 * 16])
@@ -293,6 +293,15 @@ def test_quest_device_kernels_match_references_under_the_triton_interpreter():
         ties = torch.tensor([[1.0, 1.0, 2.0, float("-inf")] * 4] * 6)
         lens = torch.tensor([64, 40, 17])
         assert torch.equal(qd.quest_select_ref(ties, lens, 16, 5), qd.quest_select_triton(ties, lens, 16, 5))
+        # the two-launch selection (chunks' tops, then their merge): many ties, -inf, a partial last chunk,
+        # a top below, at and above the chunk size
+        many = torch.randint(0, 6, (3, 150), generator=g).float()
+        many[:, ::7] = float("-inf")
+        lens = torch.tensor([2400, 1500, 17])
+        for chunk in (16, 64):
+            for top in (0, 5, 16, 40, 150):
+                assert torch.equal(qd.quest_select_ref(many, lens, 16, top),
+                                   qd.quest_select_chunked_triton(many, lens, 16, top, chunk=chunk)), (chunk, top)
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")

@@ -152,22 +152,57 @@ def quest_page_scores_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Te
 
 if HAS_TRITON:
     @triton.jit
-    def _quest_select_kernel(s_ptr, lengths_ptr, out_ptr, stride_sh, stride_oh, G, P, TOP,
-                             PAGE: tl.constexpr, P_PAD: tl.constexpr):
-        # grid: (n_q,). The TOP highest-scoring pages of query head j (scores -inf: -1), then its head's last page.
-        # One sort of (order-preserving score bits << 32 | reversed index): ties go to the lower page index.
-        j = tl.program_id(0)
-        offs = tl.arange(0, P_PAD)
-        sc = tl.load(s_ptr + j * stride_sh + offs, mask=offs < P, other=float("-inf"))
+    def _sort_key(sc, idx, IDX_PAD: tl.constexpr):
+        """(order-preserving score bits << 32 | IDX_PAD - 1 - idx) as int64: sorting these keys in descending order
+        sorts by score, ties to the lower index; every key is distinct."""
         bits = sc.to(tl.int32, bitcast=True)
         key = bits ^ ((bits >> 31) & 0x7FFFFFFF)   # float order as signed integer order
-        srt = tl.sort((key.to(tl.int64) << 32) | (P_PAD - 1 - offs).to(tl.int64), descending=True)
-        page = P_PAD - 1 - (srt & 0xFFFFFFFF).to(tl.int32)
-        ninf = tl.full((P_PAD,), float("-inf"), tl.float32).to(tl.int32, bitcast=True)
+        return (key.to(tl.int64) << 32) | (IDX_PAD - 1 - idx).to(tl.int64)
+
+    @triton.jit
+    def _store_pages(srt, j, out_ptr, stride_oh, lengths_ptr, G, TOP, PAGE: tl.constexpr, IDX_PAD: tl.constexpr):
+        """Query head j's row of the selection from its keys sorted in descending order: the first TOP pages (-1
+        where the score is -inf), then its head's last page."""
+        n: tl.constexpr = srt.shape[0]
+        offs = tl.arange(0, n)
+        page = IDX_PAD - 1 - (srt & 0xFFFFFFFF).to(tl.int32)
+        ninf = tl.full((n,), float("-inf"), tl.float32).to(tl.int32, bitcast=True)
         valid = (srt >> 32).to(tl.int32) != (ninf ^ ((ninf >> 31) & 0x7FFFFFFF))
         tl.store(out_ptr + j * stride_oh + offs, tl.where(valid, page, -1), mask=offs < TOP)
         last = (tl.load(lengths_ptr + j // G) - 1) // PAGE
         tl.store(out_ptr + j * stride_oh + TOP, last.to(tl.int32))
+
+    @triton.jit
+    def _quest_select_kernel(s_ptr, lengths_ptr, out_ptr, stride_sh, stride_oh, G, P, TOP,
+                             PAGE: tl.constexpr, P_PAD: tl.constexpr):
+        # grid: (n_q,). The TOP highest-scoring pages of query head j (scores -inf: -1), then its head's last page:
+        # one sort of its keys (`_sort_key`)
+        j = tl.program_id(0)
+        offs = tl.arange(0, P_PAD)
+        sc = tl.load(s_ptr + j * stride_sh + offs, mask=offs < P, other=float("-inf"))
+        srt = tl.sort(_sort_key(sc, offs, P_PAD), descending=True)
+        _store_pages(srt, j, out_ptr, stride_oh, lengths_ptr, G, TOP, PAGE, P_PAD)
+
+    @triton.jit
+    def _quest_chunk_top_kernel(s_ptr, cand_ptr, stride_sh, P, T, CH: tl.constexpr, IDX_PAD: tl.constexpr):
+        # grid: (n_q, chunks). The T highest keys (`_sort_key`) of one chunk of CH scored pages, in order: the
+        # global top of a query head is the top of its chunks' tops (keys are distinct), which one program merges
+        j = tl.program_id(0)
+        c = tl.program_id(1)
+        idx = c * CH + tl.arange(0, CH)
+        sc = tl.load(s_ptr + j * stride_sh + idx, mask=idx < P, other=float("-inf"))
+        srt = tl.sort(_sort_key(sc, idx, IDX_PAD), descending=True)
+        offs = tl.arange(0, CH)
+        tl.store(cand_ptr + (j * tl.num_programs(1) + c) * T + offs, srt, mask=offs < T)
+
+    @triton.jit
+    def _quest_merge_top_kernel(cand_ptr, lengths_ptr, out_ptr, stride_oh, G, N_CAND, TOP,
+                                PAGE: tl.constexpr, IDX_PAD: tl.constexpr, C_PAD: tl.constexpr):
+        # grid: (n_q,). One sort of a query head's chunk tops; then as _quest_select_kernel
+        j = tl.program_id(0)
+        offs = tl.arange(0, C_PAD)
+        key = tl.load(cand_ptr + j * N_CAND + offs, mask=offs < N_CAND, other=-9223372036854775807 - 1)
+        _store_pages(tl.sort(key, descending=True), j, out_ptr, stride_oh, lengths_ptr, G, TOP, PAGE, IDX_PAD)
 
     @triton.jit
     def _quest_append_kernel(kn_ptr, vn_ptr, pos_ptr, k_ptr, v_ptr, p_ptr, starts_ptr, lengths_ptr, lo_ptr, hi_ptr,
@@ -206,12 +241,21 @@ def _with_last(val: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor, page
     return torch.cat([torch.where(val > float("-inf"), idx, -1), last.view(-1, 1)], 1).to(torch.int32)
 
 
-SELECT_MAX_PAGES = 1024  # the most scored pages `quest_select_triton` sorts in one program (see QuestLayer.device_step)
+# The device step's selection (QuestLayer.device_step). Measured with one CUDA graph of each, H200, 32 query heads,
+# top 63: one program per head sorting every page takes 11.4 us at 640 or 1024 pages, 26.6 at 2048, 70 at 2560;
+# torch.topk 26.7 / 29.2 / 32.4 / 37.1; the chunked selection 5.0 / 5.0 / 6.8 / 15.2 in chunks of 256 and
+# 5.7 / 5.7 / 6.4 / 9.2 in chunks of 512 (9.4 at 4096 pages, 20.2 at 8192, where torch.topk takes 45.2 / 59.0).
+SELECT_MAX_PAGES = 256  # up to this many scored pages, one program per query head sorts them all
+
+
+def select_chunk(pages: int) -> int:
+    """The chunked selection's chunk for this many scored pages (the faster of 256 and 512 above)."""
+    return 256 if pages <= 1024 else 512
 
 
 def quest_select_topk(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, top: int) -> torch.Tensor:
-    """`quest_select_ref` through torch.topk (the GPU's choice past SELECT_MAX_PAGES pages; equal scores may be
-    taken in another order: a page set differs only on exact ties)."""
+    """`quest_select_ref` through torch.topk (the engine loop's `QuestLayer.select`; equal scores may be taken in
+    another order: a page set differs only on exact ties)."""
     val, idx = torch.topk(scores, top, dim=-1)
     return _with_last(val, idx, lengths, page_size)
 
@@ -226,6 +270,30 @@ def quest_select_triton(scores: torch.Tensor, lengths: torch.Tensor, page_size: 
     P_PAD = max(16, next_pow2(P))
     _quest_select_kernel[(n_q,)](scores, lengths, out, scores.stride(0), out.stride(0), n_q // lengths.numel(), P, top,
                                  PAGE=page_size, P_PAD=P_PAD, num_warps=4 if P_PAD <= 2048 else 8)
+    return out
+
+
+def quest_select_chunked_triton(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, top: int,
+                                chunk: int = 256) -> torch.Tensor:
+    """`quest_select_triton`'s result in two launches, for many pages: programs (query head, chunk of `chunk`
+    pages) sort their chunk in parallel and keep its min(top, chunk) best, then one program per query head sorts
+    those candidates. Exact (the keys are distinct: a head's top pages are among its chunks' tops)."""
+    check_triton_inputs(scores, lengths)
+    n_q, P = scores.shape
+    if not 0 <= top <= P:
+        raise ValueError(f"top={top}; allowed: 0 .. {P} (the scored pages)")
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk={chunk}; allowed: a power of two >= 16")
+    n_chunks = triton.cdiv(P, chunk)
+    T = max(1, min(top, chunk))
+    idx_pad = max(16, next_pow2(P), chunk)
+    cand = torch.empty(n_q, n_chunks * T, dtype=torch.int64, device=scores.device)
+    _quest_chunk_top_kernel[(n_q, n_chunks)](scores, cand, scores.stride(0), P, T, CH=chunk, IDX_PAD=idx_pad,
+                                             num_warps=4)
+    out = torch.empty(n_q, top + 1, dtype=torch.int32, device=scores.device)
+    c_pad = max(16, next_pow2(n_chunks * T))
+    _quest_merge_top_kernel[(n_q,)](cand, lengths, out, out.stride(0), n_q // lengths.numel(), n_chunks * T, top,
+                                    PAGE=page_size, IDX_PAD=idx_pad, C_PAD=c_pad, num_warps=4 if c_pad <= 2048 else 8)
     return out
 
 
