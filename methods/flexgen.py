@@ -5,8 +5,9 @@ Group-wise asymmetric min-max quantization to 4 bits in groups of 64 along the h
 code's `group_dim=2` of its (tokens, batch x heads, head_dim) cache): keys and values alike, per token, every
 token quantized as it is stored (no full-precision residual). Same packed format and machinery as KIVI
 (methods/kivi.py), which differs in quantizing keys per channel and keeping a residual: here only the axis of
-the key groups and the residual rule change. Decoding reads it through the torch reference (the KIVI kernel's
-tiles assume per-channel keys).
+the key groups and the residual rule change. Decoding runs KIVI's kernels (methods/kernels/kivi_decode.py),
+whose tiles and append read per-token keys as they read values: on the GPU the engine loop and the CUDA-graph
+path (`KIVILayer.device_step`) both use them.
 """
 from __future__ import annotations
 

@@ -199,15 +199,19 @@ class KIVILayer(EncodedLayer):
         """The kernels' layout (methods/kernels/kivi_decode.py), each head with room for `extra` more tokens: the
         quantized keys' rows for every flush to come, R full-precision key rows (extra = 0: just its own), the
         quantized values' rows, and the full-precision values' rows, whose start (meta column 6) moves forward by
-        one per quantized value. One concatenation per tensor; one spare row each, so no kernel argument is
-        ever empty."""
+        one per quantized value. Keys per token (FlexGen) are laid out as values, their run's start (meta column
+        3) moving alike. One concatenation per tensor; one spare row each, so no kernel argument is ever empty."""
         R, G, b, d = self.fmt.residual_length, self.fmt.group_size, self.fmt.bits, self.head_dim
         dev = self.pos[0].device
         nkq, nkr = [q.n for q in self.kq], [t.shape[0] for t in self.kr]
         nvq, nvr = [q.n for q in self.vq], [t.shape[0] for t in self.vr]
         lens = self.head_lengths
-        cap_kq = [a + R * ((c + extra) // R) for a, c in zip(nkq, nkr)]
-        cap_kr = [R if extra else c for c in nkr]
+        if self.fmt.key_per_channel:
+            cap_kq = [a + R * ((c + extra) // R) for a, c in zip(nkq, nkr)]
+            cap_kr = [R if extra else c for c in nkr]
+        else:
+            cap_kq = [a + max(0, c + extra - R) for a, c in zip(nkq, nkr)]
+            cap_kr = [c + extra for c in nkr]
         cap_vq = [a + max(0, c + extra - R) for a, c in zip(nvq, nvr)]
         cap_vr = [c + extra for c in nvr]
         cap_pos = [n + extra for n in lens]
@@ -221,6 +225,7 @@ class KIVILayer(EncodedLayer):
         starts = [exclusive_cumsum(c) for c in (cap_kq, cap_kr, cap_vq, cap_vr)]
         meta = [list(m) for m in zip(lens, starts[0], nkq, starts[1], starts[2], nvq, starts[3])]
         layout = {"bits": b, "group_size": G, "residual": R, "rows": sum(cap_pos),
+                  "key_per_channel": self.fmt.key_per_channel,
                   "meta": torch.tensor(meta, dtype=torch.long, device=dev),
                   "kq_codes": packed([q.codes for q in self.kq], cap_kq, (d * b // 8,), torch.uint8),
                   "kq_scale": packed([q.scale for q in self.kq], [c // per for c in cap_kq], kw),
@@ -257,9 +262,9 @@ class KIVILayer(EncodedLayer):
 
     @property
     def kernel_ok(self) -> bool:
-        """The decode kernel's tile shapes and KIVI's per-channel keys (else: the torch reference)."""
+        """The decode kernel's tile shapes (else: the torch reference)."""
         d, g = self.head_dim, self.fmt.group_size
-        return d >= 16 and d & (d - 1) == 0 and g >= 16 and self.fmt.key_per_channel
+        return d >= 16 and d & (d - 1) == 0 and g >= 16
 
     def attend(self, query, scaling, need_probs=False, window=None, softcap=None):
         if query.shape[1] == 1 and not need_probs and window is None and softcap is None:
@@ -273,9 +278,9 @@ class KIVILayer(EncodedLayer):
     # -- the GPU fast path (kvbench/store.py) -----------------------------------------------------------
     @property
     def device_decode(self) -> bool:
-        """The append kernel quantizes R keys in one tile: R a power of two, and the decode kernel's shapes."""
+        """The decode kernel's shapes, and per-channel keys quantized R at a time in one tile: R a power of two."""
         R = self.fmt.residual_length
-        return self.kernel_ok and R & (R - 1) == 0
+        return self.kernel_ok and (R & (R - 1) == 0 or not self.fmt.key_per_channel)
 
     def device_begin(self, extra: int) -> None:
         """`_layout(extra)`: every offset fixed for the whole decode. The per-head tensors are released; the layout
@@ -294,11 +299,13 @@ class KIVILayer(EncodedLayer):
 
     def device_end(self) -> None:
         """Per-head tensors again, copied out of the layout (which is then released): one host read of meta."""
-        L, G = self._dev, self.fmt.group_size
+        L = self._dev
+        per = self.fmt.group_size if self.key_dim == 0 else 1  # quantized key rows per row of key parameters
         self.kq, self.kr, self.vq, self.vr, self.pos = [], [], [], [], []
         for (n, kqs, nkq, krs, vqs, nvq, vrs), ps in zip(L["meta"].tolist(), L["pos_start"].tolist()):
-            self.kq.append(_Quantized(L["kq_codes"][kqs:kqs + nkq].clone(), L["kq_scale"][kqs // G:(kqs + nkq) // G]
-                                      .clone(), L["kq_min"][kqs // G:(kqs + nkq) // G].clone()))
+            p0, p1 = kqs // per, (kqs + nkq) // per
+            self.kq.append(_Quantized(L["kq_codes"][kqs:kqs + nkq].clone(), L["kq_scale"][p0:p1].clone(),
+                                      L["kq_min"][p0:p1].clone()))
             self.kr.append(L["kr"][krs:krs + n - nkq].clone())
             self.vq.append(_Quantized(L["vq_codes"][vqs:vqs + nvq].clone(), L["vq_scale"][vqs:vqs + nvq].clone(),
                                       L["vq_min"][vqs:vqs + nvq].clone()))
@@ -312,15 +319,17 @@ class KIVILayer(EncodedLayer):
         out = []
         for kq, kr, vq, vr in zip(self.kq, self.kr, self.vq, self.vr):
             nkr, nvr = kr.shape[0] + t, vr.shape[0] + t
-            out.append((kq.n + R * (nkr // R), nkr % R, vq.n + max(0, nvr - R), min(nvr, R)))
+            keys = (kq.n + R * (nkr // R), nkr % R) if self.fmt.key_per_channel else (kq.n + max(0, nkr - R), min(nkr, R))
+            out.append((*keys, vq.n + max(0, nvr - R), min(nvr, R)))
         return out
 
     def nbytes_after(self, t: int) -> int:
-        """`nbytes()` after t appends (per-channel keys), from the counts: codes d*bits/8 bytes a row, a key group's
-        scale and minimum d values each, a quantized value's d / G each, a full row d values."""
+        """`nbytes()` after t appends, from the counts: codes d*bits/8 bytes a row, a key group's scale and minimum
+        d values each (per token: d / G each, as a quantized value's), a full row d values."""
         d, G, b = self.head_dim, self.fmt.group_size, self.fmt.bits
         e = self.row_bytes // (2 * d)
-        return sum((nkq + nvq) * d * b // 8 + 2 * (nkq // G) * d * e + 2 * nvq * (d // G) * e + (nkr + nvr) * d * e
+        kp = (lambda nkq: (nkq // G) * d) if self.fmt.key_per_channel else (lambda nkq: nkq * (d // G))
+        return sum((nkq + nvq) * d * b // 8 + 2 * kp(nkq) * e + 2 * nvq * (d // G) * e + (nkr + nvr) * d * e
                    for nkq, nkr, nvq, nvr in self._counts_after(t))
 
     def read_bytes_at(self, t: int) -> int:

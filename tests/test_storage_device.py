@@ -40,6 +40,9 @@ CASES = {
     "think": ("think", None, {}),
     "pyramidkv+think": ("pyramidkv", 64, {"storage": {"name": "think"}}),
     "eigen_attention": ("eigen_attention", None, {"rank": 8, **CAL}),
+    "flexgen": ("flexgen", None, {"bits": 4, "group_size": 16}),  # keys per token, no residual
+    "snapkv+flexgen": ("snapkv", 64, {"storage": {"name": "flexgen", "bits": 2, "group_size": 16,
+                                                  "residual_length": 3}}),
 }
 
 
@@ -103,22 +106,27 @@ def test_whole_step_compile_keeps_the_formats_step_as_it_is(tiny):
     assert fd.decode(int(pre.logits.argmax()), 20)[0] == ids_ref
 
 
-def _kivi_layer(lens, bits, R, dtype, seed=0):
+def _kivi_layer(lens, bits, R, dtype, seed=0, per_token_keys=False):
+    from kvbench.methods.flexgen import FlexGenQuant
     g = torch.Generator().manual_seed(seed)
     layer = LayerKV.from_dense(torch.randn(3, max(lens), 32, generator=g).to(dtype),
                                torch.randn(3, max(lens), 32, generator=g).to(dtype), torch.arange(max(lens)))
     layer.keep([torch.arange(n) for n in lens])  # ragged heads
-    return KIVILayer.encode(KIVI(bits=bits, group_size=16, residual_length=R), layer)
+    fmt = FlexGenQuant(bits, 16, R) if per_token_keys else KIVI(bits=bits, group_size=16, residual_length=R)
+    return KIVILayer.encode(fmt, layer)
 
 
-@pytest.mark.parametrize("bits,lens,R,dtype", [(2, [150, 90, 40], 32, torch.float32),
-                                              (4, [70, 70, 10], 16, torch.bfloat16),
-                                              (8, [33, 64, 5], 32, torch.float16)])
-def test_kivi_device_append_is_the_formats_append(bits, lens, R, dtype):
+@pytest.mark.parametrize("bits,lens,R,dtype,per_token_keys", [(2, [150, 90, 40], 32, torch.float32, False),
+                                                             (4, [70, 70, 10], 16, torch.bfloat16, False),
+                                                             (8, [33, 64, 5], 32, torch.float16, False),
+                                                             (4, [70, 33, 1], 0, torch.bfloat16, True),
+                                                             (2, [70, 33, 1], 5, torch.float32, True)])
+def test_kivi_device_append_is_the_formats_append(bits, lens, R, dtype, per_token_keys):
     """The device layout appended one token at a time (torch reference) = `KIVILayer.append`: the same codes,
-    parameters, full-precision rows and positions; and `nbytes_after` = the bytes really stored."""
+    parameters, full-precision rows and positions; and `nbytes_after` = the bytes really stored. KIVI (keys
+    flushed per channel R at a time) and FlexGen (keys per token, as values; with and without a residual)."""
     from kvbench.methods.kernels.kivi_decode import kivi_append_ref
-    a = _kivi_layer(lens, bits, R, dtype)
+    a = _kivi_layer(lens, bits, R, dtype, per_token_keys=per_token_keys)
     b = a.clone()
     T = 40
     expect = [a.nbytes_after(t) for t in range(T + 1)]
@@ -133,7 +141,7 @@ def test_kivi_device_append_is_the_formats_append(bits, lens, R, dtype):
         flushes += sum(q.n > n for q, n in zip(a.kq, n_kq))
         assert a.nbytes() == expect[t + 1]
         kivi_append_ref(k, v, pos, b._dev)
-    assert flushes >= 3
+    assert flushes >= (T if per_token_keys else 3)
     b.device_end()
     for qa, qb in zip(a.kq + a.vq, b.kq + b.vq):
         assert torch.equal(qa.codes, qb.codes) and torch.equal(qa.scale, qb.scale) and torch.equal(qa.mn, qb.mn)
@@ -153,12 +161,16 @@ def test_kivi_append_kernel_matches_reference_under_the_triton_interpreter():
         from kvbench.methods.kivi import KIVI, KIVILayer
         from kvbench.methods.kernels import kivi_decode as kd
         g = torch.Generator().manual_seed(0)
-        for bits, lens, R, dt in ((2, [150, 90, 40], 32, torch.float32), (4, [70, 70, 10], 16, torch.bfloat16),
-                                  (8, [33, 64, 5], 32, torch.float16)):
+        from kvbench.methods.flexgen import FlexGenQuant
+        for bits, lens, R, dt, fmt in ((2, [150, 90, 40], 32, torch.float32, KIVI),
+                                       (4, [70, 70, 10], 16, torch.bfloat16, KIVI),
+                                       (8, [33, 64, 5], 32, torch.float16, KIVI),
+                                       (4, [70, 33, 1], 0, torch.float32, FlexGenQuant),
+                                       (2, [70, 33, 1], 5, torch.bfloat16, FlexGenQuant)):
             layer = LayerKV.from_dense(torch.randn(3, 150, 32, generator=g).to(dt),
                                        torch.randn(3, 150, 32, generator=g).to(dt), torch.arange(150))
             layer.keep([torch.arange(n) for n in lens])
-            a = KIVILayer.encode(KIVI(bits=bits, group_size=16, residual_length=R), layer)
+            a = KIVILayer.encode(fmt(bits=bits, group_size=16, residual_length=R), layer)
             b = a.clone()
             a.device_begin(36); b.device_begin(36)
             for t in range(36):
@@ -204,7 +216,7 @@ def test_plan_keeps_the_engine_loop_where_the_device_step_does_not_apply(tiny):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", ["kivi", "snapkv+kivi", "adakv+kivi", "quest", "snapkv+quest", "think",
-                                  "pyramidkv+think", "eigen_attention"])
+                                  "pyramidkv+think", "eigen_attention", "flexgen", "snapkv+flexgen"])
 def test_cuda_graph_decode_of_storage_formats_matches_the_engine_loop(case):
     """On the GPU: the format's step captured in a CUDA graph and replayed gives the engine loop's tokens, store
     and records, and the engine's own CUDA path takes it (decode_path "graph ...")."""
