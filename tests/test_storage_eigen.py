@@ -27,7 +27,7 @@ from kvbench.profile import calibration_prompts, run_profile
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("synthetic", shape="tiny", seed=0)
+    return load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")  # CPU byte counts
 
 
 def _orthonormal(*shape, seed=0):

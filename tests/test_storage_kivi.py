@@ -132,7 +132,7 @@ def test_kernel_matches_reference_under_the_triton_interpreter():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("synthetic", shape="tiny", seed=0)
+    return load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")  # CPU byte counts
 
 
 def _run(lm, name, budget=None, n=300, new=12, **knobs):

@@ -263,7 +263,7 @@ def test_cache_clone_copies_each_pairs_shared_tensors_once():
 # -- engine runs on the tiny synthetic model (2 layers: start_layer=0 merges them) ---------------------------
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("synthetic", shape="tiny", seed=0)
+    return load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")  # CPU byte counts
 
 
 def _run(lm, name, budget=None, n=300, new=8, **knobs):

@@ -242,7 +242,7 @@ def test_reference_kernel_equals_full_attention_when_every_page_is_selected():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("synthetic", shape="tiny", seed=0)
+    return load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")  # CPU byte counts
 
 
 def _run(lm, name, budget=None, n=300, new=12, query_aware=True, **knobs):
