@@ -146,17 +146,19 @@ class KIVILayer(EncodedLayer):
         codes, scale, mn = quantize_groups(x, self.fmt.bits, self.fmt.group_size, dim, self.dtype)
         return _Quantized(pack(codes, self.fmt.bits), scale, mn)
 
+    def _split(self, n: int, per_channel: bool) -> tuple[int, int]:
+        """A full-precision run of n rows -> (rows KIVI quantizes, rows left in full precision): keys per channel
+        in whole blocks of R; values (and per-token keys) beyond the R most recent."""
+        R = self.fmt.residual_length
+        return (R * (n // R), n % R) if per_channel else (max(0, n - R), min(n, R))
+
     def _flush(self) -> None:
         """Quantize what KIVI quantizes: keys in whole blocks of R, values beyond the R most recent. Every head's
         rows to quantize go through one `quantize_groups` call (groups never cross heads: a head's key rows are
         a multiple of the group size, and value groups lie within a row), and the full-precision rest is
         gathered once: a few launches per layer instead of a few per head."""
-        R = self.fmt.residual_length
-        if self.fmt.key_per_channel:
-            nk = [(t.shape[0] // R) * R for t in self.kr]
-        else:  # per-token keys quantize like values: everything beyond the R most recent
-            nk = [max(0, t.shape[0] - R) for t in self.kr]
-        nv = [max(0, t.shape[0] - R) for t in self.vr]
+        nk = [self._split(t.shape[0], self.fmt.key_per_channel)[0] for t in self.kr]
+        nv = [self._split(t.shape[0], False)[0] for t in self.vr]
         self.kq = self._quantized(self.kq, self.kr, nk, self.key_dim)
         self.vq = self._quantized(self.vq, self.vr, nv, 1)
         self.kr = _pieces([t[n:] for t, n in zip(self.kr, nk)], [t.shape[0] - n for t, n in zip(self.kr, nk)])
@@ -206,13 +208,10 @@ class KIVILayer(EncodedLayer):
         nkq, nkr = [q.n for q in self.kq], [t.shape[0] for t in self.kr]
         nvq, nvr = [q.n for q in self.vq], [t.shape[0] for t in self.vr]
         lens = self.head_lengths
-        if self.fmt.key_per_channel:
-            cap_kq = [a + R * ((c + extra) // R) for a, c in zip(nkq, nkr)]
-            cap_kr = [R if extra else c for c in nkr]
-        else:
-            cap_kq = [a + max(0, c + extra - R) for a, c in zip(nkq, nkr)]
-            cap_kr = [c + extra for c in nkr]
-        cap_vq = [a + max(0, c + extra - R) for a, c in zip(nvq, nvr)]
+        pc = self.fmt.key_per_channel
+        cap_kq = [a + self._split(c + extra, pc)[0] for a, c in zip(nkq, nkr)]
+        cap_kr = [R if extra and pc else c + extra for c in nkr]  # per channel: R - 1 at most, then a flush
+        cap_vq = [a + self._split(c + extra, False)[0] for a, c in zip(nvq, nvr)]
         cap_vr = [c + extra for c in nvr]
         cap_pos = [n + extra for n in lens]
         per = G if self.key_dim == 0 else 1  # quantized key rows per row of key parameters
@@ -315,12 +314,11 @@ class KIVILayer(EncodedLayer):
 
     def _counts_after(self, t: int) -> list[tuple[int, int, int, int]]:
         """Per head (quantized keys, full keys, quantized values, full values) after t more appended tokens."""
-        R = self.fmt.residual_length
         out = []
         for kq, kr, vq, vr in zip(self.kq, self.kr, self.vq, self.vr):
-            nkr, nvr = kr.shape[0] + t, vr.shape[0] + t
-            keys = (kq.n + R * (nkr // R), nkr % R) if self.fmt.key_per_channel else (kq.n + max(0, nkr - R), min(nkr, R))
-            out.append((*keys, vq.n + max(0, nvr - R), min(nvr, R)))
+            ak, nkr = self._split(kr.shape[0] + t, self.fmt.key_per_channel)
+            av, nvr = self._split(vr.shape[0] + t, False)
+            out.append((kq.n + ak, nkr, vq.n + av, nvr))
         return out
 
     def nbytes_after(self, t: int) -> int:

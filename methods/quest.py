@@ -234,10 +234,7 @@ class QuestLayer(EncodedLayer):
         if triton:
             scores = qd.quest_page_scores_triton(q, self.kmin[:, :cap - 1], self.kmax[:, :cap - 1], L.lengths,
                                                  page_size=P)
-            # few pages: one program per query head sorts them; more: chunks sorted in parallel, then their tops
-            # merged (times in kernels/quest_decode.py)
-            pages = qd.quest_select_triton(scores, L.lengths, P, top) if cap - 1 <= qd.SELECT_MAX_PAGES else \
-                qd.quest_select_chunked_triton(scores, L.lengths, P, top, chunk=qd.select_chunk(cap - 1))
+            pages = qd.quest_select_triton(scores, L.lengths, P, top)
         else:
             last = torch.div(L.lengths - 1, P, rounding_mode="floor")
             scores = qd.quest_page_scores_ref(q, self.kmin[:, :cap - 1], self.kmax[:, :cap - 1], last)

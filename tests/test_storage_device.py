@@ -313,7 +313,7 @@ def test_quest_device_kernels_match_references_under_the_triton_interpreter():
         for chunk in (16, 64):
             for top in (0, 5, 16, 40, 150):
                 assert torch.equal(qd.quest_select_ref(many, lens, 16, top),
-                                   qd.quest_select_chunked_triton(many, lens, 16, top, chunk=chunk)), (chunk, top)
+                                   qd.quest_select_triton(many, lens, 16, top, chunk=chunk)), (chunk, top)
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")

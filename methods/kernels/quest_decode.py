@@ -241,7 +241,7 @@ def _with_last(val: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor, page
     return torch.cat([torch.where(val > float("-inf"), idx, -1), last.view(-1, 1)], 1).to(torch.int32)
 
 
-# The device step's selection (QuestLayer.device_step). Measured with one CUDA graph of each, H200, 32 query heads,
+# `quest_select_triton`'s choice (QuestLayer.device_step). Measured with one CUDA graph of each, H200, 32 query heads,
 # top 63: one program per head sorting every page takes 11.4 us at 640 or 1024 pages, 26.6 at 2048, 70 at 2560;
 # torch.topk 26.7 / 29.2 / 32.4 / 37.1; the chunked selection 5.0 / 5.0 / 6.8 / 15.2 in chunks of 256 and
 # 5.7 / 5.7 / 6.4 / 9.2 in chunks of 512 (9.4 at 4096 pages, 20.2 at 8192, where torch.topk takes 45.2 / 59.0).
@@ -260,39 +260,34 @@ def quest_select_topk(scores: torch.Tensor, lengths: torch.Tensor, page_size: in
     return _with_last(val, idx, lengths, page_size)
 
 
-def quest_select_triton(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, top: int) -> torch.Tensor:
-    """Triton version of `quest_select_ref` (same result): one program per query head sorts its page scores."""
+def quest_select_triton(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, top: int,
+                        chunk: int | None = None) -> torch.Tensor:
+    """Triton version of `quest_select_ref` (same result). Up to SELECT_MAX_PAGES scored pages (chunk None), one
+    program per query head sorts them all; past that, or with a `chunk`, two launches: programs (query head,
+    chunk of pages) sort their chunk in parallel and keep its min(top, chunk) best, then one program per query
+    head sorts those candidates. Exact: the keys are distinct, so a head's top pages are among its chunks' tops."""
     check_triton_inputs(scores, lengths)
     n_q, P = scores.shape
     if not 0 <= top <= P:
         raise ValueError(f"top={top}; allowed: 0 .. {P} (the scored pages)")
-    out = torch.empty(n_q, top + 1, dtype=torch.int32, device=scores.device)
-    P_PAD = max(16, next_pow2(P))
-    _quest_select_kernel[(n_q,)](scores, lengths, out, scores.stride(0), out.stride(0), n_q // lengths.numel(), P, top,
-                                 PAGE=page_size, P_PAD=P_PAD, num_warps=4 if P_PAD <= 2048 else 8)
-    return out
-
-
-def quest_select_chunked_triton(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, top: int,
-                                chunk: int = 256) -> torch.Tensor:
-    """`quest_select_triton`'s result in two launches, for many pages: programs (query head, chunk of `chunk`
-    pages) sort their chunk in parallel and keep its min(top, chunk) best, then one program per query head sorts
-    those candidates. Exact (the keys are distinct: a head's top pages are among its chunks' tops)."""
-    check_triton_inputs(scores, lengths)
-    n_q, P = scores.shape
-    if not 0 <= top <= P:
-        raise ValueError(f"top={top}; allowed: 0 .. {P} (the scored pages)")
-    if chunk < 16 or chunk & (chunk - 1):
+    if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
         raise ValueError(f"chunk={chunk}; allowed: a power of two >= 16")
+    G = n_q // lengths.numel()
+    out = torch.empty(n_q, top + 1, dtype=torch.int32, device=scores.device)
+    if chunk is None and P <= SELECT_MAX_PAGES:
+        P_PAD = max(16, next_pow2(P))
+        _quest_select_kernel[(n_q,)](scores, lengths, out, scores.stride(0), out.stride(0), G, P, top,
+                                     PAGE=page_size, P_PAD=P_PAD, num_warps=4)
+        return out
+    chunk = chunk or select_chunk(P)
     n_chunks = triton.cdiv(P, chunk)
     T = max(1, min(top, chunk))
     idx_pad = max(16, next_pow2(P), chunk)
     cand = torch.empty(n_q, n_chunks * T, dtype=torch.int64, device=scores.device)
     _quest_chunk_top_kernel[(n_q, n_chunks)](scores, cand, scores.stride(0), P, T, CH=chunk, IDX_PAD=idx_pad,
                                              num_warps=4)
-    out = torch.empty(n_q, top + 1, dtype=torch.int32, device=scores.device)
     c_pad = max(16, next_pow2(n_chunks * T))
-    _quest_merge_top_kernel[(n_q,)](cand, lengths, out, out.stride(0), n_q // lengths.numel(), n_chunks * T, top,
+    _quest_merge_top_kernel[(n_q,)](cand, lengths, out, out.stride(0), G, n_chunks * T, top,
                                     PAGE=page_size, IDX_PAD=idx_pad, C_PAD=c_pad, num_warps=4 if c_pad <= 2048 else 8)
     return out
 
