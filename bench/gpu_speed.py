@@ -55,7 +55,7 @@ if importlib.util.find_spec("kvbench") is None:  # a plain checkout (find_spec i
 # the decode-time methods (h2o ... lacache) evict on the device; duoattention needs a trained profile (not here)
 METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv", "h2o", "tova", "cake", "d2o", "lacache")
 # storage formats and selectors that decode on the device (kvbench/store.py `device_decode`); alone or composed
-FORMATS = ("kivi", "flexgen", "quest", "think", "eigen_attention")
+FORMATS = ("kivi", "flexgen", "quest", "think", "eigen_attention", "minicache")
 KVPRESS_METHODS = ("full", "snapkv", "streaming_llm", "pyramidkv", "adakv")  # those with a kvpress press here
 
 

@@ -186,7 +186,7 @@ class Engine:
                 lens0 = cache.head_lengths()
                 encoded = None  # storage formats: the loop's records, from the cache's state before decoding
                 if any(not isinstance(layer, LayerKV) for layer in cache.kv):
-                    encoded = fast_decode.encoded_records(cache, max_new_tokens - 1, self._group)
+                    encoded = fast_decode.EncodedRecords(cache, max_new_tokens - 1, self._group)
                 fd = fast_decode.FastDecoder(self.model, cache, max_new_tokens, compile=self.compile_decode,
                                              ring=plan.ring, evict=plan.evict)
                 out, step_ms = fd.decode(int(first_logits.argmax()), max_new_tokens, stop)
@@ -194,8 +194,8 @@ class Engine:
                 self.last_decode_path = fd.path if fd.graph_error is None \
                     else f"eager: CUDA graph capture failed: {fd.graph_error}"
                 if encoded is not None:
-                    reads, attn_flops, peaks = encoded
                     n = len(step_ms)
+                    reads, attn_flops, peaks = encoded.get(n)
                     cache.held.observe(peaks[n])
                     cache.resync_held()
                     self.last_read_bytes = reads[:n]

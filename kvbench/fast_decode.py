@@ -374,32 +374,48 @@ def _encoded_step(layer, q, k, v, pos, scaling):
     return layer.device_step(q, k, v, pos, scaling)
 
 
-def encoded_records(cache: KVBenchCache, n_steps: int, group: int) -> tuple[list[int], list[int], list[int]]:
-    """What the engine loop records over n_steps decode steps of a cache holding storage formats, from its state
-    now (before decoding): per step the K/V bytes attention reads and its FLOPs, and after k steps (k = 0 ...
-    n_steps) the most bytes held so far, layer by layer as the loop's meter sees each append."""
-    def stored(layer, t):
+class EncodedRecords:
+    """What the engine loop records over n_steps decode steps of a cache holding storage formats: per step the K/V
+    bytes attention reads and its FLOPs, and after k steps (k = 0 ... n_steps) the most bytes held so far, layer by
+    layer as the loop's meter sees each append. Built from the cache's state before decoding; a format whose bytes
+    depend on what it decoded (`records_after_decode`: MiniCache's retained tokens) gives its own after decoding,
+    from its device log (`get` then)."""
+
+    def __init__(self, cache: KVBenchCache, n_steps: int, group: int):
+        self.layers = [layer for layer in cache.kv if layer is not None]
+        self.n_steps = n_steps
+        self.flops = [sum(layer.attention_flops(t + 1, group) for layer in self.layers) for t in range(n_steps)]
+        self.series = [None if getattr(layer, "records_after_decode", False) else self._series(layer, n_steps)
+                       for layer in self.layers]
+
+    @staticmethod
+    def _series(layer, n: int) -> tuple[list[int], list[int]]:
+        """(bytes stored after t appends, t = 0 .. n; bytes read at step t, t < n)."""
         if isinstance(layer, LayerKV):
-            return layer.nbytes() + t * layer.n_heads * layer.row_bytes
-        return layer.nbytes_after(t)
+            new = layer.n_heads * layer.row_bytes
+            return [layer.nbytes() + t * new for t in range(n + 1)], [layer.read_bytes(t + 1) for t in range(n)]
+        return [layer.nbytes_after(t) for t in range(n + 1)], [layer.read_bytes_at(t) for t in range(n)]
 
-    def read(layer, t):
-        return layer.read_bytes(t + 1) if isinstance(layer, LayerKV) else layer.read_bytes_at(t)
+    def get(self, n_steps: int | None = None) -> tuple[list[int], list[int], list[int]]:
+        """(reads, flops, peaks) over the first n_steps (default all): after decoding where a format needs it."""
+        n = self.n_steps if n_steps is None else n_steps
+        series = [s if s is not None else self._series(layer, n) for s, layer in zip(self.series, self.layers)]
+        reads = [sum(r[t] for _, r in series) for t in range(n)]
+        now = [st[0] for st, _ in series]
+        total = peak = sum(now)
+        peaks = [peak]
+        for t in range(n):
+            for j, (st, _) in enumerate(series):
+                total += st[t + 1] - now[j]
+                now[j] = st[t + 1]
+                peak = max(peak, total)
+            peaks.append(peak)
+        return reads, self.flops[:n], peaks
 
-    layers = [layer for layer in cache.kv if layer is not None]
-    reads = [sum(read(layer, t) for layer in layers) for t in range(n_steps)]
-    flops = [sum(layer.attention_flops(t + 1, group) for layer in layers) for t in range(n_steps)]
-    now = [stored(layer, 0) for layer in layers]
-    total = peak = sum(now)
-    peaks = [peak]
-    for t in range(n_steps):
-        for j, layer in enumerate(layers):
-            after = stored(layer, t + 1)
-            total += after - now[j]
-            now[j] = after
-            peak = max(peak, total)
-        peaks.append(peak)
-    return reads, flops, peaks
+
+def encoded_records(cache: KVBenchCache, n_steps: int, group: int) -> tuple[list[int], list[int], list[int]]:
+    """`EncodedRecords(...).get()` now: formats whose records are known before decoding."""
+    return EncodedRecords(cache, n_steps, group).get()
 
 
 class _InPlaceCache(KVBenchCache):
@@ -838,7 +854,9 @@ class FastDecoder:
             if isinstance(layer, LayerKV):
                 _zero_spare_side(layer)
         # the first step evicts a question on top down to the cap, eagerly (its shapes differ from later steps)
-        self.overflow = self.first_plan != self.steps_plan
+        # (as does a format whose first step differs: MiniCache merges the question on top)
+        self.overflow = self.first_plan != self.steps_plan or any(
+            getattr(layer, "device_first_step_differs", False) for layer in encoded)
         self.ring_next = [torch.full((layer.n_heads,), self.steps_plan[i].n_sink, dtype=torch.long, device=dev)
                           for i, layer in enumerate(cache.kv)]
         self.model, self.base, self.capacity = model, cache, max_new_tokens

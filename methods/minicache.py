@@ -150,6 +150,9 @@ class _Pair:
 
     def __init__(self, t: float, pos: list[torch.Tensor], merged: list[dict[str, _Merged]], new: list[list[list]]):
         self.t, self.pos, self.merged, self.new = t, pos, merged, new
+        self.dev: dict | None = None            # the device layout while the fast path decodes (lay_out)
+        self.dev_layers: list = [None, None]    # the two layers, as they call device_begin
+        self.records: _DecodeRecords | None = None  # what the last device decode stored and read, step by step
 
     def shared_bytes(self) -> int:
         return sum(m.shared_bytes() for per in self.merged for m in per.values())
@@ -186,10 +189,203 @@ class _Pair:
                 rest[i] = False
                 self.new[r][0][h], self.new[r][1][h], self.new[r][2][h] = k[rest], v[rest], p[rest]
 
+    # -- the device layout (methods/kernels/minicache_update.py) ------------------------------------------------
+    def lay_out(self, extra: int) -> None:
+        """Fixed-capacity parts for `extra` decode steps: per KV head, the merged tokens by group (2 * key retained
+        + value retained) with room for every token merged while decoding, then each layer's plain rows (own rows,
+        pending tokens) with room for two more. The per-head tensors are released until `take_back`."""
+        la, lb = self.dev_layers
+        H, d, dt = len(self.pos), la.head_dim, la.dtype
+        dev = self.pos[0].device if H else torch.device("cpu")
+        p = [len(x) for x in self.new[0][2]]
+        if len(set(p)) > 1 or p != [len(x) for x in self.new[1][2]]:
+            raise RuntimeError(f"minicache: layers of a pair hold different pending tokens {p} and "
+                               f"{[len(x) for x in self.new[1][2]]}; the engine appends the same tokens to both")
+        p = p[0] if p else 0
+        M = p + extra  # tokens merged while decoding, at most
+        groups, counts = [], []
+        for per in self.merged:
+            kret, vret = (torch.zeros(per["k"].n, dtype=torch.long, device=dev) for _ in range(2))
+            kret[per["k"].ret.long()] = 1
+            vret[per["v"].ret.long()] = 1
+            groups.append(2 * kret + vret)
+            counts.append(torch.bincount(groups[-1], minlength=4).tolist())
+        own = [[len(x) for x in layer.opos] for layer in (la, lb)]
+        plain_cap = [max(a, b) + p + 2 for a, b in zip(*own)]
+        kst, vst = [[0] * H for _ in range(5)], [[0] * H for _ in range(5)]
+        sizes = {"kdir": 0, "krow": 0, "vdir": 0, "vrow": 0}
+
+        def region(buf: str, n: int) -> int:
+            at = sizes[buf]
+            sizes[buf] += n
+            return at
+        for h in range(H):
+            for g in range(4):
+                kst[g][h] = region("krow" if g >= 2 else "kdir", counts[h][g] + M)
+                vst[g][h] = region("vrow" if g % 2 else "vdir", counts[h][g] + M)
+        for h in range(H):
+            kst[4][h], vst[4][h] = region("krow", plain_cap[h]), region("vrow", plain_cap[h])
+        z = lambda *shape: torch.zeros(*shape, d, dtype=dt, device=dev)  # noqa: E731
+        L = {"kdir": z(sizes["kdir"]), "kmag": torch.zeros(2, sizes["kdir"], dtype=dt, device=dev),
+             "krow": z(2, sizes["krow"]), "vdir": z(sizes["vdir"]),
+             "vmag": torch.zeros(2, sizes["vdir"], dtype=dt, device=dev), "vrow": z(2, sizes["vrow"]),
+             "kst": torch.tensor(kst, device=dev), "vst": torch.tensor(vst, device=dev),
+             "ppos": torch.zeros(2, sizes["krow"], dtype=torch.long, device=dev),
+             "tau": torch.stack([torch.cat([per["k"].tau, per["v"].tau]) for per in self.merged]).float().to(dev)
+             if H else torch.zeros(0, 2, device=dev),
+             "rlog": torch.zeros(H, 2, max(M, 1), dtype=torch.int8, device=dev),
+             "plog": torch.zeros(max(M, 1), dtype=torch.long, device=dev),
+             "mcount": torch.zeros(H, dtype=torch.long, device=dev), "t": float(self.t), "pending": p}
+        lens = [[[0] * H for _ in range(5)] for _ in range(2)]
+        for h, (per, grp) in enumerate(zip(self.merged, groups)):
+            for kind, st, buf in (("k", kst, "k"), ("v", vst, "v")):
+                m = per[kind]
+                ret = (grp >= 2) if kind == "k" else (grp % 2 == 1)
+                mi, ri = torch.cumsum(~ret, 0) - 1, torch.cumsum(ret, 0) - 1  # index among merged / retained rows
+                for g in range(4):
+                    idx = (grp == g).nonzero().view(-1)
+                    a = st[g][h]
+                    if (g >= 2) if kind == "k" else (g % 2 == 1):
+                        for r in range(2):
+                            L[buf + "row"][r, a:a + len(idx)] = m.rows[r][ri[idx]]
+                    else:
+                        L[buf + "dir"][a:a + len(idx)] = m.dirs[mi[idx]]
+                        for r in range(2):
+                            L[buf + "mag"][r, a:a + len(idx)] = m.mags[r][mi[idx]]
+            for r, layer in enumerate((la, lb)):
+                nk, nv, npos = (x[h] for x in self.new[r])
+                rows_k, rows_v = torch.cat([layer.ok[h], nk]), torch.cat([layer.ov[h], nv])
+                n = rows_k.shape[0]
+                L["krow"][r, kst[4][h]:kst[4][h] + n] = rows_k
+                L["vrow"][r, vst[4][h]:vst[4][h] + n] = rows_v
+                L["ppos"][r, kst[4][h]:kst[4][h] + n] = torch.cat([layer.opos[h], npos])
+                lens[r][4][h] = n
+                for g in range(4):
+                    lens[r][g][h] = counts[h][g]
+        L["lens"] = torch.tensor(lens, device=dev)
+        # what the decode's records start from (bytes before it; a token's cost, merged or retained)
+        e = torch.empty(0, dtype=dt).element_size()
+        self.begin = _Begin([la.own_bytes(), lb.own_bytes()], self.shared_bytes(), [la.nbytes(), lb.nbytes()], p,
+                            H * la.row_bytes, d * e, e)
+        self.dev_state = {"groups": groups, "own": own}
+        for m in (m for per in self.merged for m in per.values()):  # released: the layout holds the pair
+            m.dirs = m.mags = m.rows = None
+        for layer in (la, lb):
+            layer.ok = layer.ov = None
+        self.new = None
+        self.dev, self.records = L, None
+
+    def take_back(self) -> None:
+        """Per-head tensors again, from the layout (one host read of its counts and log); the merge log becomes
+        the decode's records. The layout is released."""
+        L, la, lb = self.dev, *self.dev_layers
+        st = self.dev_state
+        lens, kst, vst = L["lens"].tolist(), L["kst"].tolist(), L["vst"].tolist()
+        mcount = L["mcount"].tolist()
+        m = mcount[0] if mcount else 0
+        rlog = L["rlog"][:, :, :m].long()
+        plog = L["plog"][:m]
+        merged_pos = plog.to(self.pos[0].device) if self.pos else plog
+        new = [[[], [], []] for _ in range(2)]
+        for h in range(len(self.pos)):
+            grp = torch.cat([st["groups"][h], 2 * rlog[h, 0] + rlog[h, 1]])
+            onehot = torch.nn.functional.one_hot(grp, 4)
+            rank = (torch.cumsum(onehot, 0) - onehot).gather(1, grp.view(-1, 1)).view(-1)  # index in its group
+            for kind, stt in (("k", kst), ("v", vst)):
+                ret = (grp >= 2) if kind == "k" else (grp % 2 == 1)
+                at = torch.tensor([stt[g][h] for g in range(4)], device=grp.device)[grp] + rank
+                mm = self.merged[h][kind]
+                mm.n = grp.numel()
+                mm.dirs = L[kind + "dir"][at[~ret]].clone()
+                mm.mags = [L[kind + "mag"][r][at[~ret]].clone() for r in range(2)]
+                mm.rows = [L[kind + "row"][r][at[ret]].clone() for r in range(2)]
+                mm.ret = ret.nonzero().view(-1).to(torch.int32)
+            self.pos[h] = torch.cat([self.pos[h], merged_pos])
+            for r, layer in enumerate((la, lb)):
+                o, n = st["own"][r][h], lens[r][4][h]
+                k0, v0 = kst[4][h], vst[4][h]
+                krow, vrow, pp = L["krow"][r], L["vrow"][r], L["ppos"][r]
+                if layer.ok is None:
+                    layer.ok, layer.ov = [None] * len(self.pos), [None] * len(self.pos)
+                layer.ok[h], layer.ov[h] = krow[k0:k0 + o].clone(), vrow[v0:v0 + o].clone()
+                new[r][0].append(krow[k0 + o:k0 + n].clone())
+                new[r][1].append(vrow[v0 + o:v0 + n].clone())
+                new[r][2].append(pp[k0 + o:k0 + n].clone())
+        self.new = new
+        self.records = _DecodeRecords(self.begin, rlog.sum(0).tolist() if len(self.pos) else [[], []],
+                                      rlog.shape[0], m)
+        self.dev = self.dev_state = None
+        self.dev_layers = [None, None]
+
     def clone(self) -> "_Pair":
         return _Pair(self.t, [p.clone() for p in self.pos],
                      [{k: m.clone() for k, m in per.items()} for per in self.merged],
                      [[[x.clone() for x in xs] for xs in role] for role in self.new])
+
+
+# what the keys and values of each part are (methods/kernels/minicache_decode.py): bit 0 keys merged (kmag * kdir,
+# else krow), bit 1 values merged. Parts 0-3: the merged tokens by group 2 * (key retained) + (value retained);
+# part 4: the layer's plain rows
+PART_KINDS = (3, 1, 2, 0, 0)
+
+
+@dataclass
+class _Begin:
+    own: list[int]      # each layer's own bytes when decoding began (pending rows included)
+    shared: int         # the pair's shared bytes then
+    nbytes: list[int]   # each layer's nbytes() then
+    pending: int        # tokens each layer held unmerged then
+    new_row: int        # one token's plain rows in all heads
+    dir_bytes: int      # a merged direction (d values), or a retained row
+    mag_bytes: int      # a magnitude (one value)
+
+
+class _DecodeRecords:
+    """Bytes of the pair after s full decode steps, from the bytes when it began and the merge log: after s >= 1
+    steps the pair has merged pending + s - 1 tokens (the upper layer merges what it holds, then appends) and each
+    layer holds one token pending. A merged key or value costs the pair a direction and each layer a magnitude;
+    a retained one the pair an int32 index and each layer its row."""
+
+    def __init__(self, begin: _Begin, retained: list[list[int]], n_heads: int, merges: int):
+        self.b, self.n_heads, self.merges = begin, n_heads, merges
+        # retained[kind][j]: heads whose j-th merged key (kind 0) / value (kind 1) was retained
+        self.ret = [0]
+        for j in range(merges):
+            self.ret.append(self.ret[-1] + sum(r[j] for r in retained))
+        self.new_row = begin.new_row
+
+    def merged(self, s: int) -> int:
+        m = 0 if s == 0 else self.b.pending + s - 1
+        if m > self.merges:
+            raise ValueError(f"minicache records: step {s} is past the decode's {self.merges} merged tokens")
+        return m
+
+    def _counts(self, s: int) -> tuple[int, int]:
+        """(retained, merged) keys and values over every head, among the tokens merged after s steps."""
+        m = self.merged(s)
+        return self.ret[m], 2 * self.n_heads * m - self.ret[m]
+
+    def shared(self, s: int) -> int:
+        r, g = self._counts(s)
+        return self.b.shared + g * self.b.dir_bytes + r * 4
+
+    def own(self, role: int, s: int) -> int:
+        r, g = self._counts(s)
+        pending = self.b.pending if s == 0 else 1
+        return (self.b.own[role] + (pending - self.b.pending) * self.new_row + g * self.b.mag_bytes
+                + r * self.b.dir_bytes)
+
+    def after(self, role: int, t: int) -> int:
+        """nbytes() of layer `role` after its t-th append: the lower layer's comes before the upper layer merges
+        that step, whose change of both layers the upper layer's count carries (the pair's total is exact)."""
+        lower = self.b.nbytes[0] if t == 0 else self.own(0, t - 1) + self.shared(t - 1) + self.new_row
+        if role == 0:
+            return lower
+        return self.own(0, t) + self.own(1, t) + self.shared(t) - lower
+
+    def read_at(self, role: int, t: int) -> int:
+        """read_bytes(1) before decode step t: both layers read the shared directions."""
+        return self.own(role, t) + self.shared(t) + self.new_row
 
 
 def _common(pa: torch.Tensor, pb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +410,10 @@ class MiniCacheLayer(EncodedLayer):
     def head_lengths(self) -> list[int]:
         new_pos = self.pair.new[self.role][2]
         return [a.numel() + b.numel() + c.numel() for a, b, c in zip(self.pair.pos, self.opos, new_pos)]
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.opos)  # (known while the device layout holds the rows)
 
     def own_bytes(self) -> int:
         return self.pair.role_bytes(self.role) + tensor_bytes(*self.ok, *self.ov)
@@ -247,6 +447,48 @@ class MiniCacheLayer(EncodedLayer):
         self.pair.add_new(self.role, k, v, positions)
         if self.meter is not None:
             self.meter.add(self.pair.total_bytes() - before)
+
+    # -- the GPU fast path (kvbench/store.py): the pair in fixed-capacity parts, merged on the device ---------
+    # (methods/kernels/minicache_update.py describes the layout.) Each layer appends its token to its plain rows;
+    # the upper layer first merges what it holds pending, as `append` does. What a decode stores depends on which
+    # tokens are retained: the records come from the merge log after decoding (`records_after_decode`).
+    device_decode = True
+    device_first_step_differs = True  # the first step merges the question on top (P tokens), later steps one
+    records_after_decode = True
+
+    def device_begin(self, extra: int) -> None:
+        """Both layers of the pair call this; the second lays the pair out (and releases its per-head tensors)."""
+        self.pair.dev_layers[self.role] = self
+        if all(layer is not None for layer in self.pair.dev_layers):
+            self.pair.lay_out(extra)
+
+    def device_step(self, q, k, v, pos, scaling):
+        from kvbench.attention import _decode_kernel
+        from kvbench.methods.kernels import minicache_decode as md, minicache_update as mu
+        L, r = self.pair.dev, self.role
+        P = 0
+        if r == 1:
+            P, L["pending"] = L["pending"], 1
+        triton = _decode_kernel(q) == "triton"
+        (mu.minicache_update_triton if triton else mu.minicache_update_ref)(k, v, pos, L, r, P)
+        attend = md.minicache_decode_attention_triton if triton else md.minicache_decode_attention_ref
+        return attend(q, L["kdir"], L["kmag"][r], L["krow"][r], L["vdir"], L["vmag"][r], L["vrow"][r], L["kst"],
+                      L["vst"], L["lens"][r], PART_KINDS, scaling)
+
+    def device_end(self) -> None:
+        if self.pair.dev is not None:
+            self.pair.take_back()
+
+    def nbytes_after(self, t: int) -> int:
+        return self._records().after(self.role, t)
+
+    def read_bytes_at(self, t: int) -> int:
+        return self._records().read_at(self.role, t)
+
+    def _records(self) -> "_DecodeRecords":
+        if self.pair.records is None:
+            raise RuntimeError("minicache's decode records come from its merge log: read them after decoding")
+        return self.pair.records
 
     def clone(self, memo: dict | None = None) -> "MiniCacheLayer":
         """A copy; `memo` (one per cache clone) makes the two layers of a pair share one copy of the pair."""

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +18,10 @@ import torch
 from kvbench import fast_decode
 from kvbench.cache import LayerKV
 from kvbench.engine import Engine
-from kvbench.fast_decode import FastDecoder, Plan, encoded_records
+from kvbench.fast_decode import EncodedRecords, FastDecoder, Plan
 from kvbench.method import build_method
 from kvbench.methods.kivi import KIVI, KIVILayer
+from kvbench.methods.minicache import MiniCacheLayer
 from kvbench.models import load_model
 
 
@@ -43,36 +45,43 @@ CASES = {
     "flexgen": ("flexgen", None, {"bits": 4, "group_size": 16}),  # keys per token, no residual
     "snapkv+flexgen": ("snapkv", 64, {"storage": {"name": "flexgen", "bits": 2, "group_size": 16,
                                                   "residual_length": 3}}),
+    # gamma 0.5: about half the tokens retained, so every group (key / value merged or retained) holds some
+    "minicache": ("minicache", None, {"start_layer": 0, "gamma": 0.5}),
+    "snapkv+minicache": ("snapkv", 64, {"storage": {"name": "minicache", "start_layer": 0, "gamma": 0.3}}),
 }
 
 
-def prefilled(lm, case, n=300, setup=None):
+def prefilled(lm, case, n=300, setup=None, question=0):
+    """The case's method over n random tokens, compressed; `question` tokens more on top, appended after."""
     name, budget, knobs = CASES[case]
     method = build_method(name, budget=budget, **knobs)
     if setup is not None:
         setup(method)
     eng = Engine(lm, method, query_aware=True)
     eng.stop_ids = set()  # random weights: never stop early, decode the full length
-    ids = torch.randint(10, 400, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.randint(10, 400, (n + question,), generator=torch.Generator().manual_seed(1)).tolist()
     cache = eng.new_cache()
     m = eng.method.fork()
-    pre = eng.prefill(cache, ids, m, compress=True)
+    pre = eng.prefill(cache, ids[:n], m, compress=True)
+    if question:
+        pre = eng.prefill(cache, ids[n:], m, compress=False)
     cache.held.reset_peak()
     return eng, cache, m, pre
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_device_decode_matches_engine_loop(tiny, case):
+@pytest.mark.parametrize("case,question", [(c, 0) for c in CASES] + [("minicache", 7), ("snapkv+minicache", 1)])
+def test_device_decode_matches_engine_loop(tiny, case, question):
     steps = 40
-    eng, c1, m1, pre = prefilled(tiny, case)
+    eng, c1, m1, pre = prefilled(tiny, case, question=question)
     ids_ref, _, flops_ref = eng.decode(c1, m1, pre.logits, steps)  # the CPU: the engine loop
-    _, c2, m2, _ = prefilled(tiny, case)
+    _, c2, m2, _ = prefilled(tiny, case, question=question)
     assert not any(isinstance(layer, LayerKV) for layer in c2.kv)
     assert fast_decode.plan(m2, c2, tiny.model) == Plan()
-    reads, flops, peaks = encoded_records(c2, steps - 1, eng._group)
+    records = EncodedRecords(c2, steps - 1, eng._group)  # MiniCache's: from its merge log, after decoding
     fd = FastDecoder(tiny.model, c2, steps, use_graph=False)
     ids_fast, step_ms = fd.decode(int(pre.logits.argmax()), steps)
     assert ids_fast == ids_ref and len(step_ms) == steps - 1
+    reads, flops, peaks = records.get()
     # the records the fast path reports are the loop's
     assert reads == eng.last_read_bytes
     assert flops == [f - eng._linear_flops for f in flops_ref]
@@ -89,6 +98,11 @@ def test_device_decode_matches_engine_loop(tiny, case):
             assert torch.equal(pa, pb)
             torch.testing.assert_close(kb, ka, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(vb, va, atol=1e-5, rtol=1e-5)
+    if isinstance(c1.kv[0], MiniCacheLayer):  # the same tokens retained, keys and values, in every head
+        for h, (a, b) in enumerate(zip(c1.kv[0].pair.merged, c2.kv[0].pair.merged)):
+            assert torch.equal(a["k"].ret, b["k"].ret) and torch.equal(a["v"].ret, b["v"].ret)
+            assert torch.equal(c1.kv[0].pair.pos[h], c2.kv[0].pair.pos[h])
+        assert any(a["k"].ret.numel() for a in c1.kv[0].pair.merged)
     if isinstance(c1.kv[0], KIVILayer):  # the same flushes (bit-equality of the codes: the unit tests below; here
         for a, b in zip(c1.kv, c2.kv):    # the two paths' hidden states differ in the last bits)
             assert [q.n for q in a.kq + a.vq] == [q.n for q in b.kq + b.vq]
@@ -194,18 +208,19 @@ def test_kivi_append_kernel_matches_reference_under_the_triton_interpreter():
 
 
 def test_plan_keeps_the_engine_loop_where_the_device_step_does_not_apply(tiny):
-    """MiniCache has no device step; a method that evicts while decoding keeps its hooks in the loop; a model
-    with a sliding window or a soft cap: the formats' steps compute neither."""
+    """KIVI with per-channel keys and a residual that is not a power of two has no device step; a method that
+    evicts while decoding keeps its hooks in the loop; a model with a sliding window or a soft cap: the formats'
+    steps compute neither."""
     _, c, m, _ = prefilled(tiny, "kivi")
     assert fast_decode.plan(m, c, tiny.model) == Plan()
     windowed = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
     windowed.model.config.sliding_window = 64
     assert fast_decode.plan(m, c, windowed.model) is None
-    mini = build_method("minicache", start_layer=0)
-    eng = Engine(tiny, mini, query_aware=True)
+    odd = build_method("kivi", bits=2, group_size=8, residual_length=24)  # per-channel keys, R not a power of 2
+    eng = Engine(tiny, odd, query_aware=True)
     cm = eng.new_cache()
     eng.prefill(cm, list(range(10, 110)), eng.method.fork(), compress=True)
-    assert fast_decode.plan(mini, cm, tiny.model) is None
+    assert fast_decode.plan(odd, cm, tiny.model) is None
     with pytest.raises(ValueError, match="no device step"):
         FastDecoder(tiny.model, cm, 4, use_graph=False)
     h2o = build_method("h2o", budget=64)
@@ -216,11 +231,11 @@ def test_plan_keeps_the_engine_loop_where_the_device_step_does_not_apply(tiny):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", ["kivi", "snapkv+kivi", "adakv+kivi", "quest", "snapkv+quest", "think",
-                                  "pyramidkv+think", "eigen_attention", "flexgen", "snapkv+flexgen"])
+                                  "pyramidkv+think", "eigen_attention", "flexgen", "snapkv+flexgen", "minicache",
+                                  "snapkv+minicache"])
 def test_cuda_graph_decode_of_storage_formats_matches_the_engine_loop(case):
     """On the GPU: the format's step captured in a CUDA graph and replayed gives the engine loop's tokens, store
     and records, and the engine's own CUDA path takes it (decode_path "graph ...")."""
-    from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     try:
         import gpu_speed
@@ -360,4 +375,94 @@ def test_eigen_project_append_kernel_matches_reference_under_the_triton_interpre
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_minicache_update_kernel_matches_reference_under_the_triton_interpreter():
+    """MiniCache's device write (methods/kernels/minicache_update.py): the upper layer's merge of the question on
+    top, then one token a step, and each layer's append, in Triton (one launch, atan2 by polynomial) as in the
+    reference (the format's own merge): the same retained tokens, groups, counts, positions and plain rows, and
+    directions and magnitudes equal to float32 rounding; ragged heads with own rows (a composed eviction)."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from kvbench.cache import LayerKV
+        from kvbench.methods.kernels import minicache_update as mu
+        from kvbench.methods.minicache import MiniCache, encode_pair
+        g = torch.Generator().manual_seed(0)
+        for dt in (torch.float32, torch.bfloat16):
+            k = torch.randn(3, 80, 64, generator=g)
+            v = torch.randn(3, 80, 64, generator=g)
+            la = LayerKV.from_dense(k.to(dt), v.to(dt), torch.arange(80))
+            lb = LayerKV.from_dense((k + 0.6 * torch.randn(k.shape, generator=g)).to(dt),
+                                    (v + 0.6 * torch.randn(v.shape, generator=g)).to(dt), torch.arange(80))
+            la.keep([torch.arange(0, 80), torch.arange(0, 60), torch.arange(10, 30)])
+            lb.keep([torch.arange(0, 80), torch.arange(5, 70), torch.arange(0, 40)])
+            fmt = MiniCache(start_layer=0, t=0.6, gamma=0.3)
+            sa, sb = encode_pair(fmt, la, lb)
+            for layer in (sa, sb):  # a question of 5 tokens on top, pending in both layers
+                layer.append(torch.randn(3, 5, 64, generator=g).to(dt), torch.randn(3, 5, 64, generator=g).to(dt),
+                             torch.arange(100, 105))
+            sa.device_begin(12)
+            sb.device_begin(12)
+            A = sa.pair.dev
+            B = {n: (x.clone() if isinstance(x, torch.Tensor) else x) for n, x in A.items()}
+            for step in range(8):
+                P = 5 if step == 0 else 1
+                kb, vb = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g)
+                for role in (0, 1):  # the two layers' rows of a token: near, as the context's
+                    kn = (kb + 0.6 * torch.randn(3, 64, generator=g)).to(dt)
+                    vn = (vb + 0.6 * torch.randn(3, 64, generator=g)).to(dt)
+                    pos = torch.tensor([105 + step])
+                    mu.minicache_update_ref(kn, vn, pos, A, role, P if role else 0)
+                    mu.minicache_update_triton(kn, vn, pos, B, role, P if role else 0)
+            for n in ("lens", "mcount", "rlog", "plog", "ppos", "krow", "vrow"):
+                assert torch.equal(A[n], B[n]), (dt, n)
+            assert A["mcount"].tolist() == [12, 12, 12] and 0 < int(A["rlog"].sum()) < 72, A["rlog"].sum()
+            for n in ("kdir", "vdir", "kmag", "vmag"):
+                tol = 2e-6 if dt == torch.float32 else 1e-2
+                assert torch.allclose(A[n].float(), B[n].float(), atol=tol, rtol=tol), (dt, n)
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_minicache_device_step_in_triton_matches_reference_under_the_interpreter():
+    """MiniCache's whole device step with attention.DECODE_KERNEL "triton" (its update and attention kernels, under
+    the interpreter) and "ref": the same tokens over a question on top, the same tokens retained, the same store."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import sys
+        import torch
+        sys.path.insert(0, "tests")
+        import test_storage_device as T
+        from kvbench import attention
+        from kvbench.fast_decode import FastDecoder
+        from kvbench.models import load_model
+        lm = load_model("synthetic", shape="tiny", seed=0, device="cpu", dtype="float32")
+        runs = []
+        for kernel in ("ref", "triton"):
+            eng, cache, m, pre = T.prefilled(lm, "snapkv+minicache", question=4)
+            attention.DECODE_KERNEL = kernel
+            try:
+                ids, _ = FastDecoder(lm.model, cache, 10, use_graph=False).decode(int(pre.logits.argmax()), 10)
+            finally:
+                attention.DECODE_KERNEL = "auto"
+            runs.append((ids, cache))
+        (ids_ref, a), (ids_tri, b) = runs
+        assert ids_tri == ids_ref, (ids_tri, ids_ref)
+        assert a.head_lengths() == b.head_lengths() and a.nbytes() == b.nbytes()
+        pa, pb = a.kv[0].pair, b.kv[0].pair
+        for h in range(len(pa.pos)):
+            assert torch.equal(pa.pos[h], pb.pos[h])
+            for kind in "kv":
+                assert torch.equal(pa.merged[h][kind].ret, pb.merged[h][kind].ret), (h, kind)
+                torch.testing.assert_close(pb.merged[h][kind].dirs, pa.merged[h][kind].dirs, atol=1e-5, rtol=1e-5)
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=str(Path(__file__).resolve().parents[1]))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
