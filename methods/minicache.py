@@ -263,6 +263,9 @@ class _Pair:
                 for g in range(4):
                     lens[r][g][h] = counts[h][g]
         L["lens"] = torch.tensor(lens, device=dev)
+        from kvbench.methods.kernels.minicache_decode import part_splits  # split counts by each part's capacity
+        L["splits"] = part_splits([max((c[g] for c in counts), default=0) + M for g in range(4)] +
+                                  [max(plain_cap, default=0)], H, dev)
         # what the decode's records start from (bytes before it; a token's cost, merged or retained)
         e = torch.empty(0, dtype=dt).element_size()
         self.begin = _Begin([la.own_bytes(), lb.own_bytes()], self.shared_bytes(), [la.nbytes(), lb.nbytes()], p,
@@ -471,9 +474,11 @@ class MiniCacheLayer(EncodedLayer):
             P, L["pending"] = L["pending"], 1
         triton = _decode_kernel(q) == "triton"
         (mu.minicache_update_triton if triton else mu.minicache_update_ref)(k, v, pos, L, r, P)
-        attend = md.minicache_decode_attention_triton if triton else md.minicache_decode_attention_ref
-        return attend(q, L["kdir"], L["kmag"][r], L["krow"][r], L["vdir"], L["vmag"][r], L["vrow"][r], L["kst"],
-                      L["vst"], L["lens"][r], PART_KINDS, scaling)
+        args = (q, L["kdir"], L["kmag"][r], L["krow"][r], L["vdir"], L["vmag"][r], L["vrow"][r], L["kst"], L["vst"],
+                L["lens"][r], PART_KINDS, scaling)
+        if triton:
+            return md.minicache_decode_attention_triton(*args, num_splits=L["splits"])
+        return md.minicache_decode_attention_ref(*args)
 
     def device_end(self) -> None:
         if self.pair.dev is not None:

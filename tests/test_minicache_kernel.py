@@ -174,7 +174,7 @@ def _close(tri, ref):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF)
-@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("num_splits", [None, 1, 3, (3, 1, 2, 1, 2)])
 def test_triton_equals_ref_smollm2_shape(dtype, num_splits, interpret_env):
     # d = 64, 3 KV heads of 3 query heads; head 1 has no row; parts of 0..40 rows (several 16-row tiles)
     lens = random_lens(5, 3, 40, seed=3, empty_head=1)
@@ -232,12 +232,18 @@ def test_triton_launch_reads_nothing_on_the_host(monkeypatch, interpret_env):
         monkeypatch.setattr(torch.Tensor, name, lambda t, *x, **y: reads.append(t))
     with Scalars():
         M.minicache_decode_attention_triton(*a, KIND, block_n=64)
+        M.minicache_decode_attention_triton(*a, KIND, block_n=64, num_splits=(4, 1, 2, 1, 3))
     assert reads == []
     avg_rows = (a[1].shape[0] + a[3].shape[0]) // 3
     splits = max(1, min(-(-avg_rows // 128), -(-(M.num_programs_hint(a[0].device) // 2) // 3)))
-    assert [(n, grid) for n, grid, _ in launches] == [("split", (3, splits, 5)), ("reduce", (9,))]
+    assert [(n, grid) for n, grid, _ in launches] == [("split", (3, 5 * splits)), ("reduce", (9,)),
+                                                       ("split", (3, 11)), ("reduce", (9,))]
     assert launches[0][2]["K_MERGED"] == 0b00011 and launches[0][2]["V_MERGED"] == 0b00101
-    assert launches[1][2]["NUM_SPLITS"] == 5 * splits
+    assert launches[1][2]["NUM_SPLITS"] == 5 * splits and launches[3][2]["NUM_SPLITS"] == 11
+    # each slot: its part, its split among the part's, the part's count
+    assert torch.equal(M._slots((4, 1, 2, 1, 3), a[0].device), torch.tensor([
+        [0, 0, 4], [0, 1, 4], [0, 2, 4], [0, 3, 4], [1, 0, 1], [2, 0, 2], [2, 1, 2], [3, 0, 1], [4, 0, 3],
+        [4, 1, 3], [4, 2, 3]], dtype=torch.int32, device=a[0].device))
 
 
 def test_triton_suite_in_fresh_interpreter_process():
