@@ -30,8 +30,10 @@ magnitudes of the merged tokens (model dtype), its retained rows, and its rows n
 layer did not keep, appended tokens not merged yet). A decode step's attention in either layer reads the
 shared directions, so both layers' `read_bytes` include them. What we simplified: merged directions are stored
 for merged tokens only (the paper's figure keeps a full-length merged cache and overwrites the retained tokens
-on restoration). There is no Triton kernel for MiniCache: decoding uses the torch reference over the
-reconstructed layer (`materialize`, every step).
+on restoration). In the engine loop a step attends with the torch reference over the restored layer
+(`materialize`); on the GPU fast path (`device_begin`, below) the pair is laid out in fixed-capacity parts and a
+step is Triton launches: the append and merge (methods/kernels/minicache_update.py), then attention that restores
+merged rows inside its tile (methods/kernels/minicache_decode.py).
 
 Storage format `minicache` (`method.storage=minicache`, cross-layer: per_layer = False, encoded after the
 whole prefill) and method `minicache` (every token kept, layers merged). Composed with an eviction method
