@@ -65,7 +65,19 @@ def unit_and_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def angle(ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
     """Omega (n,) in [0, pi] between unit rows: arccos(ua . ub), computed as 2 atan2(|ua - ub|, |ua + ub|),
     which is exact near 0 and pi (arccos of a rounded cosine reads equal rows as ~3e-4 rad apart in fp32)."""
-    return 2 * torch.atan2((ua - ub).norm(dim=-1), (ua + ub).norm(dim=-1))
+    return 2 * _atan2((ua - ub).norm(dim=-1), (ua + ub).norm(dim=-1))
+
+
+def _atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """torch.atan2, one function for every element wherever it sits in the call. On the CPU, ATen computes a
+    contiguous call with a vector routine except its last < 32 elements (per thread), which go to libm's atan2f;
+    the two differ in the last bit, so a token's angle would depend on how many rows share the call (a head's
+    merge on the heads encoded with it). Strided inputs take ATen's scalar loop for every element. (On a GPU
+    every element runs the same atan2f.)"""
+    if y.device.type != "cpu":
+        return torch.atan2(y, x)
+    yx = torch.stack([y, x], dim=-1)
+    return torch.atan2(yx[..., 0], yx[..., 1])
 
 
 def slerp(ua: torch.Tensor, ub: torch.Tensor, t: float) -> torch.Tensor:
@@ -88,6 +100,15 @@ def threshold(dist: torch.Tensor, gamma: float) -> torch.Tensor:
         return torch.ones(1, device=dist.device)
     lo, hi = dist.min(), dist.max()
     return (hi - gamma * (hi - lo)).float().view(1)
+
+
+def head_thresholds(dist: torch.Tensor, head: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:
+    """`threshold` of every KV head at once: dist (n,) of the heads' tokens, `head` (n,) each one's KV head,
+    `counts` (H,) tokens per head -> (H,) fp32, 1.0 for a head with no token. Min and max per head by scatter
+    (exact, in any order), then the same fp32 arithmetic as `threshold`."""
+    lo = dist.new_zeros(counts.shape).scatter_reduce(0, head, dist, "amin", include_self=False)
+    hi = dist.new_zeros(counts.shape).scatter_reduce(0, head, dist, "amax", include_self=False)
+    return torch.where(counts > 0, hi - gamma * (hi - lo), 1.0)
 
 
 @dataclass
@@ -144,6 +165,36 @@ def merge_pair(xa: torch.Tensor, xb: torch.Tensor, t: float, gamma: float = 0.0,
                    ret=keep.nonzero().view(-1).to(torch.int32), tau=tau.clone(),
                    mags=[na[m].to(xa.dtype), nb[m].to(xb.dtype)],
                    rows=[xa[keep].clone(), xb[keep].clone()])
+
+
+class _HeadMerges:
+    """`merge_pair` of every KV head of a pair at once, on flat rows head by head (`head`: each row's KV head,
+    `counts`: rows per head, on the device). Two steps, so that a pair's keys and values read their retained
+    counts from the device together: the constructor finds the retained rows (no host sync); `split`, given the
+    counts on the host, merges the other rows and cuts the flat results into each head's `_Merged` (views)."""
+
+    def __init__(self, xa: torch.Tensor, xb: torch.Tensor, head: torch.Tensor, counts: torch.Tensor, gamma: float):
+        self.xa, self.xb, self.head = xa, xb, head
+        # the directions are computed again in `split`, of the merged rows only: no (n, d) fp32 tensor is held
+        # across the host read (row by row, the same values)
+        dist = angle(unit_and_norm(xa)[0], unit_and_norm(xb)[0]) / math.pi
+        self.tau = head_thresholds(dist, head, counts, gamma)
+        self.keep = dist > self.tau[head]
+        self.retained = torch.zeros_like(counts).scatter_add_(0, head, self.keep.long())  # per head
+        self.first = torch.cumsum(counts, 0) - counts  # each head's first row
+
+    def split(self, counts: list[int], retained: list[int], t: float) -> list[_Merged]:
+        n_merged = [c - r for c, r in zip(counts, retained)]
+        order = torch.argsort(self.keep.to(torch.int8), stable=True)  # merged rows, then retained; head by head
+        im, ir = order[:sum(n_merged)], order[sum(n_merged):]
+        (ua, na), (ub, nb) = unit_and_norm(self.xa[im]), unit_and_norm(self.xb[im])
+        dirs = slerp(ua, ub, t).to(self.xa.dtype).split(n_merged)
+        mags = [na.to(self.xa.dtype).split(n_merged), nb.to(self.xb.dtype).split(n_merged)]
+        rows = [self.xa[ir].split(retained), self.xb[ir].split(retained)]
+        local = torch.arange(order.numel(), device=order.device) - self.first[self.head]  # index in its head
+        ret, tau = local[ir].to(torch.int32).split(retained), self.tau.split(1)
+        return [_Merged(n, dirs[h], ret[h], tau[h], [mags[0][h], mags[1][h]], [rows[0][h], rows[1][h]])
+                for h, n in enumerate(counts)]
 
 
 class _Pair:
@@ -399,6 +450,30 @@ def _common(pa: torch.Tensor, pb: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return oa[torch.isin(pa[oa], pb)], ob[torch.isin(pb[ob], pa)]
 
 
+_KEY_SPAN = 1 << 40  # positions are below it: head * span + position orders flat rows by (head, position)
+
+
+def _rows_by_head(layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """The storage index of every row a layer holds, head by head (a head's spare capacity skipped), and the
+    row's KV head; on the device, no host sync."""
+    dev, lens, n = layer.keys.device, layer.lengths, layer.n_rows
+    head = torch.repeat_interleave(torch.arange(layer.n_heads, device=dev), lens, output_size=n)
+    return layer.starts[head] + torch.arange(n, device=dev) - (torch.cumsum(lens, 0) - lens)[head], head
+
+
+def _common_first(head: torch.Tensor, pos: torch.Tensor, head_other: torch.Tensor, pos_other: torch.Tensor,
+                  n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_common` of every KV head at once, one layer's side, on its flat rows (`head`, `pos`: each row's KV head
+    and position): the order of its rows that puts first those whose position the other layer's same head holds,
+    then the rest, each part head by head in position order; and the common tokens per head (on the device)."""
+    key = head * _KEY_SPAN + pos
+    o = torch.argsort(key)
+    # a head holds a position once: keys are unique in each layer (so isin runs no `unique`, a host sync)
+    both = torch.isin(key[o], head_other * _KEY_SPAN + pos_other, assume_unique=True)
+    count = torch.zeros(n_heads, dtype=torch.long, device=pos.device).scatter_add_(0, head[o], both.long())
+    return o[torch.argsort((~both).to(torch.int8), stable=True)], count
+
+
 class MiniCacheLayer(EncodedLayer):
     """One layer of a merged pair. Per KV head h, rows in order: the pair's common tokens (pair.pos[h]; rebuilt
     from the shared merge), this layer's own rows (context tokens the other layer of the pair did not keep),
@@ -508,34 +583,40 @@ class MiniCacheLayer(EncodedLayer):
 
 
 def encode_pair(fmt: "MiniCache", la: LayerKV, lb: LayerKV) -> tuple[MiniCacheLayer, MiniCacheLayer]:
-    """Layers l (la) and l+1 (lb) -> their two stores sharing one `_Pair`."""
+    """Layers l (la) and l+1 (lb) -> their two stores sharing one `_Pair`. Every KV head at once, on flat rows
+    head by head: a fixed number of batched ops and two host reads (common tokens per head, then retained keys
+    and values per head). A loop over heads (~30 small ops each, several of them host syncs) is launch-bound on
+    a GPU: it added ~350 ms to an 8B model's time to first token at any length. Each head's tensors are views
+    of the flat results (`_Merged.extend` and the decode's appends replace them, never write into them)."""
     for layer in (la, lb):
         if layer.log_weight() is not None:
             raise ValueError("minicache merges token rows across layers; a method that merges rows (log-weights) "
                              "does not compose with it")
     if la.n_heads != lb.n_heads:
         raise ValueError(f"minicache: layers of a pair have {la.n_heads} and {lb.n_heads} KV heads")
-    pos, merged, own = [], [], ([], [])
-    for h in range(la.n_heads):
-        ka, va, pa = la.head(h)
-        kb, vb, pb = lb.head(h)
-        ia, ib = _common(pa, pb)  # positions kept in both layers, in position order
-        pos.append(pa[ia].clone())
-        merged.append({"k": merge_pair(ka[ia], kb[ib], fmt.t, fmt.gamma),
-                       "v": merge_pair(va[ia], vb[ib], fmt.t, fmt.gamma)})
-        for role, (k, v, p, i) in enumerate(((ka, va, pa, ia), (kb, vb, pb, ib))):
-            rest = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
-            rest[i] = False  # kept in this layer only: plain, as they are (in position order)
-            o = torch.argsort(p)
-            o = o[rest[o]]
-            own[role].append((k[o].clone(), v[o].clone(), p[o].clone()))
+    H = la.n_heads
+    (ra, ha), (rb, hb) = _rows_by_head(la), _rows_by_head(lb)
+    pa, pb = la.positions[ra], lb.positions[rb]
+    oa, count = _common_first(ha, pa, hb, pb, H)  # positions kept in both layers first, the same order in both
+    ob, _ = _common_first(hb, pb, ha, pa, H)
+    common = count.tolist()  # host read 1
+    c = sum(common)
+    ca, cb, head = ra[oa[:c]], rb[ob[:c]], ha[oa[:c]]
+    merges = [_HeadMerges(xa[ca], xb[cb], head, count, fmt.gamma)
+              for xa, xb in ((la.keys, lb.keys), (la.values, lb.values))]
+    retained = torch.stack([m.retained for m in merges]).tolist()  # host read 2
+    k, v = (m.split(common, r, fmt.t) for m, r in zip(merges, retained))
+    pos, merged = list(pa[oa[:c]].split(common)), [{"k": k[h], "v": v[h]} for h in range(H)]
+    own = []
+    for layer, rows, order, p in ((la, ra, oa, pa), (lb, rb, ob, pb)):
+        rest = order[c:]  # kept in this layer only: plain, as they are (head by head, in position order)
+        sizes = [n - m for n, m in zip(layer.head_lengths, common)]
+        own.append([list(x.split(sizes)) for x in (layer.keys[rows[rest]], layer.values[rows[rest]], p[rest])])
     d, dtype = la.keys.shape[1], la.keys.dtype
-    empty = lambda: [la.keys.new_zeros(0, d) for _ in range(la.n_heads)]
-    new = [[empty(), empty(), [la.positions.new_zeros(0) for _ in range(la.n_heads)]] for _ in range(2)]
+    empty = lambda: [la.keys.new_zeros(0, d) for _ in range(H)]
+    new = [[empty(), empty(), [la.positions.new_zeros(0) for _ in range(H)]] for _ in range(2)]
     pair = _Pair(fmt.t, pos, merged, new)
-    return tuple(MiniCacheLayer(fmt, pair, role, [x[0] for x in own[role]], [x[1] for x in own[role]],
-                                [x[2] for x in own[role]], dtype, d)
-                 for role in range(2))
+    return tuple(MiniCacheLayer(fmt, pair, role, *own[role], dtype, d) for role in range(2))
 
 
 @register_storage("minicache")

@@ -10,7 +10,8 @@ from kvbench.attention import attend
 from kvbench.cache import KVBenchCache, LayerKV
 from kvbench.engine import Engine
 from kvbench.method import build_method
-from kvbench.methods.minicache import MiniCache, MiniCacheLayer, merge_pair, slerp, unit_and_norm
+from kvbench.methods.minicache import (MiniCache, MiniCacheLayer, _common, _Pair, encode_pair, merge_pair, slerp,
+                                        unit_and_norm)
 from kvbench.models import load_model
 from kvbench.task import Query, Sample
 
@@ -258,6 +259,134 @@ def test_cache_clone_copies_each_pairs_shared_tensors_once():
     assert b.materialize().keys[:40].abs().sum() < before[1][:40].abs().sum()  # both clone layers see the pair
     assert all(torch.equal(x.materialize().keys, y) for x, y in zip(c.kv[2:], before))  # the original is intact
     assert c.kv[2].head_lengths == [40, 40] and d.held.now == d.nbytes()
+
+
+# -- the batched encoding against the per-head loop it replaced -----------------------------------------------
+def _encode_pair_per_head(fmt, la: LayerKV, lb: LayerKV):
+    """encode_pair as it was, one KV head at a time (~30 small ops per head): the reference of the batched one."""
+    pos, merged, own = [], [], ([], [])
+    for h in range(la.n_heads):
+        ka, va, pa = la.head(h)
+        kb, vb, pb = lb.head(h)
+        ia, ib = _common(pa, pb)  # positions kept in both layers, in position order
+        pos.append(pa[ia].clone())
+        merged.append({"k": merge_pair(ka[ia], kb[ib], fmt.t, fmt.gamma),
+                       "v": merge_pair(va[ia], vb[ib], fmt.t, fmt.gamma)})
+        for role, (k, v, p, i) in enumerate(((ka, va, pa, ia), (kb, vb, pb, ib))):
+            rest = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
+            rest[i] = False  # kept in this layer only: plain, as they are (in position order)
+            o = torch.argsort(p)
+            o = o[rest[o]]
+            own[role].append((k[o].clone(), v[o].clone(), p[o].clone()))
+    d, dtype = la.keys.shape[1], la.keys.dtype
+    empty = lambda: [la.keys.new_zeros(0, d) for _ in range(la.n_heads)]
+    new = [[empty(), empty(), [la.positions.new_zeros(0) for _ in range(la.n_heads)]] for _ in range(2)]
+    pair = _Pair(fmt.t, pos, merged, new)
+    return tuple(MiniCacheLayer(fmt, pair, role, [x[0] for x in own[role]], [x[1] for x in own[role]],
+                                [x[2] for x in own[role]], dtype, d)
+                 for role in range(2))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+def _assert_same_pair(got, ref):
+    """Two encodings of a pair hold the same tensors, bit for bit, head by head, and count the same bytes."""
+    pg, pr = got[0].pair, ref[0].pair
+    assert got[1].pair is pg and len(pg.pos) == len(pr.pos)
+    for h in range(len(pr.pos)):
+        assert _same(pg.pos[h], pr.pos[h])
+        for kind in ("k", "v"):
+            mg, mr = pg.merged[h][kind], pr.merged[h][kind]
+            assert mg.n == mr.n
+            for x, y in [(mg.dirs, mr.dirs), (mg.ret, mr.ret), (mg.tau, mr.tau), *zip(mg.mags, mr.mags),
+                         *zip(mg.rows, mr.rows)]:
+                assert _same(x, y), (h, kind)
+    for lg, lr in zip(got, ref):
+        for h in range(len(pr.pos)):
+            assert _same(lg.ok[h], lr.ok[h]) and _same(lg.ov[h], lr.ov[h]) and _same(lg.opos[h], lr.opos[h])
+        assert lg.nbytes() == lr.nbytes() and lg.read_bytes() == lr.read_bytes()
+        assert lg.head_lengths == lr.head_lengths
+
+
+def _layer_pair(h=4, n=64, d=16, dtype=torch.float32, seed=0, noise=0.5, spare=0, shuffle=False):
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(h, n, d, generator=g), torch.randn(h, n, d, generator=g)
+    pos = torch.randperm(n, generator=g) if shuffle else torch.arange(n)  # heads' rows in any position order
+    la = LayerKV.from_dense(k.to(dtype), v.to(dtype), pos, spare=spare)
+    lb = LayerKV.from_dense((k + noise * torch.randn(h, n, d, generator=g)).to(dtype),
+                            (v + noise * torch.randn(h, n, d, generator=g)).to(dtype), pos, spare=spare)
+    return la, lb
+
+
+def _check_batched(la, lb, fmt):
+    got, ref = encode_pair(fmt, la, lb), _encode_pair_per_head(fmt, la, lb)
+    _assert_same_pair(got, ref)
+    return got, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [dict(h=4, n=64, d=16), dict(h=8, n=300, d=32, spare=5, shuffle=True),
+                                   dict(h=2, n=1, d=8), dict(h=3, n=2100, d=16)])
+def test_batched_encoding_equals_per_head_loop_uniform_heads(dtype, shape):
+    la, lb = _layer_pair(dtype=dtype, **shape)
+    got, ref = _check_batched(la, lb, MiniCache(t=0.6, gamma=0.05))
+    assert any(m.ret.numel() for per in got[0].pair.merged for m in per.values()) or shape["n"] < 4
+    # appended tokens merge onto the encoding (`_Merged.extend` over the per-head views) as onto the reference
+    h, d = shape["h"], shape["d"]
+    g = torch.Generator().manual_seed(7)
+    for step in range(3):
+        k, v = torch.randn(h, 2, d, generator=g).to(dtype), torch.randn(h, 2, d, generator=g).to(dtype)
+        p = torch.tensor([10_000 + 2 * step, 10_001 + 2 * step])
+        for layers in (got, ref):
+            layers[0].append(k, v, p)
+            layers[1].append(-k if step == 1 else k + 0.1, v, p)  # step 1: opposite keys, retained
+    _assert_same_pair(got, ref)
+    for lg, lr in zip(got, ref):
+        assert all(_same(x, y) for x, y in zip(lg.materialize().dense(), lr.materialize().dense()))
+    c = got[0].clone()  # a clone owns its tensors: writing into it leaves the encoding as it was
+    c.pair.merged[0]["k"].dirs.zero_()
+    c.ok[0].zero_()
+    _assert_same_pair(got, ref)
+
+
+def test_batched_encoding_equals_per_head_loop_ragged_heads():
+    """Composed with an eviction method: each head keeps its own positions, different in the two layers."""
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.bfloat16):
+        la, lb = _layer_pair(h=6, n=200, d=16, dtype=dtype, seed=3)
+        keep_a = [torch.randperm(200, generator=g)[:120],   # two random sets: many common positions
+                  torch.arange(0, 100),                     # no position in common with layer b's head 1
+                  torch.tensor([5, 17, 40, 41, 199]),       # one common position (40)
+                  torch.arange(0, 200, 2),                  # layer b keeps them all, and more
+                  torch.tensor([], dtype=torch.long),       # holds nothing in layer a
+                  torch.arange(150, 200)]
+        keep_b = [torch.randperm(200, generator=g)[:90],
+                  torch.arange(100, 200),
+                  torch.tensor([3, 40, 90, 150]),
+                  torch.arange(0, 200),
+                  torch.arange(10, 30),
+                  torch.arange(150, 200)]                   # the same positions as layer a
+        la.keep(keep_a)
+        lb.keep(keep_b)
+        for gamma in (0.0, 0.05, 0.5, 1.0):
+            got, _ = _check_batched(la, lb, MiniCache(t=0.6, gamma=gamma))
+            n = [m["k"].n for m in got[0].pair.merged]
+            assert n[1] == n[4] == 0 and n[2] == 1 and n[3] == 100 and n[5] == 50
+            assert got[0].pair.merged[1]["k"].tau.item() == 1.0  # no token: nothing is farther than d = 1
+            if gamma == 1.0:  # the threshold is d_min: a single common token (d = d_min) is merged
+                assert got[0].pair.merged[2]["k"].ret.numel() == 0
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_batched_encoding_equals_per_head_loop_identical_layers(gamma):
+    """Layer l+1 = layer l: every angle 0, every token merged (d is never above the threshold)."""
+    la, _ = _layer_pair(h=4, n=100, d=16, seed=5)
+    got, _ = _check_batched(la, la.clone(), MiniCache(t=0.6, gamma=gamma))
+    assert all(m.ret.numel() == 0 for per in got[0].pair.merged for m in per.values())
+    la, lb = _layer_pair(h=4, n=100, d=16, seed=5, noise=1.0)
+    _check_batched(la, lb, MiniCache(t=0.3, gamma=gamma))  # gamma 1: all but each head's closest retained
 
 
 # -- engine runs on the tiny synthetic model (2 layers: start_layer=0 merges them) ---------------------------
