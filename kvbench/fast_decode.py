@@ -38,10 +38,11 @@ kept, so equal keys pick the same victim; methods/kernels/decode_evict.py); a he
 during the step. A first step over heads holding more than cap (a question fed on top) repeats the removal
 down to cap, eagerly, before the graph is captured. A method with decode-time hooks that declares neither
 keeps the eager engine loop, and so does a cache the step cannot keep right (see `plan`). Storage formats
-that step on the device (`EncodedLayer.device_decode`: KIVI, Quest, ThinK, EigenAttention; kvbench/store.py)
-decode here too, under a method without decode-time hooks: `device_begin` lays each out with fixed capacity and
-the attention call runs its `device_step` (append, KIVI's flushes and Quest's page selection included, every
-count in device memory); the engine's records for them come from `encoded_records`. On CPU this runs
+that step on the device (`EncodedLayer.device_decode`: KIVI, FlexGen, Quest, ThinK, EigenAttention, MiniCache;
+kvbench/store.py) decode here too, under a method without decode-time hooks: `device_begin` lays each out with
+fixed capacity and the attention call runs its `device_step` (append, KIVI's flushes, Quest's page selection and
+MiniCache's merge across layers included, every count in device memory); the engine's records for them come
+from `EncodedRecords` (MiniCache's from its merge log, after decoding). On CPU this runs
 the same in-place step eagerly (use_graph=False), which is what the tests compare with the engine loop.
 """
 from __future__ import annotations
