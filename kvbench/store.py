@@ -139,8 +139,13 @@ class EncodedLayer:
     # room for `extra` tokens per head (no buffer moves afterwards); `device_step` appends one token and
     # attends, as `append` then `attend` do, reading every count from device memory (no host sync, so a graph
     # replays it); `device_end` brings the host-side view (lengths, bytes) up to date. The fast path's records
-    # come from `nbytes_after` / `read_bytes_at` (host arithmetic on the state at `device_begin`).
+    # come from `nbytes_after` / `read_bytes_at` (host arithmetic on the state at `device_begin`; a format whose
+    # bytes depend on what it decodes sets `records_after_decode` and answers from what it logged, after
+    # `device_end`). `device_first_step_differs`: the first step runs outside the graph (MiniCache's merge of
+    # the question on top).
     device_decode: bool = False
+    records_after_decode: bool = False
+    device_first_step_differs: bool = False
 
     def device_begin(self, extra: int) -> None:
         raise NotImplementedError
