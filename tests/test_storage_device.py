@@ -195,7 +195,8 @@ def test_kivi_append_kernel_matches_reference_under_the_triton_interpreter():
                 for key, x in a._dev.items():
                     if isinstance(x, torch.Tensor):
                         assert torch.equal(x, b._dev[key]), (bits, t, key)
-                if dt != torch.bfloat16:  # (the interpreter's bf16 dot is not the GPU's; checked on the GPU)
+                # (the interpreter's bf16 dot is not the GPU's: checked on the GPU; every 6th step: the suite's time)
+                if dt != torch.bfloat16 and t % 6 == 5:
                     q = torch.randn(6, 32, generator=g).to(dt)
                     ref = kd.kivi_decode_attention_ref(q, a._dev, 0.2).float()
                     tri = kd.kivi_decode_attention_triton(q, b._dev, 0.2).float()
@@ -307,6 +308,8 @@ def test_quest_device_kernels_match_references_under_the_triton_interpreter():
                              (a.layer.positions, b.layer.positions)):
                     assert torch.equal(x[owned], y[owned]), (dt, t)  # (spare rows: unset memory)
                 assert torch.equal(a.kmin, b.kmin) and torch.equal(a.kmax, b.kmax), (dt, t)
+                if t % 8 not in (0, 7):  # scores and selection at 10 of the 40 steps (the suite's time)
+                    continue
                 cap = a.kmin.shape[1]
                 q = torch.randn(6, 32, generator=g).to(dt)
                 last = (a.layer.lengths - 1) // 16
