@@ -414,11 +414,6 @@ class EncodedRecords:
         return reads, self.flops[:n], peaks
 
 
-def encoded_records(cache: KVBenchCache, n_steps: int, group: int) -> tuple[list[int], list[int], list[int]]:
-    """`EncodedRecords(...).get()` now: formats whose records are known before decoding."""
-    return EncodedRecords(cache, n_steps, group).get()
-
-
 class _InPlaceCache(KVBenchCache):
     """Shares the layers of a reserved KVBenchCache. `update` stores nothing: the attention function's fast
     path appends (inside the custom op). `seen_tokens` stays at its value from before decoding: it only
